@@ -1,0 +1,32 @@
+# medfdd — the two commands a new user runs: `make demo` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test lint bench-loading clean
+
+$(BIN)/medfdd: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/medfdd
+
+install: $(BIN)/medfdd
+
+demo: install
+	$(BIN)/medfdd demo
+
+test: install
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+
+lint: install
+	$(BIN)/ruff check medfdd privacy tests benchmarks
+
+bench-loading: install
+	$(BIN)/python benchmarks/loading.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,210 @@
+"""Typed, validated configs (pydantic v2, unknown keys are errors) for sites and the coordinator.
+
+Relative paths in a config file are resolved against the directory holding that file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from medfdd.errors import ConfigError
+
+SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MinMax(_Strict):
+    """Scale each image to [0, 1] by its own minimum and maximum."""
+
+    mode: Literal["minmax"] = "minmax"
+
+
+class Percentile(_Strict):
+    """Clip each image to its [lower, upper] percentiles, then scale to [0, 1] (robust to hot pixels)."""
+
+    mode: Literal["percentile"]
+    lower: float = Field(0.5, ge=0, lt=100)
+    upper: float = Field(99.5, gt=0, le=100)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Percentile:
+        if self.lower >= self.upper:
+            raise ValueError(f"lower ({self.lower}) must be below upper ({self.upper})")
+        return self
+
+
+class CTWindow(_Strict):
+    """Window in Hounsfield units (after DICOM RescaleSlope/Intercept): [center - width/2, center + width/2] -> [0, 1]."""
+
+    mode: Literal["ct_window"]
+    center: float
+    width: float = Field(gt=0)
+
+
+Intensity = Annotated[MinMax | Percentile | CTWindow, Field(discriminator="mode")]
+
+
+class DataConfig(_Strict):
+    root: Path = Field(description="folder holding the scans, relative to the config file")
+    manifest: str = Field("labels.csv", description="CSV under root with columns path,label[,patient_id]")
+    format: Literal["auto", "dicom", "nifti", "png"] = Field("auto", description="file format; auto detects per file")
+    classes: list[str] = Field(min_length=2, description="consortium-wide class names, in index order")
+    spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W] after resizing")
+    channels: Literal[1, 3] = Field(1, description="1 = grayscale (RGB is converted), 3 = RGB (grayscale is repeated)")
+    intensity: Intensity = Field(default_factory=MinMax, description="minmax | percentile | ct_window")
+    holdout_fraction: float = Field(0.2, ge=0, lt=1, description="kept at the site for audits, split by patient_id")
+    cache: bool = Field(True, description="cache preprocessed tensors under output/cache (invalidated on any change)")
+    max_voxels: int = Field(2**27, ge=1, description="refuse images whose header announces more voxels than this")
+
+    @field_validator("spatial_size")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(s < 1 or s > 4096 for s in v):
+            raise ValueError(f"every size must be in [1, 4096], got {v}")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({c for c in v if v.count(c) > 1})
+        if dup:
+            raise ValueError(f"class names must be unique, repeated: {dup}")
+        if any(not c.strip() for c in v):
+            raise ValueError("class names must not be empty")
+        return v
+
+
+class PrivacyConfig(_Strict):
+    dp: bool = Field(True, description="false only for baselines and positive controls (recorded as epsilon = inf)")
+    epsilon: float = Field(1.0, gt=0, description="the site's total budget over all rounds")
+    delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/n (n = the site's training records)")
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+    @field_validator("epsilon")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if math.isnan(v):
+            raise ValueError("epsilon must be a number")
+        return v
+
+
+class DistillConfig(_Strict):
+    method: Literal["dm", "gm"] = Field("dm", description="dm = distribution matching, gm = gradient matching")
+    ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class")
+    iterations: int = Field(1000, ge=1, description="optimisation iterations (planned DP steps)")
+
+
+class SiteConfig(_Strict):
+    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    data: DataConfig
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+    output: Path = Field(description="where artifacts go, relative to the config file")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="seeds the split and the distillation")
+    base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
+
+    @property
+    def data_root(self) -> Path:
+        return (self.base_dir / self.data.root).resolve()
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.base_dir / self.output).resolve()
+
+
+class TestSetConfig(_Strict):
+    root: Path
+    manifest: str = "labels.csv"
+    format: Literal["auto", "dicom", "nifti", "png"] = "auto"
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(300, ge=1)
+    lr: float = Field(0.01, gt=0)
+    batch_size: int = Field(256, ge=1)
+    width: int = Field(128, ge=1)
+    augment: bool = True
+
+
+class CoordinatorConfig(_Strict):
+    sites: list[Path] = Field(min_length=1, description="site config paths (in-process runs), relative to this file")
+    rounds: int = Field(1, ge=1)
+    merge: Literal["concat", "balanced", "redistill"] = "concat"
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    test: TestSetConfig | None = None
+    output: Path
+    seed: int = Field(0, ge=0)
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @property
+    def site_paths(self) -> list[Path]:
+        return [(self.base_dir / p).resolve() for p in self.sites]
+
+    @property
+    def output_dir(self) -> Path:
+        return (self.base_dir / self.output).resolve()
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str, str]:
+    key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"minmax", "percentile", "ct_window"}))
+    kind, msg, got = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return key, "unknown key", "remove it or correct its spelling (see the site config reference in README.md)"
+    if kind == "missing":
+        return key, "required key is missing", "add it (see the site config reference in README.md)"
+    return key, f"{msg} (got {got!r})", "set a value that satisfies the constraint"
+
+
+def parse_config(data: Any, model: type[M], source: str, base_dir: Path) -> M:
+    """Validate a mapping into `model`; every problem is reported with its key, value and a fix."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, f"expected a mapping of keys at the top level, got {type(data).__name__}",
+                          "write the config as YAML `key: value` lines")
+    if "base_dir" in data:
+        raise ConfigError(f"{source}: key 'base_dir'", "unknown key", "remove it")
+    try:
+        return model.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as e:
+        problems = [_describe(err, model) for err in e.errors()]
+        key, problem, fix = problems[0]
+        more = "" if len(problems) == 1 else "; also " + "; ".join(f"'{k}': {p}" for k, p, _ in problems[1:])
+        raise ConfigError(f"{source}: key '{key}'", problem + more, fix) from None
+
+
+def load_yaml(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), "config file not found", "check the path (site configs live in site_configs/)")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})", "save the file as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), f"not valid YAML: {e}".replace("\n", " "), "fix the YAML syntax") from None
+
+
+def load_site_config(path: Path | str) -> SiteConfig:
+    path = Path(path)
+    return parse_config(load_yaml(path), SiteConfig, str(path), path.resolve().parent)
+
+
+def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
+    path = Path(path)
+    return parse_config(load_yaml(path), CoordinatorConfig, str(path), path.resolve().parent)
+
+
+def dump_config(cfg: BaseModel) -> str:
+    """YAML text of a config (paths as strings, defaults included), loadable by the matching loader."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,65 @@
+"""Preprocessing cache: decoded + preprocessed tensors keyed by file content and preprocessing settings.
+
+A key is the BLAKE2b hash of the scan's bytes (every slice of a series, with names) and of the settings that
+shape the tensor, so editing a file, swapping it, or changing spatial_size / intensity / channels invalidates
+its entry. Labels are never cached (they come from the manifest on every run). Entries are `.npy` files written
+atomically and read with `allow_pickle=False`; an unreadable entry is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from medfdd.config import DataConfig
+from medfdd.io import atomic_save_npy, atomic_write_json
+
+PREPROCESS_VERSION = 1  # bump when the loading/preprocessing code changes what it produces
+
+
+def settings_fingerprint(cfg: DataConfig) -> str:
+    settings = {"v": PREPROCESS_VERSION, "format": cfg.format, "spatial_size": list(cfg.spatial_size),
+                "channels": cfg.channels, "intensity": cfg.intensity.model_dump(mode="json")}
+    return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def content_key(path: Path, fingerprint: str) -> str:
+    h = hashlib.blake2b(fingerprint.encode(), digest_size=20)
+    files = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else [path]
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+class PreprocessCache:
+    """Content-addressed store of preprocessed tensors under `folder`."""
+
+    def __init__(self, folder: Path, cfg: DataConfig):
+        self.folder = Path(folder)
+        self.fingerprint = settings_fingerprint(cfg)
+        self.hits = self.misses = 0
+
+    def _file(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> tuple[np.ndarray, dict] | None:
+        """(tensor, info) or None on a miss; an unreadable entry counts as a miss."""
+        f = self._file(key)
+        try:
+            arr = np.load(f, allow_pickle=False)
+            info = json.loads(f.with_suffix(".json").read_text())
+        except (ValueError, OSError, EOFError):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return arr, info
+
+    def put(self, key: str, array: np.ndarray, info: dict) -> None:
+        atomic_write_json(self._file(key).with_suffix(".json"), info)  # info first: the .npy marks completion
+        atomic_save_npy(self._file(key), array.astype(np.float32, copy=False))

@@ -1,0 +1,129 @@
+"""`medfdd site check`: load every scan, report counts, write quarantine.json and split.json (both stay at the site)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from medfdd import __version__
+from medfdd.config import SiteConfig, load_site_config
+from medfdd.data.site_data import SiteData, load_site_data
+from medfdd.errors import NoUsableDataError
+from medfdd.io import atomic_write_json
+
+
+@dataclass
+class CheckReport:
+    site_id: str
+    n_rows: int
+    n_used: int
+    n_quarantined: int
+    class_counts: dict[str, int]  # usable records per class
+    train_counts: dict[str, int]
+    holdout_counts: dict[str, int]
+    by_reason: dict[str, int]
+    shapes: dict[str, int]  # "format/modality shape" -> count
+    warnings: list[str] = field(default_factory=list)
+    quarantine_path: Path | None = None
+
+
+def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
+    out = []
+    empty = [c for c, k in data.class_counts().items() if k == 0]
+    if empty:
+        out.append(f"no usable record for class(es) {empty}: this site contributes nothing for them")
+    if sum(1 for k in data.class_counts().values() if k > 0) == 1:
+        out.append("only one class at this site: fine for a consortium, but local-only models are meaningless")
+    n_train = len(data.train)
+    if cfg.privacy.dp and n_train and cfg.privacy.delta >= 1.0 / n_train:
+        out.append(f"privacy.delta = {cfg.privacy.delta:g} is not below 1/n = 1/{n_train}: "
+                   "use a delta well below 1/n (e.g. 1e-5) or distillation will refuse to run")
+    return out
+
+
+def check_report(cfg: SiteConfig, data: SiteData) -> CheckReport:
+    reasons = Counter(str(q.reason) for q in data.quarantine)
+    shapes = Counter(f"{i.format}/{i.modality} {'x'.join(map(str, i.original_shape))}" for i in data.infos)
+    return CheckReport(
+        site_id=cfg.site_id, n_rows=data.n_rows, n_used=len(data.labels), n_quarantined=len(data.quarantine),
+        class_counts=data.class_counts(), train_counts=data.class_counts(data.train),
+        holdout_counts=data.class_counts(data.holdout), by_reason=dict(sorted(reasons.items())),
+        shapes=dict(shapes.most_common()), warnings=_site_warnings(cfg, data))
+
+
+def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> Path:
+    """quarantine.json (every unused row and why) and split.json (manifest rows per side), atomically."""
+    out = cfg.output_dir
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    path = atomic_write_json(out / "quarantine.json", {
+        "site_id": cfg.site_id, "manifest": str(cfg.data_root / cfg.data.manifest), "created": stamp,
+        "medfdd_version": __version__, "rows": report.n_rows, "used": report.n_used,
+        "quarantined": report.n_quarantined, "by_reason": report.by_reason,
+        "entries": [q.to_json() for q in data.quarantine], "warnings": report.warnings})
+    atomic_write_json(out / "split.json", {
+        "site_id": cfg.site_id, "seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction, "created": stamp,
+        "train_rows": data.rows[data.train].tolist(), "holdout_rows": data.rows[data.holdout].tolist()})
+    return path
+
+
+def _print_summary(console: Console, r: CheckReport) -> None:
+    t = Table(title=f"{r.site_id}: usable records per class")
+    for col in ("class", "usable", "train", "audit-holdout"):
+        t.add_column(col, justify="right" if col != "class" else "left")
+    for c, k in r.class_counts.items():
+        t.add_row(c, str(k), str(r.train_counts[c]), str(r.holdout_counts[c]))
+    t.add_row("[bold]total", f"[bold]{r.n_used}", str(sum(r.train_counts.values())),
+              str(sum(r.holdout_counts.values())))
+    console.print(t)
+    s = Table(title="manifest rows by status")
+    s.add_column("status")
+    s.add_column("rows", justify="right")
+    s.add_row("used", str(r.n_used))
+    for reason, k in r.by_reason.items():
+        s.add_row(f"quarantined: {reason}", str(k))
+    s.add_row("[bold]total", f"[bold]{r.n_rows}")
+    console.print(s)
+    if r.shapes:
+        m = Table(title="formats / modalities / original shapes seen")
+        m.add_column("format/modality shape")
+        m.add_column("count", justify="right")
+        for k, v in list(r.shapes.items())[:15]:
+            m.add_row(k, str(v))
+        console.print(m)
+    for w in r.warnings:
+        console.print(f"[yellow]warning[/]: {w}")
+
+
+def progress_bar(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def load_with_progress(cfg: SiteConfig, console: Console) -> SiteData:
+    with progress_bar(console) as bar:
+        task = bar.add_task(f"{cfg.site_id}: loading scans", total=None)
+        data = load_site_data(cfg, on_record=lambda done, total: bar.update(task, completed=done, total=total))
+    return data
+
+
+def check_site(config_path: Path, console: Console | None = None) -> CheckReport:
+    """Validate a site's data end to end. Raises NoUsableDataError (after writing quarantine.json) if none is usable."""
+    console = console or Console()
+    cfg = load_site_config(config_path)
+    data = load_with_progress(cfg, console)
+    report = check_report(cfg, data)
+    report.quarantine_path = write_site_reports(cfg, data, report)
+    _print_summary(console, report)
+    console.print(f"quarantine report: {report.quarantine_path}  (cache: {data.cache_hits} hits, "
+                  f"{data.cache_misses} misses)")
+    if report.n_used == 0:
+        raise NoUsableDataError(str(cfg.data_root / cfg.data.manifest),
+                                f"none of the {report.n_rows} manifest rows is usable (see {report.quarantine_path})",
+                                "fix the reasons listed in quarantine.json")
+    return report

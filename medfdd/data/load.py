@@ -1,0 +1,327 @@
+"""One scan -> one preprocessed float32 tensor [C, *spatial_size], through MONAI's readers and dict transforms.
+
+Every failure becomes a `RecordRejected` with a reason code and a fix, so the caller can quarantine the row.
+Checks that can be made from the header (pixel data present, decodable transfer syntax, announced size) run
+before any pixel is decoded (decompression-bomb guard). Arrays are returned row-major: [C, H, W] / [C, D, H, W].
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import torch
+from PIL import Image
+from pydicom.errors import InvalidDicomError
+
+from medfdd.config import CTWindow, DataConfig, MinMax, Percentile
+from medfdd.data.quarantine import Reason, RecordRejected
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+PNG_SUFFIXES = (".png",)
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
+
+
+@dataclass(frozen=True)
+class ScanInfo:
+    """What `site check` reports about a loaded scan (no header values that could identify anyone)."""
+
+    format: str
+    modality: str
+    original_shape: tuple[int, ...]
+
+
+def detect_format(path: Path) -> str:
+    """dicom | nifti | png, from the suffix, else from the DICOM magic bytes; a folder is a DICOM series."""
+    if path.is_dir():
+        return "dicom"
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(PNG_SUFFIXES):
+        return "png"
+    if name.endswith(DICOM_SUFFIXES):
+        return "dicom"
+    with open(path, "rb") as f:
+        head = f.read(132)
+    if head[128:132] == b"DICM":
+        return "dicom"
+    if head[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    raise RecordRejected(Reason.UNREADABLE, f"cannot tell the format of {path.name!r} (suffix or content)",
+                         "use .dcm, .nii/.nii.gz or .png, or set data.format")
+
+
+# ---------------------------------------------------------------- DICOM
+
+
+def _dicom_header(path: Path) -> pydicom.Dataset:
+    if path.stat().st_size == 0:
+        raise RecordRejected(Reason.EMPTY_FILE, "zero-byte file", "re-export the file from PACS")
+    try:
+        ds = pydicom.dcmread(path, defer_size=1024)
+    except InvalidDicomError as e:
+        raise RecordRejected(Reason.NOT_DICOM, f"not a DICOM file ({e})".replace("\n", " "),
+                             "export the image as DICOM Part 10 (with the DICM preamble)") from None
+    except Exception as e:  # truncated header, bad VR, ...
+        raise RecordRejected(Reason.UNREADABLE, f"DICOM header unreadable: {type(e).__name__}: {e}",
+                             "re-export the file; it may be truncated") from None
+    if not any(t in ds for t in PIXEL_TAGS):
+        sop = getattr(ds.get("SOPClassUID"), "name", "unknown SOP class")
+        raise RecordRejected(Reason.NO_PIXEL_DATA, f"no pixel data element ({sop}; the file ends at byte "
+                             f"{path.stat().st_size}, so it may also be a truncated export)",
+                             "list only image objects (not SR, RT plans or presentation states); re-export it")
+    return ds
+
+
+def _check_dicom_header(ds: pydicom.Dataset, max_voxels: int) -> None:
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    if rows < 1 or cols < 1:
+        raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"Rows={rows}, Columns={cols}", "re-export the file")
+    voxels = rows * cols * frames * spp
+    if voxels > max_voxels:
+        raise RecordRejected(Reason.TOO_LARGE, f"header announces {rows}x{cols}x{frames} frames x{spp} samples "
+                             f"= {voxels} values (limit data.max_voxels = {max_voxels})",
+                             "raise data.max_voxels if the scan is genuine")
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None:
+        return
+    try:
+        compressed = tsyntax.is_compressed
+    except ValueError:
+        raise RecordRejected(Reason.UNSUPPORTED_COMPRESSION, f"unknown transfer syntax {tsyntax}",
+                             "re-export with a standard transfer syntax") from None
+    if compressed:
+        from pydicom.pixels import get_decoder
+
+        try:
+            decoder = get_decoder(tsyntax)
+        except NotImplementedError:
+            raise RecordRejected(Reason.UNSUPPORTED_COMPRESSION, f"no decoder exists for {tsyntax.name}",
+                                 "re-export uncompressed (Explicit VR Little Endian)") from None
+        if not decoder.is_available:
+            plugins = "; ".join(decoder.missing_dependencies)
+            raise RecordRejected(Reason.UNSUPPORTED_COMPRESSION, f"{tsyntax.name} cannot be decoded here",
+                                 f"install a decoder plugin ({plugins}), e.g. `pip install pylibjpeg-libjpeg`, "
+                                 "or re-export uncompressed")
+
+
+def _series_files(folder: Path, root: Path) -> list[Path]:
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+    if not files:
+        raise RecordRejected(Reason.MISSING_FILE, "the series folder is empty", "export the series' slices into it")
+    for f in files:
+        if not f.resolve().is_relative_to(root):
+            raise RecordRejected(Reason.OUTSIDE_ROOT, f"{f.name} resolves outside the data root",
+                                 "copy the slices into the folder")
+        if f.is_dir():
+            raise RecordRejected(Reason.INCONSISTENT_SERIES, f"sub-folder {f.name!r} inside a series folder",
+                                 "put one series per folder, slices only")
+    return files
+
+
+def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Dataset, int]:
+    files = _series_files(folder, root)
+    headers = []
+    for f in files:
+        try:
+            ds = _dicom_header(f)
+        except RecordRejected as e:
+            raise RecordRejected(e.reason, f"slice {f.name}: {e.detail}", e.fix) from None
+        headers.append(ds)
+    numbers = [h.get("InstanceNumber") for h in headers]
+    if any(n is None for n in numbers):
+        raise RecordRejected(Reason.INCONSISTENT_SERIES, "slice(s) without InstanceNumber: "
+                             + ", ".join(f.name for f, n in zip(files, numbers, strict=True) if n is None),
+                             "re-export the series with InstanceNumber on every slice")
+    if len(set(map(int, numbers))) != len(numbers):
+        raise RecordRejected(Reason.INCONSISTENT_SERIES, "repeated InstanceNumber in the series",
+                             "one series per folder; remove duplicated slices")
+    shapes = {(int(h.Rows), int(h.Columns)) for h in headers}
+    if len(shapes) > 1:
+        raise RecordRejected(Reason.INCONSISTENT_SERIES, f"slices of different sizes {sorted(shapes)}",
+                             "one series per folder")
+    if len({str(h.get("SeriesInstanceUID", "")) for h in headers}) > 1:
+        raise RecordRejected(Reason.INCONSISTENT_SERIES, "slices from more than one SeriesInstanceUID",
+                             "put one series per folder")
+    first = headers[0]
+    rows, cols = shapes.pop()
+    if rows * cols * len(headers) > max_voxels:
+        raise RecordRejected(Reason.TOO_LARGE, f"series of {len(headers)} slices of {rows}x{cols} exceeds "
+                             f"data.max_voxels = {max_voxels}", "raise data.max_voxels if the scan is genuine")
+    for h in headers:
+        _check_dicom_header(h, max_voxels)
+    return first, len(headers)
+
+
+def _read_with_monai(path: Path, reader) -> np.ndarray:
+    from monai.transforms import LoadImage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        img = LoadImage(reader=reader, image_only=True)(str(path))
+    return np.asarray(img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else img)
+
+
+def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
+    """-> (array [*spatial] or [*spatial, 3], is_rgb, info), spatial row-major."""
+    from monai.data import PydicomReader
+
+    if path.is_dir():
+        header, n = _check_series(path, root, cfg.max_voxels)
+    else:
+        header = _dicom_header(path)
+        _check_dicom_header(header, cfg.max_voxels)
+    reader = PydicomReader(swap_ij=False, prune_metadata=True)
+    try:
+        arr = _read_with_monai(path, reader)
+    except Exception as e:
+        raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"pixel data could not be decoded: {type(e).__name__}: {e}"
+                             .replace("\n", " ")[:500], "re-export the file; it may be truncated") from None
+    spp = int(header.get("SamplesPerPixel", 1) or 1)
+    rgb = spp == 3
+    if path.is_dir():  # MONAI stacks slices on the last axis (after the samples axis for RGB)
+        arr = np.moveaxis(arr, -1, 0) if not rgb else np.moveaxis(arr, -2, 0)
+    if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+        arr = arr.max() + arr.min() - arr  # MONOCHROME1: low values are bright; flip to MONOCHROME2 convention
+    info = ScanInfo("dicom", str(header.get("Modality", "?")), tuple(int(s) for s in arr.shape))
+    return arr, rgb, info
+
+
+# ---------------------------------------------------------------- NIfTI / PNG
+
+
+def _load_nifti(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
+    from monai.data import NibabelReader
+
+    if path.stat().st_size == 0:
+        raise RecordRejected(Reason.EMPTY_FILE, "zero-byte file", "re-export the volume")
+    try:
+        header_shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as e:
+        raise RecordRejected(Reason.UNREADABLE, f"not a readable NIfTI file: {type(e).__name__}: {e}"[:500],
+                             "re-export the volume as NIfTI-1 (.nii or .nii.gz)") from None
+    if math.prod(header_shape) > cfg.max_voxels:
+        raise RecordRejected(Reason.TOO_LARGE, f"header announces shape {header_shape} (limit data.max_voxels = "
+                             f"{cfg.max_voxels})", "raise data.max_voxels if the scan is genuine")
+    try:
+        arr = _read_with_monai(path, NibabelReader())
+    except Exception as e:
+        raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"voxel data could not be read: {type(e).__name__}: {e}"[:500],
+                             "re-export the volume; it may be truncated") from None
+    k = min(arr.ndim, 3)  # (x, y, z, t...) -> (z, y, x, t...): row-major spatial axes, extra axes kept at the end
+    arr = np.transpose(arr, list(range(k))[::-1] + list(range(k, arr.ndim)))
+    return arr, False, ScanInfo("nifti", "nifti", tuple(int(x) for x in arr.shape))
+
+
+def _load_png(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
+    from monai.data import PILReader
+
+    if path.stat().st_size == 0:
+        raise RecordRejected(Reason.EMPTY_FILE, "zero-byte file", "re-export the image")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            bands = len(im.getbands())
+    except Exception as e:
+        raise RecordRejected(Reason.UNREADABLE, f"not a readable PNG: {type(e).__name__}: {e}"[:500],
+                             "re-export the image") from None
+    if w * h * bands > cfg.max_voxels:
+        raise RecordRejected(Reason.TOO_LARGE, f"{w}x{h}x{bands} exceeds data.max_voxels = {cfg.max_voxels}",
+                             "raise data.max_voxels if the image is genuine")
+    try:
+        arr = _read_with_monai(path, PILReader(reverse_indexing=False))
+    except Exception as e:
+        raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"pixels could not be decoded: {type(e).__name__}: {e}"[:500],
+                             "re-export the image") from None
+    rgb = arr.ndim == 3 and arr.shape[-1] in (3, 4)
+    if rgb:
+        arr = arr[..., :3]
+    return arr, rgb, ScanInfo("png", "png", tuple(int(s) for s in arr.shape))
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def _to_channel_first(arr: np.ndarray, rgb: bool, rank: int, channels: int) -> np.ndarray:
+    """[*spatial(, 3)] -> [channels, *spatial] with exactly `rank` spatial axes (singleton axes squeezed)."""
+    data = arr.astype(np.float32, copy=False)
+    spatial = data.shape[:-1] if rgb else data.shape
+    extra = len(spatial) - rank
+    singles = [i for i, s in enumerate(spatial) if s == 1]
+    if extra > 0 and len(singles) >= extra:  # a one-frame multi-frame image, a 2D NIfTI stored as (x, y, 1), ...
+        data = data.squeeze(axis=tuple(singles[-extra:]))
+        spatial = data.shape[:-1] if rgb else data.shape
+    if len(spatial) != rank:
+        raise RecordRejected(Reason.WRONG_DIMENSIONALITY,
+                             f"{len(spatial)}D image of shape {tuple(spatial)}, the site expects {rank}D "
+                             f"(data.spatial_size has {rank} entries)",
+                             f"list only {rank}D scans, or change data.spatial_size consortium-wide")
+    if rgb:
+        data = np.moveaxis(data, -1, 0)
+        if channels == 1:
+            data = np.tensordot(LUMINANCE, data, axes=1)[None]
+    else:
+        data = data[None]
+        if channels == 3:
+            data = np.repeat(data, 3, axis=0)
+    return np.ascontiguousarray(data, dtype=np.float32)
+
+
+def intensity_transform(intensity: MinMax | Percentile | CTWindow):
+    """The MONAI dict transform for the configured intensity mode, mapping to [0, 1]."""
+    from monai.transforms import ScaleIntensityd, ScaleIntensityRanged, ScaleIntensityRangePercentilesd
+
+    if isinstance(intensity, CTWindow):
+        lo, hi = intensity.center - intensity.width / 2, intensity.center + intensity.width / 2
+        return ScaleIntensityRanged("image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+    if isinstance(intensity, Percentile):
+        return ScaleIntensityRangePercentilesd("image", lower=intensity.lower, upper=intensity.upper,
+                                               b_min=0.0, b_max=1.0, clip=True)
+    return ScaleIntensityd("image", minv=0.0, maxv=1.0)
+
+
+def preprocess_transform(cfg: DataConfig):
+    """MONAI Compose of dict transforms: intensity -> resize (anti-aliased) -> float32."""
+    from monai.transforms import Compose, EnsureTyped, Resized
+
+    mode = "bilinear" if len(cfg.spatial_size) == 2 else "trilinear"
+    return Compose([
+        intensity_transform(cfg.intensity),
+        Resized("image", spatial_size=tuple(cfg.spatial_size), mode=mode, anti_aliasing=True),
+        EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
+    ])
+
+
+def load_scan(path: Path, *, root: Path, cfg: DataConfig, transform=None) -> tuple[np.ndarray, ScanInfo]:
+    """Read, validate and preprocess one scan (file, or folder = DICOM series) -> ([C, *spatial_size], info)."""
+    path = Path(path)
+    fmt = detect_format(path) if cfg.format == "auto" else cfg.format
+    if fmt == "dicom":
+        arr, rgb, info = _load_dicom(path, root, cfg)
+    elif fmt == "nifti":
+        arr, rgb, info = _load_nifti(path, cfg)
+    else:
+        arr, rgb, info = _load_png(path, cfg)
+    data = _to_channel_first(arr, rgb, len(cfg.spatial_size), cfg.channels)
+    if not np.isfinite(data).all():
+        n = int((~np.isfinite(data)).sum())
+        raise RecordRejected(Reason.NON_FINITE, f"{n} NaN/Inf value(s)", "fix or re-export the scan")
+    if float(data.max()) == float(data.min()):
+        raise RecordRejected(Reason.CONSTANT_IMAGE, f"every value is {float(data.min())}",
+                             "remove blank scans from the manifest")
+    out = (transform or preprocess_transform(cfg))({"image": data})["image"]
+    out = np.asarray(out, dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise RecordRejected(Reason.CONSTANT_IMAGE, "no intensity range left after preprocessing",
+                             "check data.intensity (e.g. percentile bounds)")
+    return out, info

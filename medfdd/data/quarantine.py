@@ -1,0 +1,47 @@
+"""Quarantine: every manifest row not used, with a reason code, the detail and the fix (nothing is dropped silently)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    EMPTY_PATH = "empty_path"
+    OUTSIDE_ROOT = "outside_root"
+    MISSING_FILE = "missing_file"
+    DUPLICATE_ROW = "duplicate_row"
+    UNKNOWN_LABEL = "unknown_label"
+    EMPTY_FILE = "empty_file"
+    UNREADABLE = "unreadable"
+    NOT_DICOM = "not_dicom"
+    NO_PIXEL_DATA = "no_pixel_data"
+    UNSUPPORTED_COMPRESSION = "unsupported_compression"
+    CORRUPT_PIXEL_DATA = "corrupt_pixel_data"
+    TOO_LARGE = "too_large"
+    WRONG_DIMENSIONALITY = "wrong_dimensionality"
+    NON_FINITE = "non_finite"
+    CONSTANT_IMAGE = "constant_image"
+    INCONSISTENT_SERIES = "inconsistent_series"
+
+
+@dataclass(frozen=True)
+class QuarantineEntry:
+    row: int  # line number in labels.csv (the header is line 1)
+    path: str  # as written in the manifest
+    reason: Reason
+    detail: str
+    fix: str
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["reason"] = str(self.reason)
+        return d
+
+
+class RecordRejected(Exception):
+    """Raised while loading one record; the caller turns it into a QuarantineEntry for that row."""
+
+    def __init__(self, reason: Reason, detail: str, fix: str):
+        self.reason, self.detail, self.fix = reason, detail, fix
+        super().__init__(f"{reason}: {detail}")

@@ -1,0 +1,81 @@
+"""A site's data: manifest -> validated, preprocessed tensors + quarantine + patient-level split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from medfdd.config import SiteConfig
+from medfdd.data.cache import PreprocessCache, content_key
+from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
+from medfdd.data.manifest import read_manifest
+from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
+from medfdd.data.split import patient_split
+
+
+@dataclass
+class SiteData:
+    classes: list[str]
+    images: np.ndarray  # float32 [N, C, *spatial], values in [0, 1]
+    labels: np.ndarray  # int64 [N], class indices
+    rows: np.ndarray  # int64 [N], manifest line numbers
+    patient_ids: list[str | None]
+    infos: list[ScanInfo]
+    train: np.ndarray  # indices into the arrays above
+    holdout: np.ndarray
+    n_rows: int  # manifest rows read (used + quarantined)
+    quarantine: list[QuarantineEntry] = field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+    def class_counts(self, subset: np.ndarray | None = None) -> dict[str, int]:
+        lab = self.labels if subset is None else self.labels[subset]
+        counts = np.bincount(lab, minlength=len(self.classes))
+        return {c: int(k) for c, k in zip(self.classes, counts, strict=True)}
+
+
+def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | None = None) -> SiteData:
+    """Load every manifest row of a site; unusable rows are quarantined, never dropped silently.
+
+    `on_record(done, total)` is called after each row (progress bars).
+    """
+    root = cfg.data_root
+    entries, quarantine = read_manifest(root, cfg.data.manifest, cfg.data.classes)
+    n_rows = len(entries) + len(quarantine)
+    cache = PreprocessCache(cfg.output_dir / "cache" / "preprocessed", cfg.data) if cfg.data.cache else None
+    transform = preprocess_transform(cfg.data)
+    spatial = tuple(cfg.data.spatial_size)
+    images = np.empty((len(entries), cfg.data.channels, *spatial), dtype=np.float32)
+    kept: list[int] = []
+    infos: list[ScanInfo] = []
+    for i, e in enumerate(entries):
+        try:
+            key = content_key(e.file, cache.fingerprint) if cache else None
+            cached = cache.get(key) if cache else None
+            if cached is not None and cached[0].shape == images.shape[1:]:
+                x, info = cached[0], ScanInfo(**{**cached[1], "original_shape": tuple(cached[1]["original_shape"])})
+            else:
+                x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
+                if cache:
+                    cache.put(key, x, asdict(info))
+            images[len(kept)] = x
+            kept.append(i)
+            infos.append(info)
+        except RecordRejected as r:
+            quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
+        except OSError as err:  # permission denied, I/O error, vanished file
+            quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE, f"{type(err).__name__}: {err}",
+                                              "make the file readable by the site runner's user"))
+        if on_record:
+            on_record(i + 1, len(entries))
+    used = [entries[i] for i in kept]
+    labels = np.array([e.label for e in used], dtype=np.int64)
+    pids = [e.patient_id for e in used]
+    train, holdout = patient_split(labels, pids, cfg.data.holdout_fraction, cfg.seed)
+    return SiteData(
+        classes=list(cfg.data.classes), images=images[: len(kept)], labels=labels,
+        rows=np.array([e.row for e in used], dtype=np.int64), patient_ids=pids, infos=infos,
+        train=train, holdout=holdout, n_rows=n_rows, quarantine=sorted(quarantine, key=lambda q: q.row),
+        cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0)

@@ -1,0 +1,73 @@
+"""Shared fixtures: build a site folder (files + labels.csv + site config) in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medfdd.data.writers import write_dicom
+
+
+class SiteBuilder:
+    """Writes scans into `root`, collects manifest rows, then a labels.csv and a site config."""
+
+    def __init__(self, base: Path, classes: list[str], spatial_size: list[int], **data_overrides):
+        self.base = base
+        self.root = base / "site"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.classes = classes
+        self.spatial_size = spatial_size
+        self.data_overrides = data_overrides
+        self.rows: list[list[str]] = []
+        self.rng = np.random.default_rng(0)
+
+    def add(self, rel: str, label: str, patient_id: str = "") -> str:
+        self.rows.append([rel, label, patient_id])
+        return rel
+
+    def add_dicom(self, rel: str, label: str, pixels: np.ndarray | None = None, patient_id: str = "", **kw) -> Path:
+        if pixels is None:
+            pixels = self.rng.integers(0, 255, size=(16, 16), dtype=np.uint8)
+        path = write_dicom(self.root / rel, pixels, patient_id=patient_id or "P-000", rng=self.rng, **kw)
+        self.add(rel, label, patient_id)
+        return path
+
+    def add_copy(self, src: Path, rel: str, label: str, patient_id: str = "") -> Path:
+        dst = self.root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+        self.add(rel, label, patient_id)
+        return dst
+
+    def write(self, header: list[str] | None = None, **config_overrides) -> Path:
+        with open(self.root / "labels.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header or ["path", "label", "patient_id"])
+            w.writerows(self.rows)
+        cfg = {
+            "site_id": "test-site",
+            "data": {"root": "site", "manifest": "labels.csv", "format": "auto", "classes": self.classes,
+                     "spatial_size": self.spatial_size, "intensity": {"mode": "minmax"}, "holdout_fraction": 0.2,
+                     **self.data_overrides},
+            "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"},
+            "distill": {"method": "dm", "ipc": 2, "iterations": 5},
+            "output": "out",
+            "device": "cpu",
+            **config_overrides,
+        }
+        path = self.base / "site.yaml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+
+
+@pytest.fixture
+def site_builder(tmp_path):
+    def make(classes=("a", "b"), spatial_size=(16, 16), **data_overrides) -> SiteBuilder:
+        return SiteBuilder(tmp_path, list(classes), list(spatial_size), **data_overrides)
+
+    return make

@@ -1,0 +1,257 @@
+"""Broken site inputs: each lands in quarantine.json with its reason, or raises a typed error; counts reconcile."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pytest
+from pydicom.data import get_testdata_file
+
+from medfdd.cli import main
+from medfdd.config import load_site_config
+from medfdd.data.check import check_site
+from medfdd.data.writers import write_dicom, write_nifti
+from medfdd.errors import ConfigError, ManifestError, NoUsableDataError
+
+
+def quarantine(cfg_path: Path) -> dict:
+    cfg = load_site_config(cfg_path)
+    return json.loads((cfg.output_dir / "quarantine.json").read_text())
+
+
+def reason_of(q: dict, rel: str) -> str:
+    hits = [e["reason"] for e in q["entries"] if e["path"] == rel]
+    assert len(hits) == 1, f"{rel}: {hits}"
+    return hits[0]
+
+
+def test_broken_files_are_quarantined_with_reasons(site_builder, tmp_path):
+    s = site_builder(classes=["a", "b"], spatial_size=[16, 16])
+    rng = np.random.default_rng(1)
+    for i in range(4):
+        s.add_dicom(f"ok/{i}.dcm", "ab"[i % 2], patient_id=f"P{i}")
+    good = s.root / "ok" / "0.dcm"
+    # truncated DICOM: header intact, pixel data cut
+    data = good.read_bytes()
+    (s.root / "truncated.dcm").write_bytes(data[: len(data) - 100])
+    s.add("truncated.dcm", "a")
+    # header cut in the middle
+    (s.root / "cut_header.dcm").write_bytes(data[:200])
+    s.add("cut_header.dcm", "a")
+    (s.root / "random.dcm").write_bytes(rng.bytes(4096))
+    s.add("random.dcm", "a")
+    (s.root / "empty.dcm").write_bytes(b"")
+    s.add("empty.dcm", "a")
+    s.add_copy(Path(get_testdata_file("rtplan.dcm")), "rtplan.dcm", "a")
+    s.add_copy(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")), "jpegls.dcm", "b")
+    s.add_dicom("bomb.dcm", "a", pixels=np.zeros((16, 16), np.uint8))
+    # announce an absurd size in the header without the pixels (decompression-bomb guard)
+    import pydicom
+
+    ds = pydicom.dcmread(s.root / "bomb.dcm")
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 60000, 60000, 1000
+    ds.save_as(s.root / "bomb.dcm")
+    nan = np.ones((16, 16), np.float32)
+    nan[3, 3] = np.nan
+    write_nifti(s.root / "nan.nii.gz", nan)
+    s.add("nan.nii.gz", "a")
+    write_nifti(s.root / "inf.nii.gz", np.where(np.eye(16) > 0, np.inf, 1).astype(np.float32))
+    s.add("inf.nii.gz", "a")
+    write_nifti(s.root / "const.nii.gz", np.full((16, 16), 7, np.int16))
+    s.add("const.nii.gz", "b")
+    write_nifti(s.root / "vol.nii.gz", rng.random((4, 16, 16)).astype(np.float32))
+    s.add("vol.nii.gz", "b")
+    s.add_copy(Path(nibabel.__file__).parent / "tests/data/functional.nii", "4d.nii", "b")
+    s.add_dicom("unknown_label.dcm", "zebra")
+    s.add("missing.dcm", "a")
+    s.add("../outside.dcm", "a")
+    s.add("/etc/passwd", "a")
+    outside = tmp_path / "elsewhere.dcm"
+    write_dicom(outside, np.ones((4, 4), np.uint8), patient_id="X", rng=rng)
+    os.symlink(outside, s.root / "escape.dcm")
+    s.add("escape.dcm", "a")
+    s.add("ok/1.dcm", "b")  # duplicate row, same label
+    s.add("", "a")
+    (s.root / "notimage.txt").write_text("hello")
+    s.add("notimage.txt", "a")
+    cfg_path = s.write()
+
+    report = check_site(cfg_path)
+    q = quarantine(cfg_path)
+    expected = {
+        "truncated.dcm": "corrupt_pixel_data", "cut_header.dcm": "no_pixel_data", "random.dcm": "not_dicom",
+        "empty.dcm": "empty_file", "rtplan.dcm": "no_pixel_data", "jpegls.dcm": "unsupported_compression",
+        "bomb.dcm": "too_large", "nan.nii.gz": "non_finite", "inf.nii.gz": "non_finite",
+        "const.nii.gz": "constant_image", "vol.nii.gz": "wrong_dimensionality", "4d.nii": "wrong_dimensionality",
+        "unknown_label.dcm": "unknown_label", "missing.dcm": "missing_file", "../outside.dcm": "outside_root",
+        "/etc/passwd": "outside_root", "escape.dcm": "outside_root", "": "empty_path", "notimage.txt": "unreadable",
+    }
+    for rel, reason in expected.items():
+        assert reason_of(q, rel) == reason, rel
+    dup = [e for e in q["entries"] if e["reason"] == "duplicate_row"]
+    assert len(dup) == 1 and dup[0]["path"] == "ok/1.dcm"
+    for e in q["entries"]:
+        assert e["detail"] and e["fix"] and isinstance(e["row"], int)
+    # counts reconcile: every manifest row is either used or quarantined, exactly once
+    assert report.n_used == 4
+    assert report.n_used + report.n_quarantined == report.n_rows == len(s.rows)
+    assert q["used"] + q["quarantined"] == q["rows"] == len(s.rows)
+    assert sorted(e["row"] for e in q["entries"]) == sorted({e["row"] for e in q["entries"]})
+    assert sum(q["by_reason"].values()) == q["quarantined"]
+
+
+def test_conflicting_duplicate_labels_quarantine_both_rows(site_builder):
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    s.add("x.dcm", "b")
+    s.add_dicom("y.dcm", "b")
+    q_path = s.write()
+    report = check_site(q_path)
+    q = quarantine(q_path)
+    assert report.n_used == 1
+    assert [e["reason"] for e in q["entries"]] == ["duplicate_row", "duplicate_row"]
+
+
+def test_unreadable_file_is_quarantined(site_builder):
+    if os.geteuid() == 0:
+        pytest.skip("root reads every file; permission errors cannot be produced")
+    s = site_builder()
+    p = s.add_dicom("x.dcm", "a")
+    s.add_dicom("y.dcm", "b")
+    p.chmod(0)
+    report = check_site(s.write())
+    assert report.n_quarantined == 1
+
+
+@pytest.mark.parametrize("header, problem", [
+    (["path", "patient_id"], "missing column(s) ['label']"),
+    (["file", "label"], "missing column(s) ['path']"),
+    (["path", "label", "age"], "unknown column(s) ['age']"),
+])
+def test_manifest_columns_are_checked(site_builder, header, problem):
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    cfg = s.write(header=header)
+    with pytest.raises(ManifestError) as e:
+        check_site(cfg)
+    assert problem in str(e.value) and "labels.csv" in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_non_utf8_manifest(site_builder):
+    s = site_builder(classes=["a", "b"])
+    s.add_dicom("x.dcm", "a")
+    cfg = s.write()
+    (s.root / "labels.csv").write_bytes("path,label\nx.dcm,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ManifestError) as e:
+        check_site(cfg)
+    assert "not UTF-8" in str(e.value) and "iconv" in str(e.value)
+
+
+def test_missing_manifest(site_builder):
+    s = site_builder()
+    cfg = s.write()
+    (s.root / "labels.csv").unlink()
+    with pytest.raises(ManifestError, match="manifest not found"):
+        check_site(cfg)
+
+
+def test_nothing_usable_exits_nonzero_but_writes_the_report(site_builder, capsys):
+    s = site_builder()
+    (s.root / "bad.dcm").write_bytes(b"not dicom at all")
+    s.add("bad.dcm", "a")
+    cfg = s.write()
+    with pytest.raises(NoUsableDataError):
+        check_site(cfg)
+    assert quarantine(cfg)["quarantined"] == 1
+    assert main(["site", "check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 manifest rows is usable" in err and "Traceback" not in err
+
+
+def test_cli_check_exit_zero_with_some_quarantined(site_builder):
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    s.add("gone.dcm", "b")
+    assert main(["site", "check", str(s.write())]) == 0
+
+
+def test_mixed_2d_3d_site(site_builder):
+    s = site_builder(spatial_size=[16, 16])
+    s.add_dicom("flat.dcm", "a")
+    s.add_dicom("multi.dcm", "b", pixels=np.random.default_rng(0).integers(0, 255, (5, 16, 16), dtype=np.uint8))
+    report = check_site(s.write())
+    assert report.n_used == 1 and report.by_reason == {"wrong_dimensionality": 1}
+
+
+def test_inconsistent_series_folder(site_builder):
+    s = site_builder(spatial_size=[3, 8, 8])
+    rng = np.random.default_rng(0)
+    for z in range(3):
+        write_dicom(s.root / "ser" / f"{z}.dcm", rng.integers(0, 255, (8, 8), dtype=np.uint8), patient_id="P",
+                    rng=rng, instance_number=1)  # every slice claims InstanceNumber 1
+    s.add("ser", "a")
+    for z in range(3):
+        write_dicom(s.root / "ok" / f"{z}.dcm", rng.integers(0, 255, (8, 8), dtype=np.uint8), patient_id="P",
+                    rng=rng, instance_number=z + 1, series_uid="1.2.3", study_uid="1.2")
+    s.add("ok", "b")
+    report = check_site(s.write())
+    assert report.n_used == 1
+    assert report.by_reason == {"inconsistent_series": 1}
+
+
+def test_site_with_single_class_warns(site_builder):
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    s.add_dicom("y.dcm", "a")
+    report = check_site(s.write())
+    assert any("only one class" in w for w in report.warnings)
+    assert any("no usable record for class(es) ['b']" in w for w in report.warnings)
+
+
+def test_quarantine_entries_never_crash_on_weird_names(site_builder):
+    s = site_builder()
+    s.add_dicom("ok.dcm", "a")
+    weird = "dir with spaces/naïve,name.dcm"
+    (s.root / "dir with spaces").mkdir()
+    shutil.copy(s.root / "ok.dcm", s.root / weird)
+    s.add(weird, "b")
+    report = check_site(s.write())
+    assert report.n_used == 2
+
+
+def test_config_errors_name_file_key_and_fix(site_builder, tmp_path):
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    cfg = s.write()
+    text = cfg.read_text()
+    cfg.write_text(text.replace("holdout_fraction: 0.2", "holdout_fraction: 0.2\n  colour: red"))
+    with pytest.raises(ConfigError) as e:
+        load_site_config(cfg)
+    assert "data.colour" in str(e.value) and "unknown key" in str(e.value) and str(cfg) in str(e.value)
+    cfg.write_text(text.replace("epsilon: 1.0", "epsilon: -1"))
+    with pytest.raises(ConfigError) as e:
+        load_site_config(cfg)
+    assert "privacy.epsilon" in str(e.value) and "-1" in str(e.value)
+    cfg.write_text(text.replace("ipc: 2", "ipc: 0"))
+    with pytest.raises(ConfigError, match="distill.ipc"):
+        load_site_config(cfg)
+    cfg.write_text(text.replace("delta: 1.0e-05", "delta: 1.5"))
+    with pytest.raises(ConfigError, match="privacy.delta"):
+        load_site_config(cfg)
+    cfg.write_text(text.replace("mode: minmax", "mode: ct_window\n    center: 40"))
+    with pytest.raises(ConfigError, match="data.intensity.width"):
+        load_site_config(cfg)
+    cfg.write_text(text.replace("- 16\n  - 16", "- 16\n  - 16\n  - 16\n  - 16"))
+    with pytest.raises(ConfigError, match="data.spatial_size"):
+        load_site_config(cfg)
+    cfg.write_text("site_id: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_site_config(cfg)
+    assert main(["site", "check", str(cfg)]) == 2
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_site_config(tmp_path / "nope.yaml")
