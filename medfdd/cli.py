@@ -13,6 +13,8 @@ from medfdd.errors import MedfddError
 EXAMPLES = {
     "prepare": "medfdd prepare --source digits --sites 3 --alpha 0.5 --format dicom --out consortium --seed 0",
     "site check": "medfdd site check consortium/site_configs/hospital-a.yaml",
+    "site distill": "medfdd site distill consortium/site_configs/hospital-a.yaml --round 1",
+    "site budget": "medfdd site budget consortium/site_configs/hospital-a.yaml",
 }
 
 
@@ -51,6 +53,24 @@ def _parser() -> argparse.ArgumentParser:
                                      "per-status counts and write quarantine.json (every unused file and why). Exits "
                                      "non-zero only if the config is invalid or nothing usable remains.")
     ck.add_argument("config", type=Path, help="site config YAML")
+
+    di = site.add_parser("distill", help="distill the site's training split into a small synthetic set under DP",
+                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site distill"],
+                         description="Charge the site's privacy ledger for the planned steps (write-ahead), distill "
+                                     "(DP distribution or gradient matching) and write synthetic.npz, synthetic.json "
+                                     "and a preview grid under the config's output folder. An interrupted run "
+                                     "resumes from its checkpoint without paying twice.")
+    di.add_argument("config", type=Path, help="site config YAML")
+    di.add_argument("--round", type=int, default=1, dest="round_", help="federated round (1 = one-shot)")
+    di.add_argument("--global-model", type=Path, help="broadcast global model (safetensors) to match against")
+    di.add_argument("--no-dp", action="store_true",
+                    help="NON-PRIVATE run for baselines and positive controls (recorded as epsilon = inf)")
+
+    bu = site.add_parser("budget", help="print the privacy budget spent and remaining, per round",
+                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site budget"],
+                         description="Read the site's privacy_ledger.json and print every charge with the epsilon "
+                                     "spent after it (recomputed by the accountant) and what remains.")
+    bu.add_argument("config", type=Path, help="site config YAML")
     return p
 
 
@@ -66,6 +86,15 @@ def main(argv: list[str] | None = None) -> int:
             from medfdd.data.check import check_site
 
             check_site(args.config, console=Console())
+        elif args.command == "site" and args.site_command == "distill":
+            from medfdd.distill.site import distill_site
+
+            distill_site(args.config, round_=args.round_, global_model=args.global_model, no_dp=args.no_dp,
+                         console=Console())
+        elif args.command == "site" and args.site_command == "budget":
+            from medfdd.distill.site import print_budget
+
+            print_budget(args.config, console=Console())
         return 0
     except MedfddError as e:
         console.print(f"[bold red]error[/]: {e}", markup=True, highlight=False)

@@ -87,6 +87,7 @@ class PrivacyConfig(_Strict):
     epsilon: float = Field(1.0, gt=0, description="the site's total budget over all rounds")
     delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/n (n = the site's training records)")
     accountant: Literal["rdp", "prv"] = "rdp"
+    rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
 
     @field_validator("epsilon")
     @classmethod
@@ -99,7 +100,16 @@ class PrivacyConfig(_Strict):
 class DistillConfig(_Strict):
     method: Literal["dm", "gm"] = Field("dm", description="dm = distribution matching, gm = gradient matching")
     ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class")
-    iterations: int = Field(1000, ge=1, description="optimisation iterations (planned DP steps)")
+    iterations: int = Field(1000, ge=1, description="DP steps per round (each pays for one noisy statistic)")
+    batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
+    inner_steps: int = Field(1, ge=1, description="synthetic updates per paid noisy statistic (post-processing)")
+    lr: float = Field(1.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
+    augment: bool = Field(True, description="differentiable augmentation (DSA) on real and synthetic images")
+    flip: bool = Field(False, description="allow horizontal flips in augmentation (off: laterality matters)")
+    width: int = Field(128, ge=1, description="channels of the ConvNet-3 matching network")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast for real data")
+    checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
 
 
 class SiteConfig(_Strict):

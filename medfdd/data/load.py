@@ -206,7 +206,9 @@ def _load_nifti(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo
     if path.stat().st_size == 0:
         raise RecordRejected(Reason.EMPTY_FILE, "zero-byte file", "re-export the volume")
     try:
-        header_shape = tuple(int(s) for s in nib.load(str(path)).shape)
+        header = nib.load(str(path)).header
+        header_shape = tuple(int(s) for s in header.get_data_shape())
+        rgb = header.get_intent()[0] == "vector" and len(header_shape) == 5 and header_shape[3:] == (1, 3)
     except Exception as e:
         raise RecordRejected(Reason.UNREADABLE, f"not a readable NIfTI file: {type(e).__name__}: {e}"[:500],
                              "re-export the volume as NIfTI-1 (.nii or .nii.gz)") from None
@@ -220,7 +222,9 @@ def _load_nifti(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo
                              "re-export the volume; it may be truncated") from None
     k = min(arr.ndim, 3)  # (x, y, z, t...) -> (z, y, x, t...): row-major spatial axes, extra axes kept at the end
     arr = np.transpose(arr, list(range(k))[::-1] + list(range(k, arr.ndim)))
-    return arr, False, ScanInfo("nifti", "nifti", tuple(int(x) for x in arr.shape))
+    if rgb:  # vector image (x, y, z, 1, 3) -> (z, y, x, 3)
+        arr = arr.reshape(arr.shape[:3] + (3,))
+    return arr, rgb, ScanInfo("nifti", "nifti", tuple(int(x) for x in arr.shape))
 
 
 def _load_png(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:

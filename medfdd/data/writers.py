@@ -102,13 +102,22 @@ def write_dicom_series(folder: Path, volume: np.ndarray, *, patient_id: str, rng
     return folder
 
 
-def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Path:
-    """Write a NIfTI-1 image; `array` is row-major ([H, W] or [D, H, W]) and stored in NIfTI's (x, y, z) order."""
+def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray | None = None, rgb: bool = False) -> Path:
+    """Write a NIfTI-1 image; `array` is row-major ([H, W] or [D, H, W]) and stored in NIfTI's (x, y, z) order.
+
+    rgb=True takes [H, W, 3] and stores a vector image (x, y, 1, 1, 3) with intent 'vector', the NIfTI way.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.asarray(array)
-    xyz = np.ascontiguousarray(np.transpose(data, tuple(range(data.ndim))[::-1]))
-    nib.save(nib.Nifti1Image(xyz, np.eye(4) if affine is None else affine), str(path))
+    if rgb:
+        xyz = np.ascontiguousarray(np.transpose(data, (1, 0, 2))[:, :, None, None, :])
+    else:
+        xyz = np.ascontiguousarray(np.transpose(data, tuple(range(data.ndim))[::-1]))
+    img = nib.Nifti1Image(xyz, np.eye(4) if affine is None else affine)
+    if rgb:
+        img.header.set_intent("vector")
+    nib.save(img, str(path))
     return path
 
 

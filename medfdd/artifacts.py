@@ -1,0 +1,158 @@
+"""What leaves a site: the synthetic set (npz + json, allow-listed keys only) and model weights (safetensors).
+
+Nothing here is ever unpickled: npz is read with allow_pickle=False, weights with safetensors.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from medfdd import __version__
+from medfdd.errors import MedfddError
+from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
+from medfdd.nets import ConvNet
+
+NPZ_KEYS = ("images", "labels")
+META_KEYS = ("site_id", "round", "method", "ipc", "classes", "spatial_size", "channels", "epsilon", "epsilon_round",
+             "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "clip_norm", "dp", "medfdd_version")
+
+
+class ArtifactError(MedfddError):
+    """A synthetic set or model file is missing, malformed or does not match what was agreed."""
+
+
+@dataclass
+class SyntheticSet:
+    images: np.ndarray  # float32 [N, C, *spatial]
+    labels: np.ndarray  # int64 [N]
+    meta: dict
+
+    def __post_init__(self):
+        unknown = set(self.meta) - set(META_KEYS)
+        if unknown:  # invariant 5: the payload is an allow-list
+            raise ArtifactError("synthetic.json", f"keys outside the allow-list: {sorted(unknown)}",
+                                "only declared metadata may leave a site")
+
+
+def _json_number(x: float) -> float | str:
+    return "inf" if isinstance(x, float) and math.isinf(x) else x
+
+
+def save_synthetic(out_dir: Path, syn: SyntheticSet) -> tuple[Path, Path]:
+    """Atomically write synthetic.npz (images, labels) then synthetic.json (metadata)."""
+    out_dir = Path(out_dir)
+    npz = atomic_save_npz(out_dir / "synthetic.npz", images=syn.images.astype(np.float32),
+                          labels=syn.labels.astype(np.int64))
+    meta = {k: _json_number(v) for k, v in {**syn.meta, "medfdd_version": __version__}.items()}
+    return npz, atomic_write_json(out_dir / "synthetic.json", meta)
+
+
+def load_synthetic(folder: Path) -> SyntheticSet:
+    folder = Path(folder)
+    npz, meta_path = folder / "synthetic.npz", folder / "synthetic.json"
+    for f in (npz, meta_path):
+        if not f.is_file():
+            raise ArtifactError(str(f), "missing", "run `medfdd site distill` first")
+    try:
+        with np.load(npz, allow_pickle=False) as z:
+            if sorted(z.files) != sorted(NPZ_KEYS):
+                raise ArtifactError(str(npz), f"arrays {sorted(z.files)}, expected {list(NPZ_KEYS)}",
+                                    "only images and labels may be in a synthetic set")
+            images, labels = z["images"], z["labels"]
+    except (ValueError, OSError) as e:
+        raise ArtifactError(str(npz), f"unreadable ({e})", "re-run the site distillation") from None
+    meta = json.loads(meta_path.read_text())
+    meta = {k: (math.inf if v == "inf" else v) for k, v in meta.items()}
+    return SyntheticSet(images, labels, meta)
+
+
+def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "") -> Path:
+    """A per-class PNG grid (rows = classes); volumes show their middle slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_class = [np.where(labels == k)[0] for k in range(len(classes))]
+    cols = max(1, max(len(p) for p in per_class))
+    fig, axes = plt.subplots(len(classes), cols, figsize=(0.9 * cols + 1.2, 0.9 * len(classes) + 0.4), squeeze=False)
+    for k, idx in enumerate(per_class):
+        for j in range(cols):
+            ax = axes[k][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for s in ax.spines.values():
+                s.set_visible(False)
+            if j < len(idx):
+                img = images[idx[j]]
+                if img.ndim == 4:  # [C, D, H, W]: middle slice
+                    img = img[:, img.shape[1] // 2]
+                img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+                ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+            if j == 0:
+                ax.set_ylabel(classes[k], rotation=0, ha="right", va="center", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def save_volumes_nifti(path: Path, images: np.ndarray) -> Path:
+    """3D synthetic sets as one 4D NIfTI (x, y, z, N) of the first channel, for viewing in a medical viewer."""
+    import nibabel as nib
+
+    vols = images[:, 0].transpose(3, 2, 1, 0)  # [N, D, H, W] -> (x, y, z, N)
+    img = nib.Nifti1Image(np.ascontiguousarray(vols.astype(np.float32)), np.eye(4))
+    return atomic_write_bytes(Path(path), gzip.compress(img.to_bytes(), mtime=0))
+
+
+def save_model(path: Path, model: ConvNet) -> Path:
+    """Weights as safetensors with the architecture in the header metadata."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={"arch": json.dumps(model.arch), "medfdd_version": __version__})
+    tmp.replace(path)
+    return path
+
+
+def load_model(path: Path, expect: dict | None = None) -> ConvNet:
+    """Load a ConvNet from safetensors; `expect` (in_channels, num_classes, spatial_size, width) must match."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(str(path), "model file not found", "pass the global model written by the coordinator")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            arch = json.loads((f.metadata() or {}).get("arch", "null"))
+        state = load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(str(path), f"not a readable safetensors file ({type(e).__name__})",
+                            "pass the global model written by the coordinator") from None
+    if not isinstance(arch, dict):
+        raise ArtifactError(str(path), "no architecture metadata", "use a model written by medfdd")
+    if expect:
+        bad = {k: (arch.get(k), v) for k, v in expect.items() if arch.get(k) != v}
+        if bad:
+            raise ArtifactError(str(path), f"architecture does not match the agreed one: {bad} (got, expected)",
+                                "the coordinator and the sites must agree on classes, channels and spatial size")
+    model = ConvNet(arch["in_channels"], arch["num_classes"], tuple(arch["spatial_size"]), arch["width"],
+                    arch.get("depth", 3))
+    try:
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(str(path), f"weights do not fit the declared architecture: {str(e)[:300]}",
+                            "use the model file as the coordinator wrote it") from None
+    return model.eval()

@@ -1,0 +1,447 @@
+"""`medfdd prepare`: materialise a non-IID consortium of hospital folders from a labelled source.
+
+Layout written under ``out``::
+
+    out/
+      hospital-a/ labels.csv images/<patient>/img<k>.dcm | .nii.gz | series<k>/slice_0000.dcm ...
+      hospital-b/ ...
+      test/       labels.csv images/...             the coordinator's test split, same format
+      site_configs/hospital-a.yaml ... coordinator.yaml
+      partition.json                               site x class table; also marks `out` as a medfdd consortium
+
+``labels.csv`` has the columns ``path,label,patient_id``: path relative to the site folder, label = class name,
+patient ids generated (``P<site letters>-<6 digits>``, ``PTEST-<6 digits>`` for the test split) with 1-3 images per
+patient, so that a patient-level train/holdout split differs from a per-image one.
+
+File conventions (arrays are row-major; see `medfdd.data.writers`):
+
+- DICOM: 2D grayscale and RGB images are one Secondary Capture file each (RGB as PhotometricInterpretation RGB);
+  3D volumes are a series folder with one file per slice (the manifest path is the folder).
+- NIfTI (``.nii.gz``): 2D images are stored (x, y) = (W, H); volumes (x, y, z) = (W, H, D); RGB images are stored
+  (W, H, 1, 3) - a singleton z and the colour channel last, the layout MONAI's NibabelReader reads as channel-last.
+
+Everything is a function of ``seed``: the same arguments write byte-identical files, labels.csv and configs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from medfdd.config import (
+    CoordinatorConfig,
+    SiteConfig,
+    dump_config,
+    load_coordinator_config,
+    load_site_config,
+    parse_config,
+)
+from medfdd.data.partition import Partition, dirichlet_partition
+from medfdd.data.sources import SOURCES, LabelledSource, load_source
+from medfdd.data.writers import write_dicom, write_dicom_series, write_nifti
+from medfdd.errors import MedfddError
+
+CONSORTIUM_KIND = "medfdd-consortium"
+MARKER = "partition.json"
+MANIFEST = "labels.csv"
+HOLDOUT_FRACTION = 0.2
+DEFAULT_MIN_PER_SITE = 10
+FORMATS = ("dicom", "nifti")
+_ENTRY = re.compile(r"^(hospital-[a-z]+|test|site_configs|partition\.json)$")
+
+
+class PrepareError(MedfddError):
+    """`medfdd prepare` was given arguments it cannot honour (bad flag value, unsupported image layout)."""
+
+
+class OutputNotEmptyError(MedfddError):
+    """`--out` holds files that are not an earlier medfdd consortium; nothing is overwritten."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """What `prepare_consortium` wrote (absolute paths) and the partition it used."""
+
+    out: Path
+    source: str
+    fmt: str
+    site_ids: list[str]
+    site_dirs: list[Path]
+    site_configs: list[Path]
+    coordinator_config: Path
+    test_dir: Path
+    partition_json: Path
+    partition: Partition
+    classes: list[str]
+    spatial_size: list[int]
+    channels: int
+    n_train: int
+    n_test: int
+    test_counts: np.ndarray  # per class
+
+    def site_counts(self, site_id: str) -> dict[str, int]:
+        """Class name -> number of records the partition gave `site_id`."""
+        row = self.partition.table[self.site_ids.index(site_id)]
+        return {c: int(v) for c, v in zip(self.classes, row, strict=True)}
+
+
+# ------------------------------------------------------------------------------------------------------------ naming
+
+
+def site_letters(i: int) -> str:
+    """0 -> 'a', 25 -> 'z', 26 -> 'aa', ... (spreadsheet-column style)."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr(ord("a") + r) + s
+    return s
+
+
+def site_id(i: int) -> str:
+    return f"hospital-{site_letters(i)}"
+
+
+# --------------------------------------------------------------------------------------------------------- selection
+
+
+def _cap(labels: np.ndarray, n_classes: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:cap] for c in range(n_classes)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def cap_per_class(source: LabelledSource, max_per_class: int | None, seed: int) -> LabelledSource:
+    """At most `max_per_class` training images per class (seeded choice, source order kept).
+
+    The test split is capped in proportion, at ceil(max_per_class * n_test / n_train) per class (at least 1), so a
+    small consortium keeps the source's train:test ratio. None returns the source unchanged.
+    """
+    if max_per_class is None:
+        return source
+    rng = np.random.default_rng([seed, 11])
+    k = source.n_classes
+    test_cap = max(1, math.ceil(max_per_class * len(source.test_labels) / max(1, len(source.train_labels))))
+    tr = _cap(source.train_labels, k, max_per_class, rng)
+    te = _cap(source.test_labels, k, test_cap, rng)
+    return LabelledSource(source.name, source.train_images[tr], source.train_labels[tr],
+                          source.test_images[te], source.test_labels[te], list(source.classes))
+
+
+# ----------------------------------------------------------------------------------------------------------- writing
+
+
+def _group_patients(n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
+    """Consecutive (start, stop) runs of 1-3 records, one run per patient."""
+    runs, start = [], 0
+    while start < n:
+        stop = min(n, start + int(rng.integers(1, 4)))
+        runs.append((start, stop))
+        start = stop
+    return runs
+
+
+def _write_image(site_dir: Path, k: int, image: np.ndarray, *, fmt: str, rgb: bool, patient_id: str,
+                 rng: np.random.Generator) -> str:
+    """Write a patient's k-th record; returns its manifest path (POSIX, relative to the site folder)."""
+    rel_stem = f"images/{patient_id}/img{k}"
+    if fmt == "dicom":
+        if image.ndim == 3 and not rgb:  # volume -> one file per slice in a series folder
+            rel = f"images/{patient_id}/series{k}"
+            write_dicom_series(site_dir / rel, image, patient_id=patient_id, rng=rng)
+            return rel
+        rel = rel_stem + ".dcm"
+        write_dicom(site_dir / rel, image, patient_id=patient_id, rng=rng)
+        return rel
+    rel = rel_stem + ".nii.gz"
+    write_nifti(site_dir / rel, image, rgb=rgb)
+    return rel
+
+
+def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], *, fmt: str, rgb: bool,
+                 prefix: str, rng: np.random.Generator, progress: Progress, task: Any) -> list[tuple[str, str, str]]:
+    """Write `images` (in a seeded order, grouped into patients) under `folder` plus its labels.csv."""
+    order = rng.permutation(len(labels))
+    runs = _group_patients(len(order), rng)
+    numbers = rng.choice(900_000, size=len(runs), replace=False) + 100_000
+    rows: list[tuple[str, str, str]] = []
+    for (start, stop), number in zip(runs, numbers, strict=True):
+        pid = f"{prefix}-{int(number):06d}"
+        for k, rec in enumerate(order[start:stop], start=1):
+            rel = _write_image(folder, k, images[rec], fmt=fmt, rgb=rgb, patient_id=pid, rng=rng)
+            rows.append((rel, classes[int(labels[rec])], pid))
+            progress.advance(task)
+    with open(folder / MANIFEST, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["path", "label", "patient_id"])
+        w.writerows(rows)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- out folder
+
+
+def _earlier_entries(out: Path) -> list[str]:
+    """What an earlier `prepare` wrote into `out` ([] if `out` is new or empty); refuses any other non-empty folder."""
+    if out.exists() and not out.is_dir():
+        raise OutputNotEmptyError(f"--out {out}", "exists and is not a folder", "choose a new folder for --out")
+    if not out.exists() or not any(out.iterdir()):
+        return []
+    fix = "choose a new or empty folder for --out (nothing was changed)"
+    marker = out / MARKER
+    try:
+        info = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        info = None
+    if not isinstance(info, dict) or info.get("kind") != CONSORTIUM_KIND or not isinstance(info.get("entries"), list):
+        raise OutputNotEmptyError(f"--out {out}", "is not empty and is not an earlier medfdd consortium "
+                                                  f"(no {MARKER} written by `medfdd prepare`)", fix)
+    bad = [e for e in info["entries"] if not isinstance(e, str) or not _ENTRY.match(e)]
+    if bad:
+        raise OutputNotEmptyError(str(marker), f"lists unexpected entries {bad}", fix)
+    return list(info["entries"])
+
+
+def _remove_entries(out: Path, entries: list[str]) -> None:
+    """Remove only what the earlier `prepare` wrote; runs/ and anything else in `out` stay."""
+    for name in entries:
+        path = out / name
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+
+
+# ---------------------------------------------------------------------------------------------------------- checking
+
+
+def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, npz: Path | None, epsilon: float,
+                 delta: float, ipc: int, iterations: int, method: str, max_per_class: int | None) -> None:
+    def bad(flag: str, value: object, constraint: str, fix: str) -> PrepareError:
+        return PrepareError(f"{flag} {value}", constraint, fix)
+
+    if source not in SOURCES:
+        raise bad("--source", source, f"unknown source; expected one of {', '.join(SOURCES)}", "pick a listed source")
+    if fmt not in FORMATS:
+        raise bad("--format", fmt, f"expected one of {', '.join(FORMATS)}", "use --format dicom or --format nifti")
+    if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
+        raise bad("--sites", sites, "must be a positive integer", "use --sites 2 or more")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise bad("--alpha", alpha, "must be a finite number > 0", "use e.g. 0.1 (very non-IID) .. 100 (almost IID)")
+    if seed < 0:
+        raise bad("--seed", seed, "must be >= 0", "use a non-negative seed")
+    if not (epsilon > 0 and not math.isnan(epsilon)):
+        raise bad("--epsilon", epsilon, "must be > 0", "use e.g. --epsilon 1.0")
+    if not 0 < delta < 1:
+        raise bad("--delta", delta, "must be in (0, 1) (and below 1/n for n records per site)", "use e.g. 1e-5")
+    if not 1 <= ipc <= 1000:
+        raise bad("--ipc", ipc, "must be in 1..1000", "use e.g. --ipc 10")
+    if iterations < 1:
+        raise bad("--iterations", iterations, "must be >= 1", "use e.g. --iterations 200")
+    if method not in ("dm", "gm"):
+        raise bad("--method", method, "expected dm or gm", "use --method dm (distribution matching) or gm")
+    if max_per_class is not None and max_per_class < 1:
+        raise bad("--max-per-class", max_per_class, "must be >= 1", "leave it out to use every image")
+    if npz is not None and source != "medmnist":
+        raise bad("--npz", npz, f"only used with --source medmnist, not {source}", "drop --npz or use --source medmnist")
+
+
+def _check_layout(src: LabelledSource) -> None:
+    if src.rgb and src.train_images.dtype != np.uint8:
+        raise PrepareError(f"source '{src.name}'", f"RGB images must be uint8, got {src.train_images.dtype}",
+                           "convert the RGB images to uint8")
+    if src.rgb and src.train_images.shape[1] == 3:
+        raise PrepareError(f"source '{src.name}'", f"RGB images of height 3 ({src.train_images.shape[1:]}) are "
+                                                   "ambiguous with 3-frame volumes", "use images at least 4 pixels high")
+
+
+def _table(partition: Partition, site_ids: list[str], classes: list[str], test_counts: np.ndarray, title: str,
+           width: int) -> Table:
+    """Sites as rows and classes as columns; transposed (classes as rows) when the classes would not fit `width`."""
+    rows = {sid: [int(v) for v in row] for sid, row in zip(site_ids, partition.table, strict=True)}
+    totals = {"all sites": [int(v) for v in partition.class_totals], "test": [int(v) for v in test_counts]}
+    cell = max(len(str(int(test_counts.sum()) + int(partition.table.sum()))), *(len(c) for c in classes), 5)
+    t = Table(title=title)
+    if 14 + (len(classes) + 1) * (cell + 3) <= width:
+        t.add_column("site", style="bold", no_wrap=True)
+        for c in classes:
+            t.add_column(c, justify="right", no_wrap=True)
+        t.add_column("total", justify="right", style="bold", no_wrap=True)
+        for sid, counts in rows.items():
+            t.add_row(sid, *map(str, counts), str(sum(counts)))
+        t.add_section()
+        for name, counts in totals.items():
+            t.add_row(name, *map(str, counts), str(sum(counts)), style="bold" if name == "all sites" else "dim")
+        return t
+    t.add_column("class", style="bold", no_wrap=True)
+    for sid in rows:
+        t.add_column(sid, justify="right", no_wrap=True)
+    t.add_column("all sites", justify="right", style="bold", no_wrap=True)
+    t.add_column("test", justify="right", style="dim", no_wrap=True)
+    for j, c in enumerate(classes):
+        t.add_row(c, *[str(counts[j]) for counts in rows.values()], *[str(v[j]) for v in totals.values()])
+    t.add_section()
+    t.add_row("total", *[str(sum(v)) for v in rows.values()], *[str(sum(v)) for v in totals.values()], style="bold")
+    return t
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+
+
+def prepare_consortium(
+    *,
+    source: str,
+    out: Path | str,
+    sites: int,
+    alpha: float,
+    fmt: str,
+    seed: int,
+    npz: Path | str | None = None,
+    epsilon: float,
+    delta: float,
+    ipc: int,
+    iterations: int,
+    method: str,
+    dp: bool,
+    max_per_class: int | None = None,
+    console: Console | None = None,
+    search_dirs: list[Path | str] | None = None,
+    min_per_site: int = DEFAULT_MIN_PER_SITE,
+) -> PrepareResult:
+    """Write a consortium (site folders, test split, site and coordinator configs, partition.json) under `out`.
+
+    `search_dirs` overrides where the fashion-mnist idx files are looked for; `min_per_site` is the fewest training
+    records any site may receive (the Dirichlet draw is repeated until it holds).
+    """
+    console = console or Console()
+    out = Path(out)
+    npz = Path(npz) if npz is not None else None
+    _check_flags(source=source, sites=sites, alpha=alpha, fmt=fmt, seed=seed, npz=npz, epsilon=epsilon, delta=delta,
+                 ipc=ipc, iterations=iterations, method=method, max_per_class=max_per_class)
+
+    # Everything that can fail on the inputs happens before `out` is touched.
+    earlier = _earlier_entries(out)
+    src = cap_per_class(load_source(source, seed=seed, npz=npz, search_dirs=search_dirs), max_per_class, seed)
+    _check_layout(src)
+    classes, k = list(src.classes), src.n_classes
+    partition = dirichlet_partition(src.train_labels, n_sites=sites, alpha=alpha, seed=seed, n_classes=k,
+                                    min_per_site=min_per_site)
+    site_ids = [site_id(i) for i in range(sites)]
+    test_counts = np.bincount(src.test_labels, minlength=k).astype(np.int64)
+
+    cfg_dir = out / "site_configs"
+    site_cfgs: list[SiteConfig] = []
+    for sid in site_ids:
+        data = {
+            "site_id": sid,
+            "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": fmt, "classes": classes,
+                     "spatial_size": src.spatial_size, "channels": src.channels, "intensity": {"mode": "minmax"},
+                     "holdout_fraction": HOLDOUT_FRACTION},
+            "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp"},
+            "distill": {"method": method, "ipc": ipc, "iterations": iterations},
+            "output": f"../runs/{sid}",
+            "device": "auto",
+            "seed": seed,
+        }
+        site_cfgs.append(parse_config(data, SiteConfig, f"generated site config {sid}", cfg_dir))
+    coord_cfg = parse_config({
+        "sites": [f"{sid}.yaml" for sid in site_ids],
+        "rounds": 1,
+        "test": {"root": "../test", "manifest": MANIFEST, "format": fmt},
+        "output": "../runs/coordinator",
+        "seed": seed,
+    }, CoordinatorConfig, "generated coordinator config", cfg_dir)
+
+    title = (f"{src.name}: {len(src.train_labels)} training records over {sites} sites, Dirichlet alpha={alpha:g}, "
+             f"seed {seed}")
+    console.print(_table(partition, site_ids, classes, test_counts, title, console.width))
+    for sid, total in zip(site_ids, partition.site_totals, strict=True):
+        n_fit = int(total) - math.ceil(HOLDOUT_FRACTION * int(total))
+        if dp and n_fit > 0 and delta >= 1.0 / n_fit:
+            console.print(f"[yellow]warning[/]: {sid} trains on about {n_fit} records; --delta {delta:g} is not "
+                          f"below 1/n = {1.0 / n_fit:.2g} (use a smaller --delta)")
+
+    _remove_entries(out, earlier)
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [*site_ids, "test", "site_configs", MARKER]
+    info: dict[str, Any] = {"kind": CONSORTIUM_KIND, "version": 1, "complete": False, "entries": entries}
+    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # marks `out` before any file
+
+    site_dirs = [out / sid for sid in site_ids]
+    test_dir = out / "test"
+    n_total = len(src.train_labels) + len(src.test_labels)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"writing {fmt.upper()} files", total=n_total)
+        for s, (sid, folder) in enumerate(zip(site_ids, site_dirs, strict=True)):
+            progress.update(task, description=f"writing {sid}")
+            folder.mkdir(parents=True, exist_ok=True)
+            idx = partition.site_indices[s]
+            _write_split(folder, src.train_images[idx], src.train_labels[idx], classes, fmt=fmt, rgb=src.rgb,
+                         prefix=f"P{site_letters(s).upper()}", rng=np.random.default_rng([seed, 100 + s]),
+                         progress=progress, task=task)
+        progress.update(task, description="writing test split")
+        test_dir.mkdir(parents=True, exist_ok=True)
+        _write_split(test_dir, src.test_images, src.test_labels, classes, fmt=fmt, rgb=src.rgb, prefix="PTEST",
+                     rng=np.random.default_rng([seed, 99]), progress=progress, task=task)
+        progress.update(task, description="done")
+
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    site_paths = []
+    for sid, cfg in zip(site_ids, site_cfgs, strict=True):
+        path = cfg_dir / f"{sid}.yaml"
+        path.write_text(dump_config(cfg), encoding="utf-8")
+        loaded = load_site_config(path)  # validate what was written
+        if loaded.data_root != (out / sid).resolve():
+            raise PrepareError(str(path), f"data.root resolves to {loaded.data_root}", "report this as a bug")
+        site_paths.append(path)
+    coord_path = cfg_dir / "coordinator.yaml"
+    coord_path.write_text(dump_config(coord_cfg), encoding="utf-8")
+    load_coordinator_config(coord_path)
+
+    info.update({
+        "complete": True,
+        "source": src.name,
+        "npz": npz.name if npz is not None else None,
+        "format": fmt,
+        "seed": seed,
+        "alpha": alpha,
+        "max_per_class": max_per_class,
+        "classes": classes,
+        "spatial_size": src.spatial_size,
+        "channels": src.channels,
+        "site_ids": site_ids,
+        "n_train": int(len(src.train_labels)),
+        "n_test": int(len(src.test_labels)),
+        "partition": partition.as_dict(site_ids, classes),
+        "test": {**{c: int(v) for c, v in zip(classes, test_counts, strict=True)}, "total": int(test_counts.sum())},
+    })
+    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    console.print(f"wrote {sites} site folders, the test split and configs under [bold]{out}[/]; next: "
+                  f"[bold]medfdd site check {cfg_dir / site_paths[0].name}[/]")
+    return PrepareResult(out=out.resolve(), source=src.name, fmt=fmt, site_ids=site_ids,
+                         site_dirs=[d.resolve() for d in site_dirs], site_configs=[p.resolve() for p in site_paths],
+                         coordinator_config=coord_path.resolve(), test_dir=test_dir.resolve(),
+                         partition_json=(out / MARKER).resolve(), partition=partition, classes=classes,
+                         spatial_size=src.spatial_size, channels=src.channels, n_train=int(len(src.train_labels)),
+                         n_test=int(len(src.test_labels)), test_counts=test_counts)
+
+
+def prepare_from_args(args: Any, console: Console | None = None) -> PrepareResult:
+    """Run `prepare_consortium` from the parsed `medfdd prepare` arguments."""
+    return prepare_consortium(
+        source=args.source, out=args.out, sites=args.sites, alpha=args.alpha, fmt=args.fmt, seed=args.seed,
+        npz=args.npz, epsilon=args.epsilon, delta=args.delta, ipc=args.ipc, iterations=args.iterations,
+        method=args.method, dp=not args.no_dp, max_per_class=getattr(args, "max_per_class", None), console=console)

@@ -1,0 +1,113 @@
+"""The distiller interface: fit a site's training records, yield a synthetic set (DP or not).
+
+Every step t draws its randomness (matching network, Poisson sample, augmentation, noise) from generators seeded
+by (seed, round, t, stream), so a run resumed from a checkpoint replays exactly what the uninterrupted run does.
+Under DP the synthetic images start from noise (never from real records).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medfdd.config import DistillConfig
+from medfdd.distill.augment import FAMILIES, augment
+from medfdd.nets import ConvNet, convnet_for
+
+STREAMS = {"net": 0, "sample": 1, "augment_real": 2, "augment_syn": 3, "noise": 4, "init": 5}
+
+
+@dataclass(frozen=True)
+class PrivacyPlan:
+    """What the mechanism runs with; noise_multiplier 0 and dp False only for --no-dp baselines."""
+
+    dp: bool
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    clip_norm: float
+
+
+@dataclass
+class DistillState:
+    images: torch.Tensor  # [K * ipc, C, *spatial], requires grad
+    labels: torch.Tensor  # [K * ipc]
+    momentum: torch.Tensor  # SGD momentum buffer of the images
+    iteration: int  # steps completed
+
+
+def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
+    state = np.random.SeedSequence([seed, round_, t, STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+class Distiller(ABC):
+    """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
+
+    def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
+                 seed: int, round_: int = 1, device: torch.device | None = None,
+                 matching_net: ConvNet | None = None):
+        self.cfg, self.plan = cfg, plan
+        self.num_classes, self.image_shape = num_classes, tuple(image_shape)
+        self.seed, self.round = seed, round_
+        self.device = device or torch.device("cpu")
+        self.matching_net = matching_net.to(self.device).eval() if matching_net is not None else None
+        self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type in ("cpu", "cuda"))
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def g(self, t: int, stream: str) -> torch.Generator:
+        return generator(self.seed, self.round, t, stream)
+
+    def init_state(self) -> DistillState:
+        """Noise initialisation (invariant 2): N(0.5, 0.2^2) clipped to [0, 1]; no real pixel is used."""
+        n = self.num_classes * self.cfg.ipc
+        g = self.g(0, "init")
+        x = (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
+        labels = torch.arange(self.num_classes).repeat_interleave(self.cfg.ipc).to(self.device)
+        return DistillState(x.requires_grad_(True), labels, torch.zeros_like(x), 0)
+
+    def network(self, t: int) -> ConvNet:
+        """The matching network of step t: a fresh random ConvNet-3, or (FedDM rounds) the broadcast global model
+        on every other step."""
+        if self.matching_net is not None and t % 2 == 1:
+            return self.matching_net
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.g(t, "net")))
+        net = convnet_for(self.image_shape, self.num_classes, width=self.cfg.width, seed=seed).to(self.device)
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net.eval()
+
+    def poisson_sample(self, n: int, t: int) -> torch.Tensor:
+        """Indices of a Poisson sample: each record independently with probability sample_rate."""
+        mask = torch.rand(n, generator=self.g(t, "sample")) < self.plan.sample_rate
+        return mask.nonzero().squeeze(1)
+
+    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        return augment(x, g, self.families)
+
+    def sgd_update(self, state: DistillState, loss: torch.Tensor) -> None:
+        """SGD with momentum 0.5 on the images (DM's optimiser), projected back to [0, 1]."""
+        (grad,) = torch.autograd.grad(loss, state.images)
+        with torch.no_grad():
+            state.momentum.mul_(0.5).add_(grad)
+            state.images.sub_(self.cfg.lr * state.momentum).clamp_(0, 1)
+
+    @abstractmethod
+    def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
+        """One paid step: noisy real statistic (index t), then cfg.inner_steps synthetic updates. Returns the loss."""
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, state: DistillState | None = None,
+            on_step: Callable[[DistillState, float], None] | None = None) -> DistillState:
+        state = state or self.init_state()
+        x, y = x.to(self.device), y.to(self.device)
+        for t in range(state.iteration, self.plan.steps):
+            loss = self.step(state, x, y, t)
+            state.iteration = t + 1
+            if on_step:
+                on_step(state, loss)
+        return state

@@ -1,0 +1,229 @@
+"""`medfdd site distill` / `site budget`: the site runner.
+
+Order of operations (privacy invariants 1-4): load the site's training split -> calibrate the noise for the
+planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with
+resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
+in the ledger and does not pay twice; a crash may over-count, never under-count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+
+from medfdd.artifacts import SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
+from medfdd.config import SiteConfig, load_site_config
+from medfdd.data.check import load_with_progress
+from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
+from medfdd.errors import MedfddError
+from medfdd.training import pick_device
+from privacy.accounting import Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
+
+PURPOSE = "distill"
+
+
+class DistillError(MedfddError):
+    """The site cannot distill as configured (e.g. delta not below 1/n, empty training split)."""
+
+
+@dataclass
+class DistillOutcome:
+    synthetic: Path
+    meta: dict
+    resumed_from: int
+
+
+def distiller_class(method: str) -> type[Distiller]:
+    if method == "gm":
+        from medfdd.distill.gradient_matching import GradientMatching
+
+        return GradientMatching
+    from medfdd.distill.distribution_matching import DistributionMatching
+
+    return DistributionMatching
+
+
+def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
+    return PrivacyLedger.open(cfg.output_dir / "privacy_ledger.json", site_id=cfg.site_id,
+                              epsilon=cfg.privacy.epsilon if dp else math.inf, delta=cfg.privacy.delta,
+                              accountant=cfg.privacy.accountant)
+
+
+def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool) -> PrivacyPlan:
+    """Noise for this round such that all planned rounds fit the budget, given what earlier rounds spent."""
+    steps = cfg.distill.iterations
+    q = min(1.0, cfg.distill.batch_size / n_train)
+    if not dp:
+        return PrivacyPlan(False, 0.0, q, steps, cfg.distill.clip_norm)
+    if cfg.privacy.delta >= 1.0 / n_train:
+        raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
+                           f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
+    paid = ledger.find_charge(round_, PURPOSE)
+    if paid is not None:  # resumed or repeated round: same plan as was paid for
+        return PrivacyPlan(True, paid.noise_multiplier, paid.sample_rate, paid.steps, cfg.distill.clip_norm)
+    earlier = [e for e in ledger.entries if e.round != round_]
+    remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier}))
+    sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
+                                  steps_per_round=steps, rounds=remaining_rounds,
+                                  already_spent=earlier,
+                                  accountant=cfg.privacy.accountant)
+    return PrivacyPlan(True, sigma, q, steps, cfg.distill.clip_norm)
+
+
+def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarray) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), cfg.seed, round_,
+                         plan.__dict__], sort_keys=True, default=str).encode())
+    h.update(rows.tobytes())
+    return h.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"images": state.images.detach().cpu().contiguous(), "momentum": state.momentum.cpu().contiguous(),
+               "labels": state.labels.cpu().contiguous()}, str(tmp),
+              metadata={"iteration": str(state.iteration), "fingerprint": fingerprint})
+    tmp.replace(path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> DistillState | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("fingerprint") != fingerprint:
+            return None  # a different plan or different data: start over (the charge is per plan)
+        t = load_file(str(path))
+    except Exception:
+        return None
+    return DistillState(t["images"].to(device).requires_grad_(True), t["labels"].to(device),
+                        t["momentum"].to(device), int(meta["iteration"]))
+
+
+def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
+                 console: Console | None = None, stop_after: int | None = None) -> DistillOutcome:
+    """Run one round of private distillation at a site and write its artifact.
+
+    `stop_after` ends the run after that many steps without releasing (tests of crash/resume use it).
+    """
+    console = console or Console()
+    cfg = load_site_config(config_path)
+    dp = cfg.privacy.dp and not no_dp
+    if not dp:
+        console.print("[bold red]WARNING: NON-PRIVATE RUN (--no-dp).[/] The synthetic set is derived from patient "
+                      "data WITHOUT differential privacy; epsilon = inf is recorded in the ledger and the artifact. "
+                      "Use only for baselines and positive controls; never share it outside the site.")
+    data = load_with_progress(cfg, console)
+    train = data.train
+    if len(train) == 0:
+        raise DistillError(f"{cfg.site_id}: data", "the training split is empty",
+                           "run `medfdd site check` and fix the quarantined rows")
+    x = torch.as_tensor(data.images[train])
+    y = torch.as_tensor(data.labels[train])
+    device = pick_device(cfg.device)
+    ledger = open_ledger(cfg, dp)
+    plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
+    # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
+    ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp))
+    eps_spent = ledger.epsilon_spent
+
+    matching_net = None
+    shape = tuple(x.shape[1:])
+    if global_model is not None:
+        matching_net = load_model(global_model, expect={"in_channels": shape[0], "num_classes": len(cfg.data.classes),
+                                                        "spatial_size": list(shape[1:])})
+    distiller = distiller_class(cfg.distill.method)(
+        cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=cfg.seed, round_=round_,
+        device=device, matching_net=matching_net)
+    ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
+    fingerprint = _fingerprint(cfg, plan, round_, data.rows[train])
+    state = _load_checkpoint(ckpt_path, fingerprint, device)
+    resumed_from = state.iteration if state else 0
+    if state:
+        console.print(f"resuming round {round_} from step {state.iteration}/{plan.steps} (already paid for)")
+    state = state or distiller.init_state()
+    last = {"loss": float("nan")}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
+        task = bar.add_task(f"{cfg.site_id}: {cfg.distill.method.upper()} round {round_}", total=plan.steps,
+                            completed=state.iteration, info="")
+
+        def on_step(st: DistillState, loss: float) -> None:
+            last["loss"] = loss
+            bar.update(task, completed=st.iteration,
+                       info=f"loss {loss:.4f}  eps {eps_spent:.3g}/{cfg.privacy.epsilon if dp else math.inf:.3g}")
+            if st.iteration % cfg.distill.checkpoint_every == 0 and st.iteration < plan.steps:
+                _save_checkpoint(ckpt_path, st, fingerprint)
+            if stop_after is not None and st.iteration >= stop_after:
+                raise _Interrupted()
+
+        try:
+            state = distiller.run(x, y, state, on_step=on_step)
+        except _Interrupted:
+            _save_checkpoint(ckpt_path, state, fingerprint)
+            return DistillOutcome(Path(), {}, resumed_from)
+
+    images = state.images.detach().cpu().numpy().astype(np.float32)
+    labels = state.labels.cpu().numpy().astype(np.int64)
+    round_eps = epsilon_for([e for e in ledger.entries if e.round == round_], delta=cfg.privacy.delta,
+                            accountant=cfg.privacy.accountant)
+    meta = {"site_id": cfg.site_id, "round": round_, "method": cfg.distill.method, "ipc": cfg.distill.ipc,
+            "classes": list(cfg.data.classes), "spatial_size": list(cfg.data.spatial_size),
+            "channels": cfg.data.channels, "epsilon": eps_spent, "epsilon_round": round_eps,
+            "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
+            "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
+            "clip_norm": plan.clip_norm, "dp": dp}
+    npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
+    eps_text = f"eps {eps_spent:.3g}" if dp else "NON-PRIVATE (eps = inf)"
+    save_preview(cfg.output_dir / "synthetic_preview.png", images, labels, list(cfg.data.classes),
+                 title=f"{cfg.site_id} round {round_}: {cfg.distill.method.upper()} ipc {cfg.distill.ipc}, {eps_text}")
+    if len(cfg.data.spatial_size) == 3:
+        save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images)
+    ckpt_path.unlink(missing_ok=True)
+    console.print(f"[green]wrote[/] {npz} ({len(images)} images, {eps_text}, last loss {last['loss']:.4f})")
+    return DistillOutcome(npz, meta, resumed_from)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def print_budget(config_path: Path, console: Console | None = None) -> dict:
+    """`medfdd site budget`: spent and remaining epsilon, per round, from the ledger (nothing is charged)."""
+    console = console or Console()
+    cfg = load_site_config(config_path)
+    path = cfg.output_dir / "privacy_ledger.json"
+    if not path.is_file():
+        console.print(f"{cfg.site_id}: no ledger yet ({path}); budget epsilon = {cfg.privacy.epsilon:g}, "
+                      f"delta = {cfg.privacy.delta:g}, nothing spent")
+        return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": []}
+    ledger = PrivacyLedger.load(path)
+    table = Table(title=f"{cfg.site_id}: privacy ledger ({ledger.budget.accountant.upper()}, "
+                        f"delta = {ledger.budget.delta:g})")
+    for col in ("round", "purpose", "noise multiplier", "sample rate", "steps", "eps after", "remaining"):
+        table.add_column(col, justify="right")
+    rows, so_far = [], []
+    for e in ledger.entries:
+        so_far.append(e)
+        spent = epsilon_for(so_far, delta=ledger.budget.delta, accountant=ledger.budget.accountant)
+        remaining = ledger.budget.epsilon - spent
+        rows.append({"round": e.round, "purpose": e.purpose, "epsilon_after": spent, "remaining": remaining})
+        table.add_row(str(e.round), e.purpose, f"{e.noise_multiplier:.4g}", f"{e.sample_rate:.4g}", str(e.steps),
+                      f"{spent:.4g}", f"{remaining:.4g}")
+    console.print(table)
+    console.print(f"spent {ledger.epsilon_spent:.4g} of {ledger.budget.epsilon:g}; remaining {ledger.remaining:.4g}")
+    return {"site_id": cfg.site_id, "spent": ledger.epsilon_spent, "budget": ledger.budget.epsilon, "rounds": rows}

@@ -1,0 +1,53 @@
+"""ConvNet-3 (Gidaris & Komodakis 2018, as used by DC/DSA/DM): [conv 3x3 -> instance norm -> ReLU -> avg-pool] x 3.
+
+Instance norm is GroupNorm with one group per channel, which Opacus supports (no batch statistics mixing records).
+2D and 3D variants share the code; `embed` returns the flattened features before the linear classifier.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class ConvNet(nn.Module):
+    def __init__(self, in_channels: int, num_classes: int, spatial_size: tuple[int, ...], width: int = 128,
+                 depth: int = 3):
+        super().__init__()
+        dims = len(spatial_size)
+        if dims not in (2, 3):
+            raise ValueError(f"spatial_size must have 2 or 3 entries, got {spatial_size}")
+        conv, pool = (nn.Conv2d, nn.AvgPool2d) if dims == 2 else (nn.Conv3d, nn.AvgPool3d)
+        layers: list[nn.Module] = []
+        size = list(spatial_size)
+        c = in_channels
+        for _ in range(depth):
+            layers += [conv(c, width, kernel_size=3, padding=1), nn.GroupNorm(width, width, affine=True),
+                       nn.ReLU(inplace=True)]
+            if min(size) >= 2:
+                layers.append(pool(kernel_size=2, stride=2))
+                size = [s // 2 for s in size]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.arch = {"in_channels": in_channels, "num_classes": num_classes, "spatial_size": list(spatial_size),
+                     "width": width, "depth": depth}
+        self.embed_dim = width * math.prod(size)
+        self.classifier = nn.Linear(self.embed_dim, num_classes)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None,
+                generator: torch.Generator | None = None) -> ConvNet:
+    """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible."""
+    if seed is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+    return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)

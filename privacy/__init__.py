@@ -1,0 +1,1 @@
+"""Privacy side of medfdd: DP accounting and the site ledger, membership-inference audits and their reports."""

@@ -1,0 +1,46 @@
+"""DP accounting for medfdd sites: an Opacus accountant wrapper (RDP, Mironov 2017; PRV, Gopi et al. 2021), noise
+calibration to a site's (epsilon, delta) budget over all planned rounds, and the write-ahead site ledger."""
+
+from .accountant import (
+    ACCOUNTANTS,
+    DEFAULT_MECHANISM,
+    AccountingError,
+    BudgetExceeded,
+    Charge,
+    InvalidPrivacyParameter,
+    PrivacyError,
+    calibrate_noise,
+    calibrate_round_noise,
+    epsilon_for,
+)
+from .ledger import (
+    LEDGER_FILENAME,
+    Budget,
+    ChargeConflict,
+    LedgerCorrupt,
+    LedgerEntry,
+    LedgerMismatch,
+    LedgerWriteError,
+    PrivacyLedger,
+)
+
+__all__ = [
+    "ACCOUNTANTS",
+    "DEFAULT_MECHANISM",
+    "LEDGER_FILENAME",
+    "AccountingError",
+    "Budget",
+    "BudgetExceeded",
+    "Charge",
+    "ChargeConflict",
+    "InvalidPrivacyParameter",
+    "LedgerCorrupt",
+    "LedgerEntry",
+    "LedgerMismatch",
+    "LedgerWriteError",
+    "PrivacyError",
+    "PrivacyLedger",
+    "calibrate_noise",
+    "calibrate_round_noise",
+    "epsilon_for",
+]
