@@ -17,7 +17,7 @@ $(BIN)/medfdd: pyproject.toml
 install: $(BIN)/medfdd
 
 demo: install
-	$(BIN)/medfdd demo
+	$(BIN)/medfdd demo --out demo
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests

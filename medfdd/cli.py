@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
                          description="Read the site's privacy_ledger.json and print every charge with the epsilon "
                                      "spent after it (recomputed by the accountant) and what remains.")
     bu.add_argument("config", type=Path, help="site config YAML")
+
+    de = sub.add_parser("demo", help="the whole story on bundled data (sklearn digits) in a few minutes",
+                        formatter_class=fmt, epilog="example:\n  medfdd demo --out demo",
+                        description="Materialise three hospitals as DICOM files, check and distill each under DP "
+                                    "and print what each spent and would share.")
+    de.add_argument("--out", type=Path, default=Path("demo"), help="folder for the demo consortium")
+    de.add_argument("--iterations", type=int, default=200, help="DP steps per site")
     return p
 
 
@@ -95,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             from medfdd.distill.site import print_budget
 
             print_budget(args.config, console=Console())
+        elif args.command == "demo":
+            from medfdd.demo import run_demo
+
+            run_demo(args.out, iterations=args.iterations, console=Console())
         return 0
     except MedfddError as e:
         console.print(f"[bold red]error[/]: {e}", markup=True, highlight=False)

@@ -71,3 +71,7 @@ def site_builder(tmp_path):
         return SiteBuilder(tmp_path, list(classes), list(spatial_size), **data_overrides)
 
     return make
+
+
+if "PYTEST_XDIST_WORKER" in __import__("os").environ:  # two workers on two cores: one thread each
+    __import__("torch").set_num_threads(1)

@@ -61,5 +61,6 @@ class PreprocessCache:
         return arr, info
 
     def put(self, key: str, array: np.ndarray, info: dict) -> None:
-        atomic_write_json(self._file(key).with_suffix(".json"), info)  # info first: the .npy marks completion
-        atomic_save_npy(self._file(key), array.astype(np.float32, copy=False))
+        # info first: the .npy marks completion; no fsync (a lost entry is simply recomputed)
+        atomic_write_json(self._file(key).with_suffix(".json"), info, durable=False)
+        atomic_save_npy(self._file(key), array.astype(np.float32, copy=False), durable=False)

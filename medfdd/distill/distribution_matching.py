@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 
 from medfdd.distill.base import Distiller, DistillState
-from medfdd.distill.mechanism import noisy_class_stats
+from medfdd.distill.mechanism import noisy_class_stats, unit_rows
 
 CHUNK = 256
 
 
 class DistributionMatching(Distiller):
     @torch.no_grad()
-    def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int):
+    def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None):
         idx = self.poisson_sample(len(x), t).to(x.device)
         g_aug = self.g(t, "augment_real")
         feats = []
@@ -28,16 +28,20 @@ class DistributionMatching(Distiller):
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
         return noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
-                                 noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"))
+                                 noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"),
+                                 center=center)
 
     def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         net = self.network(t)
-        target, usable = self.real_statistic(net, x, y, t).means()
+        center = None
+        if self.cfg.center:  # the synthetic set's mean feature: no real record involved
+            with torch.no_grad():
+                center = net.embed(state.images).float().mean(0)
+        target, usable = self.real_statistic(net, x, y, t, center).means()
         g_syn = self.g(t, "augment_syn")
         loss_value = 0.0
         for _ in range(self.cfg.inner_steps):
-            f = net.embed(self.augment(state.images, g_syn)).float()
-            f = f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
+            f = unit_rows(net.embed(self.augment(state.images, g_syn)).float(), center)
             syn_means = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
             syn_means = syn_means / self.cfg.ipc
             loss = ((target - syn_means)[usable] ** 2).sum()

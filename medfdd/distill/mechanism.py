@@ -28,18 +28,29 @@ class NoisyClassStats:
         return self.sums / (self.feature_scale * self.counts.clamp(min=min_count)).unsqueeze(1), ok
 
 
-def record_vectors(features: torch.Tensor, clip_norm: float) -> tuple[torch.Tensor, float, float]:
-    """Per-record contributions: features normalised to unit norm, scaled to c_feat; returns (v, c_feat, c_count)."""
+def unit_rows(features: torch.Tensor, center: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows moved by a data-independent `center` (or not) and scaled to unit L2 norm."""
+    f = features if center is None else features - center
+    return f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
+
+
+def record_vectors(features: torch.Tensor, clip_norm: float, center: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, float, float]:
+    """Per-record contributions: unit-norm features scaled to c_feat; returns (v, c_feat, c_count)."""
     c_feat = clip_norm * (1 - COUNT_SHARE) ** 0.5
     c_count = clip_norm * COUNT_SHARE**0.5
-    unit = features / features.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    return unit * c_feat, c_feat, c_count
+    return unit_rows(features, center) * c_feat, c_feat, c_count
 
 
 def noisy_class_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, clip_norm: float,
-                      noise_multiplier: float, generator: torch.Generator | None) -> NoisyClassStats:
-    """Private per-class feature sums and counts of one Poisson-sampled batch (noise_multiplier 0 = exact)."""
-    v, c_feat, c_count = record_vectors(features.float(), clip_norm)
+                      noise_multiplier: float, generator: torch.Generator | None,
+                      center: torch.Tensor | None = None) -> NoisyClassStats:
+    """Private per-class feature sums and counts of one Poisson-sampled batch (noise_multiplier 0 = exact).
+
+    `center` must not depend on the real records (e.g. the synthetic set's mean feature): it is subtracted
+    before normalising, which spreads the unit vectors without touching the sensitivity.
+    """
+    v, c_feat, c_count = record_vectors(features.float(), clip_norm, center)
     d = v.shape[1]
     sums = torch.zeros(num_classes, d, device=v.device).index_add_(0, labels, v)
     counts = torch.zeros(num_classes, device=v.device).index_add_(0, labels, torch.full_like(labels, c_count,

@@ -27,7 +27,7 @@ from medfdd.data.check import load_with_progress
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
 from medfdd.errors import MedfddError
 from medfdd.training import pick_device
-from privacy.accounting import Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
+from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
 
 PURPOSE = "distill"
 
@@ -71,6 +71,11 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     paid = ledger.find_charge(round_, PURPOSE)
     if paid is not None:  # resumed or repeated round: same plan as was paid for
         return PrivacyPlan(True, paid.noise_multiplier, paid.sample_rate, paid.steps, cfg.distill.clip_norm)
+    if round_ > cfg.privacy.rounds:
+        raise BudgetExceeded(f"{cfg.site_id}: privacy.rounds", f"round {round_} is beyond the planned "
+                             f"{cfg.privacy.rounds} round(s) the budget epsilon = {cfg.privacy.epsilon:g} was split "
+                             f"over (spent so far {ledger.epsilon_spent:.4g})",
+                             "plan more rounds before the first one (privacy.rounds) or agree a new budget")
     earlier = [e for e in ledger.entries if e.round != round_]
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier}))
     sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
@@ -168,6 +173,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
                        info=f"loss {loss:.4f}  eps {eps_spent:.3g}/{cfg.privacy.epsilon if dp else math.inf:.3g}")
             if st.iteration % cfg.distill.checkpoint_every == 0 and st.iteration < plan.steps:
                 _save_checkpoint(ckpt_path, st, fingerprint)
+                bar.console.print(f"checkpoint: step {st.iteration} (an interrupted run resumes here)")
             if stop_after is not None and st.iteration >= stop_after:
                 raise _Interrupted()
 

@@ -1,0 +1,245 @@
+"""Privacy invariants of site distillation (DESIGN.md 1-6), each with a test that would catch its violation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from medfdd.artifacts import META_KEYS, ArtifactError, SyntheticSet, load_synthetic
+from medfdd.config import DistillConfig, load_site_config
+from medfdd.distill.base import PrivacyPlan
+from medfdd.distill.distribution_matching import DistributionMatching
+from medfdd.distill.mechanism import noisy_class_stats
+from medfdd.distill.site import distill_site
+from privacy.accounting import BudgetExceeded, PrivacyLedger
+
+
+def released_vector(features, labels, k, clip, center=None):
+    """The pre-noise release (all class blocks: sums and scaled counts) as one flat vector."""
+    s = noisy_class_stats(features, labels, k, clip_norm=clip, noise_multiplier=0.0, generator=None, center=center)
+    return torch.cat([s.sums.flatten(), s.counts * (clip * 0.5**0.5)])
+
+
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 20), d=st.integers(1, 16), k=st.integers(2, 5), clip=st.floats(0.01, 100),
+       scale=st.floats(1e-3, 1e4), seed=st.integers(0, 1000), centred=st.booleans())
+def test_one_record_moves_the_release_by_at_most_C(n, d, k, clip, scale, seed, centred):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n + 1, d, generator=g) * scale
+    y = torch.randint(0, k, (n + 1,), generator=g)
+    center = torch.randn(d, generator=g) if centred else None
+    with_all = released_vector(f, y, k, clip, center)
+    without_last = released_vector(f[:-1], y[:-1], k, clip, center)  # add/remove adjacency
+    assert float((with_all - without_last).norm()) <= clip * (1 + 1e-5)
+    # replace-one adjacency stays within 2C (two add/remove steps)
+    f2 = f.clone()
+    f2[0] = torch.randn(d, generator=g) * scale * 10
+    y2 = y.clone()
+    y2[0] = (y[0] + 1) % k
+    assert float((released_vector(f2, y2, k, clip, center) - with_all).norm()) <= 2 * clip * (1 + 1e-5)
+
+
+def test_noise_has_std_sigma_times_C():
+    sigma, clip, k, d = 1.7, 0.5, 3, 2000
+    f = torch.zeros(0, d)
+    y = torch.zeros(0, dtype=torch.long)
+    s = noisy_class_stats(f, y, k, clip_norm=clip, noise_multiplier=sigma, generator=torch.Generator().manual_seed(0))
+    raw = s.sums * 1.0  # no record: the release is pure noise
+    assert abs(float(raw.std()) - sigma * clip) < 0.02 * sigma * clip
+    assert abs(float(raw.mean())) < 4 * sigma * clip / raw.numel() ** 0.5  # 4 standard errors
+    counts_raw = s.counts * clip * 0.5**0.5
+    assert counts_raw.shape == (k,)
+
+
+def _digits(n=200):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor((d.images[:n] / 16.0).astype(np.float32))[:, None]
+    return x, torch.tensor(d.target[:n])
+
+
+def test_synthetic_images_start_from_noise_not_data():
+    cfg = DistillConfig(ipc=3, iterations=2, batch_size=50, width=16)
+    plan = PrivacyPlan(True, 1.0, 0.25, 2, 1.0)
+    a = DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=0)
+    x, y = _digits()
+    init = a.init_state().images.detach().clone()
+    # the initial state is a function of the seed only: identical for any data, far from every real image
+    other = DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=0).init_state()
+    assert torch.equal(init, other.images.detach())
+    dist = torch.cdist(init.flatten(1), x.flatten(1)).min()
+    assert float(dist) > 1.0
+    # a run on two different datasets starts from the same images
+    s1 = a.run(x, y, a.init_state())
+    assert s1.iteration == 2 and not torch.equal(s1.images, init)
+
+
+def test_runs_are_reproducible_and_resume_exactly():
+    cfg = DistillConfig(ipc=2, iterations=6, batch_size=60, width=16)
+    plan = PrivacyPlan(True, 2.0, 0.3, 6, 1.0)
+    x, y = _digits()
+
+    def make():
+        return DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=3)
+
+    full = make().run(x, y)
+    d = make()
+    half = d.init_state()
+    plan_half = PrivacyPlan(True, 2.0, 0.3, 3, 1.0)
+    half = DistributionMatching(cfg, plan_half, num_classes=10, image_shape=(1, 8, 8), seed=3).run(x, y, half)
+    resumed = d.run(x, y, half)
+    assert torch.allclose(full.images, resumed.images, atol=1e-6)
+
+
+def test_artifact_payload_is_an_allow_list(tmp_path):
+    with pytest.raises(ArtifactError, match="allow-list"):
+        SyntheticSet(np.zeros((1, 1, 2, 2), np.float32), np.zeros(1, np.int64), {"site_id": "a", "patient_id": "x"})
+
+
+# ------------------------------------------------------------------ the site runner on a prepared consortium
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory):
+    from rich.console import Console
+
+    from medfdd.data.prepare import prepare_consortium
+
+    out = tmp_path_factory.mktemp("cons") / "c"
+    prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
+                       ipc=3, iterations=30, method="dm", dp=True, console=Console(quiet=True))
+    return out
+
+
+def _site_config(consortium: Path, tmp_path: Path, name: str = "hospital-a", **distill) -> Path:
+    src = consortium / "site_configs" / f"{name}.yaml"
+    cfg = yaml.safe_load(src.read_text())
+    cfg["data"]["root"] = str((consortium / name).resolve())
+    cfg["output"] = str(tmp_path / "out")
+    cfg["distill"].update({"width": 16, "checkpoint_every": 5, **distill})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def quiet():
+    from rich.console import Console
+
+    return Console(quiet=True)
+
+
+def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consortium, tmp_path):
+    import dp_accounting
+
+    path = _site_config(consortium, tmp_path)
+    out = distill_site(path, console=quiet())
+    cfg = load_site_config(path)
+    syn = load_synthetic(cfg.output_dir)
+    assert syn.images.dtype == np.float32 and syn.labels.dtype == np.int64
+    assert syn.images.shape == (30, 1, 8, 8) and np.isfinite(syn.images).all()
+    assert syn.images.min() >= 0 and syn.images.max() <= 1
+    assert set(syn.meta) <= set(META_KEYS)
+    with np.load(cfg.output_dir / "synthetic.npz", allow_pickle=False) as z:
+        assert sorted(z.files) == ["images", "labels"]
+    assert (cfg.output_dir / "synthetic_preview.png").stat().st_size > 1000
+    ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
+    (entry,) = ledger["entries"]
+    acc = dp_accounting.rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(entry["sample_rate"],
+                                                dp_accounting.GaussianDpEvent(entry["noise_multiplier"]))
+    acc.compose(dp_accounting.SelfComposedDpEvent(event, entry["steps"]))
+    independent = acc.get_epsilon(1e-5)
+    assert abs(ledger["epsilon_spent"] - independent) / independent < 0.01
+    assert ledger["epsilon_spent"] <= 1.0 and out.meta["epsilon"] == pytest.approx(ledger["epsilon_spent"])
+    assert out.meta["steps"] == 30 and out.meta["dp"] is True
+
+
+def test_no_dp_is_recorded_as_infinite_epsilon(consortium, tmp_path, capsys):
+    path = _site_config(consortium, tmp_path, iterations=3)
+    from rich.console import Console
+
+    distill_site(path, no_dp=True, console=Console(file=sys.stderr, force_terminal=False))
+    assert "NON-PRIVATE" in capsys.readouterr().err
+    cfg = load_site_config(path)
+    syn = load_synthetic(cfg.output_dir)
+    assert syn.meta["dp"] is False and math.isinf(syn.meta["epsilon"])
+    ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
+    assert ledger["epsilon_spent"] == "inf" and ledger["entries"][0]["dp"] is False
+
+
+def test_budget_overrun_is_refused_before_any_release(consortium, tmp_path):
+    path = _site_config(consortium, tmp_path, iterations=10)
+    distill_site(path, console=quiet())  # round 1 takes the whole budget (privacy.rounds = 1)
+    cfg = load_site_config(path)
+    before = {f: (cfg.output_dir / f).read_bytes() for f in ("synthetic.npz", "synthetic.json", "privacy_ledger.json")}
+    with pytest.raises(BudgetExceeded):
+        distill_site(path, round_=2, console=quiet())
+    after = {f: (cfg.output_dir / f).read_bytes() for f in before}
+    assert after == before  # nothing released, ledger unchanged
+
+
+def test_rounds_split_the_budget(consortium, tmp_path):
+    path = _site_config(consortium, tmp_path, iterations=10)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["privacy"]["rounds"] = 2
+    path.write_text(yaml.safe_dump(cfg))
+    first = distill_site(path, round_=1, console=quiet())
+    assert first.meta["epsilon"] < 0.8  # about half of the budget's worth of steps
+    second = distill_site(path, round_=2, console=quiet())
+    assert first.meta["epsilon"] < second.meta["epsilon"] <= 1.0
+    assert second.meta["round"] == 2
+
+
+def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path):
+    path = _site_config(consortium, tmp_path, iterations=20)
+    cfg = load_site_config(path)
+    distill_site(path, console=quiet(), stop_after=10)
+    ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
+    assert len(ledger["entries"]) == 1  # paid before computing, write-ahead
+    assert not (cfg.output_dir / "synthetic.npz").exists()  # nothing released
+    resumed = distill_site(path, console=quiet())
+    assert resumed.resumed_from == 10
+    ledger2 = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
+    assert ledger2["entries"] == ledger["entries"]  # no second charge
+    # the resumed artifact equals an uninterrupted run's
+    path2 = _site_config(consortium, tmp_path / "b", iterations=20)
+    (tmp_path / "b").mkdir(exist_ok=True)
+    path2.write_text(path.read_text().replace(str(tmp_path / "out"), str(tmp_path / "b" / "out")))
+    straight = distill_site(path2, console=quiet())
+    a = load_synthetic(cfg.output_dir).images
+    b = load_synthetic(load_site_config(path2).output_dir).images
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    assert straight.meta["epsilon"] == resumed.meta["epsilon"]
+
+
+def test_killed_process_never_under_counts(consortium, tmp_path):
+    """SIGKILL a real `medfdd site distill` mid-run: the ledger already holds the full planned charge."""
+    path = _site_config(consortium, tmp_path, iterations=400, checkpoint_every=5)
+    cfg = load_site_config(path)
+    exe = Path(sys.executable).with_name("medfdd")
+    proc = subprocess.Popen([str(exe), "site", "distill", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    for line in proc.stdout:  # wait for the first checkpoint line: the run is mid-way
+        if line.startswith("checkpoint: step"):
+            break
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ledger = PrivacyLedger.load(cfg.output_dir / "privacy_ledger.json")
+    (entry,) = ledger.entries
+    assert entry.steps == 400  # every planned step was paid for before the first one ran
+    assert ledger.epsilon_spent > 0.9
+    assert not (cfg.output_dir / "synthetic.npz").exists()
