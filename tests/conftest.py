@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from medfdd.data.writers import write_dicom
@@ -73,5 +74,6 @@ def site_builder(tmp_path):
     return make
 
 
-if "PYTEST_XDIST_WORKER" in __import__("os").environ:  # two workers on two cores: one thread each
-    __import__("torch").set_num_threads(1)
+# Tests run small models in two workers on two cores: a second intra-op thread per worker only oversubscribes the
+# cores (OpenMP workers spin waiting for one; measured up to ~200x slower on a busy machine).
+torch.set_num_threads(1)

@@ -298,6 +298,14 @@ def _table(partition: Partition, site_ids: list[str], classes: list[str], test_c
 # -------------------------------------------------------------------------------------------------------------- main
 
 
+MIN_MODEL_SIZE = 16  # ConvNet-3 pools three times: below 16 pixels a side the last maps carry no layout
+
+
+def model_spatial_size(source_size: list[int]) -> list[int]:
+    """The configs' spatial_size: the source size, upsampled (by the loader) to at least MIN_MODEL_SIZE a side."""
+    return [max(int(s), MIN_MODEL_SIZE) for s in source_size]
+
+
 def prepare_consortium(
     *,
     source: str,
@@ -340,12 +348,13 @@ def prepare_consortium(
     test_counts = np.bincount(src.test_labels, minlength=k).astype(np.int64)
 
     cfg_dir = out / "site_configs"
+    model_size = model_spatial_size(src.spatial_size)
     site_cfgs: list[SiteConfig] = []
     for sid in site_ids:
         data = {
             "site_id": sid,
             "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": fmt, "classes": classes,
-                     "spatial_size": src.spatial_size, "channels": src.channels, "intensity": {"mode": "minmax"},
+                     "spatial_size": model_size, "channels": src.channels, "intensity": {"mode": "minmax"},
                      "holdout_fraction": HOLDOUT_FRACTION},
             "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp"},
             "distill": {"method": method, "ipc": ipc, "iterations": iterations},

@@ -139,7 +139,7 @@ def test_digits_consortium_files_manifests_and_configs(tmp_path, fmt):
         assert path == (out / "site_configs" / f"{sid}.yaml").resolve()
         cfg = load_site_config(path)
         assert cfg.site_id == sid and cfg.data_root == (out / sid).resolve() and cfg.data.manifest == "labels.csv"
-        assert cfg.data.format == fmt and cfg.data.classes == res.classes and cfg.data.spatial_size == [8, 8]
+        assert cfg.data.format == fmt and cfg.data.classes == res.classes and cfg.data.spatial_size == [16, 16]  # 8x8 files, upsampled
         assert cfg.data.channels == 1 and cfg.data.intensity.mode == "minmax" and cfg.data.holdout_fraction == 0.2
         assert (cfg.privacy.dp, cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.accountant) == (True, 2.0, 1e-5,
                                                                                                     "rdp")
@@ -239,7 +239,7 @@ def test_medmnist_round_trip(tmp_path, fmt, kind, shape, spatial, channels):
                         *zip(src.test_images, src.test_labels, strict=True)])
     assert seen == expected
     cfg = load_site_config(res.site_configs[0])
-    assert cfg.data.spatial_size == spatial and cfg.data.channels == channels and cfg.data.classes == res.classes
+    assert cfg.data.spatial_size == [max(s, 16) for s in spatial] and cfg.data.channels == channels and cfg.data.classes == res.classes
     report = check_site(res.site_configs[0], console=quiet())  # every written record goes through the MONAI loading path
     assert report.n_quarantined == 0 and report.class_counts == res.site_counts(cfg.site_id)
 

@@ -149,7 +149,7 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
     cfg = load_site_config(path)
     syn = load_synthetic(cfg.output_dir)
     assert syn.images.dtype == np.float32 and syn.labels.dtype == np.int64
-    assert syn.images.shape == (30, 1, 8, 8) and np.isfinite(syn.images).all()
+    assert syn.images.shape == (30, 1, 16, 16) and np.isfinite(syn.images).all()
     assert syn.images.min() >= 0 and syn.images.max() <= 1
     assert set(syn.meta) <= set(META_KEYS)
     with np.load(cfg.output_dir / "synthetic.npz", allow_pickle=False) as z:
