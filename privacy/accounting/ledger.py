@@ -31,12 +31,13 @@ import fcntl
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from medfdd.io import atomic_write_bytes
 
 from .accountant import (
     BudgetExceeded,
@@ -312,29 +313,10 @@ def _render(state: _State) -> bytes:
     return (json.dumps(doc, indent=2, allow_nan=False) + "\n").encode("utf-8")
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder (named ``.privacy_ledger.json.*.tmp``, never the ledger's name), flush + fsync,
+    """medfdd's atomic write: temp file ``.privacy_ledger.json.*.tmp`` in the same folder, flush + fsync,
     ``os.replace`` onto the ledger, fsync the folder. On failure the temp file is removed and the old ledger stays."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, data)
 
 
 @contextlib.contextmanager
