@@ -104,7 +104,7 @@ class DistillConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
     inner_steps: int = Field(1, ge=1, description="synthetic updates per paid noisy statistic (post-processing)")
-    lr: float = Field(100.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
+    lr: float = Field(30.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
     center: bool = Field(True, description="centre features on the synthetic mean before normalising")
     augment: bool = Field(True, description="differentiable augmentation (DSA) on real and synthetic images")
     flip: bool = Field(False, description="allow horizontal flips in augmentation (off: laterality matters)")
