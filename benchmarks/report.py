@@ -55,6 +55,16 @@ def main() -> None:
              "## Ours", ""]
     for name in sorted(p.stem for p in RESULTS.glob("b1_*.json")):
         lines += b1_section(_load(name))
+    reuse = _load("reuse_digits")
+    if reuse:
+        lines += ["### Reusing paid statistics (3 digits hospitals, DP-DM, epsilon 1 per site)", "", _prov(reuse), "",
+                  "Same number of synthetic updates (100), spent as paid steps x updates per paid statistic.", "",
+                  "| paid steps | updates per statistic | accuracy % (mean ± sd) | distill s (3 sites) |",
+                  "|---|---|---|---|"]
+        for row in reuse["rows"]:
+            lines.append(f"| {row['paid_steps']} | {row['inner_steps']} | {100 * row['accuracy_mean']:.1f} ± "
+                         f"{100 * row['accuracy_sd']:.1f} | {row['distill_seconds_3_sites']:.0f} |")
+        lines.append("")
     loading = _load("loading")
     if loading:
         lines += ["### B2 data loading (scans/s, read + validate + preprocess through MONAI)", "", _prov(loading), "",

@@ -43,8 +43,8 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None,
-                generator: torch.Generator | None = None) -> ConvNet:
+def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None
+                ) -> ConvNet:
     """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible."""
     if seed is not None:
         with torch.random.fork_rng(devices=[]):

@@ -1,7 +1,7 @@
 """The Gaussian mechanism on per-class sums (one record touches one class block).
 
-Each sampled record contributes the vector v_i = [c_feat * e_i / max(1, |e_i| / 1), c_count] placed in its class's
-block, where |v_i| <= C with c_feat^2 + c_count^2 = C^2. The concatenation of all class blocks therefore has L2
+Each sampled record contributes the vector v_i = [c_feat * e_i / |e_i|, c_count] placed in its class's block, so
+|v_i| = C with c_feat^2 + c_count^2 = C^2. The concatenation of all class blocks therefore has L2
 sensitivity C under adding/removing one record, and Gaussian noise N(0, (sigma C)^2) on every coordinate makes the
 release (sigma)-Gaussian; with Poisson sampling at rate q its privacy is accounted by Opacus (Mironov et al. 2019,
 subsampled RDP). The count coordinate gives a private class count, so no real count is used to normalise.
