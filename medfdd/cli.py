@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                         description="Materialise three hospitals as DICOM files, check and distill each under DP "
                                     "and print what each spent and would share.")
     de.add_argument("--out", type=Path, default=Path("demo"), help="folder for the demo consortium")
-    de.add_argument("--iterations", type=int, default=200, help="DP steps per site")
+    de.add_argument("--iterations", type=int, default=10, help="paid DP steps per site")
     return p
 
 
