@@ -130,6 +130,7 @@ def _site_config(consortium: Path, tmp_path: Path, name: str = "hospital-a", **d
     cfg["data"]["root"] = str((consortium / name).resolve())
     cfg["output"] = str(tmp_path / "out")
     cfg["distill"].update({"width": 16, "checkpoint_every": 5, **distill})
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -216,8 +217,6 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path):
     assert ledger2["entries"] == ledger["entries"]  # no second charge
     # the resumed artifact equals an uninterrupted run's
     path2 = _site_config(consortium, tmp_path / "b", iterations=20)
-    (tmp_path / "b").mkdir(exist_ok=True)
-    path2.write_text(path.read_text().replace(str(tmp_path / "out"), str(tmp_path / "b" / "out")))
     straight = distill_site(path2, console=quiet())
     a = load_synthetic(cfg.output_dir).images
     b = load_synthetic(load_site_config(path2).output_dir).images
