@@ -37,6 +37,9 @@ def git_commit() -> str:
         return "unknown"
 
 
+COMMIT_AT_START = git_commit()  # the code that ran, even if commits land while a benchmark runs
+
+
 def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -45,7 +48,7 @@ def write_result(name: str, payload: dict) -> Path:
     """benchmarks/results/<name>.json with the common provenance fields."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"{name}.json"
-    record = {"benchmark": name, "commit": git_commit(), "machine": machine(),
+    record = {"benchmark": name, "commit": COMMIT_AT_START, "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     out.write_text(json.dumps(record, indent=2) + "\n")
     return out
