@@ -52,6 +52,7 @@ def main() -> None:
             for path in res.site_configs:
                 cfg = yaml.safe_load(path.read_text())
                 cfg["distill"].update(iterations=steps, inner_steps=inner, lr=1.0, width=32)
+                cfg["data"]["root"] = str(res.out / cfg["site_id"])
                 cfg["output"] = str(Path(tmp) / f"runs-{steps}-{inner}" / cfg["site_id"])
                 p = Path(tmp) / f"{cfg['site_id']}-{steps}-{inner}.yaml"
                 p.write_text(yaml.safe_dump(cfg))
