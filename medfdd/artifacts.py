@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from medfdd import __version__
 from medfdd.errors import MedfddError
@@ -119,12 +119,9 @@ def save_volumes_nifti(path: Path, images: np.ndarray) -> Path:
 
 def save_model(path: Path, model: ConvNet) -> Path:
     """Weights as safetensors with the architecture in the header metadata."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp), metadata={"arch": json.dumps(model.arch), "medfdd_version": __version__})
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(Path(path), save(state, metadata={"arch": json.dumps(model.arch),
+                                                                "medfdd_version": __version__}))
 
 
 def load_model(path: Path, expect: dict | None = None) -> ConvNet:

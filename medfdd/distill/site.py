@@ -19,13 +19,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from medfdd.artifacts import SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
 from medfdd.errors import MedfddError
+from medfdd.io import atomic_write_bytes
 from medfdd.training import pick_device
 from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
 
@@ -94,12 +95,10 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarr
 
 
 def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"images": state.images.detach().cpu().contiguous(), "momentum": state.momentum.cpu().contiguous(),
-               "labels": state.labels.cpu().contiguous()}, str(tmp),
-              metadata={"iteration": str(state.iteration), "fingerprint": fingerprint})
-    tmp.replace(path)
+    atomic_write_bytes(path, save({"images": state.images.detach().cpu().contiguous(),
+                                   "momentum": state.momentum.cpu().contiguous(),
+                                   "labels": state.labels.cpu().contiguous()},
+                                  metadata={"iteration": str(state.iteration), "fingerprint": fingerprint}))
 
 
 def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> DistillState | None:
