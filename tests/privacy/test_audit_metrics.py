@@ -1,0 +1,115 @@
+"""Audit metrics against hand-computed cases: ROC points, TPR at FPR, Clopper-Pearson, the two epsilon bounds."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from privacy.audit.metrics import (
+    AuditInputError,
+    attack_metrics,
+    auc,
+    balanced_accuracy,
+    clopper_pearson,
+    clopper_pearson_epsilon,
+    clopper_pearson_lower_bound,
+    epsilon_from_error_rates,
+    one_run_epsilon,
+    one_run_lower_bound,
+    one_run_p_value,
+    roc,
+    tpr_at_fpr,
+)
+
+
+def test_roc_points_auc_tpr_and_balanced_accuracy_by_hand():
+    # members score 0.35, 0.8; non-members 0.1, 0.4. Thresholds 0.8 -> (0, 1/2); 0.4 -> (1/2, 1/2);
+    # 0.35 -> (1/2, 1); 0.1 -> (1, 1). Pairs ranked correctly: (0.8>0.1, 0.8>0.4, 0.35>0.1) = 3 of 4.
+    scores, member = [0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]
+    fpr, tpr, _ = roc(scores, member)
+    assert list(zip(fpr, tpr, strict=True)) == [(0, 0), (0, 0.5), (0.5, 0.5), (0.5, 1), (1, 1)]
+    assert auc(scores, member) == 0.75
+    assert tpr_at_fpr(fpr, tpr, 0.001) == 0.5
+    assert tpr_at_fpr(fpr, tpr, 0.5) == 1.0
+    assert tpr_at_fpr(np.array([0.2, 1.0]), np.array([0.9, 1.0]), 0.01) == 0.0  # no point at so low a FPR
+    assert balanced_accuracy(fpr, tpr) == 0.75  # threshold 0.35 or 0.8: (1 + 0.5) / 2
+    m = attack_metrics(scores, member)
+    assert (m.n_members, m.n_nonmembers, m.auc) == (2, 2, 0.75)
+
+
+def test_perfect_and_inverted_attacks():
+    member = np.r_[np.ones(50), np.zeros(50)]
+    perfect = attack_metrics(np.r_[np.arange(50) + 100.0, np.arange(50)], member)
+    assert perfect.auc == 1.0 and perfect.tpr_at_fpr_0_001 == 1.0 and perfect.balanced_accuracy == 1.0
+    inverted = attack_metrics(np.r_[np.arange(50), np.arange(50) + 100.0], member)
+    assert inverted.auc == 0.0 and inverted.tpr_at_fpr_0_01 == 0.0
+
+
+def test_clopper_pearson_known_counts():
+    # k = 0 and k = n have closed forms: upper = 1 - (alpha/2)^(1/n), lower = (alpha/2)^(1/n)
+    lo, hi = clopper_pearson(0, 10, alpha=0.05)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** 0.1, abs=1e-12)
+    lo, hi = clopper_pearson(10, 10, alpha=0.05)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** 0.1, abs=1e-12)
+    # 5 of 10: the textbook interval (0.1871, 0.8129); symmetric
+    lo, hi = clopper_pearson(5, 10, alpha=0.05)
+    assert (round(lo, 4), round(hi, 4)) == (0.1871, 0.8129)
+    # defining property: P[Bin(n, hi) <= k] = alpha / 2
+    from scipy.stats import binom
+
+    assert binom.cdf(3, 20, clopper_pearson(3, 20)[1]) == pytest.approx(0.025, abs=1e-9)
+    with pytest.raises(AuditInputError):
+        clopper_pearson(11, 10)
+
+
+def test_epsilon_from_error_rates_and_counts():
+    # FPR 0.05, FNR 0.5, delta 0: log((1 - 0.05) / 0.5) vs log((1 - 0.5) / 0.05) = log 10
+    assert epsilon_from_error_rates(0.05, 0.5, delta=0.0) == pytest.approx(math.log(10))
+    assert epsilon_from_error_rates(0.5, 0.5, delta=0.0) == 0.0  # a coin flip shows nothing
+    # counts: 0 false positives of 100 non-members, 50 misses of 100 members, 95 %
+    fpr_hi = 1 - 0.025 ** (1 / 100)
+    fnr_hi = clopper_pearson(50, 100)[1]
+    expected = math.log((1 - 1e-5 - fnr_hi) / fpr_hi)
+    assert clopper_pearson_epsilon(0, 100, 50, 100, delta=1e-5) == pytest.approx(expected)
+
+
+def test_clopper_pearson_bound_separable_vs_random():
+    member = np.r_[np.ones(200), np.zeros(200)].astype(bool)
+    sep = clopper_pearson_lower_bound(np.r_[np.full(200, 5.0), np.zeros(200)] + np.arange(400) * 1e-3, member,
+                                      delta=1e-5)
+    # evaluation half: 100 members, 100 non-members, no error: both rates bounded by h = 1 - 0.025^(1/100)
+    h = 1 - 0.025 ** 0.01
+    assert sep.value == pytest.approx(math.log((1 - 1e-5 - h) / h), rel=1e-9)
+    rnd = clopper_pearson_lower_bound(np.random.default_rng(0).normal(size=400), member, delta=1e-5)
+    assert rnd.value < 0.5
+
+
+def test_one_run_p_value_by_hand():
+    # m = 2, r = 2, v = 2, eps = 0: q = 1/2; P[Bin >= 2] = 1/4; windows: i=1 P[Bin=1]/1 = 1/2, i=2 (1/2+1/4)/2
+    assert one_run_p_value(2, 2, 2, epsilon=0.0, delta=0.0) == pytest.approx(0.25)
+    assert one_run_p_value(2, 2, 2, epsilon=0.0, delta=0.01) == pytest.approx(0.25 + 2 * 2 * 0.01 * 0.5)
+    # monotone in epsilon
+    ps = [one_run_p_value(100, 40, 35, epsilon=e, delta=1e-5) for e in (0, 0.5, 1, 2, 4)]
+    assert ps == sorted(ps)
+
+
+def test_one_run_epsilon_worked_example():
+    # delta = 0, all r = 100 guesses right: P[Bin(100, q) >= 100] = q^100 = 0.05 -> q = 0.05^(1/100),
+    # eps = log(q / (1 - q)) = 3.4937...
+    q = 0.05 ** 0.01
+    assert one_run_epsilon(1000, 100, 100, delta=0.0) == pytest.approx(math.log(q / (1 - q)), abs=1e-5)
+    # half right is no evidence at all
+    assert one_run_epsilon(1000, 100, 50, delta=1e-5) == 0.0
+    # delta only weakens the bound
+    assert one_run_epsilon(1000, 100, 90, delta=1e-4) < one_run_epsilon(1000, 100, 90, delta=0.0)
+
+
+def test_one_run_lower_bound_perfect_vs_random_canaries():
+    rng = np.random.default_rng(1)
+    included = rng.random(400) < 0.5
+    perfect = one_run_lower_bound(included.astype(float) + rng.random(400) * 0.1, included, delta=1e-5)
+    assert perfect.value > 2 and perfect.details["v"] == perfect.details["r"]
+    random = one_run_lower_bound(rng.random(400), included, delta=1e-5)
+    assert random.value < 0.5
