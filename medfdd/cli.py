@@ -15,6 +15,7 @@ EXAMPLES = {
     "site check": "medfdd site check consortium/site_configs/hospital-a.yaml",
     "site distill": "medfdd site distill consortium/site_configs/hospital-a.yaml --round 1",
     "site budget": "medfdd site budget consortium/site_configs/hospital-a.yaml",
+    "coordinator run": "medfdd coordinator run consortium/site_configs/coordinator.yaml",
 }
 
 
@@ -71,6 +72,25 @@ def _parser() -> argparse.ArgumentParser:
                          description="Read the site's privacy_ledger.json and print every charge with the epsilon "
                                      "spent after it (recomputed by the accountant) and what remains.")
     bu.add_argument("config", type=Path, help="site config YAML")
+    from medfdd.federation.flower import cli as flower_cli  # Flower deployment commands (no flwr import)
+
+    flower_cli.add_site_parser(site)
+
+    coord = sub.add_parser("coordinator", help="commands the consortium's coordinator runs").add_subparsers(
+        dest="coordinator_command", required=True, metavar="COORDINATOR_COMMAND")
+    cr = coord.add_parser("run", help="run every round in-process: all sites of the config on this machine",
+                          formatter_class=fmt, epilog="example:\n  " + EXAMPLES["coordinator run"],
+                          description="For each round: broadcast the global model, let every listed site distill "
+                                      "(through the same code a Flower SuperNode runs), validate each offer (rejected "
+                                      "ones are logged with their reason), merge, train and evaluate the global "
+                                      "model. Writes run.json, global_model.safetensors, merged.npz and each site's "
+                                      "artifacts and ledger under the config's output folder; a killed run resumes "
+                                      "after its last finished round.")
+    cr.add_argument("config", type=Path, help="coordinator config YAML")
+    cr.add_argument("--no-dp", action="store_true",
+                    help="NON-PRIVATE run of every site for baselines and positive controls (epsilon = inf)")
+    flower_cli.add_coordinator_parsers(coord)
+    flower_cli.add_federation_parser(sub)
 
     de = sub.add_parser("demo", help="the whole story on bundled data (sklearn digits) in a few minutes",
                         formatter_class=fmt, epilog="example:\n  medfdd demo --out demo",
@@ -102,6 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             from medfdd.distill.site import print_budget
 
             print_budget(args.config, console=Console())
+        elif args.command == "coordinator" and args.coordinator_command == "run":
+            from medfdd.federation.inprocess import run_inprocess
+
+            run_inprocess(args.config, console=Console(), no_dp=args.no_dp)
+        elif args.command == "site" and args.site_command == "join":
+            from medfdd.federation.flower.cli import run_site_join
+
+            return run_site_join(args, console)
+        elif args.command == "coordinator" and args.coordinator_command in ("superlink", "register", "flower-run"):
+            from medfdd.federation.flower.cli import run_coordinator_command
+
+            return run_coordinator_command(args, console)
+        elif args.command == "federation":
+            from medfdd.federation.flower.cli import run_federation_command
+
+            return run_federation_command(args, console)
         elif args.command == "demo":
             from medfdd.demo import run_demo
 

@@ -146,15 +146,63 @@ class TrainConfig(_Strict):
     augment: bool = True
 
 
+class SiteBudget(_Strict):
+    """What a site declared to the consortium: its privacy budget (offers above it are rejected)."""
+
+    dp: bool = Field(True, description="false only for declared non-private baselines")
+    epsilon: float = Field(1.0, gt=0, description="the site's total epsilon over all rounds")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class ConsortiumConfig(_Strict):
+    """What the sites agreed on; every offer is validated against it (engine-independent)."""
+
+    classes: list[str] = Field(min_length=2, description="class names in index order, as in every site config")
+    spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W]")
+    channels: Literal[1, 3] = 1
+    ipc: int = Field(10, ge=1, description="most synthetic images per class one site may offer")
+    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> declared budget")
+    max_offer_bytes: int = Field(256 * 2**20, ge=1, description="offers announcing more bytes are refused unread")
+
+    @field_validator("sites")
+    @classmethod
+    def _ids(cls, v: dict[str, SiteBudget]) -> dict[str, SiteBudget]:
+        import re
+
+        bad = [s for s in v if not re.match(SITE_ID_PATTERN, s)]
+        if bad:
+            raise ValueError(f"site ids must match {SITE_ID_PATTERN}, got {bad}")
+        return v
+
+
+class RedistillConfig(_Strict):
+    """Server-side re-distillation of the merged union (post-processing: no privacy cost)."""
+
+    ipc: int = Field(10, ge=1, description="global images per class")
+    iterations: int = Field(200, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
 class CoordinatorConfig(_Strict):
-    sites: list[Path] = Field(min_length=1, description="site config paths (in-process runs), relative to this file")
+    sites: list[Path] = Field(default_factory=list,
+                              description="site config paths for in-process runs, relative to this file")
+    consortium: ConsortiumConfig | None = Field(None, description="agreed classes, sizes and declared budgets "
+                                                "(required for Flower; derived from `sites` when absent)")
     rounds: int = Field(1, ge=1)
     merge: Literal["concat", "balanced", "redistill"] = "concat"
+    redistill: RedistillConfig = Field(default_factory=RedistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     test: TestSetConfig | None = None
+    site_timeout_s: float = Field(3600.0, gt=0, description="a site silent this long is left out of the round")
     output: Path
     seed: int = Field(0, ge=0)
     base_dir: Path = Field(Path("."), exclude=True)
+
+    @model_validator(mode="after")
+    def _has_sites(self) -> CoordinatorConfig:
+        if not self.sites and self.consortium is None:
+            raise ValueError("give `sites` (config paths, in-process) or `consortium` (agreed spec, Flower)")
+        return self
 
     @property
     def site_paths(self) -> list[Path]:

@@ -33,10 +33,12 @@ def pick_device(setting: str = "auto") -> torch.device:
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: TrainSettings, *,
-                     seed: int, device: torch.device | None = None) -> ConvNet:
+                     seed: int, device: torch.device | None = None, weights: np.ndarray | None = None) -> ConvNet:
+    """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example."""
     device = device or pick_device()
     x = torch.as_tensor(images, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
+    w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     model = convnet_for(tuple(x.shape[1:]), num_classes, width=settings.width, seed=seed).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[settings.epochs // 2], gamma=0.1)
@@ -48,7 +50,10 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
         for start in range(0, len(x), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             xb = augment(x[idx], g, families) if settings.augment else x[idx]
-            loss = F.cross_entropy(model(xb), y[idx])
+            if w is None:
+                loss = F.cross_entropy(model(xb), y[idx])
+            else:
+                loss = (w[idx] * F.cross_entropy(model(xb), y[idx], reduction="none")).sum() / w[idx].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

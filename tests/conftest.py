@@ -77,3 +77,36 @@ def site_builder(tmp_path):
 # Tests run small models in two workers on two cores: a second intra-op thread per worker only oversubscribes the
 # cores (OpenMP workers spin waiting for one; measured up to ~200x slower on a busy machine).
 torch.set_num_threads(1)
+
+
+SMALL_DISTILL = {"iterations": 5, "inner_steps": 5, "lr": 1.0, "width": 16, "ipc": 5, "checkpoint_every": 2}
+SMALL_TRAIN = {"epochs": 20, "width": 32, "batch_size": 256}
+
+
+def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed: int = 0, dp: bool = True,
+                            distill: dict | None = None, train: dict | None = None, **coordinator) -> Path:
+    """A digits consortium from `prepare` with CI-sized distillation and training; returns coordinator.yaml."""
+    import yaml
+    from rich.console import Console
+
+    from medfdd.data.prepare import prepare_consortium
+
+    res = prepare_consortium(source="digits", out=out, sites=sites, alpha=0.5, fmt="dicom", seed=seed, epsilon=1.0,
+                             delta=1e-5, ipc=SMALL_DISTILL["ipc"], iterations=SMALL_DISTILL["iterations"],
+                             method="dm", dp=dp, console=Console(quiet=True))
+    for path in res.site_configs:
+        cfg = yaml.safe_load(path.read_text())
+        cfg["distill"].update({**SMALL_DISTILL, **(distill or {})})
+        cfg["privacy"]["rounds"] = rounds
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    coord = yaml.safe_load(res.coordinator_config.read_text())
+    coord["train"].update({**SMALL_TRAIN, **(train or {})})
+    coord.update(rounds=rounds, **coordinator)
+    res.coordinator_config.write_text(yaml.safe_dump(coord, sort_keys=False))
+    return res.coordinator_config
+
+
+@pytest.fixture
+def digits_consortium(tmp_path):
+    """Factory: `digits_consortium(**kw)` -> path of a small consortium's coordinator.yaml (see small_digits_consortium)."""
+    return lambda name="consortium", **kw: small_digits_consortium(tmp_path / name, **kw)

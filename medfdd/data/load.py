@@ -7,6 +7,7 @@ before any pixel is decoded (decompression-bomb guard). Arrays are returned row-
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PNG_SUFFIXES = (".png",)
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
+# MONAI warns once per reader that the optional GPU JPEG decoder (nvImageCodec) is absent; we decode with pydicom.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
 
 
 @dataclass(frozen=True)

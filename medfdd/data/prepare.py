@@ -365,6 +365,8 @@ def prepare_consortium(
         site_cfgs.append(parse_config(data, SiteConfig, f"generated site config {sid}", cfg_dir))
     coord_cfg = parse_config({
         "sites": [f"{sid}.yaml" for sid in site_ids],
+        "consortium": {"classes": classes, "spatial_size": model_size, "channels": src.channels, "ipc": ipc,
+                       "sites": {sid: {"dp": dp, "epsilon": epsilon, "delta": delta} for sid in site_ids}},
         "rounds": 1,
         "test": {"root": "../test", "manifest": MANIFEST, "format": fmt},
         "output": "../runs/coordinator",

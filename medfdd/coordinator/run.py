@@ -1,0 +1,328 @@
+"""One coordinator run over rounds, engine-neutral (the in-process runner and the Flower ServerApp drive it).
+
+Per round: broadcast (the global model from round 2, FedDM-style) -> receive offers (validated; rejects logged with a
+reason, the round goes on) -> merge -> train the global ConvNet-3 -> evaluate on the test split -> checkpoint.
+`run.json` is rewritten atomically after every round; a killed coordinator resumes after the last finished round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from medfdd import __version__
+from medfdd.artifacts import SyntheticSet, save_model, save_preview, save_synthetic
+from medfdd.config import (
+    ConsortiumConfig,
+    CoordinatorConfig,
+    DataConfig,
+    SiteBudget,
+    SiteConfig,
+    dump_config,
+    load_coordinator_config,
+    load_site_config,
+)
+from medfdd.coordinator.merge import merge
+from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
+from medfdd.errors import MedfddError
+from medfdd.federation.messages import Broadcast, SiteOffer
+from medfdd.io import atomic_save_npz, atomic_write_json
+from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
+
+
+class CoordinatorError(MedfddError):
+    """The coordinator cannot go on (no usable offer in a round, sites that disagree, a foreign run folder)."""
+
+
+def consortium_of(cfg: CoordinatorConfig) -> tuple[ConsortiumConfig, dict[str, Path]]:
+    """The agreed spec (given, or derived from the in-process site configs) and site_id -> config path."""
+    paths: dict[str, Path] = {}
+    site_cfgs: list[SiteConfig] = []
+    for p in cfg.site_paths:
+        sc = load_site_config(p)
+        if sc.site_id in paths:
+            raise CoordinatorError(f"{cfg.base_dir}: sites", f"site id {sc.site_id!r} appears twice",
+                                   "give every hospital its own site_id")
+        paths[sc.site_id] = p
+        site_cfgs.append(sc)
+    if cfg.consortium is not None:
+        return cfg.consortium, paths
+    first = site_cfgs[0].data
+    spec = ConsortiumConfig(
+        classes=first.classes, spatial_size=first.spatial_size, channels=first.channels,
+        ipc=max(s.distill.ipc for s in site_cfgs),
+        sites={s.site_id: SiteBudget(dp=s.privacy.dp, epsilon=s.privacy.epsilon, delta=s.privacy.delta)
+               for s in site_cfgs})
+    return spec, paths
+
+
+def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The coordinator's own labelled test split, through the same loader and preprocessing as the sites."""
+    if cfg.test is None:
+        return None
+    from medfdd.data.site_data import load_site_data
+
+    data_cfg = DataConfig(root=(cfg.base_dir / cfg.test.root).resolve(), manifest=cfg.test.manifest,
+                          format=cfg.test.format, classes=spec.classes, spatial_size=spec.spatial_size,
+                          channels=spec.channels, holdout_fraction=0.0)
+    data = load_site_data(SiteConfig(site_id="test-set", data=data_cfg, output=out / "test-cache", base_dir=out))
+    if len(data.labels) == 0:
+        raise CoordinatorError(f"test set {data_cfg.root}", "no usable test image",
+                               "check the test manifest with `medfdd site check`")
+    return data.images, data.labels
+
+
+def _fingerprint(cfg: CoordinatorConfig, spec: ConsortiumConfig) -> str:
+    text = dump_config(cfg) + spec.model_dump_json()
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+@dataclass
+class _Round:
+    round: int
+    accepted: dict[str, AcceptedOffer] = field(default_factory=dict)
+    rejected: list[dict] = field(default_factory=list)
+    bytes_up: dict[str, int] = field(default_factory=dict)
+    bytes_down: dict[str, int] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class CoordinatorRun:
+    """State of one run directory; every engine calls broadcast -> receive* -> finish_round per round."""
+
+    def __init__(self, cfg: CoordinatorConfig, spec: ConsortiumConfig, site_configs: dict[str, Path], *,
+                 engine: str, console: Console):
+        self.cfg, self.spec, self.site_configs = cfg, spec, site_configs
+        self.engine, self.console = engine, console
+        self.out = cfg.output_dir
+        self.rounds = cfg.rounds
+        self.site_timeout_s = cfg.site_timeout_s
+        self.expected_sites = sorted(spec.sites)
+        self.fingerprint = _fingerprint(cfg, spec)
+        self.history: list[dict] = []
+        self.bindings: dict[str, str] = {}  # engine sender -> site id (first contact binds)
+        self.last_epsilon: dict[str, float] = {}
+        self.current: _Round | None = None
+        self.device = pick_device()
+        self._test = None
+
+    # ---- opening and resuming -------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, config_path: Path, *, engine: str, console: Console | None = None,
+             no_dp: bool = False) -> CoordinatorRun:
+        """`no_dp` (baselines, positive controls) accepts non-private offers, recorded as epsilon = inf."""
+        cfg = load_coordinator_config(config_path)
+        spec, paths = consortium_of(cfg)
+        if no_dp:
+            spec = spec.model_copy(update={"sites": {s: b.model_copy(update={"dp": False})
+                                                     for s, b in spec.sites.items()}})
+        run = cls(cfg, spec, paths, engine=engine, console=console or Console())
+        run._resume()
+        return run
+
+    def _resume(self) -> None:
+        ckpt = self.out / "checkpoint.json"
+        if not ckpt.is_file():
+            if (self.out / "run.json").is_file():
+                raise CoordinatorError(str(self.out), "holds a run without a checkpoint (not written by this "
+                                       "version or damaged)", "choose a new `output` folder")
+            return
+        state = json.loads(ckpt.read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise CoordinatorError(str(ckpt), "belongs to a run with a different coordinator config or consortium",
+                                   "choose a new `output` folder, or restore the config the run started with")
+        self.history = state["history"]
+        self.bindings = state["bindings"]
+        self.last_epsilon = {k: float(v) for k, v in state["last_epsilon"].items()}
+        done = len(self.history)
+        if self.next_round is None:
+            self.console.print(f"run in {self.out} is already complete ({done} round(s)); use a new `output` to "
+                               "run again")
+        elif done:
+            self.console.print(f"resuming {self.out} after round {done} of {self.rounds}")
+
+    @property
+    def next_round(self) -> int | None:
+        r = len(self.history) + 1
+        return r if r <= self.rounds else None
+
+    # ---- one round --------------------------------------------------------------------------------------------
+    def broadcast(self) -> Broadcast:
+        r = self.next_round
+        if r is None:
+            raise CoordinatorError(str(self.out), "all planned rounds are done", "start a new run")
+        model = (self.out / "global_model.safetensors").read_bytes() if r > 1 else None
+        b = Broadcast(r, model)
+        self.current = _Round(r, bytes_down={s: b.nbytes() for s in self.expected_sites})
+        return b
+
+    def receive(self, offer: SiteOffer, *, sender: str) -> bool:
+        """Validate and keep an offer; a rejected one is logged with its reason and the round goes on."""
+        rd = self._round()
+        sid = str(offer.site_id)
+        try:
+            check_identity(offer, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
+                           round_=rd.round)
+            rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + offer.nbytes()
+            accepted = validate_offer(offer, self.spec, previous_epsilon=self.last_epsilon.get(sid))
+        except OfferRejected as e:
+            rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
+            self.console.print(f"[yellow]rejected[/] offer from {sid!r} (round {rd.round}): {e.reason.value}: "
+                               f"{e.detail}")
+            return False
+        self.bindings.setdefault(sender, sid)
+        rd.accepted[sid] = accepted
+        eps = accepted.meta["epsilon"]
+        self.console.print(f"[green]accepted[/] {sid}: {len(accepted.labels)} images, epsilon "
+                           f"{'inf (NON-PRIVATE)' if not math.isfinite(eps) else f'{eps:.3g}'}, "
+                           f"{accepted.nbytes / 1024:.1f} KiB")
+        return True
+
+    def no_answer(self, site: str, reason: str, *, code: Reason = Reason.NO_ANSWER) -> None:
+        rd = self._round()
+        rd.rejected.append({"site_id": site, "sender": None, "reason": code.value, "detail": reason})
+        self.console.print(f"[yellow]no offer[/] from {site!r} (round {rd.round}): {reason}")
+
+    def _round(self) -> _Round:
+        if self.current is None:
+            raise CoordinatorError("coordinator", "no round is open", "call broadcast() first")
+        return self.current
+
+    def finish_round(self) -> dict:
+        rd = self._round()
+        seconds = {"sites": time.perf_counter() - rd.started}
+        silent = [s for s in self.expected_sites if s not in rd.accepted
+                  and not any(x["site_id"] == s for x in rd.rejected)]
+        for s in silent:
+            self.no_answer(s, "no offer received this round")
+        if not rd.accepted:
+            self._write_run_json(status="failed")
+            raise CoordinatorError(f"round {rd.round}", "no site offered a usable synthetic set "
+                                   f"(rejected: {[(x['site_id'], x['reason']) for x in rd.rejected]})",
+                                   "see the reasons above; fix the sites and resume the run")
+        t = time.perf_counter()
+        k = len(self.spec.classes)
+        merged = merge(list(rd.accepted.values()), self.cfg, num_classes=k, seed=self.cfg.seed + rd.round,
+                       device=self.device)
+        seconds["merge"] = time.perf_counter() - t
+        t = time.perf_counter()
+        tc = self.cfg.train
+        model = train_classifier(merged.images, merged.labels, k,
+                                 TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, width=tc.width,
+                                               augment=tc.augment),
+                                 seed=self.cfg.seed + rd.round, device=self.device,
+                                 weights=merged.weights if self.cfg.merge == "balanced" else None)
+        seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        metrics = None
+        if self._test is None:
+            self._test = load_test_set(self.cfg, self.spec, self.out)
+        if self._test is not None:
+            metrics = evaluate(model, self._test[0], self._test[1], k)
+        seconds["evaluate"] = time.perf_counter() - t
+        self._write_round_files(rd, merged, model)
+        for sid, acc in rd.accepted.items():
+            self.last_epsilon[sid] = acc.meta["epsilon"]
+        self.history.append({
+            "round": rd.round, "accepted": sorted(rd.accepted), "rejected": rd.rejected,
+            "n_merged": int(len(merged.labels)), "class_counts": np.bincount(merged.labels, minlength=k).tolist(),
+            "epsilon": {s: a.meta["epsilon"] for s, a in sorted(rd.accepted.items())},
+            "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics})
+        self.current = None
+        self._checkpoint()
+        self._write_run_json(status="completed" if self.next_round is None else "running")
+        self._print_round(self.history[-1])
+        return self.history[-1]
+
+    # ---- files ------------------------------------------------------------------------------------------------
+    def _write_round_files(self, rd: _Round, merged, model) -> None:
+        rdir = self.out / "rounds" / f"round-{rd.round}"
+        atomic_save_npz(rdir / "merged.npz", images=merged.images, labels=merged.labels)
+        save_model(rdir / "global_model.safetensors", model)
+        for sid, acc in rd.accepted.items():  # what each site sent, as received
+            site_dir = self.out / "sites" / sid
+            meta = {k: v for k, v in acc.meta.items() if k != "medfdd_version"}
+            save_synthetic(site_dir, SyntheticSet(acc.images, acc.labels, meta))
+            save_preview(site_dir / "synthetic_preview.png", acc.images, acc.labels, list(self.spec.classes),
+                         title=f"{sid} round {rd.round} (as received)")
+            ledger = self._site_ledger(sid)
+            if ledger is not None:
+                shutil.copyfile(ledger, site_dir / "privacy_ledger.json")
+        save_preview(rdir / "merged_preview.png", merged.images, merged.labels, list(self.spec.classes),
+                     title=f"merged set, round {rd.round} ({self.cfg.merge})")
+        # the latest round's model and set at the top level (atomic copies)
+        atomic_save_npz(self.out / "merged.npz", images=merged.images, labels=merged.labels)
+        save_model(self.out / "global_model.safetensors", model)
+
+    def _site_ledger(self, sid: str) -> Path | None:
+        """In-process runs can copy the site's own ledger (same machine); under Flower it stays at the site."""
+        path = self.site_configs.get(sid)
+        if path is None:
+            return None
+        ledger = load_site_config(path).output_dir / "privacy_ledger.json"
+        return ledger if ledger.is_file() else None
+
+    def _checkpoint(self) -> None:
+        atomic_write_json(self.out / "checkpoint.json", _json_safe({
+            "fingerprint": self.fingerprint, "history": self.history, "bindings": self.bindings,
+            "last_epsilon": self.last_epsilon}))
+
+    def _write_run_json(self, status: str) -> Path:
+        done = [h for h in self.history if h.get("metrics") is not None]
+        last = self.history[-1] if self.history else None
+        up = sum(sum(h["bytes_up"].values()) for h in self.history)
+        down = sum(sum(h["bytes_down"].values()) for h in self.history)
+        final = None
+        if last is not None:
+            final = {**(last["metrics"] or {}), "round": last["round"], "bytes_up_total": up, "bytes_down_total": down,
+                     "n_merged": last["n_merged"]}
+        run = {
+            "medfdd_version": __version__, "engine": self.engine, "status": status,
+            "config": json.loads(self.cfg.model_dump_json()), "consortium": json.loads(self.spec.model_dump_json()),
+            "classes": list(self.spec.classes), "spatial_size": list(self.spec.spatial_size), "seed": self.cfg.seed,
+            "sites": {s: {"config": str(self.site_configs[s]) if s in self.site_configs else None,
+                          "epsilon_budget": self.spec.sites[s].epsilon if self.spec.sites[s].dp else math.inf,
+                          "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp}
+                      for s in self.expected_sites},
+            "rounds": self.history, "rounds_evaluated": len(done), "final": final}
+        return atomic_write_json(self.out / "run.json", _json_safe(run))
+
+    def _print_round(self, h: dict) -> None:
+        t = Table(title=f"round {h['round']} of {self.rounds}: {len(h['accepted'])} of {len(self.expected_sites)} "
+                        f"site(s) accepted, {h['n_merged']} merged images")
+        for col in ("site", "status", "epsilon", "KiB up", "KiB down"):
+            t.add_column(col, justify="right")
+        rejected = {x["site_id"]: x["reason"] for x in h["rejected"]}
+        for s in self.expected_sites:
+            eps = h["epsilon"].get(s)
+            t.add_row(s, "accepted" if s in h["accepted"] else f"[yellow]{rejected.get(s, 'missing')}[/]",
+                      "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.3g}"),
+                      f"{h['bytes_up'].get(s, 0) / 1024:.1f}", f"{h['bytes_down'].get(s, 0) / 1024:.1f}")
+        self.console.print(t)
+        m = h["metrics"]
+        if m:
+            self.console.print(f"global model: accuracy {m['accuracy']:.3f}, balanced accuracy "
+                               f"{m['balanced_accuracy']:.3f}, macro AUC {m['auc']:.3f} on {m['n']} test images")
+
+    def close(self) -> Path:
+        self.console.print(f"run directory: {self.out}")
+        return self.out

@@ -1,0 +1,1 @@
+"""Transport between sites and the coordinator: engine-neutral messages, the in-process engine, Flower."""

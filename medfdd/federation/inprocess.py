@@ -1,0 +1,34 @@
+"""The embedded engine: every site of the coordinator config runs on this machine, in this process, through the
+same site (`make_offer`) and coordinator (`CoordinatorRun`) functions the Flower apps call."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
+from medfdd.coordinator.validate import Reason
+from medfdd.errors import MedfddError
+from medfdd.federation.site import make_offer
+
+
+def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: bool = False) -> Path:
+    """Run all planned rounds; a site that fails is left out of its round with the reason (the others go on)."""
+    console = console or Console()
+    run = CoordinatorRun.open(Path(config_path), engine="inprocess", console=console, no_dp=no_dp)
+    if not run.site_configs:
+        raise CoordinatorError(str(config_path), "lists no site configs (`sites`)",
+                               "an in-process run needs the site config paths; Flower runs use the consortium spec")
+    while run.next_round is not None:
+        b = run.broadcast()
+        console.rule(f"round {b.round} of {run.rounds}")
+        for site_id, site_cfg in sorted(run.site_configs.items()):
+            try:
+                offer = make_offer(site_cfg, b, console=console, no_dp=no_dp)
+            except MedfddError as e:
+                run.no_answer(site_id, f"{type(e).__name__}: {e}", code=Reason.SITE_FAILED)
+                continue
+            run.receive(offer, sender=site_id)
+        run.finish_round()
+    return run.close()

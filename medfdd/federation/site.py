@@ -1,0 +1,31 @@
+"""The site's side of a round, shared by every engine: take the broadcast, distill, return the allow-listed offer.
+
+The only things that leave: the synthetic images and labels and the metadata of synthetic.json (invariant 5).
+A broadcast model is written inside the site's output folder and checked against the agreed architecture before use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+
+from medfdd.artifacts import load_synthetic
+from medfdd.config import load_site_config
+from medfdd.distill.site import distill_site
+from medfdd.federation.messages import Broadcast, SiteOffer, to_wire
+from medfdd.io import atomic_write_bytes
+
+
+def make_offer(site_config: Path, broadcast: Broadcast, *, console: Console | None = None,
+               no_dp: bool = False) -> SiteOffer:
+    """Distill round `broadcast.round` at this site (matching against the broadcast global model from round 2)."""
+    cfg = load_site_config(site_config)
+    model_path = None
+    if broadcast.model is not None:
+        model_path = atomic_write_bytes(cfg.output_dir / "received" / f"global-round-{broadcast.round}.safetensors",
+                                        broadcast.model)
+    distill_site(Path(site_config), round_=broadcast.round, global_model=model_path, no_dp=no_dp, console=console)
+    syn = load_synthetic(cfg.output_dir)
+    return SiteOffer(site_id=cfg.site_id, round=broadcast.round,
+                     arrays={"images": to_wire(syn.images), "labels": to_wire(syn.labels)}, meta=dict(syn.meta))

@@ -1,0 +1,139 @@
+"""`medfdd coordinator run` in-process on digits sites from `prepare`: run directory, rounds, resume, bad sites."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+from rich.console import Console
+
+from medfdd.artifacts import load_model, load_synthetic
+from medfdd.cli import main
+from medfdd.config import load_coordinator_config, load_site_config
+from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
+from medfdd.federation.messages import to_wire
+from medfdd.federation.site import make_offer
+from privacy.accounting import PrivacyLedger
+
+QUIET = Console(quiet=True)
+
+
+def _sites(coord_path):
+    cfg = load_coordinator_config(coord_path)
+    return {load_site_config(p).site_id: p for p in cfg.site_paths}
+
+
+def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_round(digits_consortium):
+    coord = digits_consortium(rounds=2)
+    assert main(["coordinator", "run", str(coord)]) == 0
+    out = load_coordinator_config(coord).output_dir
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["engine"] == "inprocess"
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    sites = sorted(_sites(coord))
+    model_bytes = (out / "rounds" / "round-1" / "global_model.safetensors").stat().st_size
+    for r in run["rounds"]:
+        assert r["accepted"] == sites and r["rejected"] == []
+        m = r["metrics"]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["balanced_accuracy"] <= 1 and 0 <= m["auc"] <= 1
+        assert set(r["seconds"]) == {"sites", "merge", "train", "evaluate"}
+        for s in sites:  # a synthetic set of 10 classes x 5 images of 16x16 float32 plus labels and metadata
+            assert r["bytes_up"][s] > 50 * 16 * 16 * 4 + 50 * 8
+    assert all(run["rounds"][0]["bytes_down"][s] < 1000 for s in sites)  # round 1: no model yet
+    assert all(run["rounds"][1]["bytes_down"][s] > model_bytes for s in sites)  # round 2: the global model
+    assert run["final"]["accuracy"] == run["rounds"][1]["metrics"]["accuracy"]
+    assert run["final"]["bytes_up_total"] == sum(sum(r["bytes_up"].values()) for r in run["rounds"])
+
+    merged = np.load(out / "merged.npz", allow_pickle=False)
+    assert len(merged["labels"]) == run["final"]["n_merged"] == sum(
+        len(load_synthetic(out / "sites" / s).labels) for s in sites)
+    load_model(out / "global_model.safetensors", expect={"num_classes": 10, "spatial_size": [16, 16]})
+    for s, path in _sites(coord).items():
+        ledger = PrivacyLedger.load(out / "sites" / s / "privacy_ledger.json")
+        assert sorted(e.round for e in ledger.entries) == [1, 2]  # one charge per round
+        assert ledger.epsilon_spent <= 1.0 + 1e-9
+        assert json.loads((out / "sites" / s / "synthetic.json").read_text())["round"] == 2
+        # the copy in the run directory is the site's own ledger
+        site_ledger = load_site_config(path).output_dir / "privacy_ledger.json"
+        assert (out / "sites" / s / "privacy_ledger.json").read_bytes() == site_ledger.read_bytes()
+
+
+def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_charges(digits_consortium):
+    coord = digits_consortium(rounds=2)
+    sites = _sites(coord)
+    run = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    b = run.broadcast()
+    for sid, p in sorted(sites.items()):
+        run.receive(make_offer(p, b, console=QUIET), sender=sid)
+    first = run.finish_round()
+    b2 = run.broadcast()
+    first_site = sorted(sites)[0]
+    run.receive(make_offer(sites[first_site], b2, console=QUIET), sender=first_site)
+    del run  # the coordinator dies with round 2 half received
+
+    resumed = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    assert resumed.next_round == 2 and len(resumed.history) == 1
+    assert resumed.history[0]["metrics"]["accuracy"] == pytest.approx(first["metrics"]["accuracy"])
+    b2 = resumed.broadcast()
+    for sid, p in sorted(sites.items()):
+        assert resumed.receive(make_offer(p, b2, console=QUIET), sender=sid)
+    resumed.finish_round()
+    assert resumed.next_round is None
+    run_json = json.loads((resumed.close() / "run.json").read_text())
+    assert run_json["status"] == "completed" and len(run_json["rounds"]) == 2
+    for p in sites.values():  # the site asked twice for round 2 paid once
+        ledger = PrivacyLedger.load(load_site_config(p).output_dir / "privacy_ledger.json")
+        assert sorted(e.round for e in ledger.entries) == [1, 2]
+    # a finished run is not run again
+    again = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    assert again.next_round is None
+
+
+def test_round_completes_without_a_failing_site_and_a_hostile_offer(digits_consortium):
+    coord = digits_consortium()
+    sites = _sites(coord)
+    a, b, c = sorted(sites)
+    # site b's config now plans a delta above 1/n: its distillation refuses to run
+    cfg_b = yaml.safe_load(sites[b].read_text())
+    cfg_b["privacy"]["delta"] = 0.5
+    sites[b].write_text(yaml.safe_dump(cfg_b))
+    assert main(["coordinator", "run", str(coord)]) == 0
+    run = json.loads((load_coordinator_config(coord).output_dir / "run.json").read_text())
+    r = run["rounds"][0]
+    assert r["accepted"] == [a, c]
+    assert [(x["site_id"], x["reason"]) for x in r["rejected"]] == [(b, "site_failed")]
+    assert "delta" in r["rejected"][0]["detail"]
+    assert run["status"] == "completed" and run["final"]["accuracy"] >= 0
+
+
+def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
+    coord = digits_consortium(name="hostile")
+    sites = _sites(coord)
+    a, b, c = sorted(sites)
+    run = CoordinatorRun.open(coord, engine="test", console=QUIET)
+    bc = run.broadcast()
+    offers = {s: make_offer(p, bc, console=QUIET) for s, p in sites.items()}
+    poisoned = offers[b]
+    images = np.full(poisoned.arrays["images"].shape, np.nan, dtype=np.float32)
+    poisoned.arrays["images"] = to_wire(images)
+    assert run.receive(offers[a], sender=a)
+    assert not run.receive(poisoned, sender=b)
+    assert not run.receive(offers[a], sender=a)  # a duplicate is refused too
+    assert run.receive(offers[c], sender=c)
+    h = run.finish_round()
+    assert h["accepted"] == [a, c] and h["n_merged"] == 2 * 50
+    assert {(x["site_id"], x["reason"]) for x in h["rejected"]} == {(b, "non_finite"), (a, "duplicate_offer")}
+    assert h["bytes_up"][b] > 0  # what was sent is counted even when refused
+    assert math.isfinite(h["metrics"]["accuracy"])
+
+
+def test_a_round_where_every_offer_is_refused_fails_loudly(digits_consortium):
+    coord = digits_consortium(name="none", sites=2)
+    run = CoordinatorRun.open(coord, engine="test", console=QUIET)
+    run.broadcast()
+    with pytest.raises(CoordinatorError, match="no site offered"):
+        run.finish_round()
+    assert json.loads((run.out / "run.json").read_text())["status"] == "failed"
