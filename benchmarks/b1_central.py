@@ -5,6 +5,13 @@ evaluation trainings) on the official 10k test split. See shared/BENCHMARKS.md.
 CPU-scale (default): 200 DP steps, real batch 64 per class (Poisson, expected 640), evaluation 300 epochs.
 GPU-scale (--scale gpu): the published settings (real batch 256 per class, 1000+ steps, 1000 evaluation epochs).
 Run: `.venv/bin/python benchmarks/b1_central.py [--ipc 1 10 50] [--eps 1 10 inf] [--scale cpu|gpu]`.
+
+Every row also records the cost (B2): seconds per DP iteration (timed with CUDA synchronisation on a GPU), peak
+memory (GPU: torch.cuda.max_memory_allocated of that configuration), and the convolution/matmul FLOPs of one
+representative iteration (forward + backward, torch.utils.flop_counter) divided by the measured seconds: the achieved
+TFLOP/s, next to the card's dense bf16 peak. `--profile N` times N iterations per IPC alone (no evaluation).
+The imports stay light (no site runner, MONAI or DICOM readers) so the script runs on a bare GPU machine with only
+pydantic and opacus carried as wheels; see benchmarks/gpu_b1.sh.
 """
 
 from __future__ import annotations
@@ -18,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.config import DistillConfig  # noqa: E402
 from medfdd.data.sources import load_fashion_mnist  # noqa: E402
-from medfdd.distill.base import PrivacyPlan  # noqa: E402
-from medfdd.distill.site import distiller_class  # noqa: E402
+from medfdd.distill.base import Distiller, PrivacyPlan  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import calibrate_noise, epsilon_for  # noqa: E402
 
@@ -35,9 +43,46 @@ SCALES = {
 }
 DELTA = 1e-5
 
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the physical ceiling we compare with.
+BF16_DENSE_PEAK_TFLOPS = (("GH200", 989.4), ("H200", 989.4), ("H100 PCIE", 756.0), ("H100 NVL", 835.0),
+                          ("H100", 989.4), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0))
 
-def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, method: str, device, seed: int) -> dict:
-    n = len(x)
+
+def bf16_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).upper()
+    return next((peak for key, peak in BF16_DENSE_PEAK_TFLOPS if key in name), None)
+
+
+def distiller_class(method: str) -> type[Distiller]:
+    """As medfdd.distill.site.distiller_class, without importing the site runner (MONAI, DICOM, rich...)."""
+    if method == "gm":
+        from medfdd.distill.gradient_matching import GradientMatching
+
+        return GradientMatching
+    from medfdd.distill.distribution_matching import DistributionMatching
+
+    return DistributionMatching
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_mb(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: dict, method: str, device,
+                   seed: int) -> tuple[Distiller, float, float, float, int]:
+    """(distiller, sigma, accounted epsilon, sample rate, steps) for one configuration."""
     steps = scale["iterations"]
     batch = scale["batch_per_class"] * 10
     q = batch / n
@@ -46,9 +91,85 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
     spent = epsilon_for([(sigma, q, steps)], delta=DELTA) if dp else math.inf
     cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch)
     distiller = distiller_class(method)(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
-                                        image_shape=tuple(x.shape[1:]), seed=seed, device=device)
+                                        image_shape=image_shape, seed=seed, device=device)
+    return distiller, sigma, spent, q, steps
+
+
+class _FlopCount(TorchDispatchMode):
+    """torch.utils.flop_counter's per-op formulas (convolution, matmul and their backward) without
+    FlopCounterMode's module tracker, whose hooks fail under torch.autograd.grad on a leaf (the synthetic images)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def iteration_flops(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, t: int = 0) -> int:
+    """Convolution/matmul FLOPs of one DP step (real embedding, synthetic forward and backward), on a throwaway
+    state; x, y already on the distiller's device."""
+    state = distiller.init_state()
+    with _FlopCount() as counter:
+        distiller.step(state, x, y, t)
+    return int(counter.flops)
+
+
+def time_iterations(distiller: Distiller, x: torch.Tensor, y: torch.Tensor, n: int, warmup: int = 3) -> float:
+    """Seconds per DP step: mean over n steps after warm-up, synchronised before and after."""
+    state = distiller.init_state()
+    for t in range(warmup):
+        distiller.step(state, x, y, t)
+    sync(distiller.device)
     t0 = time.perf_counter()
-    state = distiller.run(torch.as_tensor(x), torch.as_tensor(y))
+    for t in range(warmup, warmup + n):
+        distiller.step(state, x, y, t)
+    sync(distiller.device)
+    return (time.perf_counter() - t0) / n
+
+
+def cost_fields(flops: int, s_per_it: float, device) -> dict:
+    peak = bf16_peak_tflops(device)
+    achieved = flops / s_per_it / 1e12 if s_per_it > 0 else float("nan")
+    return {"flops_per_iteration": flops, "tflops_achieved": achieved, "peak_bf16_dense_tflops": peak,
+            "fraction_of_peak": achieved / peak if peak else None}
+
+
+def profile(x, y, *, ipcs, scale: dict, method: str, device, seed: int, n: int) -> list[dict]:
+    """Each IPC alone: FLOPs of one iteration, seconds per iteration over n timed steps, GPU peak memory."""
+    xd, yd = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+    rows = []
+    for ipc in ipcs:
+        reset_peak(device)
+        distiller, sigma, _, q, _ = make_distiller(n=len(x), image_shape=tuple(x.shape[1:]), ipc=ipc, eps=1.0,
+                                                   scale=scale, method=method, device=device, seed=seed)
+        flops = iteration_flops(distiller, xd, yd)
+        s_it = time_iterations(distiller, xd, yd, n)
+        row = {"method": method, "ipc": ipc, "batch_per_class": scale["batch_per_class"], "sample_rate": q,
+               "timed_iterations": n, "seconds_per_iteration": s_it, **cost_fields(flops, s_it, device),
+               "gpu_peak_memory_mb": gpu_peak_mb(device)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, method: str, device, seed: int) -> dict:
+    reset_peak(device)
+    distiller, sigma, spent, q, steps = make_distiller(n=len(x), image_shape=tuple(x.shape[1:]), ipc=ipc, eps=eps,
+                                                       scale=scale, method=method, device=device, seed=seed)
+    dp = math.isfinite(eps)
+    xd, yd = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
+    flops = iteration_flops(distiller, xd, yd)  # one extra step on a throwaway state: no effect on the run
+    sync(device)
+    t0 = time.perf_counter()
+    state = distiller.run(xd, yd)
+    sync(device)
     distill_s = time.perf_counter() - t0
     images = state.images.detach().cpu().numpy()
     labels = state.labels.cpu().numpy()
@@ -56,13 +177,33 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
     for s in range(evals):
         model = train_classifier(images, labels, 10, TrainSettings(epochs=scale["eval_epochs"]), seed=s, device=device)
         accs.append(evaluate(model, xt, yt, 10)["accuracy"])
+    sync(device)
     row = {"method": method, "ipc": ipc, "epsilon": "inf" if not dp else eps, "epsilon_accounted":
            "inf" if not dp else spent, "delta": DELTA, "noise_multiplier": sigma, "sample_rate": q, "iterations": steps,
+           "batch_per_class": scale["batch_per_class"], "eval_epochs": scale["eval_epochs"],
            "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
            "accuracies": accs, "distill_seconds": distill_s, "seconds_per_iteration": distill_s / steps,
-           "eval_seconds_each": (time.perf_counter() - t1) / evals, "lr": cfg.lr, "center": cfg.center}
+           "eval_seconds_each": (time.perf_counter() - t1) / evals, "lr": distiller.cfg.lr,
+           "center": distiller.cfg.center, **cost_fields(flops, distill_s / steps, device),
+           "gpu_peak_memory_mb": gpu_peak_mb(device)}
     print(json.dumps(row), flush=True)
     return row
+
+
+def load_data(data_dir: str | None):
+    """Fashion-MNIST as float32 [N, 1, 28, 28] in [0, 1] (train, labels, test, labels)."""
+    src = load_fashion_mnist(search_dirs=[data_dir] if data_dir else None)
+    x = (src.train_images / 255.0).astype(np.float32)[:, None]
+    xt = (src.test_images / 255.0).astype(np.float32)[:, None]
+    return x, src.train_labels, xt, src.test_labels
+
+
+def scale_from(args) -> dict:
+    scale = dict(SCALES[args.scale])
+    for key in ("iterations", "batch_per_class", "eval_epochs"):
+        if getattr(args, key) is not None:
+            scale[key] = getattr(args, key)
+    return scale
 
 
 def main() -> None:
@@ -74,24 +215,40 @@ def main() -> None:
     ap.add_argument("--method", choices=["dm", "gm"], default="dm")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="results file name (default b1_central_<scale>)")
+    ap.add_argument("--iterations", type=int, default=None, help="override the scale's DP steps")
+    ap.add_argument("--batch-per-class", type=int, default=None, help="override the scale's real batch per class")
+    ap.add_argument("--eval-epochs", type=int, default=None, help="override the scale's evaluation epochs")
+    ap.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON (and partial JSONL) go")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="only time N DP steps per IPC (FLOPs, s/iteration, peak memory); no evaluation")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
-    src = load_fashion_mnist()
-    x = (src.train_images / 255.0).astype(np.float32)[:, None]
-    xt = (src.test_images / 255.0).astype(np.float32)[:, None]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    x, y, xt, yt = load_data(args.data_dir)
     device = pick_device()
-    scale = SCALES[args.scale]
+    scale = scale_from(args)
+    name = args.name or f"b1_central_{args.scale}" + ("_profile" if args.profile else "")
+    meta = {"dataset": "fashion-mnist (Debian dataset-fashion-mnist)", "partition": "central", "scale": args.scale,
+              **scale}
+    if args.profile:
+        rows = profile(x, y, ipcs=args.ipc, scale=scale, method=args.method, device=device, seed=args.seed,
+                       n=args.profile)
+        out = write_result(name, {**meta, "rows": rows, "peak_memory_mb": peak_memory_mb()}, out_dir=args.out_dir)
+        print(f"wrote {out}")
+        return
     rows = []
-    name = args.name or f"b1_central_{args.scale}"
-    partial = RESULTS / f"{name}.partial.jsonl"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    partial = args.out_dir / f"{name}.partial.jsonl"
     for ipc in args.ipc:
         for eps in args.eps:
-            row = run_one(x, src.train_labels, xt, src.test_labels, ipc=ipc, eps=eps, scale=scale, evals=args.evals,
-                          method=args.method, device=device, seed=args.seed)
+            row = run_one(x, y, xt, yt, ipc=ipc, eps=eps, scale=scale, evals=args.evals, method=args.method,
+                          device=device, seed=args.seed)
             rows.append(row)
             with open(partial, "a") as f:
                 f.write(json.dumps(row) + "\n")
-    out = write_result(name, {"dataset": "fashion-mnist (Debian dataset-fashion-mnist)", "partition": "central",
-                              "scale": args.scale, **scale, "rows": rows, "peak_memory_mb": peak_memory_mb()})
+    out = write_result(name, {**meta, "rows": rows, "peak_memory_mb": peak_memory_mb()}, out_dir=args.out_dir)
     partial.unlink(missing_ok=True)
     print(f"wrote {out}")
 

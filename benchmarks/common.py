@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -23,13 +24,14 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": cpu, "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available()
             else None, "torch": torch.__version__, "python": platform.python_version()}
 
 
 def git_commit() -> str:
+    """HEAD's short hash; MEDFDD_COMMIT overrides it where the tree travels without .git (the GPU machine)."""
+    if os.environ.get("MEDFDD_COMMIT"):
+        return os.environ["MEDFDD_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, check=True).stdout.strip()
@@ -44,10 +46,10 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def write_result(name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>.json with the common provenance fields."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{name}.json"
+def write_result(name: str, payload: dict, out_dir: Path = RESULTS) -> Path:
+    """<out_dir>/<name>.json (default benchmarks/results/) with the common provenance fields."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / f"{name}.json"
     record = {"benchmark": name, "commit": COMMIT_AT_START, "machine": machine(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     out.write_text(json.dumps(record, indent=2) + "\n")
