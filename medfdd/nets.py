@@ -25,7 +25,7 @@ class ConvNet(nn.Module):
         c = in_channels
         for _ in range(depth):
             layers += [conv(c, width, kernel_size=3, padding=1), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU(inplace=True)]
+                       nn.ReLU()]  # out of place: Opacus hooks forbid in-place ops
             if min(size) >= 2:
                 layers.append(pool(kernel_size=2, stride=2))
                 size = [s // 2 for s in size]

@@ -44,11 +44,8 @@ Distance = Literal["l2", "layer_cos"]
 
 
 def trainable_copy(net: nn.Module) -> nn.Module:
-    """A copy of `net` whose parameters require grad and whose ReLUs are out of place (Opacus-compatible)."""
+    """A copy of `net` whose parameters require grad (ConvNet's ReLUs are out of place: Opacus-compatible)."""
     net = copy.deepcopy(net)
-    for m in net.modules():
-        if isinstance(m, nn.ReLU):
-            m.inplace = False
     for p in net.parameters():
         p.requires_grad_(True)
     return net.eval()
