@@ -1,0 +1,57 @@
+"""ClientApp run by a hospital's SuperNode: broadcast in, the site's allow-listed offer out, nothing else.
+
+The site config path comes from the SuperNode's node config (`--node-config 'site-config="/abs/site.yaml"'`,
+set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only the error's class
+name is sent to the coordinator, since an exception message may name local files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+from rich.console import Console
+
+from medfdd.federation.flower import codec
+
+NODE_CONFIG_KEY = "site-config"
+MESSAGE_TYPE = "train.distill"
+log = logging.getLogger("medfdd.site")
+
+app = ClientApp()
+
+
+class SiteTaskFailed(Exception):
+    """Raised to Flower instead of the original error: its text is all that leaves the site."""
+
+
+def site_config_path(node_config: dict) -> Path:
+    value = node_config.get(NODE_CONFIG_KEY)
+    if not isinstance(value, str) or not value:
+        raise SiteTaskFailed(f"the SuperNode has no node config {NODE_CONFIG_KEY!r}; start it with "
+                             "`medfdd site join CONFIG ...`")
+    return Path(value)
+
+
+def handle(content, node_config: dict, *, console: Console | None = None):
+    """Broadcast records -> offer records for this site (the whole ClientApp, minus Flower's Message)."""
+    from medfdd.federation.site import make_offer
+
+    try:
+        path = site_config_path(node_config)
+        broadcast = codec.records_to_broadcast(content)
+        offer = make_offer(path, broadcast, console=console or Console(stderr=True))
+        return codec.offer_to_records(offer)
+    except SiteTaskFailed:
+        raise
+    except Exception as e:  # the full error stays in the site's log; only its class name leaves
+        log.exception("medfdd site task failed")
+        Console(stderr=True).print(f"[bold red]site task failed[/]: {e}", markup=True, highlight=False)
+        raise SiteTaskFailed(f"{type(e).__name__} at the site (details in the site's SuperNode log)") from None
+
+
+@app.train("distill")
+def distill(msg: Message, context: Context) -> Message:
+    return Message(handle(msg.content, dict(context.node_config)), reply_to=msg)

@@ -1,0 +1,150 @@
+"""Flower records <-> the engine-neutral messages (pure functions: testable without a running Flower app).
+
+What crosses the wire, and nothing else:
+- coordinator -> site (`Broadcast`): ConfigRecord "broadcast" {round} and, from round 2, ArrayRecord "model"
+  {"safetensors": the global model's safetensors bytes as a 1-D uint8 array}.
+- site -> coordinator (`SiteOffer`): ConfigRecord "offer" {site-id, round, meta-json} and ArrayRecord "arrays"
+  {"images", "labels"}.
+
+Arrays travel as raw little-endian C-order bytes with stype `medfdd.raw-le` (never `numpy.ndarray`, whose decoder is
+`np.load`): the receiver checks record names, dtype, shape and byte count before anything is allocated
+(`from_wire`). Unknown records or keys are refused: the payload is an allow-list on the wire too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from medfdd.errors import MedfddError
+from medfdd.federation.messages import Broadcast, SiteOffer, WireArray
+
+WIRE_STYPE = "medfdd.raw-le"
+BROADCAST = "broadcast"
+MODEL = "model"
+MODEL_KEY = "safetensors"
+OFFER = "offer"
+ARRAYS = "arrays"
+ARRAY_KEYS = ("images", "labels")
+MAX_META_CHARS = 64 * 1024
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+
+
+class CodecError(MedfddError):
+    """A Flower message does not have the agreed shape (records, keys, types, sizes)."""
+
+
+def _fail(where: str, problem: str) -> CodecError:
+    return CodecError(where, problem, "sites and the coordinator must run the same medfdd version")
+
+
+def wire_to_array(w: WireArray) -> Array:
+    return Array(dtype=str(w.dtype), shape=tuple(int(s) for s in w.shape), stype=WIRE_STYPE, data=bytes(w.data))
+
+
+def array_to_wire(a: Array, *, where: str) -> WireArray:
+    """Only the medfdd wire format is accepted (no numpy/pickle decoding of anything received)."""
+    if not isinstance(a, Array):
+        raise _fail(where, f"expected an array, got {type(a).__name__}")
+    if a.stype != WIRE_STYPE:
+        raise _fail(where, f"array serialisation {a.stype!r}, expected {WIRE_STYPE!r}")
+    if not isinstance(a.dtype, str) or not isinstance(a.data, bytes):
+        raise _fail(where, "malformed array")
+    shape = tuple(a.shape)
+    if not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise _fail(where, f"malformed shape {shape!r}")
+    return WireArray(dtype=a.dtype, shape=shape, data=a.data)
+
+
+def _only(rd: RecordDict, names: set[str], where: str) -> None:
+    extra = sorted(set(rd.keys()) - names)
+    if extra:
+        raise _fail(where, f"unexpected records {extra} (allowed: {sorted(names)})")
+
+
+def _config(rd: RecordDict, name: str, keys: dict[str, type], where: str) -> dict:
+    if name not in rd.config_records:
+        raise _fail(where, f"record {name!r} missing")
+    rec = rd.config_records[name]
+    if set(rec.keys()) != set(keys):
+        raise _fail(f"{where}: {name}", f"keys {sorted(rec.keys())}, expected {sorted(keys)}")
+    out = {}
+    for k, t in keys.items():
+        v = rec[k]
+        if not isinstance(v, t) or (t is int and isinstance(v, bool)):
+            raise _fail(f"{where}: {name}.{k}", f"{type(v).__name__}, expected {t.__name__}")
+        out[k] = v
+    return out
+
+
+def broadcast_to_records(b: Broadcast) -> RecordDict:
+    recs: dict = {BROADCAST: ConfigRecord({"round": int(b.round)})}
+    if b.model is not None:
+        model = bytes(b.model)
+        recs[MODEL] = ArrayRecord({MODEL_KEY: Array(dtype="uint8", shape=(len(model),), stype=WIRE_STYPE,
+                                                    data=model)})
+    return RecordDict(recs)
+
+
+def records_to_broadcast(rd: RecordDict, *, max_model_bytes: int = MAX_MODEL_BYTES) -> Broadcast:
+    where = "broadcast from the coordinator"
+    _only(rd, {BROADCAST, MODEL}, where)
+    round_ = _config(rd, BROADCAST, {"round": int}, where)["round"]
+    if round_ < 1:
+        raise _fail(f"{where}: round", f"{round_} is not a round number (>= 1)")
+    model = None
+    if MODEL in rd:
+        if MODEL not in rd.array_records:
+            raise _fail(f"{where}: {MODEL}", "not an array record")
+        rec = rd.array_records[MODEL]
+        if list(rec.keys()) != [MODEL_KEY]:
+            raise _fail(f"{where}: {MODEL}", f"keys {sorted(rec.keys())}, expected [{MODEL_KEY!r}]")
+        w = array_to_wire(rec[MODEL_KEY], where=f"{where}: {MODEL}")
+        if w.dtype != "uint8" or len(w.shape) != 1 or w.shape[0] != len(w.data):
+            raise _fail(f"{where}: {MODEL}", f"dtype {w.dtype} shape {w.shape} with {len(w.data)} bytes, expected "
+                        "1-D uint8 matching its byte count")
+        if len(w.data) > max_model_bytes:
+            raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
+        model = w.data
+    return Broadcast(round=round_, model=model)
+
+
+def offer_to_records(offer: SiteOffer) -> RecordDict:
+    if set(offer.arrays) != set(ARRAY_KEYS):
+        raise _fail(f"offer of {offer.site_id}", f"arrays {sorted(offer.arrays)}, expected {list(ARRAY_KEYS)}")
+    meta = json.dumps(offer.meta, sort_keys=True, allow_nan=True)
+    return RecordDict({
+        OFFER: ConfigRecord({"site-id": str(offer.site_id), "round": int(offer.round), "meta-json": meta}),
+        ARRAYS: ArrayRecord({k: wire_to_array(offer.arrays[k]) for k in ARRAY_KEYS}),
+    })
+
+
+def _no_constants(token: str) -> float:
+    if token in ("Infinity",):
+        return math.inf
+    raise ValueError(f"{token} is not allowed")
+
+
+def records_to_offer(rd: RecordDict) -> SiteOffer:
+    """The site's offer, still as wire arrays: the coordinator's `receive` checks sizes and decodes them."""
+    where = "offer from a site"
+    _only(rd, {OFFER, ARRAYS}, where)
+    head = _config(rd, OFFER, {"site-id": str, "round": int, "meta-json": str}, where)
+    where = f"offer from {head['site-id']!r}"
+    if len(head["meta-json"]) > MAX_META_CHARS:
+        raise _fail(f"{where}: meta-json", f"{len(head['meta-json'])} characters, more than {MAX_META_CHARS}")
+    try:
+        meta = json.loads(head["meta-json"], parse_constant=_no_constants)
+    except ValueError as e:
+        raise _fail(f"{where}: meta-json", f"not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise _fail(f"{where}: meta-json", f"a JSON {type(meta).__name__}, expected an object")
+    if ARRAYS not in rd.array_records:
+        raise _fail(where, f"record {ARRAYS!r} missing")
+    rec = rd.array_records[ARRAYS]
+    if sorted(rec.keys()) != sorted(ARRAY_KEYS):
+        raise _fail(f"{where}: {ARRAYS}", f"keys {sorted(rec.keys())}, expected {list(ARRAY_KEYS)}")
+    arrays = {k: array_to_wire(rec[k], where=f"{where}: {k}") for k in ARRAY_KEYS}
+    return SiteOffer(site_id=head["site-id"], round=head["round"], arrays=arrays, meta=meta)

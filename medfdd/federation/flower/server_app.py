@@ -1,0 +1,99 @@
+"""ServerApp run by the coordinator's SuperLink: the in-process loop of `medfdd.federation.inprocess`, over Flower.
+
+Per round: `CoordinatorRun.broadcast()` goes to every connected SuperNode; each reply is decoded to a `SiteOffer`
+and handed to `run.receive(offer, sender=str(node_id))`; nodes that did not answer within `site_timeout_s` (or
+answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. The coordinator config path
+comes from the run config (`flwr run ... --run-config 'coordinator-config="/abs/coordinator.yaml"'`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from medfdd.coordinator.validate import Reason
+from medfdd.errors import MedfddError
+from medfdd.federation.flower import codec
+from medfdd.federation.flower.client_app import MESSAGE_TYPE
+
+RUN_CONFIG_KEY = "coordinator-config"
+
+app = ServerApp()
+
+
+class ServerAppError(MedfddError):
+    """The ServerApp cannot start the run as configured."""
+
+
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, console: Console) -> list[int]:
+    """Wait until `expected` SuperNodes are connected or `timeout` passes; return the connected ones."""
+    deadline = time.monotonic() + timeout
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    console.print(f"{len(nodes)} of {expected} site(s) connected")
+    return nodes
+
+
+def _label(run, sender: str) -> str:
+    """The site a SuperNode is bound to in this run (from an earlier accepted offer), else `node-<id>`."""
+    return run.bindings.get(sender) or f"node-{sender}"
+
+
+def run_round(grid: Grid, run, console: Console) -> dict:
+    broadcast = run.broadcast()
+    nodes = sorted(grid.get_node_ids())
+    msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE)
+            for n in nodes]
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
+    answered: set[int] = set()
+    for reply in replies:
+        node = reply.metadata.src_node_id
+        answered.add(node)
+        sender = str(node)
+        if reply.has_error():
+            run.no_answer(_label(run, sender), f"site error: {reply.error.reason}", code=Reason.SITE_FAILED)
+            continue
+        try:
+            offer = codec.records_to_offer(reply.content)
+        except MedfddError as e:
+            run.no_answer(_label(run, sender), f"unreadable offer: {e}", code=Reason.MALFORMED)
+            continue
+        run.receive(offer, sender=sender)
+    for node in nodes:
+        if node in answered:
+            continue
+        site = run.bindings.get(str(node))
+        if site is not None:
+            run.no_answer(site, f"no answer within {run.site_timeout_s:g} s")
+        else:  # never answered in this run: finish_round records the expected sites that stayed silent
+            console.print(f"SuperNode {node} did not answer within {run.site_timeout_s:g} s")
+    console.print(f"round {broadcast.round}: {len(answered)} of {len(nodes)} site(s) answered in "
+                  f"{time.monotonic() - t0:.1f} s")
+    return run.finish_round()
+
+
+def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path:
+    from medfdd.coordinator.run import CoordinatorRun
+
+    console = console or Console(stderr=True)
+    run = CoordinatorRun.open(config_path, engine="flower", console=console)
+    wait_for_nodes(grid, len(run.expected_sites), run.site_timeout_s, console)
+    while run.next_round is not None:
+        run_round(grid, run, console)
+    return run.close()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    value = context.run_config.get(RUN_CONFIG_KEY)
+    if not isinstance(value, str) or not value:
+        raise ServerAppError(f"run config {RUN_CONFIG_KEY!r}", "not set",
+                             "start the run with `medfdd coordinator flower-run CONFIG`")
+    serve(grid, Path(value))

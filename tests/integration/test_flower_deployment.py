@@ -1,0 +1,221 @@
+"""Flower deployment engine on loopback: a real SuperLink and three SuperNodes with TLS and SuperNode authentication.
+
+One deployment per module (its own FLWR_HOME, certificates, keys and free ports under a fresh tmp folder): the
+SuperLink is started from the same argument builder `medfdd coordinator superlink` execs, each hospital joins with
+`medfdd site join` (which execs flower-supernode, so the PID we hold is the SuperNode's), sites are registered and the
+run is driven with `medfdd coordinator register` / `flower-run`. Every process is started in its own process group
+and stopped by PID in the fixture's teardown, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import small_digits_consortium
+from rich.console import Console
+
+from medfdd.cli import main
+from medfdd.config import load_coordinator_config, load_site_config
+from medfdd.coordinator.run import consortium_of
+from medfdd.federation.flower import deploy
+from medfdd.federation.flower.pki import make_site_keys, make_tls
+from medfdd.federation.inprocess import run_inprocess
+
+pytestmark = pytest.mark.slow
+HOST = "127.0.0.1"
+SITE_TIMEOUT_S = 240.0
+SILENT_TIMEOUT_S = 45.0
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return f"--- {path.name}: no log"
+
+
+def flower_coordinator_config(coord: Path, name: str, **overrides) -> Path:
+    """The Flower shape of a coordinator config: the agreed consortium spec instead of the sites' config paths."""
+    cfg = load_coordinator_config(coord)
+    spec, _ = consortium_of(cfg)
+    data = yaml.safe_load(coord.read_text())
+    data.pop("sites")
+    data["consortium"] = spec.model_dump(mode="json")
+    data.update(output=f"../runs/{name}", **overrides)
+    path = coord.with_name(f"{name}.yaml")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class Deployment:
+    def __init__(self, base: Path):
+        self.base = base
+        self.logs = base / "logs"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.env = deploy.flower_env(flwr_home=base / "flwr-home", threads=1)
+        self.port = deploy.free_port(HOST)
+        self.address = f"{HOST}:{self.port}"
+
+    def start(self, name: str, argv: list[str]) -> subprocess.Popen:
+        self.procs[name] = deploy.start(argv, env=self.env, log=self.logs / f"{name}.log")
+        return self.procs[name]
+
+    def join(self, name: str, site_config: Path, key: Path) -> subprocess.Popen:
+        return self.start(name, [sys.executable, "-m", "medfdd.cli", "site", "join", str(site_config),
+                                 "--superlink", self.address, "--root-certificates", str(self.ca),
+                                 "--key", str(key), "--port", str(deploy.free_port(HOST))])
+
+    def cli(self, *args: str) -> int:
+        return main([*args, "--superlink", self.address, "--root-certificates", str(self.ca)])
+
+    def online(self) -> int:
+        return sum(n["status"] == "online" for n in deploy.list_supernodes(env=self.env))
+
+    def wait_online(self, n: int, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.online() < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"fewer than {n} SuperNodes online after {timeout} s\n{self.log_tails()}")
+            time.sleep(0.5)
+
+    def log_tails(self) -> str:
+        return "\n".join(_tail(p) for p in sorted(self.logs.glob("*.log")))
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            deploy.stop(proc)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    base = tmp_path_factory.mktemp("flower")
+    coord = small_digits_consortium(base / "consortium", rounds=2, site_timeout_s=SITE_TIMEOUT_S)
+    sites = {load_site_config(p).site_id: p for p in load_coordinator_config(coord).site_paths}
+    d = Deployment(base)
+    d.coord, d.sites = coord, sites
+    tls = make_tls(base / "certs")
+    d.ca = tls.ca_cert
+    d.keys = {s: make_site_keys(base / "keys", s) for s in sites}
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FLWR_HOME", d.env["FLWR_HOME"])  # the medfdd CLI's flwr calls use this test's FLWR_HOME
+    try:
+        d.start("superlink", deploy.superlink_argv(host=HOST, port=d.port, certs=base / "certs"))
+        deploy.wait_for_port(HOST, d.port, timeout=60, proc=d.procs["superlink"])
+        for s, keys in d.keys.items():
+            assert d.cli("coordinator", "register", str(keys.public_key)) == 0
+            d.join(s, sites[s], keys.private_key)
+        d.wait_online(len(sites))
+        yield d
+    finally:
+        d.stop_all()
+        mp.undo()
+        for name, proc in d.procs.items():
+            assert proc.poll() is not None, f"{name} (pid {proc.pid}) still running"
+
+
+@pytest.fixture(scope="module")
+def flower_run(deployment):
+    d = deployment
+    cfg = flower_coordinator_config(d.coord, "flower")
+    t0 = time.perf_counter()
+    rc = d.cli("coordinator", "flower-run", str(cfg), "--timeout", "600")
+    seconds = time.perf_counter() - t0
+    assert rc == 0, f"flower-run exited {rc}\n{d.log_tails()}"
+    out = load_coordinator_config(cfg).output_dir
+    print(f"Flower run, 3 sites x 2 rounds, TLS + SuperNode auth: {seconds:.1f} s")
+    return out, seconds
+
+
+def test_two_round_run_over_tls_with_supernode_auth_completes(deployment, flower_run):
+    out, _ = flower_run
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["engine"] == "flower"
+    sites = sorted(deployment.sites)
+    assert [r["round"] for r in run["rounds"]] == [1, 2]
+    model_bytes = (out / "rounds" / "round-1" / "global_model.safetensors").stat().st_size
+    for r in run["rounds"]:
+        assert r["accepted"] == sites and r["rejected"] == []
+        assert 0 <= r["metrics"]["accuracy"] <= 1 and 0 <= r["metrics"]["auc"] <= 1
+        assert all(r["bytes_up"][s] > 50 * 16 * 16 * 4 for s in sites)
+    assert all(run["rounds"][1]["bytes_down"][s] > model_bytes for s in sites)  # round 2 carries the global model
+    assert run["final"]["accuracy"] == run["rounds"][1]["metrics"]["accuracy"]
+    assert run["final"]["bytes_up_total"] == sum(sum(r["bytes_up"].values()) for r in run["rounds"])
+    # the ledgers stay at the sites: each paid once per round; none was copied to the coordinator
+    for s, path in deployment.sites.items():
+        ledger = json.loads((load_site_config(path).output_dir / "privacy_ledger.json").read_text())
+        assert sorted(e["round"] for e in ledger["entries"]) == [1, 2]
+        assert not (out / "sites" / s / "privacy_ledger.json").exists()
+
+
+def test_unregistered_supernode_is_refused(deployment, flower_run):
+    d = deployment
+    rogue_keys = make_site_keys(d.base / "rogue-keys", "hospital-a")  # claims a real site's id, key not registered
+    before = {n["node-id"] for n in deploy.list_supernodes(env=d.env)}
+    proc = d.join("rogue", next(iter(d.sites.values())), rogue_keys.private_key)
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"an unregistered SuperNode was not refused within 60 s\n{_tail(d.logs / 'rogue.log')}")
+    assert rc != 0
+    assert "Failed to activate SuperNode" in (d.logs / "rogue.log").read_text(errors="replace")
+    assert {n["node-id"] for n in deploy.list_supernodes(env=d.env)} == before
+
+
+def test_flower_and_inprocess_runs_give_the_same_merged_set_and_accuracy(deployment, flower_run):
+    out, flower_s = flower_run
+    d = deployment
+    # the same consortium, site outputs of its own: every site starts from an empty ledger, as under Flower
+    inproc_dir = d.coord.parent.parent / "site_configs_inprocess"
+    inproc_dir.mkdir()
+    for path in d.sites.values():
+        cfg = yaml.safe_load(path.read_text())
+        cfg["output"] = cfg["output"].replace("../runs/", "../runs-inprocess/")
+        (inproc_dir / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    coord = yaml.safe_load(d.coord.read_text())
+    coord["output"] = "../runs-inprocess/coordinator"
+    (inproc_dir / d.coord.name).write_text(yaml.safe_dump(coord, sort_keys=False))
+    t0 = time.perf_counter()
+    inproc_out = run_inprocess(inproc_dir / d.coord.name, console=Console(quiet=True))
+    print(f"in-process run, 3 sites x 2 rounds: {time.perf_counter() - t0:.1f} s (Flower: {flower_s:.1f} s)")
+
+    with np.load(out / "merged.npz", allow_pickle=False) as f, \
+            np.load(inproc_out / "merged.npz", allow_pickle=False) as i:
+        np.testing.assert_array_equal(f["labels"], i["labels"])
+        np.testing.assert_allclose(f["images"], i["images"], rtol=0, atol=1e-6)
+    fl = json.loads((out / "run.json").read_text())
+    ip = json.loads((inproc_out / "run.json").read_text())
+    assert ip["engine"] == "inprocess"
+    assert fl["final"]["accuracy"] == pytest.approx(ip["final"]["accuracy"], abs=1e-6)
+    assert fl["final"]["n_merged"] == ip["final"]["n_merged"]
+    assert [r["accepted"] for r in fl["rounds"]] == [r["accepted"] for r in ip["rounds"]]
+
+
+def test_a_site_that_never_answers_is_left_out_after_the_timeout(deployment, flower_run):
+    d = deployment
+    silent = sorted(d.sites)[-1]
+    cfg = flower_coordinator_config(d.coord, "silent", rounds=1, site_timeout_s=SILENT_TIMEOUT_S)
+    proc = d.procs[silent]
+    os.killpg(proc.pid, signal.SIGSTOP)  # the hospital's machine freezes: connected, registered, silent
+    try:
+        t0 = time.perf_counter()
+        rc = d.cli("coordinator", "flower-run", str(cfg), "--timeout", "300")
+        seconds = time.perf_counter() - t0
+    finally:
+        os.killpg(proc.pid, signal.SIGCONT)
+    assert rc == 0, d.log_tails()
+    print(f"run with one silent site (timeout {SILENT_TIMEOUT_S:g} s): {seconds:.1f} s")
+    run = json.loads((load_coordinator_config(cfg).output_dir / "run.json").read_text())
+    assert run["status"] == "completed"
+    r = run["rounds"][0]
+    assert r["accepted"] == sorted(set(d.sites) - {silent})
+    assert silent in {x["site_id"] for x in r["rejected"]}
+    assert seconds >= SILENT_TIMEOUT_S
