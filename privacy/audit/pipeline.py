@@ -1,0 +1,84 @@
+"""The audited pipeline, rerun in memory at the site: distill a record set (DP or not) and train a classifier on
+the synthetic set (plus, optionally, the other sites' released synthetic sets, as the coordinator would).
+
+Shadow pipelines (LiRA) and canary runs call this with the same settings as the audited run. Nothing is charged to
+the site's ledger and nothing leaves the site: these runs exist only to measure the audited one. Under DP the noise
+is calibrated by Opacus (`privacy.accounting.calibrate_noise`) to the run's per-round epsilon for *this* record
+set's sample rate, exactly as the site runner would calibrate it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from medfdd.config import DistillConfig
+from medfdd.distill.base import PrivacyPlan
+from medfdd.nets import ConvNet
+from medfdd.training import TrainSettings, train_classifier
+from privacy.accounting import calibrate_noise, epsilon_for
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """Everything that determines one pipeline run except the records and the seed."""
+
+    distill: DistillConfig
+    train: TrainSettings
+    num_classes: int
+    epsilon: float  # per-round budget; math.inf = non-private (--no-dp)
+    delta: float
+    accountant: str = "rdp"
+
+    @property
+    def dp(self) -> bool:
+        return math.isfinite(self.epsilon)
+
+
+@dataclass
+class PipelineOutput:
+    synthetic_images: np.ndarray
+    synthetic_labels: np.ndarray
+    model: ConvNet | None
+    epsilon_accounted: float  # what Opacus accounts for this run (inf without DP)
+    noise_multiplier: float
+    sample_rate: float
+
+
+def privacy_plan(settings: PipelineSettings, n_records: int) -> PrivacyPlan:
+    cfg = settings.distill
+    q = min(1.0, cfg.batch_size / max(1, n_records))
+    if not settings.dp:
+        return PrivacyPlan(False, 0.0, q, cfg.iterations, cfg.clip_norm)
+    sigma = calibrate_noise(epsilon=settings.epsilon, delta=settings.delta, sample_rate=q, steps=cfg.iterations,
+                            accountant=settings.accountant)
+    return PrivacyPlan(True, sigma, q, cfg.iterations, cfg.clip_norm)
+
+
+def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSettings, *, seed: int,
+                 context: tuple[np.ndarray, np.ndarray] | None = None, train_model: bool = True,
+                 device: torch.device | None = None) -> PipelineOutput:
+    """Distill (`images`, `labels`) with the run's distiller, then train a ConvNet-3 on the synthetic set
+    concatenated with `context` (other sites' synthetic sets). `seed` drives both stages."""
+    from medfdd.distill.site import distiller_class  # the site runner's choice of distiller
+
+    device = device or torch.device("cpu")
+    plan = privacy_plan(settings, len(images))
+    distiller = distiller_class(settings.distill.method)(
+        settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
+        device=device)
+    state = distiller.run(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
+    syn_x = state.images.detach().cpu().numpy().astype(np.float32)
+    syn_y = state.labels.cpu().numpy().astype(np.int64)
+    model = None
+    if train_model:
+        x, y = syn_x, syn_y
+        if context is not None and len(context[0]):
+            x, y = np.concatenate([syn_x, context[0]]), np.concatenate([syn_y, context[1]])
+        model = train_classifier(x, y, settings.num_classes, settings.train, seed=seed, device=device)
+    eps = (epsilon_for([(plan.noise_multiplier, plan.sample_rate, plan.steps)], delta=settings.delta,
+                       accountant=settings.accountant) if plan.dp else math.inf)
+    return PipelineOutput(syn_x, syn_y, model, eps, plan.noise_multiplier, plan.sample_rate)

@@ -1,0 +1,264 @@
+"""`medfdd audit RUN_DIR`: audit a finished run directory, per site and for the consortium.
+
+Runs at the site (it reads the real records): members = the site's training records, non-members = its audit
+holdout (`medfdd.data.site_data`). Targets: the final global model (`global_model.safetensors`) and the site's
+released synthetic set (`sites/<site>/synthetic.npz`). Shadow pipelines (LiRA) and the canary run rerun the site's
+distillation (its config, the run's per-round epsilon) and the coordinator's training (run.json's `config.train`)
+in memory; the other sites' released synthetic sets are merged in as the coordinator would (concatenation).
+Limitations: shadows replay one round (no FedDM matching against earlier global models).
+
+What comes out holds aggregate numbers, attack scores and the (already released) synthetic images only: no file
+path, header value or patient id (invariant 5). It is computed from real records without DP: it is for the site's
+privacy officer and must stay at the site.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from medfdd.artifacts import load_model, load_synthetic
+from medfdd.config import load_site_config
+from medfdd.data.site_data import load_site_data
+from medfdd.errors import MedfddError
+from medfdd.training import TrainSettings
+from privacy.accounting import PrivacyLedger, epsilon_for
+from privacy.audit.attacks import dcr_attack, lira_scores, loss_attack, run_shadows
+from privacy.audit.canary import canary_audit
+from privacy.audit.metrics import (
+    AttackMetrics,
+    AuditInputError,
+    EpsilonBound,
+    attack_metrics,
+    clopper_pearson_lower_bound,
+)
+from privacy.audit.pipeline import PipelineSettings
+from privacy.audit.spec import AuditSpec
+
+CONSORTIUM = "consortium"
+
+
+class AuditError(MedfddError):
+    """The run directory cannot be audited (missing or unfinished run, missing artifacts, no holdout)."""
+
+
+@dataclass
+class AttackRow:
+    site: str
+    attack: str
+    target: str
+    scores: np.ndarray
+    is_member: np.ndarray
+    metrics: AttackMetrics
+    bound: EpsilonBound
+    epsilon_accounted: float
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class SiteAudit:
+    site_id: str
+    dp: bool
+    epsilon_budget: float
+    epsilon_spent: float
+    delta: float
+    accountant: str
+    ledger: list[dict]  # per charge: round, purpose, noise_multiplier, sample_rate, steps, epsilon_after
+    synthetic_images: np.ndarray
+    synthetic_labels: np.ndarray
+    n_members: int
+    n_nonmembers: int
+
+
+@dataclass
+class AuditOutcome:
+    run: dict  # name, engine, status, medfdd_version, seed, rounds
+    classes: list[str]
+    spec: AuditSpec
+    sites: dict[str, SiteAudit]
+    rows: list[AttackRow]
+    utility: dict | None
+    notes: list[str]
+
+
+def _read_run(run_dir: Path) -> dict:
+    path = run_dir / "run.json"
+    if not path.is_file():
+        raise AuditError(str(run_dir), "no run.json here", "pass a run directory written by `medfdd coordinator run`")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AuditError(str(path), f"not valid JSON ({e})", "re-run or resume the coordinator") from None
+    if run.get("status") != "completed":
+        raise AuditError(str(path), f"status is {run.get('status')!r}, not 'completed'",
+                         "wait for the run to finish (or resume it) before auditing")
+    for key in ("classes", "sites", "config"):
+        if key not in run:
+            raise AuditError(str(path), f"lacks key {key!r}", "audit a run directory written by this medfdd version")
+    return run
+
+
+def _inf(x) -> float:
+    return math.inf if x == "inf" or x is None else float(x)
+
+
+def _train_settings(run: dict) -> TrainSettings:
+    t = run["config"].get("train") or {}
+    known = {k: t[k] for k in ("epochs", "lr", "batch_size", "width", "augment") if k in t}
+    return TrainSettings(**known)
+
+
+def _ledger_rows(path: Path) -> tuple[list[dict], float | None]:
+    if not path.is_file():
+        return [], None
+    ledger = PrivacyLedger.load(path)
+    rows, so_far = [], []
+    for e in ledger.entries:
+        so_far.append(e)
+        rows.append({"round": e.round, "purpose": e.purpose, "noise_multiplier": e.noise_multiplier,
+                     "sample_rate": e.sample_rate, "steps": e.steps, "dp": e.dp,
+                     "epsilon_after": epsilon_for(so_far, delta=ledger.budget.delta,
+                                                  accountant=ledger.budget.accountant)})
+    return rows, ledger.epsilon_spent
+
+
+def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:
+    try:
+        return clopper_pearson_lower_bound(scores, member, delta=delta, confidence=spec.confidence, seed=seed)
+    except AuditInputError as e:
+        return EpsilonBound(0.0, spec.confidence, "clopper_pearson", delta, {"reason": e.problem})
+
+
+def _row(site, attack, target, scores, member, *, delta, eps, spec, details=None) -> AttackRow:
+    return AttackRow(site, attack, target, np.asarray(scores, dtype=np.float64), member.astype(bool),
+                     attack_metrics(scores, member), _bound(scores, member, delta=delta, spec=spec, seed=spec.seed),
+                     eps, details or {})
+
+
+def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None) -> AuditOutcome:
+    console = console or Console()
+    run_dir = Path(run_dir).resolve()
+    run = _read_run(run_dir)
+    classes = list(run["classes"])
+    k = len(classes)
+    train = _train_settings(run)
+    model_path = run_dir / "global_model.safetensors"
+    model = load_model(model_path) if model_path.is_file() else None
+    if model is None and "global_model" in spec.targets:
+        raise AuditError(str(model_path), "missing", "audit a completed run (or drop global_model from targets)")
+    wanted = spec.sites if spec.sites is not None else sorted(run["sites"])
+    unknown = [s for s in wanted if s not in run["sites"]]
+    if unknown:
+        raise AuditError("audit spec: key 'sites'", f"{unknown} are not sites of this run ({sorted(run['sites'])})",
+                         "list site ids from run.json")
+    released = {}
+    for sid in sorted(run["sites"]):
+        if (run_dir / "sites" / sid / "synthetic.npz").is_file():
+            released[sid] = load_synthetic(run_dir / "sites" / sid)
+
+    notes: list[str] = []
+    sites: dict[str, SiteAudit] = {}
+    rows: list[AttackRow] = []
+    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = []
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as bar:
+        for sid in wanted:
+            info = run["sites"][sid]
+            if not info.get("config"):
+                notes.append(f"{sid}: no local site config in run.json (Flower run): audit it at its site")
+                continue
+            if sid not in released:
+                notes.append(f"{sid}: no released synthetic set in the run directory (rejected or absent): skipped")
+                continue
+            cfg = load_site_config(Path(info["config"]))
+            data = load_site_data(cfg)
+            if len(data.holdout) == 0 or len(data.train) == 0:
+                raise AuditError(f"{sid}: data.holdout_fraction", "the site has no audit holdout (or no training "
+                                 "records)", "set data.holdout_fraction > 0 in the site config before the run")
+            syn = released[sid]
+            meta = syn.meta
+            dp = bool(meta.get("dp", True)) and math.isfinite(_inf(meta.get("epsilon")))
+            delta = float(meta.get("delta", info.get("delta", 1e-5)))
+            ledger, spent = _ledger_rows(run_dir / "sites" / sid / "privacy_ledger.json")
+            eps_acc = (spent if spent is not None else _inf(meta.get("epsilon"))) if dp else math.inf
+            pool = np.r_[data.train, data.holdout]
+            member = np.r_[np.ones(len(data.train)), np.zeros(len(data.holdout))].astype(bool)
+            x, y = data.images[pool], data.labels[pool]
+            sites[sid] = SiteAudit(sid, dp, _inf(info.get("epsilon_budget")), eps_acc, delta,
+                                   str(meta.get("accountant", "rdp")), ledger, syn.images, syn.labels,
+                                   int(member.sum()), int((~member).sum()))
+            pools.append((x, y, member, delta, eps_acc))
+            common = {"delta": delta, "eps": eps_acc, "spec": spec}
+            if "loss" in spec.attacks and "global_model" in spec.targets:
+                rows.append(_row(sid, "loss", "global_model", loss_attack(model, x, y), member, **common))
+            if "dcr" in spec.attacks and "synthetic" in spec.targets:
+                rows.append(_row(sid, "dcr", "synthetic", dcr_attack(syn.images, x), member, **common))
+
+            others = [released[o] for o in sorted(released) if o != sid]
+            context = (np.concatenate([o.images for o in others]), np.concatenate([o.labels for o in others])) \
+                if others else None
+            eps_round = _inf(meta.get("epsilon_round", meta.get("epsilon"))) if dp else math.inf
+            settings = PipelineSettings(cfg.distill, train, k, eps_round, delta, str(meta.get("accountant", "rdp")))
+            if spec.lira:
+                targets = tuple(t for t in ("global_model", "synthetic") if t in spec.targets)
+                task = bar.add_task(f"{sid}: {spec.shadows} shadow pipelines (LiRA)", total=spec.shadows)
+                with torch.random.fork_rng(devices=[]):
+                    shadows = run_shadows(x, y, settings, n_shadows=spec.shadows, seed=spec.seed, targets=targets,
+                                          context=context, on_shadow=lambda d, t=task: bar.update(t, completed=d))
+                from privacy.audit.attacks import target_statistic
+                from privacy.audit.pipeline import PipelineOutput
+
+                observed = PipelineOutput(syn.images, syn.labels, model, eps_acc, 0.0, 0.0)
+                for t in targets:
+                    tstat = target_statistic(t, observed, x, y)
+                    for attack in spec.lira:
+                        scores = lira_scores(tstat, shadows.stats[t], shadows.in_mask, online=attack == "lira_online",
+                                             fixed_variance=spec.fixed_variance)
+                        rows.append(_row(sid, attack, t, scores, member, **common,
+                                         details={"shadows": spec.shadows, "fixed_variance": spec.fixed_variance}))
+            if "canary" in spec.attacks:
+                m = min(spec.canaries, len(data.holdout))
+                task = bar.add_task(f"{sid}: canary run ({m} canaries)", total=1)
+                pick = np.random.default_rng([spec.seed, 11]).permutation(data.holdout)[:m]
+                with torch.random.fork_rng(devices=[]):
+                    c = canary_audit(data.images[data.train], data.labels[data.train], data.images[pick],
+                                     data.labels[pick], settings, target=spec.canary_target, kind=spec.canary_kind,
+                                     seed=spec.seed, delta=delta, confidence=spec.confidence, context=context)
+                bar.update(task, completed=1)
+                if c.included.all() or not c.included.any():
+                    notes.append(f"{sid}: all {m} canaries fell on one side; canary metrics skipped")
+                else:
+                    rows.append(AttackRow(
+                        sid, "canary", spec.canary_target, c.scores, c.included, attack_metrics(c.scores, c.included),
+                        c.one_run, c.epsilon_accounted,
+                        {"canaries": m, "kind": c.kind, "one_run": c.one_run.to_json(),
+                         "clopper_pearson": c.clopper_pearson.to_json(),
+                         "epsilon_lower_bound_clopper_pearson": c.clopper_pearson.value}))
+    if not sites:
+        raise AuditError(str(run_dir), "no site could be audited here: " + "; ".join(notes),
+                         "run the audit where the sites' configs and data are")
+    if spec.consortium and len(pools) > 1:
+        x = np.concatenate([p[0] for p in pools])
+        y = np.concatenate([p[1] for p in pools])
+        member = np.concatenate([p[2] for p in pools])
+        delta = max(p[3] for p in pools)
+        eps = max(p[4] for p in pools)  # a record is protected by its own site's guarantee: the worst site bounds all
+        common = {"delta": delta, "eps": eps, "spec": spec}
+        if "loss" in spec.attacks and "global_model" in spec.targets:
+            rows.append(_row(CONSORTIUM, "loss", "global_model", loss_attack(model, x, y), member, **common))
+        merged = run_dir / "merged.npz"
+        if "dcr" in spec.attacks and "synthetic" in spec.targets and merged.is_file():
+            with np.load(merged, allow_pickle=False) as z:
+                rows.append(_row(CONSORTIUM, "dcr", "synthetic", dcr_attack(z["images"], x), member, **common))
+    rounds = run.get("rounds") or []
+    info = {"name": run_dir.name, "engine": run.get("engine"), "status": run.get("status"),
+            "medfdd_version": run.get("medfdd_version"), "seed": run.get("seed"), "rounds": len(rounds),
+            "merge": run["config"].get("merge")}
+    return AuditOutcome(info, classes, spec, sites, rows, run.get("final"), notes)

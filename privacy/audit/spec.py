@@ -1,0 +1,67 @@
+"""Audit specs (`audits/*.yaml`): which attacks, how many shadow pipelines and canaries, at what confidence.
+
+Validated like the site configs (pydantic v2, unknown keys are errors naming the key), e.g.::
+
+    attacks: [loss, lira_online, lira_offline, dcr, canary]
+    targets: [global_model, synthetic]
+    shadows: 8
+    fixed_variance: false
+    canaries: 64
+    canary_kind: holdout          # holdout | mislabeled
+    canary_target: synthetic      # synthetic | global_model
+    confidence: 0.95
+    sites: null                   # null = every site of the run with a local config
+    consortium: true
+    seed: 0
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from medfdd.config import load_yaml, parse_config
+
+ATTACKS = ("loss", "lira_online", "lira_offline", "dcr", "canary")
+Attack = Literal["loss", "lira_online", "lira_offline", "dcr", "canary"]
+Target = Literal["global_model", "synthetic"]
+
+
+class AuditSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    attacks: list[Attack] = Field(default_factory=lambda: list(ATTACKS), min_length=1,
+                                  description="loss | lira_online | lira_offline | dcr | canary")
+    targets: list[Target] = Field(default_factory=lambda: ["global_model", "synthetic"], min_length=1,
+                                  description="global_model (loss, LiRA) and/or synthetic (DCR, LiRA on DCR)")
+    shadows: int = Field(8, ge=2, le=1024, description="shadow pipelines for LiRA (>= 16 where affordable)")
+    fixed_variance: bool = Field(False, description="LiRA with one pooled variance (better with few shadows)")
+    canaries: int = Field(64, ge=4, description="canaries m (capped by the site's holdout size)")
+    canary_kind: Literal["holdout", "mislabeled"] = "holdout"
+    canary_target: Target = "synthetic"
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence of the epsilon lower bounds")
+    sites: list[str] | None = Field(None, description="site ids to audit (default: all with a local config)")
+    consortium: bool = Field(True, description="also audit the global model on all audited sites' records")
+    seed: int = Field(0, ge=0)
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    @field_validator("attacks", "targets")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({a for a in v if v.count(a) > 1})
+        if dup:
+            raise ValueError(f"listed twice: {dup}")
+        return v
+
+    @property
+    def lira(self) -> list[str]:
+        return [a for a in self.attacks if a.startswith("lira")]
+
+
+def load_audit_spec(path: Path | str | None) -> AuditSpec:
+    if path is None:
+        return AuditSpec()
+    path = Path(path)
+    return parse_config(load_yaml(path), AuditSpec, str(path), path.resolve().parent)
