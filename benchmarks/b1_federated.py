@@ -1,0 +1,165 @@
+"""B1 federated + B2 communication: Fashion-MNIST over K sites (Dirichlet alpha, seed 0), DP distribution matching at
+each site (IPC per site, epsilon per site over all rounds), merged by the coordinator's own merge and trained as the
+global ConvNet-3; rounds > 1 match against the broadcast global model (FedDM-style). Baselines on the same split:
+centralized, local-only, random real subset, FedAvg and DP-FedAvg (Opacus DP-SGD at the same per-site epsilon).
+
+The sites run in memory (the same Distiller, merge and training code as `medfdd coordinator run`; no DICOM files),
+so the benchmark measures the method, not file loading (see loading.py for that).
+CPU-scale default: at most 1000 training images per class (10k of 60k), 100 DP steps per round, real batch 32 per
+class per site, evaluation 300 epochs; the GPU scale uses all 60k and the published settings.
+Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
+
+from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, random_subset  # noqa: E402
+from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
+from medfdd.coordinator.merge import merge  # noqa: E402
+from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
+from medfdd.data.partition import dirichlet_partition  # noqa: E402
+from medfdd.data.prepare import cap_per_class  # noqa: E402
+from medfdd.data.sources import load_fashion_mnist  # noqa: E402
+from medfdd.distill.base import PrivacyPlan  # noqa: E402
+from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
+from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
+from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
+
+SCALES = {
+    "cpu": {"max_per_class": 1000, "iterations": 100, "batch_per_class": 32, "eval_epochs": 300, "full_epochs": 5},
+    "gpu": {"max_per_class": None, "iterations": 1000, "batch_per_class": 256, "eval_epochs": 1000, "full_epochs": 30},
+}
+DELTA = 1e-5
+K = 10
+
+
+def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
+                 device, seed: int) -> dict:
+    dp = math.isfinite(eps)
+    cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"))
+    global_model, per_round, bytes_up, spent = None, [], 0, {}
+    t0 = time.perf_counter()
+    for r in range(1, rounds + 1):
+        offers = []
+        for i, s in enumerate(sites):
+            steps = scale["iterations"]
+            batch = scale["batch_per_class"] * K
+            q = min(1.0, batch / len(s.y))
+            sigma = calibrate_round_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps_per_round=steps,
+                                          rounds=rounds) if dp else 0.0
+            spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
+            dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch)
+            d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
+                                     image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
+                                     matching_net=global_model)
+            st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
+            x, y = st.images.detach().cpu().numpy(), st.labels.cpu().numpy()
+            offers.append(AcceptedOffer(s.site_id, x, y, {}, x.nbytes + y.nbytes))
+            bytes_up += x.nbytes + y.nbytes
+        merged = merge(offers, cfg, num_classes=K, seed=seed + r)
+        global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
+                                        seed=seed + r, device=device)
+        per_round.append(evaluate(global_model, *test, K)["accuracy"])
+    distill_s = time.perf_counter() - t0
+    accs = [per_round[-1]] + [evaluate(train_classifier(merged.images, merged.labels, K,
+                                                        TrainSettings(epochs=scale["eval_epochs"]), seed=100 + e,
+                                                        device=device), *test, K)["accuracy"]
+                              for e in range(evals - 1)]
+    model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
+    return {"method": "dp-dm (ours)", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
+            "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
+            "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
+            "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
+            "bytes_up_total": bytes_up, "bytes_down_total": model_bytes * len(sites) * (rounds - 1),
+            "n_merged": int(len(merged.labels))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sites", type=int, default=5)
+    ap.add_argument("--alpha", type=float, default=0.5)
+    ap.add_argument("--ipc", type=int, default=10)
+    ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0, math.inf])
+    ap.add_argument("--rounds", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--scale", choices=SCALES, default="cpu")
+    ap.add_argument("--evals", type=int, default=3)
+    ap.add_argument("--baselines", action="store_true", help="also run centralized, local-only, subset, FedAvg")
+    ap.add_argument("--baseline-eps", type=float, nargs="+", default=None, help="DP-FedAvg epsilons (default --eps)")
+    ap.add_argument("--fedavg-rounds", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
+    ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
+    ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class")
+    args = ap.parse_args()
+    scale = dict(SCALES[args.scale])
+    for key in ("iterations", "eval_epochs", "max_per_class"):
+        if getattr(args, key) is not None:
+            scale[key] = getattr(args, key)
+    src = cap_per_class(load_fashion_mnist(), scale["max_per_class"], args.seed)
+    x = (src.train_images / 255.0).astype(np.float32)[:, None]
+    test = ((src.test_images / 255.0).astype(np.float32)[:, None], src.test_labels)
+    part = dirichlet_partition(src.train_labels, n_sites=args.sites, alpha=args.alpha, seed=args.seed, n_classes=K)
+    sites = [SiteRecords(f"site-{i}", x[idx], src.train_labels[idx]) for i, idx in enumerate(part.site_indices)]
+    device = pick_device()
+    name = args.name or f"b1_federated_{args.scale}_alpha{args.alpha:g}"
+    partial = RESULTS / f"{name}.partial.jsonl"
+    rows = []
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(partial, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    for rounds in args.rounds:
+        for eps in args.eps:
+            keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
+                              device=device, seed=args.seed))
+    if args.baselines:
+        settings = TrainSettings(epochs=scale["eval_epochs"])
+        full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
+        t = time.perf_counter()
+        keep({"method": "centralized (all records, non-private)", **_acc(centralized(sites, test, K, full, seed=0)),
+              "seconds": time.perf_counter() - t})
+        t = time.perf_counter()
+        keep({"method": "local-only (mean over sites, non-private)", **_acc(local_only(sites, test, K, full, seed=0)),
+              "seconds": time.perf_counter() - t})
+        t = time.perf_counter()
+        keep({"method": f"random real subset ipc {args.ipc}/site (non-private)",
+              **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
+        for eps in [None] + [e for e in (args.baseline_eps or args.eps) if math.isfinite(e)]:
+            t = time.perf_counter()
+            res = fedavg(sites, test, K, rounds=args.fedavg_rounds, local_epochs=1, epsilon=eps, seed=0)
+            keep({"method": "FedAvg" if eps is None else "DP-FedAvg (Opacus DP-SGD)", "epsilon": eps or "inf",
+                  "rounds": args.fedavg_rounds, **_acc(res), "accuracy_per_round": res["accuracy_per_round"],
+                  "bytes_up_total": res["bytes_up_total"], "bytes_down_total": res["bytes_down_total"],
+                  "model_bytes": res["model_bytes"], "seconds": time.perf_counter() - t})
+    out = write_result(name, {"dataset": "fashion-mnist (Debian dataset-fashion-mnist)",
+                              "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
+                                            "site_totals": part.site_totals.tolist()},
+                              "scale": args.scale, **scale, "delta": DELTA, "rows": rows,
+                              "peak_memory_mb": peak_memory_mb()})
+    partial.unlink(missing_ok=True)
+    print(f"wrote {out}")
+
+
+def _acc(m: dict) -> dict:
+    return {"accuracy_mean": m["accuracy"], "accuracy_sd": 0.0,
+            **({"per_site": m["per_site"]} if "per_site" in m else {})}
+
+
+if __name__ == "__main__":
+    main()
