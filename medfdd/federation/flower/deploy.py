@@ -299,7 +299,7 @@ def run_status(run_id: int, *, env: dict[str, str], connection: str = CONNECTION
     return runs[0]
 
 
-def wait_run(run_id: int, *, env: dict[str, str], timeout: float, poll: float = 2.0,
+def wait_run(run_id: int, *, env: dict[str, str], timeout: float, poll: float = 4.0,
              connection: str = CONNECTION, console: Console | None = None) -> dict:
     """Poll `flwr list` until the run is finished; fail unless it finished:completed (`flwr run` exits 0 even when
     the run fails)."""

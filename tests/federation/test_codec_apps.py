@@ -1,0 +1,99 @@
+"""The ClientApp and ServerApp handlers without a running Flower app (Message is replaced by a stand-in)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from medfdd.coordinator.validate import Reason
+from medfdd.federation.flower import client_app, codec, server_app
+from medfdd.federation.messages import Broadcast, SiteOffer, to_wire
+
+QUIET = Console(quiet=True)
+
+
+def _offer(site_id="hospital-a", round_=1) -> SiteOffer:
+    return SiteOffer(site_id=site_id, round=round_, meta={"site_id": site_id, "round": round_},
+                     arrays={"images": to_wire(np.zeros((2, 1, 16, 16), np.float32)),
+                             "labels": to_wire(np.array([0, 1], np.int64))})
+
+
+def test_client_handler_decodes_the_broadcast_and_returns_the_offer(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_make_offer(path, broadcast, *, console=None, no_dp=False):
+        seen.update(path=path, broadcast=broadcast)
+        return _offer(round_=broadcast.round)
+
+    monkeypatch.setattr("medfdd.federation.site.make_offer", fake_make_offer)
+    out = client_app.handle(codec.broadcast_to_records(Broadcast(2, b"weights")),
+                            {"site-config": str(tmp_path / "a.yaml")}, console=QUIET)
+    assert seen == {"path": tmp_path / "a.yaml", "broadcast": Broadcast(2, b"weights")}
+    assert codec.records_to_offer(out).round == 2
+
+
+def test_client_errors_leave_the_site_as_a_class_name_only(monkeypatch, capsys):
+    def failing(path, broadcast, **kw):
+        raise ValueError("cannot read /data/hospital-a/PA-0042/scan.dcm (PatientName=DOE^JANE)")
+
+    monkeypatch.setattr("medfdd.federation.site.make_offer", failing)
+    with pytest.raises(client_app.SiteTaskFailed) as e:
+        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {"site-config": "/x.yaml"}, console=QUIET)
+    assert str(e.value) == "ValueError at the site (details in the site's SuperNode log)"
+    assert "PA-0042" in capsys.readouterr().err  # the full message stays in the site's own log
+    with pytest.raises(client_app.SiteTaskFailed, match="node config"):
+        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {}, console=QUIET)
+
+
+class FakeRun:
+    def __init__(self, bindings):
+        self.bindings, self.site_timeout_s, self.calls = bindings, 5.0, []
+
+    def broadcast(self):
+        return Broadcast(2, b"m")
+
+    def receive(self, offer, *, sender):
+        self.calls.append(("receive", offer.site_id, sender))
+        return True
+
+    def no_answer(self, site, reason, *, code=Reason.NO_ANSWER):
+        self.calls.append(("no_answer", site, code))
+
+    def finish_round(self):
+        self.calls.append(("finish",))
+        return {}
+
+
+def _reply(node, content=None, error=None):
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
+                           error=SimpleNamespace(reason=error), content=content)
+
+
+def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
+    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type: (dst_node_id, content))
+    sent = {}
+
+    class Grid:
+        def get_node_ids(self):
+            return [5, 4, 3, 2, 1]
+
+        def send_and_receive(self, msgs, timeout):
+            sent.update(nodes=[n for n, _ in msgs], timeout=timeout,
+                        rounds=[codec.records_to_broadcast(c).round for _, c in msgs])
+            bad = codec.offer_to_records(_offer("hospital-c", 2))
+            bad["extra"] = bad.config_records["offer"]
+            return [_reply(1, codec.offer_to_records(_offer("hospital-a", 2))),
+                    _reply(2, error="BudgetExceeded at the site"),
+                    _reply(3, bad)]
+
+    run = FakeRun({"2": "hospital-b", "3": "hospital-c", "4": "hospital-d"})
+    server_app.run_round(Grid(), run, QUIET)
+    assert sent == {"nodes": [1, 2, 3, 4, 5], "timeout": 5.0, "rounds": [2] * 5}
+    assert run.calls == [("receive", "hospital-a", "1"),
+                         ("no_answer", "hospital-b", Reason.SITE_FAILED),
+                         ("no_answer", "hospital-c", Reason.MALFORMED),
+                         ("no_answer", "hospital-d", Reason.NO_ANSWER),  # bound earlier in this run, silent now
+                         ("finish",)]  # node 5 never answered in this run: finish_round names the silent site
