@@ -92,6 +92,10 @@ def _parser() -> argparse.ArgumentParser:
     flower_cli.add_coordinator_parsers(coord)
     flower_cli.add_federation_parser(sub)
 
+    from privacy.audit.cli import add_audit_parser
+
+    add_audit_parser(sub)
+
     de = sub.add_parser("demo", help="the whole story on bundled data (sklearn digits) in a few minutes",
                         formatter_class=fmt, epilog="example:\n  medfdd demo --out demo",
                         description="Materialise three hospitals as DICOM files, check and distill each under DP "
@@ -138,6 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             from medfdd.federation.flower.cli import run_federation_command
 
             return run_federation_command(args, console)
+        elif args.command == "audit":
+            from privacy.audit.cli import run_audit_command
+
+            return run_audit_command(args, console=Console())
         elif args.command == "demo":
             from medfdd.demo import run_demo
 

@@ -113,6 +113,17 @@ class DistillConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
 
 
+class AuditGate(_Strict):
+    """Audit thresholds a site requires before its synthetic set is offered (`privacy.audit.gate.check_gate`)."""
+
+    max_auc: float = Field(0.6, gt=0, le=1, description="largest membership-inference AUC allowed")
+    max_tpr_at_fpr_0_001: float | None = Field(None, ge=0, le=1, description="largest TPR at 0.1 % FPR allowed")
+    max_tpr_at_fpr_0_01: float | None = Field(0.05, ge=0, le=1, description="largest TPR at 1 % FPR allowed")
+    max_epsilon_lower_bound: float | None = Field(None, ge=0, description="largest empirical epsilon bound allowed")
+    bound_within_accounted: bool = Field(True, description="fail if an empirical bound exceeds the accounted epsilon")
+    attacks: list[str] | None = Field(None, description="attacks that count (default: all in the report)")
+
+
 class SiteConfig(_Strict):
     site_id: str = Field(pattern=SITE_ID_PATTERN)
     data: DataConfig
@@ -121,6 +132,7 @@ class SiteConfig(_Strict):
     output: Path = Field(description="where artifacts go, relative to the config file")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(0, ge=0, description="seeds the split and the distillation")
+    audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
 
     @property

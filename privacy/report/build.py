@@ -1,0 +1,164 @@
+"""report.json (the contract of shared/DESIGN.md) and the plain-words verdict, from an `AuditOutcome`.
+
+Per attack row: site, attack, target, auc, tpr_at_fpr_0.001, tpr_at_fpr_0.01, balanced_accuracy,
+epsilon_lower_bound (+ method, confidence), epsilon_accounted, n_members, n_nonmembers. Infinite epsilons are
+written as the string "inf" (as in the ledger). No file path, header value or patient id is ever written.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+from medfdd import __version__
+from medfdd.io import atomic_write_json, atomic_write_text
+from privacy.audit.run import CONSORTIUM, AttackRow, AuditOutcome
+
+FORMAT_VERSION = 1
+AUC_LEAK = 0.6  # an AUC at or above this is called measurable leakage in the verdict
+TOL = 1e-9
+ATTACK_WORDS = {
+    "loss": "loss threshold (does the global model fit the scan unusually well?)",
+    "lira_online": "LiRA online (likelihood ratio against shadow pipelines that did and did not use the scan)",
+    "lira_offline": "LiRA offline (compared with shadow pipelines that did not use the scan)",
+    "dcr": "distance to closest record (is a synthetic image a near-copy of the scan?)",
+    "canary": "canary test (planted scans, each used with probability 1/2)",
+}
+TARGET_WORDS = {"global_model": "the global model", "synthetic": "the shared synthetic images"}
+
+
+def _num(x: float) -> float | str:
+    if isinstance(x, float) and math.isinf(x):
+        return "inf"
+    return x
+
+
+def row_json(r: AttackRow) -> dict:
+    return {
+        "site": r.site, "attack": r.attack, "target": r.target,
+        "auc": r.metrics.auc, "tpr_at_fpr_0.001": r.metrics.tpr_at_fpr_0_001,
+        "tpr_at_fpr_0.01": r.metrics.tpr_at_fpr_0_01, "balanced_accuracy": r.metrics.balanced_accuracy,
+        "epsilon_lower_bound": _num(r.bound.value), "epsilon_lower_bound_method": r.bound.method,
+        "confidence": r.bound.confidence, "epsilon_accounted": _num(r.epsilon_accounted),
+        "n_members": r.metrics.n_members, "n_nonmembers": r.metrics.n_nonmembers,
+        "details": _clean(r.details),
+    }
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float):
+        return _num(obj) if not math.isnan(obj) else None
+    if hasattr(obj, "item"):
+        return _clean(obj.item())
+    return obj
+
+
+def _fmt_eps(x: float) -> str:
+    return "∞ (no differential privacy)" if math.isinf(x) else f"{x:.3g}"
+
+
+def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: float, budget: float | None) -> dict:
+    """Plain-words finding for one site (or the consortium): level is ok | leak | violation."""
+    best_auc = max(rows, key=lambda r: r.metrics.auc)
+    best_lb = max(rows, key=lambda r: r.bound.value)
+    tpr = max(r.metrics.tpr_at_fpr_0_01 for r in rows)
+    violation = dp and any(r.bound.value > r.epsilon_accounted + TOL for r in rows)
+    leak = best_auc.metrics.auc >= AUC_LEAK or best_lb.bound.value > 0
+    level = "violation" if violation else "leak" if leak else "ok"
+    who = "The consortium as a whole" if site == CONSORTIUM else site
+    budget_words = ("a NON-PRIVATE run (no differential privacy, epsilon = ∞)" if not dp else
+                    f"privacy budget epsilon = {budget:g}, spent {eps_accounted:.3g}" if budget is not None and
+                    math.isfinite(budget) else f"accounted epsilon {eps_accounted:.3g}")
+    text = (f"{who} ({budget_words}): the strongest attack, {ATTACK_WORDS[best_auc.attack].split(' (')[0]} on "
+            f"{TARGET_WORDS[best_auc.target]}, told used from unused scans with "
+            f"{100 * best_auc.metrics.balanced_accuracy:.0f} % balanced accuracy (50 % = a coin toss; AUC "
+            f"{best_auc.metrics.auc:.2f}). Allowed to wrongly accuse 1 in 100 unused scans, an attacker would "
+            f"correctly pick out {100 * tpr:.0f} % of the used ones. ")
+    lb = best_lb.bound
+    if lb.value > 0:
+        text += (f"With {100 * lb.confidence:.0f} % confidence the data show epsilon is at least {lb.value:.2f} "
+                 f"({best_lb.attack}). ")
+    else:
+        text += f"No attack proved any leakage at {100 * lb.confidence:.0f} % confidence (empirical epsilon bound 0). "
+    if violation:
+        text += (f"WARNING: this is MORE than the accounted epsilon {eps_accounted:.3g}: the privacy guarantee does "
+                 "not hold as claimed. Stop sharing synthetic sets from this site and report it to the consortium.")
+    elif dp:
+        text += f"This is consistent with the accounted epsilon {eps_accounted:.3g}."
+    else:
+        text += ("Without differential privacy nothing limits this leakage: such a run is a baseline or positive "
+                 "control only and must never be shared." if leak else
+                 "Without differential privacy there is no guarantee, even if these attacks found little.")
+    return {"site": site, "level": level, "text": text, "max_auc": best_auc.metrics.auc,
+            "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": _num(lb.value),
+            "epsilon_accounted": _num(eps_accounted), "dp": dp}
+
+
+def verdict(outcome: AuditOutcome) -> dict:
+    findings = []
+    for sid, s in outcome.sites.items():
+        rows = [r for r in outcome.rows if r.site == sid]
+        if rows:
+            findings.append(site_verdict(sid, rows, dp=s.dp, eps_accounted=s.epsilon_spent, budget=s.epsilon_budget))
+    cons = [r for r in outcome.rows if r.site == CONSORTIUM]
+    if cons:
+        dp = all(s.dp for s in outcome.sites.values())
+        findings.append(site_verdict(CONSORTIUM, cons, dp=dp, eps_accounted=cons[0].epsilon_accounted, budget=None))
+    levels = {f["level"] for f in findings}
+    level = "violation" if "violation" in levels else "leak" if "leak" in levels else "ok"
+    any_nondp = any(not s.dp for s in outcome.sites.values())
+    headline = {
+        "violation": "PRIVACY GUARANTEE VIOLATED: an attack measured more leakage than the privacy budget allows.",
+        "leak": ("Leakage detected in a NON-PRIVATE run: the attacks can tell which patients' scans were used."
+                 if any_nondp else "Some leakage was measured, but it stays within what the privacy budget allows."),
+        "ok": "No measurable leakage: the attacks could not tell used from unused scans better than chance, "
+              "consistent with the privacy budget.",
+    }[level]
+    n_m = sum(s.n_members for s in outcome.sites.values())
+    n_n = sum(s.n_nonmembers for s in outcome.sites.values())
+    attacks = sorted({r.attack for r in outcome.rows}, key=list(ATTACK_WORDS).index)
+    tested = (f"What was tested: whether someone holding the shared synthetic images or the global model of run "
+              f"'{outcome.run['name']}' could tell which patients' scans were used. {n_m} scans used for training "
+              f"and {n_n} scans kept aside at the sites (never used) were scored by: "
+              + "; ".join(ATTACK_WORDS[a] for a in attacks) + ".")
+    return {"level": level, "headline": headline, "tested": tested, "findings": findings}
+
+
+def report_json(outcome: AuditOutcome) -> dict:
+    return _clean({
+        "format_version": FORMAT_VERSION, "kind": "medfdd-audit-report", "medfdd_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": outcome.run, "classes": outcome.classes,
+        "spec": outcome.spec.model_dump(mode="json"),
+        "verdict": verdict(outcome),
+        "sites": {sid: {"dp": s.dp, "epsilon_budget": s.epsilon_budget, "epsilon_spent": s.epsilon_spent,
+                        "delta": s.delta, "accountant": s.accountant, "ledger": s.ledger,
+                        "n_members": s.n_members, "n_nonmembers": s.n_nonmembers}
+                  for sid, s in outcome.sites.items()},
+        "utility": _utility(outcome.utility),
+        "results": [row_json(r) for r in outcome.rows],
+        "notes": outcome.notes,
+    })
+
+
+def _utility(final: dict | None) -> dict | None:
+    if not final:
+        return None
+    keep = ("accuracy", "balanced_accuracy", "auc", "n", "round", "n_merged", "bytes_up_total", "bytes_down_total")
+    return {k: final[k] for k in keep if k in final}
+
+
+def write_report(outcome: AuditOutcome, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.json and the self-contained report.html into `out_dir` (atomically)."""
+    from privacy.report.html import render_html
+
+    out_dir = Path(out_dir)
+    data = report_json(outcome)
+    js = atomic_write_json(out_dir / "report.json", data)
+    html = atomic_write_text(out_dir / "report.html", render_html(outcome, data))
+    return js, html

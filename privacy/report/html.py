@@ -1,0 +1,246 @@
+"""report.html: one self-contained page for a privacy officer (no scripts, fonts or links to fetch: works offline).
+
+Order: verdict in plain words -> what each attack found (table) -> ROC curves (log-log) -> score histograms ->
+privacy ledger (epsilon spent vs budget, per site and round) -> utility of the global model -> synthetic images.
+Figures are matplotlib PNGs embedded as base64 data URIs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+
+import numpy as np
+
+from privacy.audit.metrics import roc
+from privacy.audit.run import AuditOutcome
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1100px;margin:24px auto;
+padding:0 16px;color:#1d2330;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid #d7dbe3;padding-bottom:4px}
+.verdict{border-radius:8px;padding:16px 20px;margin:16px 0;border:2px solid}
+.ok{background:#e9f7ee;border-color:#2e8b57}.leak{background:#fff5e0;border-color:#d98c00}
+.violation{background:#fde8e8;border-color:#c0392b}
+.headline{font-size:1.25em;font-weight:700;margin:0 0 8px}
+table{border-collapse:collapse;margin:8px 0;font-size:.92em}th,td{border:1px solid #d7dbe3;padding:4px 8px;text-align:right}
+th{background:#f2f4f8}td.l,th.l{text-align:left}img{max-width:100%;height:auto}
+.muted{color:#5b6475;font-size:.9em}.bad{color:#c0392b;font-weight:700}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(r) -> str:
+    return f"{r.site} · {r.attack}"
+
+
+def roc_figure(rows, target: str) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    floor = 1.0
+    for r in rows:
+        fpr, tpr, _ = roc(r.scores, r.is_member)
+        lo = 1.0 / max(2, r.metrics.n_nonmembers)
+        floor = min(floor, lo)
+        ax.plot(np.maximum(fpr, lo / 2), np.maximum(tpr, lo / 2), lw=1.6,
+                label=f"{_label(r)} (AUC {r.metrics.auc:.2f})")
+    grid = np.logspace(math.log10(floor / 2), 0, 50)
+    ax.plot(grid, grid, ls="--", color="grey", lw=1, label="guessing")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(floor / 2, 1)
+    ax.set_ylim(floor / 2, 1.05)
+    ax.set_xlabel("false-positive rate (unused scans wrongly accused)")
+    ax.set_ylabel("true-positive rate (used scans caught)")
+    ax.set_title(f"ROC, log-log: attacks on the {target.replace('_', ' ')}")
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
+def histogram_figure(rows) -> str:
+    plt = _plt()
+    n = len(rows)
+    cols = min(3, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.0 * cols, 2.7 * nrows), squeeze=False)
+    for i, r in enumerate(rows):
+        ax = axes[i // cols][i % cols]
+        s = r.scores
+        lo, hi = np.percentile(s, [0.5, 99.5])
+        if hi <= lo:
+            lo, hi = float(s.min()) - 0.5, float(s.max()) + 0.5
+        bins = np.linspace(lo, hi, 30)
+        ax.hist(np.clip(s[r.is_member], lo, hi), bins=bins, alpha=0.6, density=True, label="used (members)",
+                color="#c0392b")
+        ax.hist(np.clip(s[~r.is_member], lo, hi), bins=bins, alpha=0.6, density=True, label="unused (holdout)",
+                color="#2e6fb5")
+        ax.set_title(f"{_label(r)} → {r.target.replace('_', ' ')}", fontsize=9)
+        ax.set_xlabel("attack score (higher = 'was used')", fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i == 0:
+            ax.legend(fontsize=7)
+    for j in range(n, nrows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    return _png(fig)
+
+
+def ledger_figure(sites) -> str | None:
+    plt = _plt()
+    items = [(sid, s) for sid, s in sites.items() if s.ledger]
+    if not items:
+        return None
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(items), 3.4))
+    for i, (_sid, s) in enumerate(items):
+        prev = 0.0
+        for e in s.ledger:
+            after = e["epsilon_after"]
+            top = after if math.isfinite(after) else (s.epsilon_budget if math.isfinite(s.epsilon_budget) else 1.0)
+            ax.bar(i, top - prev, bottom=prev, width=0.55, edgecolor="white",
+                   color="#c0392b" if not math.isfinite(after) else "#2e6fb5")
+            ax.text(i, (prev + top) / 2, f"r{e['round']}" + ("" if math.isfinite(after) else " ∞"), ha="center",
+                    va="center", fontsize=7, color="white")
+            prev = top
+        if math.isfinite(s.epsilon_budget):
+            ax.hlines(s.epsilon_budget, i - 0.35, i + 0.35, colors="black", linestyles="--")
+    ax.set_xticks(range(len(items)), [sid for sid, _ in items], fontsize=8)
+    ax.set_ylabel("epsilon spent (cumulative)")
+    ax.set_title("privacy ledger: epsilon per round (dashed = budget)", fontsize=9)
+    return _png(fig)
+
+
+def synthetic_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], title: str, max_cols: int = 10) -> str:
+    plt = _plt()
+    per = [np.flatnonzero(labels == k)[:max_cols] for k in range(len(classes))]
+    cols = max(1, max(len(p) for p in per))
+    fig, axes = plt.subplots(len(classes), cols, figsize=(0.6 * cols + 1.0, 0.6 * len(classes) + 0.4),
+                             squeeze=False)
+    for k, idx in enumerate(per):
+        for j in range(cols):
+            ax = axes[k][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for sp in ax.spines.values():
+                sp.set_visible(False)
+            if j < len(idx):
+                img = images[idx[j]]
+                if img.ndim == 4:
+                    img = img[:, img.shape[1] // 2]
+                img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+                ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
+            if j == 0:
+                ax.set_ylabel(classes[k], rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    return _png(fig)
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _f(x, digits=3) -> str:
+    if x == "inf" or (isinstance(x, float) and math.isinf(x)):
+        return "∞"
+    return f"{x:.{digits}g}" if isinstance(x, float) else _e(x)
+
+
+def render_html(outcome: AuditOutcome, data: dict) -> str:
+    v = data["verdict"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
+           "style-src 'unsafe-inline'\">",
+           f"<title>Privacy audit — {_e(outcome.run['name'])}</title><style>{CSS}</style></head><body>",
+           f"<h1>Privacy audit of run “{_e(outcome.run['name'])}”</h1>",
+           f"<p class=\"muted\">medfdd {_e(data['medfdd_version'])}, created {_e(data['created'])}; engine "
+           f"{_e(outcome.run.get('engine'))}, {outcome.run.get('rounds')} round(s). This report is computed from real "
+           "patient records without differential privacy: keep it at the site.</p>",
+           f'<section id="verdict" class="verdict {v["level"]}"><p class="headline">Verdict: {_e(v["headline"])}</p>',
+           f"<p>{_e(v['tested'])}</p><ul>"]
+    out += [f"<li class=\"{'bad' if f['level'] == 'violation' else ''}\">{_e(f['text'])}</li>" for f in v["findings"]]
+    out.append("</ul></section>")
+    if outcome.notes:
+        out.append("<p class=\"muted\">Notes: " + "; ".join(_e(n) for n in outcome.notes) + "</p>")
+
+    out += ["<h2>What each attack found</h2>",
+            "<p class=\"muted\">AUC 0.5 = guessing, 1 = perfect. TPR at FPR = share of used scans caught when only "
+            "0.1 % / 1 % of unused scans may be wrongly accused. The epsilon lower bound is what the attack proves "
+            "at the stated confidence; under DP it must stay at or below the accounted epsilon.</p>",
+            "<table><tr><th class=l>site</th><th class=l>attack</th><th class=l>target</th><th>AUC</th>"
+            "<th>TPR @ 0.1 % FPR</th><th>TPR @ 1 % FPR</th><th>balanced acc.</th><th>epsilon lower bound</th>"
+            "<th>epsilon accounted</th><th>members</th><th>non-members</th></tr>"]
+    for r in data["results"]:
+        bad = (r["epsilon_accounted"] != "inf" and r["epsilon_lower_bound"] != "inf"
+               and r["epsilon_lower_bound"] > r["epsilon_accounted"] + 1e-9) or \
+              (r["epsilon_lower_bound"] == "inf" and r["epsilon_accounted"] != "inf")
+        out.append(
+            f"<tr><td class=l>{_e(r['site'])}</td><td class=l>{_e(r['attack'])}</td><td class=l>{_e(r['target'])}</td>"
+            f"<td>{r['auc']:.3f}</td><td>{r['tpr_at_fpr_0.001']:.3f}</td><td>{r['tpr_at_fpr_0.01']:.3f}</td>"
+            f"<td>{r['balanced_accuracy']:.3f}</td><td class=\"{'bad' if bad else ''}\">"
+            f"{_f(r['epsilon_lower_bound'])} ({_e(r['epsilon_lower_bound_method'].replace('_', '-'))}, "
+            f"{100 * r['confidence']:.0f} %)</td><td>{_f(r['epsilon_accounted'])}</td><td>{r['n_members']}</td>"
+            f"<td>{r['n_nonmembers']}</td></tr>")
+    out.append("</table>")
+
+    out.append("<h2>ROC curves (log-log)</h2><p class=\"muted\">The low false-positive corner (left) is what "
+               "matters: a curve above the dashed line there means some patients can be identified confidently.</p>")
+    for target in ("global_model", "synthetic"):
+        rows = [r for r in outcome.rows if r.target == target]
+        if rows:
+            out.append(f'<img alt="ROC curves, {_e(target)}" src="{roc_figure(rows, target)}">')
+    if outcome.rows:
+        out.append("<h2>Score distributions</h2><p class=\"muted\">Overlapping histograms mean the attack cannot "
+                   "separate used from unused scans.</p>")
+        out.append(f'<img alt="score histograms" src="{histogram_figure(outcome.rows[:12])}">')
+
+    out.append("<h2>Privacy ledger</h2><table><tr><th class=l>site</th><th>round</th><th class=l>purpose</th>"
+               "<th>noise multiplier</th><th>sample rate</th><th>steps</th><th>epsilon after</th><th>budget</th></tr>")
+    for sid, s in outcome.sites.items():
+        for e in s.ledger or [{}]:
+            if not e:
+                out.append(f"<tr><td class=l>{_e(sid)}</td><td colspan=7 class=l>no ledger copy in the run directory"
+                           "</td></tr>")
+                continue
+            out.append(f"<tr><td class=l>{_e(sid)}</td><td>{e['round']}</td><td class=l>{_e(e['purpose'])}</td>"
+                       f"<td>{e['noise_multiplier']:.4g}</td><td>{e['sample_rate']:.4g}</td><td>{e['steps']}</td>"
+                       f"<td>{_f(e['epsilon_after'], 4)}</td><td>{_f(s.epsilon_budget)}</td></tr>")
+    out.append("</table>")
+    fig = ledger_figure(outcome.sites)
+    if fig:
+        out.append(f'<img alt="privacy ledger" src="{fig}">')
+
+    out.append("<h2>Utility of the global model</h2>")
+    u = data.get("utility")
+    if u:
+        out.append("<table><tr>" + "".join(f"<th>{_e(k.replace('_', ' '))}</th>" for k in u) + "</tr><tr>"
+                   + "".join(f"<td>{_f(x, 4) if isinstance(x, float) else _e(x)}</td>" for x in u.values())
+                   + "</tr></table>")
+    else:
+        out.append("<p>No test-set metrics in run.json (the run had no test set).</p>")
+
+    out.append("<h2>Synthetic images each site shared</h2><p class=\"muted\">These are the only images that left "
+               "the sites. Under DP they start from noise and should not resemble any one patient.</p>")
+    for sid, s in outcome.sites.items():
+        title = f"{sid}: {len(s.synthetic_labels)} images, epsilon {_f(s.epsilon_spent)}"
+        out.append(f'<img alt="synthetic images of {_e(sid)}" '
+                   f'src="{synthetic_grid(s.synthetic_images, s.synthetic_labels, outcome.classes, title)}">')
+    out.append("</body></html>")
+    return "\n".join(out)
