@@ -108,3 +108,20 @@ def test_connection_is_added_without_touching_other_connections(tmp_path):
     cfg = tomllib.loads((home / "config.toml").read_text())
     assert cfg["superlink"]["default"] == "mine" and cfg["superlink"]["mine"] == {"address": "x:1"}
     assert cfg["superlink"]["medfdd"] == {"address": "127.0.0.1:9093", "root-certificates": str(files.ca_cert)}
+
+
+def test_insecure_mode_is_explicit_and_loud(tmp_path):
+    from argparse import Namespace
+
+    from rich.console import Console
+
+    from medfdd.federation.flower import cli as flower_cli
+
+    console = Console(record=True, width=200)
+    sec = flower_cli._security(Namespace(insecure=True, root_certificates=None), console)
+    assert sec.insecure and "INSECURE MODE" in console.export_text()
+    quiet = Console(record=True, width=200)
+    with pytest.raises(deploy.FlowerDeployError, match="CA certificate"):  # no silent fallback to insecure
+        flower_cli._security(Namespace(insecure=False, root_certificates=None), quiet)
+    assert "INSECURE" not in quiet.export_text()
+    assert main(["coordinator", "superlink", "--port", "9093"]) == 2  # neither --certs nor --insecure

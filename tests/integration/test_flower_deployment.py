@@ -219,3 +219,14 @@ def test_a_site_that_never_answers_is_left_out_after_the_timeout(deployment, flo
     assert r["accepted"] == sorted(set(d.sites) - {silent})
     assert silent in {x["site_id"] for x in r["rejected"]}
     assert seconds >= SILENT_TIMEOUT_S
+
+
+def test_a_failed_run_makes_flower_run_exit_non_zero(deployment, capsys):
+    d = deployment
+    cfg = flower_coordinator_config(d.coord, "foreign")
+    out = load_coordinator_config(cfg).output_dir
+    out.mkdir(parents=True)
+    (out / "run.json").write_text("{}")  # a run folder the ServerApp refuses to touch: the run fails at its start
+    assert d.cli("coordinator", "flower-run", str(cfg), "--timeout", "300") == 2  # `flwr run` alone would exit 0
+    err = capsys.readouterr().err
+    assert "finished:failed" in err

@@ -176,8 +176,23 @@ def run_coordinator_command(args, console: Console) -> int:
         run = deploy.wait_run(run_id, env=env, timeout=args.timeout, console=console)
         Console().print(f"run {run_id} {run['status']} in {float(run.get('elapsed', 0)):.1f} s; results under "
                         f"{cfg.output_dir}", highlight=False)
+        _print_final(cfg.output_dir / "run.json")
         return 0
     raise AssertionError(args.coordinator_command)
+
+
+def _print_final(run_json: Path) -> None:
+    """The final metrics, when the run directory is on this machine (the SuperLink's)."""
+    import json
+
+    try:
+        final = json.loads(run_json.read_text(encoding="utf-8")).get("final") or {}
+    except (OSError, ValueError):
+        return
+    if "accuracy" in final:
+        Console().print(f"global model after round {final.get('round')}: accuracy {final['accuracy']:.3f}, balanced "
+                        f"accuracy {final.get('balanced_accuracy', float('nan')):.3f}; {final.get('bytes_up_total', 0)} "
+                        f"bytes up, {final.get('bytes_down_total', 0)} bytes down", highlight=False)
 
 
 def _key_comment(path: Path) -> str | None:
