@@ -34,18 +34,62 @@ def _prov(r: dict) -> str:
             f"torch {m['torch']}, {r['date']}")
 
 
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.2f} %"
+
+
 def b1_section(r: dict) -> list[str]:
+    rows = r["rows"]
+    gpu = any(row.get("gpu_peak_memory_mb") is not None for row in rows)
+    evals = len(rows[0]["accuracies"]) if rows else 0
+    per_row = "per row" in (r.get("iterations"), r.get("eval_epochs"))
+    sizing = (f"{r['iterations']} DP steps, real batch {r['batch_per_class']}/class (Poisson), evaluation "
+              f"{r['eval_epochs']} epochs x {evals} trainings" if not per_row else
+              f"DP steps and evaluation epochs per row, real batch {r['batch_per_class']}/class (Poisson), "
+              f"{evals} evaluation trainings")
     lines = [f"### B1 central, Fashion-MNIST ({r['scale']}-scale)", "",
-             f"{_prov(r)}; {r['iterations']} DP steps, real batch {r['batch_per_class']}/class (Poisson), "
-             f"evaluation {r['eval_epochs']} epochs x {len(r['rows'][0]['accuracies'])} trainings, peak memory "
-             f"{r['peak_memory_mb']:.0f} MB.", "",
-             "| method | IPC | epsilon (accounted) | sigma | accuracy % (mean ± sd) | s / iteration |",
-             "|---|---|---|---|---|---|"]
-    for row in r["rows"]:
+             f"{_prov(r)}; {sizing}, peak memory {r['peak_memory_mb']:.0f} MB (process RSS)"
+             + (f", GPU {r['gpu_peak_memory_mb']:.0f} MB (max_memory_allocated)" if r.get("gpu_peak_memory_mb")
+                else "") + ".", ""]
+    if r.get("parallel_workers"):
+        lines += [f"The configurations ran as {r['parallel_workers']} processes at once on the one GPU (each sized "
+                  "to finish by a deadline), so their s / iteration and TFLOP/s are contended; the alone table below "
+                  "is the card's speed for one process. TFLOP/s counts convolution/matmul FLOPs of one DP step "
+                  "(real embedding in bf16, synthetic forward + backward in fp32/TF32) over the measured time, "
+                  "against the card's dense bf16 peak.", ""]
+    head = "| method | IPC | epsilon (accounted) | sigma | accuracy % (mean ± sd) | s / iteration |"
+    rule = "|---|---|---|---|---|---|"
+    if per_row:
+        head, rule = head + " steps | eval epochs |", rule + "---|---|"
+    if gpu:
+        head, rule = head + " TFLOP/s (of peak) | GPU MB |", rule + "---|---|"
+    lines += [head, rule]
+    for row in rows:
         eps = row["epsilon"] if row["epsilon"] == "inf" else f"{row['epsilon']:g} ({row['epsilon_accounted']:.3f})"
-        lines.append(f"| DP-{row['method'].upper()} | {row['ipc']} | {eps} | {row['noise_multiplier']:.3f} | "
-                     f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f} | "
-                     f"{row['seconds_per_iteration']:.2f} |")
+        line = (f"| DP-{row['method'].upper()} | {row['ipc']} | {eps} | {row['noise_multiplier']:.3f} | "
+                f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f} | "
+                f"{row['seconds_per_iteration']:.3f} |")
+        if per_row:
+            line += f" {row['iterations']} | {row['eval_epochs']} |"
+        if gpu:
+            line += (f" {row['tflops_achieved']:.1f} ({_pct(row.get('fraction_of_peak'))}) | "
+                     f"{row['gpu_peak_memory_mb']:.0f} |")
+        lines.append(line)
+    for note in r.get("notes", []):
+        lines += ["", note]
+    profile = r.get("isolated_profile")
+    if profile:
+        lines += ["", "One process alone on the GPU (20 timed DP steps after 3 warm-up, "
+                  f"real batch {profile[0]['batch_per_class']}/class):", "",
+                  "| IPC | s / iteration | GFLOP / iteration | TFLOP/s | of bf16 dense peak | GPU MB |",
+                  "|---|---|---|---|---|---|"]
+        for p in profile:
+            lines.append(f"| {p['ipc']} | {p['seconds_per_iteration']:.4f} | {p['flops_per_iteration'] / 1e9:.0f} | "
+                         f"{p['tflops_achieved']:.1f} | {_pct(p.get('fraction_of_peak'))} of "
+                         f"{p['peak_bf16_dense_tflops']} | {p['gpu_peak_memory_mb']:.0f} |")
+    if r.get("aggregate_distill_tflops"):
+        lines += ["", f"All finished rows together: {r['aggregate_distill_tflops']:.1f} TFLOP/s of DP-step FLOPs "
+                  f"over the {r['parallel_phase_seconds']:.0f} s parallel phase (evaluation included)."]
     return lines + [""]
 
 
@@ -54,7 +98,9 @@ def main() -> None:
              "`make test`.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
              "## Ours", ""]
     for name in sorted(p.stem for p in RESULTS.glob("b1_*.json")):
-        lines += b1_section(_load(name))
+        result = _load(name)
+        if result.get("rows") and "accuracy_mean" in result["rows"][0]:  # not a --profile file
+            lines += b1_section(result)
     reuse = _load("reuse_digits")
     if reuse:
         lines += ["### Reusing paid statistics (3 digits hospitals, DP-DM, epsilon 1 per site)", "", _prov(reuse), "",
