@@ -1,9 +1,8 @@
 """Flower deployment engine on loopback: a real SuperLink and three SuperNodes with TLS and SuperNode authentication.
 
-One deployment per module (its own FLWR_HOME, certificates, keys and free ports under a fresh tmp folder): the
-SuperLink is started from the same argument builder `medfdd coordinator superlink` execs, each hospital joins with
-`medfdd site join` (which execs flower-supernode, so the PID we hold is the SuperNode's), sites are registered and the
-run is driven with `medfdd coordinator register` / `flower-run`. Every process is started in its own process group
+One deployment per module (its own FLWR_HOME, certificates, keys and free ports under a fresh tmp folder), started
+with the documented commands: `medfdd coordinator superlink` and `medfdd site join` (both exec Flower's own process,
+so the PID we hold is the SuperLink's / SuperNode's), `medfdd coordinator register` and `flower-run`. Every process is started in its own process group
 and stopped by PID in the fixture's teardown, also when a test fails.
 """
 
@@ -108,7 +107,8 @@ def deployment(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("FLWR_HOME", d.env["FLWR_HOME"])  # the medfdd CLI's flwr calls use this test's FLWR_HOME
     try:
-        d.start("superlink", deploy.superlink_argv(host=HOST, port=d.port, certs=base / "certs"))
+        d.start("superlink", [sys.executable, "-m", "medfdd.cli", "coordinator", "superlink", "--certs",
+                              str(base / "certs"), "--host", HOST, "--port", str(d.port)])
         deploy.wait_for_port(HOST, d.port, timeout=60, proc=d.procs["superlink"])
         for s, keys in d.keys.items():
             assert d.cli("coordinator", "register", str(keys.public_key)) == 0

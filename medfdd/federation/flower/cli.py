@@ -171,8 +171,8 @@ def run_coordinator_command(args, console: Console) -> int:
 
         cfg = load_coordinator_config(args.config)
         run_id = deploy.submit_run(args.config, env=env)
-        console.print(f"submitted run {run_id}; waiting for it to finish (`flwr log {run_id} {deploy.CONNECTION}` "
-                      "shows its log)", highlight=False)
+        console.print(f"submitted run {run_id}; waiting for it to finish (its log: `flwr log {run_id} "
+                      f"{deploy.CONNECTION} --show`)", highlight=False)
         run = deploy.wait_run(run_id, env=env, timeout=args.timeout, console=console)
         Console().print(f"run {run_id} {run['status']} in {float(run.get('elapsed', 0)):.1f} s; results under "
                         f"{cfg.output_dir}", highlight=False)

@@ -315,7 +315,7 @@ def wait_run(run_id: int, *, env: dict[str, str], timeout: float, poll: float = 
         if status.startswith("finished"):
             if status != DONE_OK:
                 raise FlowerDeployError(f"run {run_id}", f"ended {status}: {run.get('status-details', '')}",
-                                        f"read the SuperLink log and `flwr log {run_id} {connection}`")
+                                        f"the ServerApp's log: `flwr log {run_id} {connection} --show`")
             return run
         if time.monotonic() > deadline:
             raise FlowerDeployError(f"run {run_id}", f"still {status} after {timeout:.0f} s",
