@@ -30,7 +30,7 @@ from medfdd.data.site_data import load_site_data
 from medfdd.errors import MedfddError
 from medfdd.training import TrainSettings
 from privacy.accounting import PrivacyLedger, epsilon_for
-from privacy.audit.attacks import dcr_attack, lira_scores, loss_attack, run_shadows
+from privacy.audit.attacks import dcr_attack, lira_scores, loss_attack, run_shadows, target_statistic
 from privacy.audit.canary import canary_audit
 from privacy.audit.metrics import (
     AttackMetrics,
@@ -39,7 +39,7 @@ from privacy.audit.metrics import (
     attack_metrics,
     clopper_pearson_lower_bound,
 )
-from privacy.audit.pipeline import PipelineSettings
+from privacy.audit.pipeline import PipelineOutput, PipelineSettings
 from privacy.audit.spec import AuditSpec
 
 CONSORTIUM = "consortium"
@@ -86,6 +86,7 @@ class AuditOutcome:
     rows: list[AttackRow]
     utility: dict | None
     notes: list[str]
+    round_metrics: list[dict] = field(default_factory=list)  # per round: accepted sites, accuracy, ...
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -212,9 +213,6 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                 with torch.random.fork_rng(devices=[]):
                     shadows = run_shadows(x, y, settings, n_shadows=spec.shadows, seed=spec.seed, targets=targets,
                                           context=context, on_shadow=lambda d, t=task: bar.update(t, completed=d))
-                from privacy.audit.attacks import target_statistic
-                from privacy.audit.pipeline import PipelineOutput
-
                 observed = PipelineOutput(syn.images, syn.labels, model, eps_acc, 0.0, 0.0)
                 for t in targets:
                     tstat = target_statistic(t, observed, x, y)
@@ -261,4 +259,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     info = {"name": run_dir.name, "engine": run.get("engine"), "status": run.get("status"),
             "medfdd_version": run.get("medfdd_version"), "seed": run.get("seed"), "rounds": len(rounds),
             "merge": run["config"].get("merge")}
-    return AuditOutcome(info, classes, spec, sites, rows, run.get("final"), notes)
+    per_round = [{"round": r.get("round"), "accepted": len(r.get("accepted") or []),
+                  **{k: (r.get("metrics") or {}).get(k) for k in ("accuracy", "balanced_accuracy", "auc")}}
+                 for r in rounds]
+    return AuditOutcome(info, classes, spec, sites, rows, run.get("final"), notes, per_round)

@@ -71,10 +71,10 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     leak = best_auc.metrics.auc >= AUC_LEAK or best_lb.bound.value > 0
     level = "violation" if violation else "leak" if leak else "ok"
     who = "The consortium as a whole" if site == CONSORTIUM else site
-    budget_words = ("a NON-PRIVATE run (no differential privacy, epsilon = ∞)" if not dp else
+    budget_words = ("NON-PRIVATE run, no differential privacy (epsilon = ∞)" if not dp else
                     f"privacy budget epsilon = {budget:g}, spent {eps_accounted:.3g}" if budget is not None and
                     math.isfinite(budget) else f"accounted epsilon {eps_accounted:.3g}")
-    text = (f"{who} ({budget_words}): the strongest attack, {ATTACK_WORDS[best_auc.attack].split(' (')[0]} on "
+    text = (f"{who} — {budget_words}: the strongest attack, {ATTACK_WORDS[best_auc.attack].split(' (')[0]} on "
             f"{TARGET_WORDS[best_auc.target]}, told used from unused scans with "
             f"{100 * best_auc.metrics.balanced_accuracy:.0f} % balanced accuracy (50 % = a coin toss; AUC "
             f"{best_auc.metrics.auc:.2f}). Allowed to wrongly accuse 1 in 100 unused scans, an attacker would "
@@ -141,6 +141,7 @@ def report_json(outcome: AuditOutcome) -> dict:
                         "n_members": s.n_members, "n_nonmembers": s.n_nonmembers}
                   for sid, s in outcome.sites.items()},
         "utility": _utility(outcome.utility),
+        "utility_per_round": outcome.round_metrics,
         "results": [row_json(r) for r in outcome.rows],
         "notes": outcome.notes,
     })

@@ -235,11 +235,19 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
                    + "</tr></table>")
     else:
         out.append("<p>No test-set metrics in run.json (the run had no test set).</p>")
+    per_round = [r for r in outcome.round_metrics if r.get("accuracy") is not None]
+    if len(per_round) > 1:
+        out.append("<table><tr><th>round</th><th>sites accepted</th><th>accuracy</th><th>balanced accuracy</th>"
+                   "<th>AUC</th></tr>" + "".join(
+                       f"<tr><td>{r['round']}</td><td>{r['accepted']}</td><td>{_f(r['accuracy'], 4)}</td>"
+                       f"<td>{_f(r['balanced_accuracy'], 4)}</td><td>{_f(r['auc'], 4)}</td></tr>" for r in per_round)
+                   + "</table>")
 
     out.append("<h2>Synthetic images each site shared</h2><p class=\"muted\">These are the only images that left "
                "the sites. Under DP they start from noise and should not resemble any one patient.</p>")
     for sid, s in outcome.sites.items():
-        title = f"{sid}: {len(s.synthetic_labels)} images, epsilon {_f(s.epsilon_spent)}"
+        eps = "inf (NON-PRIVATE)" if math.isinf(s.epsilon_spent) else f"{s.epsilon_spent:.3g}"
+        title = f"{sid}: {len(s.synthetic_labels)} images, epsilon {eps}"
         out.append(f'<img alt="synthetic images of {_e(sid)}" '
                    f'src="{synthetic_grid(s.synthetic_images, s.synthetic_labels, outcome.classes, title)}">')
     out.append("</body></html>")
