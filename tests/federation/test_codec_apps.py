@@ -78,7 +78,11 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
 
     class Grid:
         def get_node_ids(self):
-            return [5, 4, 3, 2, 1]
+            return [5, 4, 3, 2, 1, 6]
+
+        def get_nodes(self):  # names the keys were registered under (`medfdd coordinator register --site`)
+            return [SimpleNamespace(node_id=1, name="hospital-a"), SimpleNamespace(node_id=6, name="hospital-f"),
+                    SimpleNamespace(node_id=2, name="")]
 
         def send_and_receive(self, msgs, timeout):
             sent.update(nodes=[n for n, _ in msgs], timeout=timeout,
@@ -87,13 +91,15 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
             bad["extra"] = bad.config_records["offer"]
             return [_reply(1, codec.offer_to_records(_offer("hospital-a", 2))),
                     _reply(2, error="BudgetExceeded at the site"),
-                    _reply(3, bad)]
+                    _reply(3, bad),
+                    _reply(6, codec.offer_to_records(_offer("hospital-a", 2)))]  # hospital-f's key claims a
 
     run = FakeRun({"2": "hospital-b", "3": "hospital-c", "4": "hospital-d"})
     server_app.run_round(Grid(), run, QUIET)
-    assert sent == {"nodes": [1, 2, 3, 4, 5], "timeout": 5.0, "rounds": [2] * 5}
+    assert sent == {"nodes": [1, 2, 3, 4, 5, 6], "timeout": 5.0, "rounds": [2] * 6}
     assert run.calls == [("receive", "hospital-a", "1"),
                          ("no_answer", "hospital-b", Reason.SITE_FAILED),
                          ("no_answer", "hospital-c", Reason.MALFORMED),
+                         ("no_answer", "node-6", Reason.SPOOFED_SITE),
                          ("no_answer", "hospital-d", Reason.NO_ANSWER),  # bound earlier in this run, silent now
                          ("finish",)]  # node 5 never answered in this run: finish_round names the silent site

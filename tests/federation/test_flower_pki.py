@@ -125,3 +125,14 @@ def test_insecure_mode_is_explicit_and_loud(tmp_path):
         flower_cli._security(Namespace(insecure=False, root_certificates=None), quiet)
     assert "INSECURE" not in quiet.export_text()
     assert main(["coordinator", "superlink", "--port", "9093"]) == 2  # neither --certs nor --insecure
+
+
+def test_register_needs_a_valid_site_id_for_the_key(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "home"))
+    files = make_tls(tmp_path / "certs")
+    keys = make_site_keys(tmp_path, "hospital-a")
+    bare = tmp_path / "bare.pub"
+    bare.write_text(" ".join(keys.public_key.read_text().split()[:2]) + "\n")  # no comment: no site id
+    args = ["--superlink", "127.0.0.1:1", "--root-certificates", str(files.ca_cert)]
+    assert main(["coordinator", "register", str(bare), *args]) == 2
+    assert main(["coordinator", "register", str(bare), "--site", "../x", *args]) == 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 
 from rich.console import Console
@@ -23,7 +24,7 @@ EXAMPLES = {
     "federation certs": "medfdd federation certs --out certs --host coordinator.example.org --host 10.0.0.5",
     "federation keys": "medfdd federation keys --out keys --site hospital-a",
     "coordinator superlink": "medfdd coordinator superlink --certs certs --port 9093",
-    "coordinator register": ("medfdd coordinator register keys/hospital-a.pub --superlink "
+    "coordinator register": ("medfdd coordinator register keys/hospital-a.pub --site hospital-a --superlink "
                              "coordinator.example.org:9093 --root-certificates certs/ca.crt"),
     "coordinator flower-run": ("medfdd coordinator flower-run consortium/site_configs/coordinator.yaml --superlink "
                                "coordinator.example.org:9093 --root-certificates certs/ca.crt"),
@@ -86,7 +87,9 @@ def add_coordinator_parsers(coord) -> None:
                           description="Register a site's public key (OUT/SITE.pub from `medfdd federation keys`); "
                                       "only registered keys can connect. Prints the node id.")
     rg.add_argument("public_key", type=Path, help="the site's .pub file")
-    rg.add_argument("--name", help="a name for the SuperNode (default: the key's comment, i.e. the site id)")
+    rg.add_argument("--site", help="the site id this key may offer for (default: the key's comment, which "
+                                   "`medfdd federation keys` sets to the site id); offers for any other site id are "
+                                   "rejected as spoofed")
     _connection_args(rg)
     fr = coord.add_parser("flower-run", help="run the federation over Flower and check that it completed",
                           formatter_class=FMT, epilog=_ex("coordinator flower-run"),
@@ -163,8 +166,14 @@ def run_coordinator_command(args, console: Console) -> int:
     security = _security(args, console)
     deploy.write_connection(args.superlink, security, env=env)
     if args.coordinator_command == "register":
-        node = deploy.register(args.public_key, env=env, name=args.name or _key_comment(args.public_key))
-        Console().print(f"registered {args.public_key} as SuperNode {node}", highlight=False)
+        from medfdd.config import SITE_ID_PATTERN
+
+        site = args.site or _key_comment(args.public_key)
+        if not site or not re.match(SITE_ID_PATTERN, site):
+            raise deploy.FlowerDeployError(str(args.public_key), f"no valid site id ({site!r}) for this key",
+                                           "pass --site ID (the site_id of that hospital's site config)")
+        node = deploy.register(args.public_key, env=env, name=site)
+        Console().print(f"registered {args.public_key} for site {site} as SuperNode {node}", highlight=False)
         return 0
     if args.coordinator_command == "flower-run":
         from medfdd.config import load_coordinator_config

@@ -1,7 +1,8 @@
 """ServerApp run by the coordinator's SuperLink: the in-process loop of `medfdd.federation.inprocess`, over Flower.
 
 Per round: `CoordinatorRun.broadcast()` goes to every connected SuperNode; each reply is decoded to a `SiteOffer`
-and handed to `run.receive(offer, sender=str(node_id))`; nodes that did not answer within `site_timeout_s` (or
+and handed to `run.receive(offer, sender=str(node_id))` (an offer for another site than the one the node's key was
+registered for is rejected as spoofed first); nodes that did not answer within `site_timeout_s` (or
 answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. The coordinator config path
 comes from the run config (`flwr run ... --run-config 'coordinator-config="/abs/coordinator.yaml"'`).
 """
@@ -40,6 +41,12 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, console: Console) 
     return nodes
 
 
+def registered_names(grid: Grid) -> dict[int, str]:
+    """node id -> the site id its key was registered under (`medfdd coordinator register --site`); empty when the
+    SuperLink runs without SuperNode authentication."""
+    return {int(n.node_id): str(n.name) for n in grid.get_nodes() if getattr(n, "name", "")}
+
+
 def _label(run, sender: str) -> str:
     """The site a SuperNode is bound to in this run (from an earlier accepted offer), else `node-<id>`."""
     return run.bindings.get(sender) or f"node-{sender}"
@@ -48,6 +55,7 @@ def _label(run, sender: str) -> str:
 def run_round(grid: Grid, run, console: Console) -> dict:
     broadcast = run.broadcast()
     nodes = sorted(grid.get_node_ids())
+    names = registered_names(grid)
     msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE)
             for n in nodes]
     t0 = time.monotonic()
@@ -64,6 +72,11 @@ def run_round(grid: Grid, run, console: Console) -> dict:
             offer = codec.records_to_offer(reply.content)
         except MedfddError as e:
             run.no_answer(_label(run, sender), f"unreadable offer: {e}", code=Reason.MALFORMED)
+            continue
+        name = names.get(node)
+        if name and name != offer.site_id:  # the key registered for one hospital offers for another
+            run.no_answer(_label(run, sender), f"SuperNode {node} is registered as {name!r} but offered for "
+                          f"{offer.site_id!r}", code=Reason.SPOOFED_SITE)
             continue
         run.receive(offer, sender=sender)
     for node in nodes:
