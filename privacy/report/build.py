@@ -82,7 +82,7 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     lb = best_lb.bound
     if lb.value > 0:
         text += (f"With {100 * lb.confidence:.0f} % confidence the data show epsilon is at least {lb.value:.2f} "
-                 f"({best_lb.attack}). ")
+                 f"({ATTACK_WORDS[best_lb.attack].split(' (')[0]}). ")
     else:
         text += f"No attack proved any leakage at {100 * lb.confidence:.0f} % confidence (empirical epsilon bound 0). "
     if violation:
