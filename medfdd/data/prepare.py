@@ -57,7 +57,13 @@ MARKER = "partition.json"
 MANIFEST = "labels.csv"
 HOLDOUT_FRACTION = 0.2
 DEFAULT_MIN_PER_SITE = 10
-FORMATS = ("dicom", "nifti")
+FORMATS = ("dicom", "nifti", "mixed")
+
+
+def site_format(fmt: str, i: int) -> str:
+    """The file format of site i: `mixed` alternates DICOM and NIfTI (hospitals export differently); the test split
+    of a mixed consortium is DICOM."""
+    return ("dicom", "nifti")[i % 2] if fmt == "mixed" else fmt
 _ENTRY = re.compile(r"^(hospital-[a-z]+|test|site_configs|partition\.json)$")
 
 
@@ -233,7 +239,7 @@ def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, 
     if source not in SOURCES:
         raise bad("--source", source, f"unknown source; expected one of {', '.join(SOURCES)}", "pick a listed source")
     if fmt not in FORMATS:
-        raise bad("--format", fmt, f"expected one of {', '.join(FORMATS)}", "use --format dicom or --format nifti")
+        raise bad("--format", fmt, f"expected one of {', '.join(FORMATS)}", "use --format dicom, nifti or mixed")
     if isinstance(sites, bool) or not isinstance(sites, int) or sites < 1:
         raise bad("--sites", sites, "must be a positive integer", "use --sites 2 or more")
     if not (math.isfinite(alpha) and alpha > 0):
@@ -350,10 +356,10 @@ def prepare_consortium(
     cfg_dir = out / "site_configs"
     model_size = model_spatial_size(src.spatial_size)
     site_cfgs: list[SiteConfig] = []
-    for sid in site_ids:
+    for i, sid in enumerate(site_ids):
         data = {
             "site_id": sid,
-            "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": fmt, "classes": classes,
+            "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": site_format(fmt, i), "classes": classes,
                      "spatial_size": model_size, "channels": src.channels, "intensity": {"mode": "minmax"},
                      "holdout_fraction": HOLDOUT_FRACTION},
             "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp"},
@@ -368,7 +374,7 @@ def prepare_consortium(
         "consortium": {"classes": classes, "spatial_size": model_size, "channels": src.channels, "ipc": ipc,
                        "sites": {sid: {"dp": dp, "epsilon": epsilon, "delta": delta} for sid in site_ids}},
         "rounds": 1,
-        "test": {"root": "../test", "manifest": MANIFEST, "format": fmt},
+        "test": {"root": "../test", "manifest": MANIFEST, "format": site_format(fmt, 0)},
         "output": "../runs/coordinator",
         "seed": seed,
     }, CoordinatorConfig, "generated coordinator config", cfg_dir)
@@ -399,12 +405,14 @@ def prepare_consortium(
             progress.update(task, description=f"writing {sid}")
             folder.mkdir(parents=True, exist_ok=True)
             idx = partition.site_indices[s]
-            _write_split(folder, src.train_images[idx], src.train_labels[idx], classes, fmt=fmt, rgb=src.rgb,
+            _write_split(folder, src.train_images[idx], src.train_labels[idx], classes, fmt=site_format(fmt, s),
+                         rgb=src.rgb,
                          prefix=f"P{site_letters(s).upper()}", rng=np.random.default_rng([seed, 100 + s]),
                          progress=progress, task=task)
         progress.update(task, description="writing test split")
         test_dir.mkdir(parents=True, exist_ok=True)
-        _write_split(test_dir, src.test_images, src.test_labels, classes, fmt=fmt, rgb=src.rgb, prefix="PTEST",
+        _write_split(test_dir, src.test_images, src.test_labels, classes, fmt=site_format(fmt, 0), rgb=src.rgb,
+                     prefix="PTEST",
                      rng=np.random.default_rng([seed, 99]), progress=progress, task=task)
         progress.update(task, description="done")
 
