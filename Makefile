@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench-loading clean
+.PHONY: install demo test lint bench-loading clean docs
 
 $(BIN)/medfdd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,6 @@ bench-loading: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+docs: install
+	$(BIN)/python -m medfdd.config_reference

@@ -55,11 +55,13 @@ Intensity = Annotated[MinMax | Percentile | CTWindow, Field(discriminator="mode"
 class DataConfig(_Strict):
     root: Path = Field(description="folder holding the scans, relative to the config file")
     manifest: str = Field("labels.csv", description="CSV under root with columns path,label[,patient_id]")
-    format: Literal["auto", "dicom", "nifti", "png"] = Field("auto", description="file format; auto detects per file")
+    format: Literal["auto", "dicom", "nifti", "png"] = Field(
+        "auto", description="`auto` (by suffix / DICOM magic) | `dicom` | `nifti` | `png`")
     classes: list[str] = Field(min_length=2, description="consortium-wide class names, in index order")
     spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W] after resizing")
     channels: Literal[1, 3] = Field(1, description="1 = grayscale (RGB is converted), 3 = RGB (grayscale is repeated)")
-    intensity: Intensity = Field(default_factory=MinMax, description="minmax | percentile | ct_window")
+    intensity: Intensity = Field(default_factory=MinMax, description="`minmax` | `{mode: percentile, lower, upper}` | "
+                                 "`{mode: ct_window, center, width}` (HU, after RescaleSlope/Intercept)")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="kept at the site for audits, split by patient_id")
     cache: bool = Field(True, description="cache preprocessed tensors under output/cache (invalidated on any change)")
     max_voxels: int = Field(2**27, ge=1, description="refuse images whose header announces more voxels than this")
@@ -86,7 +88,8 @@ class PrivacyConfig(_Strict):
     dp: bool = Field(True, description="false only for baselines and positive controls (recorded as epsilon = inf)")
     epsilon: float = Field(1.0, gt=0, description="the site's total budget over all rounds")
     delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/n (n = the site's training records)")
-    accountant: Literal["rdp", "prv"] = "rdp"
+    accountant: Literal["rdp", "prv"] = Field("rdp", description="`rdp` (Rényi DP) or `prv` (privacy random "
+                                                                "variables), both Opacus's")
     rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
 
     @field_validator("epsilon")
@@ -125,13 +128,14 @@ class AuditGate(_Strict):
 
 
 class SiteConfig(_Strict):
-    site_id: str = Field(pattern=SITE_ID_PATTERN)
+    site_id: str = Field(pattern=SITE_ID_PATTERN, description="your site's name in the consortium (letters, digits, "
+                                                            "`_.-`)")
     data: DataConfig
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: Path = Field(description="where artifacts go, relative to the config file")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    seed: int = Field(0, ge=0, description="seeds the split and the distillation")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` (CUDA if present) | `cpu` | `cuda`")
+    seed: int = Field(0, ge=0, description="seeds the split and the distillation (keep it private to the site)")
     audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
 
@@ -145,17 +149,17 @@ class SiteConfig(_Strict):
 
 
 class TestSetConfig(_Strict):
-    root: Path
-    manifest: str = "labels.csv"
-    format: Literal["auto", "dicom", "nifti", "png"] = "auto"
+    root: Path = Field(description="the coordinator's labelled test scans, relative to the config file")
+    manifest: str = Field("labels.csv", description="CSV under root, same columns as a site's")
+    format: Literal["auto", "dicom", "nifti", "png"] = Field("auto", description="as `data.format` of a site")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(300, ge=1)
-    lr: float = Field(0.01, gt=0)
-    batch_size: int = Field(256, ge=1)
-    width: int = Field(128, ge=1)
-    augment: bool = True
+    epochs: int = Field(300, ge=1, description="epochs of global-model training on the merged set")
+    lr: float = Field(0.01, gt=0, description="SGD learning rate (momentum 0.9, divided by 10 at half the epochs)")
+    batch_size: int = Field(256, ge=1, description="training batch size")
+    width: int = Field(128, ge=1, description="channels of the global ConvNet-3")
+    augment: bool = Field(True, description="differentiable augmentation (DSA) during training")
 
 
 class SiteBudget(_Strict):
@@ -171,9 +175,10 @@ class ConsortiumConfig(_Strict):
 
     classes: list[str] = Field(min_length=2, description="class names in index order, as in every site config")
     spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W]")
-    channels: Literal[1, 3] = 1
+    channels: Literal[1, 3] = Field(1, description="image channels every offer must have")
     ipc: int = Field(10, ge=1, description="most synthetic images per class one site may offer")
-    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> declared budget")
+    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> `{dp, epsilon, delta}` declared "
+                                         "budget (offers above it are rejected)")
     max_offer_bytes: int = Field(256 * 2**20, ge=1, description="offers announcing more bytes are refused unread")
 
     @field_validator("sites")
@@ -191,8 +196,8 @@ class RedistillConfig(_Strict):
     """Server-side re-distillation of the merged union (post-processing: no privacy cost)."""
 
     ipc: int = Field(10, ge=1, description="global images per class")
-    iterations: int = Field(200, ge=1)
-    batch_size: int = Field(256, ge=1)
+    iterations: int = Field(200, ge=1, description="distribution-matching steps over the union")
+    batch_size: int = Field(256, ge=1, description="union images sampled per step")
 
 
 class CoordinatorConfig(_Strict):
@@ -200,14 +205,16 @@ class CoordinatorConfig(_Strict):
                               description="site config paths for in-process runs, relative to this file")
     consortium: ConsortiumConfig | None = Field(None, description="agreed classes, sizes and declared budgets "
                                                 "(required for Flower; derived from `sites` when absent)")
-    rounds: int = Field(1, ge=1)
-    merge: Literal["concat", "balanced", "redistill"] = "concat"
+    rounds: int = Field(1, ge=1, description="federated rounds (sites match the broadcast global model from round 2)")
+    merge: Literal["concat", "balanced", "redistill"] = Field(
+        "concat", description="`concat` | `balanced` (class-balanced weights) | `redistill` (to `redistill.ipc`, "
+                              "post-processing)")
     redistill: RedistillConfig = Field(default_factory=RedistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    test: TestSetConfig | None = None
+    test: TestSetConfig | None = Field(None, description="the coordinator's test split (metrics need it)")
     site_timeout_s: float = Field(3600.0, gt=0, description="a site silent this long is left out of the round")
-    output: Path
-    seed: int = Field(0, ge=0)
+    output: Path = Field(description="run directory, relative to the config file")
+    seed: int = Field(0, ge=0, description="seeds merging and global training")
     base_dir: Path = Field(Path("."), exclude=True)
 
     @model_validator(mode="after")
