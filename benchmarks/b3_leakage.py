@@ -39,6 +39,7 @@ DISTILL = {"ipc": 4, "iterations": 100, "inner_steps": 10, "augment": False, "ce
            "batch_size": 256}
 TRAIN = {"epochs": 300, "width": 32, "augment": False}
 DELTA = 1e-5
+REPORTS = Path(__file__).resolve().parents[1] / "audits" / "reports" / "b3"  # git-ignored
 
 
 def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
@@ -65,7 +66,7 @@ def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     outcome = audit_run(run_dir, spec, console=console)
     audit_s = time.perf_counter() - t0
     if args.keep_reports:
-        write_report(outcome, RESULTS / "b3_reports" / f"eps-{eps:g}")
+        write_report(outcome, REPORTS / f"eps-{eps:g}")
     final = json.loads((run_dir / "run.json").read_text())["final"] or {}
     row = {"epsilon": eps if dp else "inf", "delta": DELTA,
            "epsilon_accounted": {s: ("inf" if math.isinf(a.epsilon_spent) else a.epsilon_spent)
@@ -90,7 +91,8 @@ def main() -> None:
     ap.add_argument("--max-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default="b3_leakage_digits")
-    ap.add_argument("--keep-reports", action="store_true", help="also write report.html/json per epsilon")
+    ap.add_argument("--keep-reports", action="store_true",
+                    help="also write report.html/json per epsilon under audits/reports/b3/ (git-ignored)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     console = Console()
