@@ -1,13 +1,13 @@
 """B3 leakage: membership inference against the global model and the synthetic sets at epsilon {1, 10, inf}, with
 the empirical epsilon lower bounds next to the accounted epsilon (shared/BENCHMARKS.md, B3).
 
-Whole pipeline per epsilon: `prepare_consortium` (digits, K hospitals, half of each site kept as the audit holdout)
+Whole pipeline per epsilon: `prepare_consortium` (digits or Fashion-MNIST, K hospitals, half of each site kept as the audit holdout)
 -> in-process coordinator run (`run_inprocess`, --no-dp for inf) -> `audit_run` (loss, DCR, LiRA online/offline
 with S shadow pipelines on both targets, canary one-run audit). The configuration is the small-site worst case of
 the power test (ipc close to the records per class, no feature centring or augmentation, global model trained 300
 epochs without augmentation), so the non-private run leaks as much as this pipeline can.
 
-Run: `.venv/bin/python benchmarks/b3_leakage.py [--eps 1 10 inf] [--shadows 16] [--canaries 64]`; then
+Run: `.venv/bin/python benchmarks/b3_leakage.py [--source digits|fashion-mnist] [--eps 1 10 inf] [--shadows 16]`; then
 `.venv/bin/python benchmarks/report.py`.
 """
 
@@ -45,7 +45,7 @@ REPORTS = Path(__file__).resolve().parents[1] / "audits" / "reports" / "b3"  # g
 def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     dp = math.isfinite(eps)
     base = work / f"eps-{eps:g}"
-    res = prepare_consortium(source="digits", out=base, sites=args.sites, alpha=args.alpha, fmt="dicom",
+    res = prepare_consortium(source=args.source, out=base, sites=args.sites, alpha=args.alpha, fmt="dicom",
                              seed=args.seed, epsilon=eps if dp else 1.0, delta=DELTA, ipc=DISTILL["ipc"],
                              iterations=DISTILL["iterations"], method="dm", dp=True, max_per_class=args.max_per_class,
                              console=Console(quiet=True))
@@ -66,7 +66,7 @@ def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     outcome = audit_run(run_dir, spec, console=console)
     audit_s = time.perf_counter() - t0
     if args.keep_reports:
-        write_report(outcome, REPORTS / f"eps-{eps:g}")
+        write_report(outcome, REPORTS / args.source / f"eps-{eps:g}")
     final = json.loads((run_dir / "run.json").read_text())["final"] or {}
     row = {"epsilon": eps if dp else "inf", "delta": DELTA,
            "epsilon_accounted": {s: ("inf" if math.isinf(a.epsilon_spent) else a.epsilon_spent)
@@ -86,16 +86,18 @@ def main() -> None:
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0, math.inf])
     ap.add_argument("--shadows", type=int, default=16)
     ap.add_argument("--canaries", type=int, default=64)
+    ap.add_argument("--source", choices=["digits", "fashion-mnist"], default="digits")
     ap.add_argument("--sites", type=int, default=2)
     ap.add_argument("--alpha", type=float, default=100.0, help="Dirichlet alpha (large = near-IID small sites)")
     ap.add_argument("--max-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--name", default="b3_leakage_digits")
+    ap.add_argument("--name", default=None, help="results file name (default b3_leakage_<source>)")
     ap.add_argument("--keep-reports", action="store_true",
                     help="also write report.html/json per epsilon under audits/reports/b3/ (git-ignored)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     console = Console()
+    args.name = args.name or f"b3_leakage_{args.source.replace('-', '_')}"
     rows = []
     partial = RESULTS / f"{args.name}.partial.jsonl"
     with tempfile.TemporaryDirectory(prefix="b3-") as tmp:
@@ -104,11 +106,11 @@ def main() -> None:
             rows.append(row)
             with open(partial, "a") as f:
                 f.write(json.dumps(row) + "\n")
+    dataset = {"digits": "digits (sklearn load_digits, 16x16)",
+               "fashion-mnist": "fashion-mnist (Debian dataset-fashion-mnist, 28x28)"}[args.source]
     out = write_result(args.name, {
-        "dataset": "digits (sklearn load_digits, 16x16)", "partition": {"sites": args.sites, "alpha": args.alpha,
-                                                                         "seed": args.seed,
-                                                                         "max_per_class": args.max_per_class,
-                                                                         "holdout_fraction": 0.5},
+        "dataset": dataset, "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
+                                          "max_per_class": args.max_per_class, "holdout_fraction": 0.5},
         "method": "dm", "distill": DISTILL, "train": TRAIN, "shadows": args.shadows, "canaries": args.canaries,
         "confidence": 0.95, "rows": rows, "peak_memory_mb": peak_memory_mb()})
     partial.unlink(missing_ok=True)
