@@ -30,8 +30,7 @@ from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
 from medfdd.coordinator.merge import merge  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.data.partition import dirichlet_partition  # noqa: E402
-from medfdd.data.prepare import cap_per_class  # noqa: E402
-from medfdd.data.sources import load_fashion_mnist  # noqa: E402
+from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.distill.base import PrivacyPlan  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
@@ -100,6 +99,7 @@ def main() -> None:
     ap.add_argument("--fedavg-rounds", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class")
@@ -108,14 +108,17 @@ def main() -> None:
     for key in ("iterations", "eval_epochs", "max_per_class"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
-    src = cap_per_class(load_fashion_mnist(), scale["max_per_class"], args.seed)
+    full = load_fashion_mnist()
+    src = cap_per_class(full, scale["max_per_class"], args.seed)  # the training pool; the test split stays 10k
     x = (src.train_images / 255.0).astype(np.float32)[:, None]
-    test = ((src.test_images / 255.0).astype(np.float32)[:, None], src.test_labels)
+    test = ((full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels)
     part = dirichlet_partition(src.train_labels, n_sites=args.sites, alpha=args.alpha, seed=args.seed, n_classes=K)
     sites = [SiteRecords(f"site-{i}", x[idx], src.train_labels[idx]) for i, idx in enumerate(part.site_indices)]
     device = pick_device()
     name = args.name or f"b1_federated_{args.scale}_alpha{args.alpha:g}"
-    partial = RESULTS / f"{name}.partial.jsonl"
+    out_dir = args.out_dir or RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partial = out_dir / f"{name}.partial.jsonl"
     rows = []
 
     def keep(row: dict) -> None:
@@ -151,7 +154,9 @@ def main() -> None:
                               "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
                                             "site_totals": part.site_totals.tolist()},
                               "scale": args.scale, **scale, "delta": DELTA, "rows": rows,
-                              "peak_memory_mb": peak_memory_mb()})
+                              "peak_memory_mb": peak_memory_mb(),
+                              "gpu_peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20
+                              if torch.cuda.is_available() else None}, out_dir)
     partial.unlink(missing_ok=True)
     print(f"wrote {out}")
 

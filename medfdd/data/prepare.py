@@ -48,7 +48,7 @@ from medfdd.config import (
     parse_config,
 )
 from medfdd.data.partition import Partition, dirichlet_partition
-from medfdd.data.sources import SOURCES, LabelledSource, load_source
+from medfdd.data.sources import SOURCES, LabelledSource, cap_per_class, load_source
 from medfdd.data.writers import write_dicom, write_dicom_series, write_nifti
 from medfdd.errors import MedfddError
 
@@ -120,28 +120,6 @@ def site_id(i: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------- selection
-
-
-def _cap(labels: np.ndarray, n_classes: int, cap: int, rng: np.random.Generator) -> np.ndarray:
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:cap] for c in range(n_classes)]
-    return np.sort(np.concatenate(keep)).astype(np.int64)
-
-
-def cap_per_class(source: LabelledSource, max_per_class: int | None, seed: int) -> LabelledSource:
-    """At most `max_per_class` training images per class (seeded choice, source order kept).
-
-    The test split is capped in proportion, at ceil(max_per_class * n_test / n_train) per class (at least 1), so a
-    small consortium keeps the source's train:test ratio. None returns the source unchanged.
-    """
-    if max_per_class is None:
-        return source
-    rng = np.random.default_rng([seed, 11])
-    k = source.n_classes
-    test_cap = max(1, math.ceil(max_per_class * len(source.test_labels) / max(1, len(source.train_labels))))
-    tr = _cap(source.train_labels, k, max_per_class, rng)
-    te = _cap(source.test_labels, k, test_cap, rng)
-    return LabelledSource(source.name, source.train_images[tr], source.train_labels[tr],
-                          source.test_images[te], source.test_labels[te], list(source.classes))
 
 
 # ----------------------------------------------------------------------------------------------------------- writing

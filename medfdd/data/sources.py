@@ -25,6 +25,7 @@ Sources:
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zipfile
 from collections.abc import Sequence
@@ -275,3 +276,25 @@ def load_source(name: str, *, seed: int = 0, npz: Path | str | None = None,
                                          "pass the downloaded MedMNIST file with --npz PATH")
         return load_medmnist_npz(npz)
     raise SourceUnavailableError(f"source '{name}'", "unknown source", f"use one of {', '.join(SOURCES)}")
+
+
+def _cap(labels: np.ndarray, n_classes: int, cap: int, rng: np.random.Generator) -> np.ndarray:
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:cap] for c in range(n_classes)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def cap_per_class(source: LabelledSource, max_per_class: int | None, seed: int) -> LabelledSource:
+    """At most `max_per_class` training images per class (seeded choice, source order kept).
+
+    The test split is capped in proportion, at ceil(max_per_class * n_test / n_train) per class (at least 1), so a
+    small consortium keeps the source's train:test ratio. None returns the source unchanged.
+    """
+    if max_per_class is None:
+        return source
+    rng = np.random.default_rng([seed, 11])
+    k = source.n_classes
+    test_cap = max(1, math.ceil(max_per_class * len(source.test_labels) / max(1, len(source.train_labels))))
+    tr = _cap(source.train_labels, k, max_per_class, rng)
+    te = _cap(source.test_labels, k, test_cap, rng)
+    return LabelledSource(source.name, source.train_images[tr], source.train_labels[tr],
+                          source.test_images[te], source.test_labels[te], list(source.classes))
