@@ -120,7 +120,7 @@ def federated_section(results: list[dict]) -> list[str]:
             moved = o["bytes_up_total"] + o.get("bytes_down_total", 0)
             lines += ["", f"B2: one round of FedAvg moves {per_round:,} bytes (model up and down, all sites); the "
                           f"{o['rounds']}-round medfdd run moves {moved:,} bytes in all "
-                          f"(x{per_round / moved:.1f} less than ONE FedAvg round).", ""]
+                          f"(one FedAvg round / this whole run = {per_round / moved:.1f}).", ""]
         lines.append("")
     return lines
 
