@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -11,32 +12,64 @@ from typing import Any
 
 import numpy as np
 
+from medfdd.errors import MedfddError
+
+
+class OutputWriteError(MedfddError, OSError):
+    """A file could not be written (disk full, read-only, a file where a folder should be); the old file is intact.
+
+    Also an OSError, so callers that treat any OSError as "not written" (the privacy ledger) keep doing so.
+    """
+
+    def __str__(self) -> str:  # OSError's own str would print only errno and file name
+        return f"{self.where}: {self.problem}. Fix: {self.fix}"
+
+
+def write_error(path: Path, e: OSError) -> OutputWriteError:
+    code = errno.errorcode.get(e.errno or 0, "")
+    if e.errno == errno.ENOSPC or e.errno == errno.EDQUOT:
+        fix = f"free space on the disk holding {path.parent} (or set `output` to another disk) and run again"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = f"make {path.parent} writable, or set `output` to a writable folder, and run again"
+    elif e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        fix = f"a file or folder is in the way on the path to {path}: move it, or set `output` elsewhere"
+    else:
+        fix = "check the output folder and the disk, then run again"
+    err = OutputWriteError(str(path), f"cannot be written: {e.strerror or e} ({code or e.errno}); "
+                           "the previous version, if any, is unchanged", fix)
+    err.errno, err.strerror, err.filename = e.errno, e.strerror, str(path)
+    return err
+
 
 def atomic_write_bytes(path: Path, data: bytes, durable: bool = True) -> Path:
     """Write `data` to `path` atomically: temp file in the same folder, fsync, os.replace, fsync the folder.
 
     durable=False skips the fsyncs (still never torn: readers see the old or the new file) for disposable caches.
+    Any OS failure raises `OutputWriteError` naming the file and the fix; the temp file is removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             if durable:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if not durable:
-        return path
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
+        tmp = None
+        if durable:
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except OSError as e:
+        raise write_error(path, e) from e
     finally:
-        os.close(dir_fd)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return path
 
 

@@ -13,6 +13,7 @@ from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
 from medfdd.data.manifest import read_manifest
 from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
 from medfdd.data.split import patient_split
+from medfdd.io import OutputWriteError
 
 
 @dataclass
@@ -65,6 +66,8 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
             infos.append(info)
         except RecordRejected as r:
             quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
+        except OutputWriteError:  # the cache cannot be written (disk full, read-only output): not this scan's fault
+            raise
         except OSError as err:  # permission denied, I/O error, vanished file
             quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE, f"{type(err).__name__}: {err}",
                                               "make the file readable by the site runner's user"))

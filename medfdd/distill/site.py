@@ -26,7 +26,7 @@ from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_write_bytes
+from medfdd.io import atomic_write_bytes, write_error
 from medfdd.training import pick_device
 from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
 
@@ -55,9 +55,12 @@ def distiller_class(method: str) -> type[Distiller]:
 
 
 def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
-    return PrivacyLedger.open(cfg.output_dir / "privacy_ledger.json", site_id=cfg.site_id,
-                              epsilon=cfg.privacy.epsilon if dp else math.inf, delta=cfg.privacy.delta,
-                              accountant=cfg.privacy.accountant)
+    path = cfg.output_dir / "privacy_ledger.json"
+    try:
+        return PrivacyLedger.open(path, site_id=cfg.site_id, epsilon=cfg.privacy.epsilon if dp else math.inf,
+                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+    except OSError as e:  # the output folder cannot be created or locked (a file in the way, read-only, disk full)
+        raise write_error(path, e) from e
 
 
 def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool) -> PrivacyPlan:
@@ -139,17 +142,18 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     x = torch.as_tensor(data.images[train])
     y = torch.as_tensor(data.labels[train])
     device = pick_device(cfg.device)
+    # a broadcast model that is not the agreed architecture is refused before anything is charged
+    matching_net = None
+    shape = tuple(x.shape[1:])
+    if global_model is not None:
+        matching_net = load_model(global_model, expect={"in_channels": shape[0], "num_classes": len(cfg.data.classes),
+                                                        "spatial_size": list(shape[1:])})
     ledger = open_ledger(cfg, dp)
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
     ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp))
     eps_spent = ledger.epsilon_spent
 
-    matching_net = None
-    shape = tuple(x.shape[1:])
-    if global_model is not None:
-        matching_net = load_model(global_model, expect={"in_channels": shape[0], "num_classes": len(cfg.data.classes),
-                                                        "spatial_size": list(shape[1:])})
     distiller = distiller_class(cfg.distill.method)(
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=cfg.seed, round_=round_,
         device=device, matching_net=matching_net)
