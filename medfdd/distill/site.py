@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from safetensors.torch import load_file, save
 
-from medfdd.artifacts import SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
+from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
@@ -148,6 +148,10 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     if global_model is not None:
         matching_net = load_model(global_model, expect={"in_channels": shape[0], "num_classes": len(cfg.data.classes),
                                                         "spatial_size": list(shape[1:])})
+        bad = [k for k, v in matching_net.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise ArtifactError(str(global_model), f"weights hold NaN/Inf values ({', '.join(bad[:3])})",
+                                "the coordinator must broadcast a finite model; this round is not distilled")
     ledger = open_ledger(cfg, dp)
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
