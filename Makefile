@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench-loading clean docs
+.PHONY: install demo test lint bench-loading reliability-table clean docs
 
 $(BIN)/medfdd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,10 @@ test: install
 
 lint: install
 	$(BIN)/ruff check medfdd privacy tests benchmarks
+
+# docs/reliability.md from the tests' case tables (a test fails when it is stale)
+reliability-table: install
+	$(BIN)/python tests/reliability/reliability_table.py
 
 bench-loading: install
 	$(BIN)/python benchmarks/loading.py

@@ -30,6 +30,30 @@ def reason_of(q: dict, rel: str) -> str:
     return hits[0]
 
 
+# manifest path -> (kind of bad input, expected quarantine reason); the files are written by the test below
+QUARANTINED = {
+    "truncated.dcm": ("truncated DICOM (pixel data cut)", "corrupt_pixel_data"),
+    "cut_header.dcm": ("DICOM cut in the middle of its header", "no_pixel_data"),
+    "random.dcm": ("random bytes with a .dcm suffix", "not_dicom"),
+    "empty.dcm": ("zero-byte file", "empty_file"),
+    "rtplan.dcm": ("DICOM without pixels (RT plan)", "no_pixel_data"),
+    "jpegls.dcm": ("JPEG-LS compressed DICOM without a decoder", "unsupported_compression"),
+    "bomb.dcm": ("DICOM header announcing 60000 x 60000 x 1000 frames (bomb guard)", "too_large"),
+    "nan.nii.gz": ("NIfTI with a NaN voxel", "non_finite"),
+    "inf.nii.gz": ("NIfTI with Inf voxels", "non_finite"),
+    "const.nii.gz": ("all-constant NIfTI", "constant_image"),
+    "vol.nii.gz": ("3D volume where the site expects 2D", "wrong_dimensionality"),
+    "4d.nii": ("4D NIfTI (nibabel's functional.nii) where the site expects 2D", "wrong_dimensionality"),
+    "unknown_label.dcm": ("label not in the consortium's classes", "unknown_label"),
+    "missing.dcm": ("manifest row for a file that does not exist", "missing_file"),
+    "../outside.dcm": ("`../` path", "outside_root"),
+    "/etc/passwd": ("absolute path", "outside_root"),
+    "escape.dcm": ("symlink escaping the data root", "outside_root"),
+    "": ("empty path field", "empty_path"),
+    "notimage.txt": ("text file with no image suffix", "unreadable"),
+}
+
+
 def test_broken_files_are_quarantined_with_reasons(site_builder, tmp_path):
     s = site_builder(classes=["a", "b"], spatial_size=[16, 16])
     rng = np.random.default_rng(1)
@@ -83,14 +107,7 @@ def test_broken_files_are_quarantined_with_reasons(site_builder, tmp_path):
 
     report = check_site(cfg_path)
     q = quarantine(cfg_path)
-    expected = {
-        "truncated.dcm": "corrupt_pixel_data", "cut_header.dcm": "no_pixel_data", "random.dcm": "not_dicom",
-        "empty.dcm": "empty_file", "rtplan.dcm": "no_pixel_data", "jpegls.dcm": "unsupported_compression",
-        "bomb.dcm": "too_large", "nan.nii.gz": "non_finite", "inf.nii.gz": "non_finite",
-        "const.nii.gz": "constant_image", "vol.nii.gz": "wrong_dimensionality", "4d.nii": "wrong_dimensionality",
-        "unknown_label.dcm": "unknown_label", "missing.dcm": "missing_file", "../outside.dcm": "outside_root",
-        "/etc/passwd": "outside_root", "escape.dcm": "outside_root", "": "empty_path", "notimage.txt": "unreadable",
-    }
+    expected = {rel: reason for rel, (_, reason) in QUARANTINED.items()}
     for rel, reason in expected.items():
         assert reason_of(q, rel) == reason, rel
     dup = [e for e in q["entries"] if e["reason"] == "duplicate_row"]
@@ -128,11 +145,15 @@ def test_unreadable_file_is_quarantined(site_builder):
     assert report.n_quarantined == 1
 
 
-@pytest.mark.parametrize("header, problem", [
-    (["path", "patient_id"], "missing column(s) ['label']"),
-    (["file", "label"], "missing column(s) ['path']"),
-    (["path", "label", "age"], "unknown column(s) ['age']"),
-])
+# case -> (manifest header, problem the ManifestError states)
+MANIFEST_COLUMNS = {
+    "manifest without a label column": (["path", "patient_id"], "missing column(s) ['label']"),
+    "manifest without a path column": (["file", "label"], "missing column(s) ['path']"),
+    "manifest with an extra column": (["path", "label", "age"], "unknown column(s) ['age']"),
+}
+
+
+@pytest.mark.parametrize("header, problem", list(MANIFEST_COLUMNS.values()), ids=list(MANIFEST_COLUMNS))
 def test_manifest_columns_are_checked(site_builder, header, problem):
     s = site_builder()
     s.add_dicom("x.dcm", "a")

@@ -165,6 +165,26 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
 
 # ------------------------------------------------------------------------------------------ the coordinator killed
 
+# faults with a test of their own below: name -> (what is injected, expected outcome, test)
+FAULTS = {
+    "coordinator SIGKILLed mid-round": (
+        "`medfdd coordinator run` (2 rounds) killed as soon as round 1's checkpoint.json appears",
+        "rerun resumes after round 1 (not redone) and completes; every site charged once per round",
+        "test_coordinator_killed_after_round_one_resumes_from_its_checkpoint"),
+    "site never answers (in-process)": (
+        "one of two sites sends no offer in a round",
+        "recorded as `no_answer`; the round merges the other site",
+        "test_a_site_that_never_answers_is_left_out_of_the_round"),
+    "a file where the output folder should be": (
+        "`output` is an existing file (with and without the preprocessing cache)",
+        "`medfdd site distill` exits 2 with OutputWriteError naming the path; no traceback; scans not blamed",
+        "test_a_file_where_the_output_folder_should_be_is_a_typed_error"),
+    "disk full at the atomic rename": (
+        "OSError(ENOSPC) from os.replace in medfdd.io",
+        "OutputWriteError (also an OSError) naming the file and the fix; old file byte-identical; no temp file",
+        "test_failed_atomic_write_raises_a_typed_error_and_keeps_the_old_file"),
+}
+
 
 def test_coordinator_killed_after_round_one_resumes_from_its_checkpoint(tmp_path):
     coord = tiny_consortium(tmp_path / "killed", rounds=2)

@@ -107,6 +107,24 @@ yaml.load(text, Loader=yaml.SafeLoader)
     assert unsafe_deserialisation(good) == []
 
 
+# check -> (what is tried, expected outcome, test)
+SECURITY = {
+    "no unpickling (invariant 6)": (
+        "AST scan of every .py in medfdd/ and privacy/ for pickle-family imports, torch.load without "
+        "weights_only=True, np.load without allow_pickle=False, allow_pickle=True, yaml.load, read_pickle",
+        "none found (the scanner itself is tested on 13 planted violations)",
+        "test_no_code_in_medfdd_or_privacy_can_unpickle"),
+    "no PHI leaves a site (invariant 5)": (
+        "DICOM headers with recognisable PatientName, PatientID, PatientBirthDate, InstitutionName, StudyDate, "
+        "ReferringPhysicianName, AccessionNumber; patient-named folders; patient ids in the manifest; a full "
+        "in-process round and audit report",
+        "none of them in synthetic.npz/json, ledger, preview PNG (text chunks too), offers (meta and arrays), the "
+        "run directory (run.json, checkpoint, merged.npz, model, previews), report.json/html, or the distill, "
+        "coordinator and audit logs; `site check`'s console shows no header value (paths under the root allowed)",
+        "test_no_phi_in_artifacts_offers_run_directory_report_or_logs"),
+}
+
+
 def test_no_code_in_medfdd_or_privacy_can_unpickle():
     files = sorted(p for d in ("medfdd", "privacy") for p in (REPO / d).rglob("*.py"))
     assert len(files) > 30
