@@ -14,7 +14,8 @@ from medfdd.federation.site import make_offer
 
 
 def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: bool = False) -> Path:
-    """Run all planned rounds; a site that fails is left out of its round with the reason (the others go on)."""
+    """Run all planned rounds; a site that fails is left out of its round (recorded as `site_failed` with the
+    error's class; the details stay on the console, which is the site's), and the others go on."""
     console = console or Console()
     run = CoordinatorRun.open(Path(config_path), engine="inprocess", console=console, no_dp=no_dp)
     if not run.site_configs:
@@ -26,8 +27,14 @@ def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: b
         for site_id, site_cfg in sorted(run.site_configs.items()):
             try:
                 offer = make_offer(site_cfg, b, console=console, no_dp=no_dp)
-            except MedfddError as e:
-                run.no_answer(site_id, f"{type(e).__name__}: {e}", code=Reason.SITE_FAILED)
+            except Exception as e:  # one failing site must not stop the consortium's round
+                # the details (which may name site paths) stay on the site's console; run.json gets the class only
+                if isinstance(e, MedfddError):
+                    console.print(f"[red]{site_id} failed[/]: {e}")
+                else:
+                    console.print_exception(max_frames=5)
+                run.no_answer(site_id, f"the site failed with {type(e).__name__} (details in the site's log)",
+                              code=Reason.SITE_FAILED)
                 continue
             run.receive(offer, sender=site_id)
         run.finish_round()

@@ -105,7 +105,7 @@ def test_round_completes_without_a_failing_site_and_a_hostile_offer(digits_conso
     r = run["rounds"][0]
     assert r["accepted"] == [a, c]
     assert [(x["site_id"], x["reason"]) for x in r["rejected"]] == [(b, "site_failed")]
-    assert "delta" in r["rejected"][0]["detail"]
+    assert "DistillError" in r["rejected"][0]["detail"] and "/" not in r["rejected"][0]["detail"]  # no paths
     assert run["status"] == "completed" and run["final"]["accuracy"] >= 0
 
 
