@@ -27,5 +27,9 @@ def make_offer(site_config: Path, broadcast: Broadcast, *, console: Console | No
                                         broadcast.model)
     distill_site(Path(site_config), round_=broadcast.round, global_model=model_path, no_dp=no_dp, console=console)
     syn = load_synthetic(cfg.output_dir)
+    if cfg.audit_gate is not None:  # the site's own audit must pass before anything leaves
+        from medfdd.federation.gate import gate_synthetic_set
+
+        gate_synthetic_set(cfg, syn, console=console)
     return SiteOffer(site_id=cfg.site_id, round=broadcast.round,
                      arrays={"images": to_wire(syn.images), "labels": to_wire(syn.labels)}, meta=dict(syn.meta))
