@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--baselines", action="store_true", help="also run centralized, local-only, subset, FedAvg")
     ap.add_argument("--baseline-eps", type=float, nargs="+", default=None, help="DP-FedAvg epsilons (default --eps)")
     ap.add_argument("--fedavg-rounds", type=int, default=3)
+    ap.add_argument("--only-fedavg", action="store_true", help="run only FedAvg and DP-FedAvg (no DM, no other baselines)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -127,11 +128,11 @@ def main() -> None:
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for rounds in args.rounds:
+    for rounds in [] if args.only_fedavg else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed))
-    if args.baselines:
+    if args.baselines and not args.only_fedavg:
         settings = TrainSettings(epochs=scale["eval_epochs"])
         full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
         t = time.perf_counter()
@@ -143,6 +144,7 @@ def main() -> None:
         t = time.perf_counter()
         keep({"method": f"random real subset ipc {args.ipc}/site (non-private)",
               **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
+    if args.baselines or args.only_fedavg:
         for eps in [None] + [e for e in (args.baseline_eps or args.eps) if math.isfinite(e)]:
             t = time.perf_counter()
             res = fedavg(sites, test, K, rounds=args.fedavg_rounds, local_epochs=1, epsilon=eps, seed=0)
