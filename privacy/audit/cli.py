@@ -27,7 +27,8 @@ def add_audit_parser(sub) -> None:
                     "(audits/*.yaml) sets defaults; the flags override it.")
     au.add_argument("run_dir", type=Path, help="run directory written by `medfdd coordinator run`")
     au.add_argument("--out", type=Path, required=True, help="report folder, e.g. audits/reports/NAME")
-    au.add_argument("--spec", type=Path, help="audit spec YAML (default: every attack, 8 shadows, 64 canaries)")
+    au.add_argument("--spec", type=Path, help="audit spec YAML (default: the quick audit, attacks loss, dcr and "
+                                              "canary without shadow pipelines; audits/default.yaml runs LiRA too)")
     au.add_argument("--attacks", nargs="+", choices=ATTACKS, help="attacks to run (overrides the spec)")
     au.add_argument("--targets", nargs="+", choices=["global_model", "synthetic"], help="targets (overrides the spec)")
     au.add_argument("--shadows", type=int, help="shadow pipelines for LiRA (overrides the spec)")
@@ -37,11 +38,14 @@ def add_audit_parser(sub) -> None:
     au.add_argument("--seed", type=int, help="audit seed (overrides the spec)")
 
 
+QUICK_ATTACKS = ("loss", "dcr", "canary")  # no shadow pipelines: minutes, not hours, on a CPU
+
+
 def _spec_from_args(args):
     from medfdd.config import parse_config
     from privacy.audit.spec import AuditSpec, load_audit_spec
 
-    spec = load_audit_spec(args.spec)
+    spec = load_audit_spec(args.spec) if args.spec else AuditSpec(attacks=list(QUICK_ATTACKS))
     overrides = {k: getattr(args, k) for k in ("attacks", "targets", "shadows", "canaries", "fixed_variance",
                                                "sites", "seed") if getattr(args, k, None) is not None}
     if not overrides:
