@@ -246,7 +246,11 @@ class CoordinatorRun:
             "round": rd.round, "accepted": sorted(rd.accepted), "rejected": rd.rejected,
             "n_merged": int(len(merged.labels)), "class_counts": np.bincount(merged.labels, minlength=k).tolist(),
             "epsilon": {s: a.meta["epsilon"] for s, a in sorted(rd.accepted.items())},
-            "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics})
+            "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics,
+            "per_site": {s: {"accepted": s in rd.accepted, "bytes_up": rd.bytes_up.get(s, 0),
+                             "bytes_down": rd.bytes_down.get(s, 0),
+                             "epsilon": rd.accepted[s].meta["epsilon"] if s in rd.accepted else None}
+                         for s in self.expected_sites}})
         self.current = None
         self._checkpoint()
         self._write_run_json(status="completed" if self.next_round is None else "running")
@@ -294,7 +298,7 @@ class CoordinatorRun:
         final = None
         if last is not None:
             final = {**(last["metrics"] or {}), "round": last["round"], "bytes_up_total": up, "bytes_down_total": down,
-                     "n_merged": last["n_merged"]}
+                     "bytes_up": up, "bytes_down": down, "n_merged": last["n_merged"]}  # totals over sites and rounds
         run = {
             "medfdd_version": __version__, "engine": self.engine, "status": status,
             "config": json.loads(self.cfg.model_dump_json()), "consortium": json.loads(self.spec.model_dump_json()),

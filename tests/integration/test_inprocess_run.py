@@ -45,7 +45,12 @@ def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_r
     assert all(run["rounds"][0]["bytes_down"][s] < 1000 for s in sites)  # round 1: no model yet
     assert all(run["rounds"][1]["bytes_down"][s] > model_bytes for s in sites)  # round 2: the global model
     assert run["final"]["accuracy"] == run["rounds"][1]["metrics"]["accuracy"]
-    assert run["final"]["bytes_up_total"] == sum(sum(r["bytes_up"].values()) for r in run["rounds"])
+    assert run["final"]["bytes_up_total"] == run["final"]["bytes_up"] == sum(sum(r["bytes_up"].values())
+                                                                            for r in run["rounds"])
+    for r in run["rounds"]:
+        for s in sites:
+            per = r["per_site"][s]
+            assert per["accepted"] and per["bytes_up"] == r["bytes_up"][s] and 0 < per["epsilon"] <= 1
 
     merged = np.load(out / "merged.npz", allow_pickle=False)
     assert len(merged["labels"]) == run["final"]["n_merged"] == sum(
