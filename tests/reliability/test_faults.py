@@ -133,7 +133,11 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
     (entry,) = after_kill.entries
     assert entry.steps == STEPS  # every planned step was paid for before the first one ran
     assert after_kill.epsilon_spent == pytest.approx(straight_ledger.epsilon_spent)
-    assert not list(out.rglob("*.tmp"))  # nothing half-written is visible
+    # nothing half-written is visible: a SIGKILL mid-write can leave a hidden `.NAME.*.tmp` (never read), but every
+    # visible file is complete
+    assert not [f for f in out.rglob("*.tmp") if not f.name.startswith(".")]
+    if (out / "synthetic.json").is_file():
+        json.loads((out / "synthetic.json").read_text())
     ckpt = out / "checkpoints" / "round-1.safetensors"
     from safetensors import safe_open
 
