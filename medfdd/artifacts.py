@@ -75,16 +75,18 @@ def load_synthetic(folder: Path) -> SyntheticSet:
     return SyntheticSet(images, labels, meta)
 
 
-def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "") -> Path:
-    """A per-class PNG grid (rows = classes); volumes show their middle slice."""
+def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "", *,
+                max_cols: int | None = None, cell: float = 0.9, dpi: int = 80) -> bytes:
+    """PNG bytes of a per-class grid (rows = classes, at most `max_cols` per row); volumes show their middle slice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_class = [np.where(labels == k)[0] for k in range(len(classes))]
+    per_class = [np.where(labels == k)[0][:max_cols] for k in range(len(classes))]
     cols = max(1, max(len(p) for p in per_class))
-    fig, axes = plt.subplots(len(classes), cols, figsize=(0.9 * cols + 1.2, 0.9 * len(classes) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(classes), cols, figsize=(cell * cols + 1.2, cell * len(classes) + 0.4),
+                             squeeze=False)
     for k, idx in enumerate(per_class):
         for j in range(cols):
             ax = axes[k][j]
@@ -103,9 +105,14 @@ def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: li
     if title:
         fig.suptitle(title, fontsize=9)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return atomic_write_bytes(Path(path), buf.getvalue())
+    return buf.getvalue()
+
+
+def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "") -> Path:
+    """The per-class PNG preview grid of a synthetic set (see `preview_png`)."""
+    return atomic_write_bytes(Path(path), preview_png(images, labels, classes, title))
 
 
 def save_volumes_nifti(path: Path, images: np.ndarray) -> Path:

@@ -129,28 +129,10 @@ def ledger_figure(sites) -> str | None:
 
 
 def synthetic_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], title: str, max_cols: int = 10) -> str:
-    plt = _plt()
-    per = [np.flatnonzero(labels == k)[:max_cols] for k in range(len(classes))]
-    cols = max(1, max(len(p) for p in per))
-    fig, axes = plt.subplots(len(classes), cols, figsize=(0.6 * cols + 1.0, 0.6 * len(classes) + 0.4),
-                             squeeze=False)
-    for k, idx in enumerate(per):
-        for j in range(cols):
-            ax = axes[k][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for sp in ax.spines.values():
-                sp.set_visible(False)
-            if j < len(idx):
-                img = images[idx[j]]
-                if img.ndim == 4:
-                    img = img[:, img.shape[1] // 2]
-                img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-                ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
-            if j == 0:
-                ax.set_ylabel(classes[k], rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    return _png(fig)
+    from medfdd.artifacts import preview_png
+
+    png = preview_png(images, labels, classes, title, max_cols=max_cols, cell=0.6, dpi=90)
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _e(x) -> str:
