@@ -2,8 +2,10 @@
 and epsilon {1, 10, inf}; accuracy of ConvNet-3 trained from scratch on the synthetic set (mean +- sd over >= 3
 evaluation trainings) on the official 10k test split. See shared/BENCHMARKS.md.
 
-CPU-scale (default): 200 DP steps, real batch 64 per class (Poisson, expected 640), evaluation 300 epochs.
+CPU-scale (default): 200 DP steps, real batch 64 per class (Poisson, expected 640), 5 synthetic updates per paid
+statistic (decoupled schedule), evaluation 300 epochs.
 GPU-scale (--scale gpu): the published settings (real batch 256 per class, 1000+ steps, 1000 evaluation epochs).
+`--schedule interleaved` is the ablation: the same paid statistics and updates, each statistic used right away.
 Run: `.venv/bin/python benchmarks/b1_central.py [--ipc 1 10 50] [--eps 1 10 inf] [--scale cpu|gpu]`.
 
 Every row also records the cost (B2): seconds per DP iteration (timed with CUDA synchronisation on a GPU), peak
@@ -38,8 +40,9 @@ from medfdd.training import TrainSettings, evaluate, pick_device, train_classifi
 from privacy.accounting import calibrate_noise, epsilon_for  # noqa: E402
 
 SCALES = {
-    "cpu": {"iterations": 200, "batch_per_class": 64, "eval_epochs": 300},
-    "gpu": {"iterations": 2000, "batch_per_class": 256, "eval_epochs": 1000},
+    "cpu": {"iterations": 200, "batch_per_class": 64, "eval_epochs": 300, "inner_steps": 5, "schedule": "decoupled"},
+    "gpu": {"iterations": 2000, "batch_per_class": 256, "eval_epochs": 1000, "inner_steps": 5,
+            "schedule": "decoupled"},
 }
 DELTA = 1e-5
 
@@ -89,7 +92,8 @@ def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: d
     dp = math.isfinite(eps)
     sigma = calibrate_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps=steps) if dp else 0.0
     spent = epsilon_for([(sigma, q, steps)], delta=DELTA) if dp else math.inf
-    cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch)
+    cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch,
+                        inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"))
     distiller = distiller_class(method)(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
                                         image_shape=image_shape, seed=seed, device=device)
     return distiller, sigma, spent, q, steps
@@ -171,7 +175,7 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
     state = distiller.run(xd, yd)
     sync(device)
     distill_s = time.perf_counter() - t0
-    images = state.images.detach().cpu().numpy()
+    images = state.result().cpu().numpy()
     labels = state.labels.cpu().numpy()
     accs, t1 = [], time.perf_counter()
     for s in range(evals):
@@ -184,6 +188,8 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
            "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
            "accuracies": accs, "distill_seconds": distill_s, "seconds_per_iteration": distill_s / steps,
            "eval_seconds_each": (time.perf_counter() - t1) / evals, "lr": distiller.cfg.lr,
+           "schedule": distiller.cfg.schedule, "inner_steps": distiller.cfg.updates_per_statistic,
+           "ema": distiller.cfg.ema if distiller.cfg.schedule == "decoupled" else None,
            "center": distiller.cfg.center, **cost_fields(flops, distill_s / steps, device),
            "gpu_peak_memory_mb": gpu_peak_mb(device)}
     print(json.dumps(row), flush=True)
@@ -200,7 +206,7 @@ def load_data(data_dir: str | None):
 
 def scale_from(args) -> dict:
     scale = dict(SCALES[args.scale])
-    for key in ("iterations", "batch_per_class", "eval_epochs"):
+    for key in ("iterations", "batch_per_class", "eval_epochs", "inner_steps", "schedule"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
     return scale
@@ -218,6 +224,8 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=None, help="override the scale's DP steps")
     ap.add_argument("--batch-per-class", type=int, default=None, help="override the scale's real batch per class")
     ap.add_argument("--eval-epochs", type=int, default=None, help="override the scale's evaluation epochs")
+    ap.add_argument("--inner-steps", type=int, default=None, help="override the synthetic updates per statistic")
+    ap.add_argument("--schedule", choices=["decoupled", "interleaved"], default=None, help="override the schedule")
     ap.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON (and partial JSONL) go")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

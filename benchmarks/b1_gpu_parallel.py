@@ -82,7 +82,8 @@ def worker(args) -> None:
     scale = dict(SCALES["gpu"])
     if args.batch_per_class:
         scale["batch_per_class"] = args.batch_per_class
-    tag = f"ipc{args.ipc}_eps{_eps_key(args.eps)}"
+    scale["schedule"] = args.schedule
+    tag = f"ipc{args.ipc}_eps{_eps_key(args.eps)}" + ("" if args.schedule == "decoupled" else f"_{args.schedule}")
     sync_dir = Path(args.sync_dir)
     sync_dir.mkdir(parents=True, exist_ok=True)
     # Start barrier: probe only once every worker is loaded, so the probe sees the full contention (without it, the
@@ -102,7 +103,7 @@ def worker(args) -> None:
     while len(list(sync_dir.glob("*.json"))) < args.workers and time.time() < give_up:
         time.sleep(0.5)
     all_speeds = [json.loads(p.read_text()) for p in sorted(sync_dir.glob("*.json"))]
-    mine = [s for s in all_speeds if s["ipc"] == args.ipc]
+    mine = [s for s in all_speeds if s["ipc"] == args.ipc]  # every schedule of an IPC gets the same sizes
     t_ref = max(s["written_at"] for s in all_speeds)
     budget = args.margin * (args.deadline - t_ref)
     steps, epochs, predicted = choose(mine, budget, args.evals, args.ladder or LADDER)
@@ -127,7 +128,8 @@ def merge(args) -> None:
     if Path(args.jsonl).is_file():
         rows = [json.loads(line) for line in Path(args.jsonl).read_text().splitlines() if line.strip()]
     order = {"1": 0, "10": 1, "inf": 2}
-    rows.sort(key=lambda r: (r["ipc"], order.get(_eps_key(math.inf if r["epsilon"] == "inf" else r["epsilon"]), 9)))
+    rows.sort(key=lambda r: (r.get("schedule") != "decoupled", r["ipc"],
+                             order.get(_eps_key(math.inf if r["epsilon"] == "inf" else r["epsilon"]), 9)))
     profile = json.loads(Path(args.profile).read_text()) if args.profile and Path(args.profile).is_file() else None
 
     def uniform(key):
@@ -165,7 +167,7 @@ def summary(path: str) -> None:
               f"{f(frac and 100 * frac, '.2f')} % of {p['peak_bf16_dense_tflops']}, "
               f"{f(p['gpu_peak_memory_mb'], '.0f')} MB")
     for x in r["rows"]:
-        print(f"ipc {x['ipc']:>2} eps {x['epsilon']!s:>4}: {100 * x['accuracy_mean']:.1f} +- "
+        print(f"{x.get('schedule', '?'):>11} ipc {x['ipc']:>2} eps {x['epsilon']!s:>4}: {100 * x['accuracy_mean']:.1f} +- "
               f"{100 * x['accuracy_sd']:.1f} % T={x['iterations']} E={x['eval_epochs']} "
               f"{x['seconds_per_iteration'] * 1e3:.1f} ms/it {f(x['tflops_achieved'], '.1f')} TFLOP/s "
               f"{f(x['gpu_peak_memory_mb'], '.0f')} MB, eval {x['eval_seconds_each']:.0f} s each")
@@ -189,6 +191,7 @@ def main() -> None:
     w.add_argument("--probe-steps", type=int, default=10)
     w.add_argument("--probe-epochs", type=int, default=10)
     w.add_argument("--method", default="dm")
+    w.add_argument("--schedule", choices=["decoupled", "interleaved"], default="decoupled")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--threads", type=int, default=1)
     w.add_argument("--data-dir", default=None)

@@ -67,7 +67,8 @@ def b1_section(r: dict) -> list[str]:
     lines += [head, rule]
     for row in rows:
         eps = row["epsilon"] if row["epsilon"] == "inf" else f"{row['epsilon']:g} ({row['epsilon_accounted']:.3f})"
-        line = (f"| DP-{row['method'].upper()} | {row['ipc']} | {eps} | {row['noise_multiplier']:.3f} | "
+        how = f"{row.get('schedule', 'interleaved')}, {row.get('inner_steps', 1)} upd/stat"
+        line = (f"| DP-{row['method'].upper()} ({how}) | {row['ipc']} | {eps} | {row['noise_multiplier']:.3f} | "
                 f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f} | "
                 f"{row['seconds_per_iteration']:.3f} |")
         if per_row:

@@ -106,7 +106,13 @@ class DistillConfig(_Strict):
     iterations: int = Field(1000, ge=1, description="DP steps per round (each pays for one noisy statistic)")
     batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
-    inner_steps: int = Field(1, ge=1, description="synthetic updates per paid noisy statistic (post-processing)")
+    inner_steps: int | None = Field(None, ge=1, description="synthetic updates per paid noisy statistic "
+                                    "(post-processing); default 5 for dm decoupled (measured best), else 1")
+    schedule: Literal["decoupled", "interleaved"] = Field(
+        "decoupled", description="dm: `decoupled` pays every noisy statistic first, then makes iterations x "
+        "inner_steps updates, each on a statistic drawn at random; `interleaved` updates right after each one")
+    ema: float = Field(0.99, ge=0, lt=1, description="dm decoupled: release a moving average of the images over the "
+                       "updates with this decay (0 = the last iterate)")
     lr: float = Field(30.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
     center: bool = Field(True, description="centre features on the synthetic mean before normalising")
     augment: bool = Field(True, description="differentiable augmentation (DSA) on real and synthetic images")
@@ -114,6 +120,12 @@ class DistillConfig(_Strict):
     width: int = Field(128, ge=1, description="channels of the ConvNet-3 matching network")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast for real data")
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
+
+    @property
+    def updates_per_statistic(self) -> int:
+        if self.inner_steps is not None:
+            return self.inner_steps
+        return 5 if self.method == "dm" and self.schedule == "decoupled" else 1
 
 
 class AuditGate(_Strict):

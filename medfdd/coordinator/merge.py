@@ -63,7 +63,7 @@ def redistill(images: np.ndarray, labels: np.ndarray, cfg: CoordinatorConfig, *,
     distiller = DistributionMatching(dcfg, plan, num_classes=num_classes, image_shape=tuple(images.shape[1:]),
                                      seed=seed, device=device)
     state = distiller.run(torch.as_tensor(images), torch.as_tensor(labels))
-    out_x = state.images.detach().cpu().numpy().astype(np.float32)
+    out_x = state.result().cpu().numpy().astype(np.float32)
     out_y = state.labels.cpu().numpy().astype(np.int64)
     keep = np.isin(out_y, np.unique(labels))
     return out_x[keep], out_y[keep]

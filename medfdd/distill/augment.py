@@ -83,9 +83,18 @@ def flip(x, g):
 OPS = {"color": color, "crop": crop, "cutout": cutout, "scale": scale, "rotate": rotate, "flip": flip}
 
 
+def choose_family(g: torch.Generator, families: tuple[str, ...] = FAMILIES) -> str | None:
+    """One augmentation family drawn uniformly (None when augmentation is off)."""
+    return families[int(torch.randint(0, len(families), (1,), generator=g))] if families else None
+
+
+def apply_family(x: torch.Tensor, g: torch.Generator, name: str | None) -> torch.Tensor:
+    """Apply the named family with per-image parameters drawn from `g` (None: identity)."""
+    return x if name is None or x.shape[0] == 0 else OPS[name](x, g)
+
+
 def augment(x: torch.Tensor, g: torch.Generator, families: tuple[str, ...] = FAMILIES) -> torch.Tensor:
     """Apply one randomly chosen augmentation family with per-image parameters (DSA 'single' mode)."""
     if not families or x.shape[0] == 0:
         return x
-    name = families[int(torch.randint(0, len(families), (1,), generator=g))]
-    return OPS[name](x, g)
+    return apply_family(x, g, choose_family(g, families))

@@ -18,7 +18,7 @@ from medfdd.config import DistillConfig
 from medfdd.distill.augment import FAMILIES, augment
 from medfdd.nets import ConvNet, convnet_for
 
-STREAMS = {"net": 0, "sample": 1, "augment_real": 2, "augment_syn": 3, "noise": 4, "init": 5}
+STREAMS = {"net": 0, "sample": 1, "augment_real": 2, "augment_syn": 3, "noise": 4, "init": 5, "pick": 6}
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,12 @@ class DistillState:
     images: torch.Tensor  # [K * ipc, C, *spatial], requires grad
     labels: torch.Tensor  # [K * ipc]
     momentum: torch.Tensor  # SGD momentum buffer of the images
-    iteration: int  # steps completed
+    iteration: int  # units of work completed (of `Distiller.total_work`)
+    average: torch.Tensor | None = None  # moving average of the images (what is released, when kept)
+
+    def result(self) -> torch.Tensor:
+        """The synthetic images to release: the moving average when one is kept, else the last iterate."""
+        return (self.average if self.average is not None else self.images).detach()
 
 
 def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
@@ -59,6 +64,11 @@ class Distiller(ABC):
         self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type in ("cpu", "cuda"))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    @property
+    def total_work(self) -> int:
+        """Units of work of a whole run (progress and checkpoints count these): one per paid step here."""
+        return self.plan.steps
 
     def g(self, t: int, stream: str) -> torch.Generator:
         return generator(self.seed, self.round, t, stream)
@@ -105,7 +115,7 @@ class Distiller(ABC):
             on_step: Callable[[DistillState, float], None] | None = None) -> DistillState:
         state = state or self.init_state()
         x, y = x.to(self.device), y.to(self.device)
-        for t in range(state.iteration, self.plan.steps):
+        for t in range(state.iteration, self.plan.steps):  # interleaved: one unit of work = one paid step
             loss = self.step(state, x, y, t)
             state.iteration = t + 1
             if on_step:

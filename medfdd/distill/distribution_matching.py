@@ -1,52 +1,175 @@
 """DP distribution matching (DM: Zhao & Bilen, WACV 2023; private variant as in NDPDC, Zheng & Li 2023).
 
-Per step: a fresh random ConvNet-3 embeds a Poisson sample of augmented real records; their unit-normalised
-embeddings are summed per class with a private count and Gaussian noise (`mechanism.noisy_class_stats`); the
-synthetic images of each class are moved so their mean embedding matches the noisy real mean. The paid statistic
-may drive several synthetic updates (`inner_steps`), which is post-processing and costs no privacy.
+A paid step t: a fresh random ConvNet-3 (seeded by t) embeds a Poisson sample of augmented real records; their
+unit-normalised embeddings are summed per class with a private count and Gaussian noise
+(`mechanism.noisy_class_stats`). The synthetic images of each class move so that their mean embedding matches the
+noisy real mean. Everything after the release of a noisy statistic is post-processing and costs no privacy.
+
+Two schedules (`distill.schedule`):
+- `decoupled` (default; the decoupled optimisation and sampling of Dosser, Zheng et al. 2025): all `iterations`
+  noisy statistics are paid for first and kept in a bank (per class sums and counts; the network is rebuilt from its
+  seed). Then `iterations x inner_steps` synthetic updates each draw one banked statistic at random, so every
+  update meets a different network instead of chasing one statistic's noise for several updates in a row. Class
+  counts are pooled over the whole bank (their expectation q * n_class is the same every step), so the count
+  coordinate needs only a small share of C^2 and the features keep the rest. The released images are a moving
+  average of the iterates (`distill.ema`), which averages the noise the updates follow.
+- `interleaved`: `inner_steps` updates right after each paid statistic, each statistic normalised by its own count.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
+from medfdd.distill.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState
-from medfdd.distill.mechanism import noisy_class_stats, unit_rows
+from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
 
 CHUNK = 256
+POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
+
+
+@dataclass
+class SignalBank:
+    """The paid noisy statistics of a decoupled run: one row per paid step."""
+
+    sums: torch.Tensor  # [P, K, d] noisy per-class sums of features scaled to `feature_scale`
+    counts: torch.Tensor  # [P, K] noisy per-class record counts
+    centers: torch.Tensor | None  # [P, d] the data-independent centre each step used
+    families: list[str | None]  # the augmentation family of each step
+    feature_scale: float
+
+    def target(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean feature per class of statistic s, classes with a usable pooled count): the sum over the pooled
+        expected count, both released values, so this is post-processing."""
+        pooled = self.counts.mean(0)
+        usable = pooled >= 1.0
+        return self.sums[s] / (self.feature_scale * pooled.clamp(min=1.0)).unsqueeze(1), usable
 
 
 class DistributionMatching(Distiller):
+    @property
+    def decoupled(self) -> bool:
+        return self.cfg.schedule == "decoupled"
+
+    @property
+    def updates(self) -> int:
+        return self.plan.steps * self.cfg.updates_per_statistic
+
+    @property
+    def total_work(self) -> int:
+        return self.plan.steps + self.updates if self.decoupled else self.plan.steps
+
+    def center(self, net, images: torch.Tensor) -> torch.Tensor | None:
+        """The synthetic set's mean feature (no real record involved), or None when centring is off."""
+        if not self.cfg.center:
+            return None
+        with torch.no_grad():
+            return net.embed(images).float().mean(0)
+
     @torch.no_grad()
-    def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None):
+    def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None,
+                       family: str | None = None, count_share: float = COUNT_SHARE):
+        """The Gaussian mechanism on the per-class sums of step t (Poisson sample, augmentation `family`, or one
+        drawn per chunk when None as in DSA)."""
         idx = self.poisson_sample(len(x), t).to(x.device)
         g_aug = self.g(t, "augment_real")
         feats = []
         for start in range(0, len(idx), CHUNK):
-            xb = self.augment(x[idx[start:start + CHUNK]], g_aug)
+            xb = x[idx[start:start + CHUNK]]
+            xb = self.augment(xb, g_aug) if family is None else apply_family(xb, g_aug, family)
             with self.autocast:
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
         return noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
                                  noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"),
-                                 center=center)
+                                 center=center, count_share=count_share)
+
+    def match(self, state: DistillState, net, target: torch.Tensor, usable: torch.Tensor, center,
+              family: str | None, g: torch.Generator) -> float:
+        """One synthetic update: squared distance between the class means of the augmented synthetic features and
+        the target means, over the usable classes (`family` None: one family drawn from `g`, as DSA does)."""
+        if not usable.any():
+            return 0.0
+        xs = self.augment(state.images, g) if family is None else apply_family(state.images, g, family)
+        f = unit_rows(net.embed(xs).float(), center)
+        syn_means = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
+        loss = ((target - syn_means / self.cfg.ipc)[usable] ** 2).sum()
+        self.sgd_update(state, loss)
+        return float(loss.detach())
+
+    # ------------------------------------------------------------------ interleaved
 
     def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         net = self.network(t)
-        center = None
-        if self.cfg.center:  # the synthetic set's mean feature: no real record involved
-            with torch.no_grad():
-                center = net.embed(state.images).float().mean(0)
+        center = self.center(net, state.images)
         target, usable = self.real_statistic(net, x, y, t, center).means()
         g_syn = self.g(t, "augment_syn")
-        loss_value = 0.0
-        for _ in range(self.cfg.inner_steps):
-            f = unit_rows(net.embed(self.augment(state.images, g_syn)).float(), center)
-            syn_means = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
-            syn_means = syn_means / self.cfg.ipc
-            loss = ((target - syn_means)[usable] ** 2).sum()
-            if not usable.any():
-                break
-            self.sgd_update(state, loss)
-            loss_value = float(loss.detach())
-        return loss_value
+        loss = 0.0
+        for _ in range(self.cfg.updates_per_statistic):
+            loss = self.match(state, net, target, usable, center, None, g_syn)
+        return loss
+
+    # ------------------------------------------------------------------ decoupled
+
+    def bank(self, x: torch.Tensor, y: torch.Tensor, init_images: torch.Tensor,
+             on_paid: Callable[[int], None] | None = None) -> SignalBank:
+        """Pay every planned noisy statistic (the noise of step t is seeded by t: a resumed run recomputes exactly
+        the same releases). Centres come from the initial synthetic images, which hold no real data."""
+        sums, counts, centers, families = [], [], [], []
+        scale = 0.0
+        for t in range(self.plan.steps):
+            net = self.network(t)
+            center = self.center(net, init_images)
+            family = choose_family(self.g(t, "augment_syn"), self.families)
+            stats = self.real_statistic(net, x, y, t, center, family, count_share=POOLED_COUNT_SHARE)
+            sums.append(stats.sums)
+            counts.append(stats.counts)
+            centers.append(center)
+            families.append(family)
+            scale = stats.feature_scale
+            if on_paid:
+                on_paid(t)
+        return SignalBank(torch.stack(sums), torch.stack(counts),
+                          torch.stack(centers) if self.cfg.center else None, families, scale)
+
+    def update_average(self, state: DistillState, u: int) -> None:
+        """Moving average of the iterates with warm-up (decay min(ema, (1 + u) / (10 + u))), so short runs are not
+        dominated by the noise initialisation."""
+        if self.cfg.ema <= 0:
+            return
+        decay = min(self.cfg.ema, (1 + u) / (10 + u))
+        with torch.no_grad():
+            if state.average is None:
+                state.average = state.images.detach().clone()
+            else:
+                state.average.mul_(decay).add_(state.images.detach(), alpha=1 - decay)
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, state: DistillState | None = None,
+            on_step: Callable[[DistillState, float], None] | None = None) -> DistillState:
+        if not self.decoupled:
+            return super().run(x, y, state, on_step)
+        state = state or self.init_state()
+        x, y = x.to(self.device), y.to(self.device)
+        steps = self.plan.steps
+
+        def on_paid(t: int) -> None:
+            if t >= state.iteration:  # a resumed run recomputes earlier statistics silently
+                state.iteration = t + 1
+                if on_step:
+                    on_step(state, float("nan"))
+
+        bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
+        for u in range(max(0, state.iteration - steps), self.updates):
+            s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))
+            net = self.network(s)
+            target, usable = bank.target(s)
+            center = None if bank.centers is None else bank.centers[s]
+            loss = self.match(state, net, target, usable, center, bank.families[s], self.g(u, "augment_syn"))
+            self.update_average(state, u)
+            state.iteration = steps + u + 1
+            if on_step:
+                on_step(state, loss)
+        return state

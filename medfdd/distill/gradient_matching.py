@@ -146,7 +146,7 @@ class GradientMatching(Distiller):
         dist = DISTANCES[self.distance]
         g_syn = self.g(t, "augment_syn")
         loss_value = 0.0
-        for _ in range(self.cfg.inner_steps):
+        for _ in range(self.cfg.updates_per_statistic):
             loss = state.images.new_zeros(())
             for k in classes:
                 xs = self.augment(state.images[members[k]], g_syn)

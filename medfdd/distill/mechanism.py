@@ -34,23 +34,26 @@ def unit_rows(features: torch.Tensor, center: torch.Tensor | None = None) -> tor
     return f / f.norm(dim=1, keepdim=True).clamp(min=1e-12)
 
 
-def record_vectors(features: torch.Tensor, clip_norm: float, center: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, float, float]:
+def record_vectors(features: torch.Tensor, clip_norm: float, center: torch.Tensor | None = None,
+                   count_share: float = COUNT_SHARE) -> tuple[torch.Tensor, float, float]:
     """Per-record contributions: unit-norm features scaled to c_feat; returns (v, c_feat, c_count)."""
-    c_feat = clip_norm * (1 - COUNT_SHARE) ** 0.5
-    c_count = clip_norm * COUNT_SHARE**0.5
+    if not 0 < count_share < 1:
+        raise ValueError(f"count_share must lie in (0, 1), got {count_share}")
+    c_feat = clip_norm * (1 - count_share) ** 0.5
+    c_count = clip_norm * count_share**0.5
     return unit_rows(features, center) * c_feat, c_feat, c_count
 
 
 def noisy_class_stats(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, clip_norm: float,
                       noise_multiplier: float, generator: torch.Generator | None,
-                      center: torch.Tensor | None = None) -> NoisyClassStats:
+                      center: torch.Tensor | None = None, count_share: float = COUNT_SHARE) -> NoisyClassStats:
     """Private per-class feature sums and counts of one Poisson-sampled batch (noise_multiplier 0 = exact).
 
     `center` must not depend on the real records (e.g. the synthetic set's mean feature): it is subtracted
-    before normalising, which spreads the unit vectors without touching the sensitivity.
+    before normalising, which spreads the unit vectors without touching the sensitivity. `count_share` is the
+    fraction of C^2 spent on the count coordinate (whatever the split, |v_i| = C).
     """
-    v, c_feat, c_count = record_vectors(features.float(), clip_norm, center)
+    v, c_feat, c_count = record_vectors(features.float(), clip_norm, center, count_share)
     d = v.shape[1]
     sums = torch.zeros(num_classes, d, device=v.device).index_add_(0, labels, v)
     counts = torch.zeros(num_classes, device=v.device).index_add_(0, labels, torch.full_like(labels, c_count,

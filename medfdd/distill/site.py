@@ -98,10 +98,11 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarr
 
 
 def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
-    atomic_write_bytes(path, save({"images": state.images.detach().cpu().contiguous(),
-                                   "momentum": state.momentum.cpu().contiguous(),
-                                   "labels": state.labels.cpu().contiguous()},
-                                  metadata={"iteration": str(state.iteration), "fingerprint": fingerprint}))
+    tensors = {"images": state.images.detach().cpu().contiguous(), "momentum": state.momentum.cpu().contiguous(),
+               "labels": state.labels.cpu().contiguous()}
+    if state.average is not None:
+        tensors["average"] = state.average.cpu().contiguous()
+    atomic_write_bytes(path, save(tensors, metadata={"iteration": str(state.iteration), "fingerprint": fingerprint}))
 
 
 def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> DistillState | None:
@@ -117,8 +118,9 @@ def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> Dist
         t = load_file(str(path))
     except Exception:
         return None
+    average = t["average"].to(device) if "average" in t else None
     return DistillState(t["images"].to(device).requires_grad_(True), t["labels"].to(device),
-                        t["momentum"].to(device), int(meta["iteration"]))
+                        t["momentum"].to(device), int(meta["iteration"]), average)
 
 
 def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
@@ -165,20 +167,22 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     fingerprint = _fingerprint(cfg, plan, round_, data.rows[train])
     state = _load_checkpoint(ckpt_path, fingerprint, device)
     resumed_from = state.iteration if state else 0
+    total = distiller.total_work
     if state:
-        console.print(f"resuming round {round_} from step {state.iteration}/{plan.steps} (already paid for)")
+        console.print(f"resuming round {round_} from step {state.iteration}/{total} (already paid for)")
     state = state or distiller.init_state()
     last = {"loss": float("nan")}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                   TimeElapsedColumn(), TimeRemainingColumn(), console=console) as bar:
-        task = bar.add_task(f"{cfg.site_id}: {cfg.distill.method.upper()} round {round_}", total=plan.steps,
+        task = bar.add_task(f"{cfg.site_id}: {cfg.distill.method.upper()} round {round_}", total=total,
                             completed=state.iteration, info="")
 
         def on_step(st: DistillState, loss: float) -> None:
             last["loss"] = loss
+            what = "paying noisy statistics" if math.isnan(loss) else f"loss {loss:.4f}"
             bar.update(task, completed=st.iteration,
-                       info=f"loss {loss:.4f}  eps {eps_spent:.3g}/{cfg.privacy.epsilon if dp else math.inf:.3g}")
-            if st.iteration % cfg.distill.checkpoint_every == 0 and st.iteration < plan.steps:
+                       info=f"{what}  eps {eps_spent:.3g}/{cfg.privacy.epsilon if dp else math.inf:.3g}")
+            if st.iteration % cfg.distill.checkpoint_every == 0 and st.iteration < total:
                 _save_checkpoint(ckpt_path, st, fingerprint)
                 bar.console.print(f"checkpoint: step {st.iteration} (an interrupted run resumes here)")
             if stop_after is not None and st.iteration >= stop_after:
@@ -190,7 +194,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
             _save_checkpoint(ckpt_path, state, fingerprint)
             return DistillOutcome(Path(), {}, resumed_from)
 
-    images = state.images.detach().cpu().numpy().astype(np.float32)
+    images = state.result().cpu().numpy().astype(np.float32)
     labels = state.labels.cpu().numpy().astype(np.int64)
     round_eps = epsilon_for([e for e in ledger.entries if e.round == round_], delta=cfg.privacy.delta,
                             accountant=cfg.privacy.accountant)

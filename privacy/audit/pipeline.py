@@ -71,7 +71,7 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
         settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
         device=device)
     state = distiller.run(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
-    syn_x = state.images.detach().cpu().numpy().astype(np.float32)
+    syn_x = state.result().cpu().numpy().astype(np.float32)
     syn_y = state.labels.cpu().numpy().astype(np.int64)
     model = None
     if train_model:

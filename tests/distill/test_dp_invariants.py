@@ -26,29 +26,30 @@ from medfdd.distill.site import distill_site
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
 
-def released_vector(features, labels, k, clip, center=None):
+def released_vector(features, labels, k, clip, center=None, share=0.5):
     """The pre-noise release (all class blocks: sums and scaled counts) as one flat vector."""
-    s = noisy_class_stats(features, labels, k, clip_norm=clip, noise_multiplier=0.0, generator=None, center=center)
-    return torch.cat([s.sums.flatten(), s.counts * (clip * 0.5**0.5)])
+    s = noisy_class_stats(features, labels, k, clip_norm=clip, noise_multiplier=0.0, generator=None, center=center,
+                          count_share=share)
+    return torch.cat([s.sums.flatten(), s.counts * (clip * share**0.5)])
 
 
 @settings(max_examples=80, deadline=None)
 @given(n=st.integers(1, 20), d=st.integers(1, 16), k=st.integers(2, 5), clip=st.floats(0.01, 100),
-       scale=st.floats(1e-3, 1e4), seed=st.integers(0, 1000), centred=st.booleans())
-def test_one_record_moves_the_release_by_at_most_C(n, d, k, clip, scale, seed, centred):
+       scale=st.floats(1e-3, 1e4), seed=st.integers(0, 1000), centred=st.booleans(), share=st.floats(0.01, 0.99))
+def test_one_record_moves_the_release_by_at_most_C(n, d, k, clip, scale, seed, centred, share):
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(n + 1, d, generator=g) * scale
     y = torch.randint(0, k, (n + 1,), generator=g)
     center = torch.randn(d, generator=g) if centred else None
-    with_all = released_vector(f, y, k, clip, center)
-    without_last = released_vector(f[:-1], y[:-1], k, clip, center)  # add/remove adjacency
+    with_all = released_vector(f, y, k, clip, center, share)
+    without_last = released_vector(f[:-1], y[:-1], k, clip, center, share)  # add/remove adjacency
     assert float((with_all - without_last).norm()) <= clip * (1 + 1e-5)
     # replace-one adjacency stays within 2C (two add/remove steps)
     f2 = f.clone()
     f2[0] = torch.randn(d, generator=g) * scale * 10
     y2 = y.clone()
     y2[0] = (y[0] + 1) % k
-    assert float((released_vector(f2, y2, k, clip, center) - with_all).norm()) <= 2 * clip * (1 + 1e-5)
+    assert float((released_vector(f2, y2, k, clip, center, share) - with_all).norm()) <= 2 * clip * (1 + 1e-5)
 
 
 def test_noise_has_std_sigma_times_C():
@@ -84,11 +85,18 @@ def test_synthetic_images_start_from_noise_not_data():
     assert float(dist) > 1.0
     # a run on two different datasets starts from the same images
     s1 = a.run(x, y, a.init_state())
-    assert s1.iteration == 2 and not torch.equal(s1.images, init)
+    assert s1.iteration == a.total_work and not torch.equal(s1.images, init)
 
 
-def test_runs_are_reproducible_and_resume_exactly():
-    cfg = DistillConfig(ipc=2, iterations=6, batch_size=60, width=16)
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("schedule,stop_at", [("interleaved", 3), ("decoupled", 3), ("decoupled", 9)])
+def test_runs_are_reproducible_and_resume_exactly(schedule, stop_at):
+    """Interrupt after `stop_at` units of work (decoupled: 6 paid statistics then 12 updates) and resume from the
+    state: the result equals an uninterrupted run's, in the bank phase (3) and in the update phase (9)."""
+    cfg = DistillConfig(ipc=2, iterations=6, batch_size=60, width=16, inner_steps=2, schedule=schedule)
     plan = PrivacyPlan(True, 2.0, 0.3, 6, 1.0)
     x, y = _digits()
 
@@ -96,12 +104,35 @@ def test_runs_are_reproducible_and_resume_exactly():
         return DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=3)
 
     full = make().run(x, y)
+    assert full.iteration == make().total_work == (18 if schedule == "decoupled" else 6)
+    assert torch.equal(full.result(), make().run(x, y).result())  # reproducible
+
+    def stop(state, _loss):
+        if state.iteration >= stop_at:
+            raise _Stop
+
     d = make()
-    half = d.init_state()
-    plan_half = PrivacyPlan(True, 2.0, 0.3, 3, 1.0)
-    half = DistributionMatching(cfg, plan_half, num_classes=10, image_shape=(1, 8, 8), seed=3).run(x, y, half)
-    resumed = d.run(x, y, half)
-    assert torch.allclose(full.images, resumed.images, atol=1e-6)
+    state = d.init_state()
+    with pytest.raises(_Stop):
+        d.run(x, y, state, on_step=stop)
+    assert state.iteration == stop_at
+    resumed = make().run(x, y, state)
+    assert torch.allclose(full.result(), resumed.result(), atol=1e-6)
+
+
+def test_decoupled_pays_each_planned_statistic_once_whatever_the_updates():
+    """The real records are touched only by the `iterations` paid statistics; the extra updates reuse them."""
+    plan = PrivacyPlan(True, 2.0, 0.3, 4, 1.0)
+    x, y = _digits()
+    for inner in (1, 5):
+        cfg = DistillConfig(ipc=2, iterations=4, batch_size=60, width=16, inner_steps=inner)
+        d = DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=0)
+        paid = []
+        real_statistic = d.real_statistic
+        d.real_statistic = lambda net, xx, yy, t, *a, **k: paid.append(t) or real_statistic(net, xx, yy, t, *a, **k)
+        state = d.run(x, y)
+        assert paid == [0, 1, 2, 3] and state.iteration == 4 + 4 * inner
+        assert state.average is not None and not torch.equal(state.result(), state.images.detach())
 
 
 def test_artifact_payload_is_an_allow_list(tmp_path):
@@ -204,15 +235,16 @@ def test_rounds_split_the_budget(consortium, tmp_path):
     assert second.meta["round"] == 2
 
 
-def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path):
+@pytest.mark.parametrize("stop_after", [10, 30])  # decoupled: 20 paid statistics, then 20 updates
+def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop_after):
     path = _site_config(consortium, tmp_path, iterations=20)
     cfg = load_site_config(path)
-    distill_site(path, console=quiet(), stop_after=10)
+    distill_site(path, console=quiet(), stop_after=stop_after)
     ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
     assert len(ledger["entries"]) == 1  # paid before computing, write-ahead
     assert not (cfg.output_dir / "synthetic.npz").exists()  # nothing released
     resumed = distill_site(path, console=quiet())
-    assert resumed.resumed_from == 10
+    assert resumed.resumed_from == stop_after
     ledger2 = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
     assert ledger2["entries"] == ledger["entries"]  # no second charge
     # the resumed artifact equals an uninterrupted run's
