@@ -64,7 +64,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                                      image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
                                      matching_net=global_model)
             st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
-            x, y = st.images.detach().cpu().numpy(), st.labels.cpu().numpy()
+            x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
             offers.append(AcceptedOffer(s.site_id, x, y, {}, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
@@ -77,7 +77,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                                                         device=device), *test, K)["accuracy"]
                               for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
-    return {"method": "dp-dm (ours)", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
+    return {"method": f"dp-dm (ours, {dcfg.schedule})", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,

@@ -35,9 +35,10 @@ POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (coun
 class SignalBank:
     """The paid noisy statistics of a decoupled run: one row per paid step."""
 
-    sums: torch.Tensor  # [P, K, d] noisy per-class sums of features scaled to `feature_scale`
+    sums: list[torch.Tensor]  # P x [K, d] noisy per-class sums of features scaled to `feature_scale` (d may differ
+    # between steps: in FedDM rounds every other network is the broadcast global model)
     counts: torch.Tensor  # [P, K] noisy per-class record counts
-    centers: torch.Tensor | None  # [P, d] the data-independent centre each step used
+    centers: list[torch.Tensor | None]  # the data-independent centre each step used
     families: list[str | None]  # the augmentation family of each step
     feature_scale: float
 
@@ -132,8 +133,7 @@ class DistributionMatching(Distiller):
             scale = stats.feature_scale
             if on_paid:
                 on_paid(t)
-        return SignalBank(torch.stack(sums), torch.stack(counts),
-                          torch.stack(centers) if self.cfg.center else None, families, scale)
+        return SignalBank(sums, torch.stack(counts), centers, families, scale)
 
     def update_average(self, state: DistillState, u: int) -> None:
         """Moving average of the iterates with warm-up (decay min(ema, (1 + u) / (10 + u))), so short runs are not
@@ -166,8 +166,7 @@ class DistributionMatching(Distiller):
             s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))
             net = self.network(s)
             target, usable = bank.target(s)
-            center = None if bank.centers is None else bank.centers[s]
-            loss = self.match(state, net, target, usable, center, bank.families[s], self.g(u, "augment_syn"))
+            loss = self.match(state, net, target, usable, bank.centers[s], bank.families[s], self.g(u, "augment_syn"))
             self.update_average(state, u)
             state.iteration = steps + u + 1
             if on_step:

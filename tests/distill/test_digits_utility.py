@@ -1,9 +1,9 @@
 """Utility floor: three digits hospitals from `medfdd prepare`, DP-DM at epsilon 1 per site, merged synthetic sets.
 
-Measured with this configuration (2-core CPU, seed 0): 0.43 test accuracy over two evaluation trainings (chance
-0.10; the same run without feature centring gave 0.13). Each site holds only ~35 training images per class, so
-epsilon 1 leaves little signal; the floor leaves room for floating-point differences between machines and still
-fails if the mechanism drowns the signal or the pipeline breaks.
+Measured with this configuration (2-core CPU, seed 0): 0.64 test accuracy over two evaluation trainings with the
+decoupled schedule (0.43 with the interleaved one; chance 0.10; without feature centring 0.13). Each site holds only
+~35 training images per class, so epsilon 1 leaves little signal; the floor leaves room for floating-point
+differences between machines and still fails if the mechanism drowns the signal or the pipeline breaks.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from medfdd.data.site_data import load_site_data
 from medfdd.distill.site import distill_site
 from medfdd.training import TrainSettings, evaluate, train_classifier
 
-FLOOR = 0.30
+FLOOR = 0.50
 SETTINGS = {"iterations": 10, "inner_steps": 10, "lr": 1.0, "width": 32, "ipc": 10}
 
 

@@ -274,3 +274,36 @@ def test_killed_process_never_under_counts(consortium, tmp_path):
     assert entry.steps == 400  # every planned step was paid for before the first one ran
     assert ledger.epsilon_spent > 0.9
     assert not (cfg.output_dir / "synthetic.npz").exists()
+
+
+def test_decoupled_bank_targets_are_the_class_means_without_noise():
+    """q = 1, sigma = 0: every banked target is the exact mean unit feature of each class (pooled counts = counts)."""
+    from medfdd.distill.mechanism import unit_rows
+
+    cfg = DistillConfig(ipc=2, iterations=3, batch_size=10**6, width=16, augment=False, precision="fp32")
+    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 1.0, 3, 1.0), num_classes=10, image_shape=(1, 8, 8), seed=0)
+    x, y = _digits(120)
+    init = d.init_state().images.detach()
+    bank = d.bank(x, y, init)
+    for s in range(3):
+        net = d.network(s)
+        f = unit_rows(net.embed(x).float(), bank.centers[s])
+        target, usable = bank.target(s)
+        for k in range(10):
+            np.testing.assert_allclose(target[k].numpy(), f[y == k].mean(0).detach().numpy(), atol=1e-5)
+        assert bool(usable.all())
+
+
+@pytest.mark.parametrize("schedule", ["decoupled", "interleaved"])
+def test_feddm_rounds_match_against_a_global_model_of_another_width(schedule):
+    """Round 2+: every other network is the broadcast global model, whose embedding size differs from the fresh
+    matching networks'; both schedules must handle the mix."""
+    from medfdd.nets import convnet_for
+
+    cfg = DistillConfig(ipc=2, iterations=4, batch_size=60, width=16, schedule=schedule)
+    x, y = _digits()
+    global_model = convnet_for((1, 8, 8), 10, width=32, seed=1)
+    d = DistributionMatching(cfg, PrivacyPlan(True, 1.0, 0.3, 4, 1.0), num_classes=10, image_shape=(1, 8, 8),
+                             seed=0, round_=2, matching_net=global_model)
+    state = d.run(x, y)
+    assert state.iteration == d.total_work and torch.isfinite(state.result()).all()

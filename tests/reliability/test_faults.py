@@ -157,7 +157,7 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
     resumed = distill_site(path, console=console)
     assert resumed.resumed_from == at
     if at:
-        assert f"resuming round 1 from step {at}/{STEPS}" in log.getvalue()
+        assert f"resuming round 1 from step {at}/" in log.getvalue()
     final = PrivacyLedger.load(out / "privacy_ledger.json")
     assert [e.to_json() for e in final.entries] == [e.to_json() for e in after_kill.entries]  # no second charge
     syn = load_synthetic(out)
