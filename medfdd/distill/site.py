@@ -3,7 +3,8 @@
 Order of operations (privacy invariants 1-4): load the site's training split -> calibrate the noise for the
 planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with
 resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
-in the ledger and does not pay twice; a crash may over-count, never under-count.
+in the ledger and does not pay twice; a crash may over-count, never under-count. (A resumed decoupled DM run
+recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.)
 """
 
 from __future__ import annotations
