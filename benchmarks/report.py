@@ -49,7 +49,8 @@ def b1_section(r: dict) -> list[str]:
               f"DP steps and evaluation epochs per row, real batch {r['batch_per_class']}/class (Poisson), "
               f"{evals} evaluation trainings")
     lines = [f"### B1 central, Fashion-MNIST ({r['scale']}-scale): `{r['benchmark']}`", "",
-             f"{_prov(r)}; {sizing}, peak memory {r['peak_memory_mb']:.0f} MB (process RSS)"
+             f"{_prov(r)}; {sizing}" + (f", peak memory {r['peak_memory_mb']:.0f} MB (process RSS)"
+                                        if r.get("peak_memory_mb") else "")
              + (f", GPU {r['gpu_peak_memory_mb']:.0f} MB (max_memory_allocated)" if r.get("gpu_peak_memory_mb")
                 else "") + ".", ""]
     if r.get("parallel_workers"):
