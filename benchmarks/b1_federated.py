@@ -59,7 +59,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             sigma = calibrate_round_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps_per_round=steps,
                                           rounds=rounds) if dp else 0.0
             spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
-            dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch)
+            dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"))
             d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
                                      image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
                                      matching_net=global_model)
@@ -77,7 +77,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                                                         device=device), *test, K)["accuracy"]
                               for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
-    return {"method": f"dp-dm (ours, {dcfg.schedule})", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
+    return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat)", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
@@ -102,11 +102,12 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
+    ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class")
     args = ap.parse_args()
     scale = dict(SCALES[args.scale])
-    for key in ("iterations", "eval_epochs", "max_per_class"):
+    for key in ("iterations", "eval_epochs", "max_per_class", "inner_steps"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
     full = load_fashion_mnist()

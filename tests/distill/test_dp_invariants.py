@@ -128,8 +128,12 @@ def test_decoupled_pays_each_planned_statistic_once_whatever_the_updates():
         cfg = DistillConfig(ipc=2, iterations=4, batch_size=60, width=16, inner_steps=inner)
         d = DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=0)
         paid = []
-        real_statistic = d.real_statistic
-        d.real_statistic = lambda net, xx, yy, t, *a, **k: paid.append(t) or real_statistic(net, xx, yy, t, *a, **k)
+
+        def counting(net, xx, yy, t, *args, _real=d.real_statistic, _paid=paid, **kwargs):
+            _paid.append(t)
+            return _real(net, xx, yy, t, *args, **kwargs)
+
+        d.real_statistic = counting
         state = d.run(x, y)
         assert paid == [0, 1, 2, 3] and state.iteration == 4 + 4 * inner
         assert state.average is not None and not torch.equal(state.result(), state.images.detach())
