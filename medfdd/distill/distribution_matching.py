@@ -37,7 +37,7 @@ class SignalBank:
 
     sums: list[torch.Tensor]  # P x [K, d] noisy per-class sums of features scaled to `feature_scale` (d may differ
     # between steps: in FedDM rounds every other network is the broadcast global model)
-    counts: torch.Tensor  # [P, K] noisy per-class record counts
+    pooled_counts: torch.Tensor  # [K] the noisy per-class counts averaged over all steps (~ q * n_class)
     centers: list[torch.Tensor | None]  # the data-independent centre each step used
     families: list[str | None]  # the augmentation family of each step
     feature_scale: float
@@ -45,9 +45,8 @@ class SignalBank:
     def target(self, s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean feature per class of statistic s, classes with a usable pooled count): the sum over the pooled
         expected count, both released values, so this is post-processing."""
-        pooled = self.counts.mean(0)
-        usable = pooled >= 1.0
-        return self.sums[s] / (self.feature_scale * pooled.clamp(min=1.0)).unsqueeze(1), usable
+        usable = self.pooled_counts >= 1.0
+        return self.sums[s] / (self.feature_scale * self.pooled_counts.clamp(min=1.0)).unsqueeze(1), usable
 
 
 class DistributionMatching(Distiller):
@@ -120,7 +119,7 @@ class DistributionMatching(Distiller):
         """Pay every planned noisy statistic (the noise of step t is seeded by t: a resumed run recomputes exactly
         the same releases). Centres come from the initial synthetic images, which hold no real data."""
         sums, counts, centers, families = [], [], [], []
-        scale = 0.0
+        feature_scale = 0.0
         for t in range(self.plan.steps):
             net = self.network(t)
             center = self.center(net, init_images)
@@ -130,10 +129,10 @@ class DistributionMatching(Distiller):
             counts.append(stats.counts)
             centers.append(center)
             families.append(family)
-            scale = stats.feature_scale
+            feature_scale = stats.feature_scale
             if on_paid:
                 on_paid(t)
-        return SignalBank(sums, torch.stack(counts), centers, families, scale)
+        return SignalBank(sums, torch.stack(counts).mean(0), centers, families, feature_scale)
 
     def update_average(self, state: DistillState, u: int) -> None:
         """Moving average of the iterates with warm-up (decay min(ema, (1 + u) / (10 + u))), so short runs are not
