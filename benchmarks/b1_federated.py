@@ -45,9 +45,10 @@ K = 10
 
 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
-                 device, seed: int) -> dict:
+                 device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0) -> dict:
     dp = math.isfinite(eps)
-    cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"))
+    cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
+                            evidence_power=evidence_power)
     global_model, per_round, bytes_up, spent = None, [], 0, {}
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
@@ -65,19 +66,24 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                                      matching_net=global_model)
             st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
             x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
-            offers.append(AcceptedOffer(s.site_id, x, y, {}, x.nbytes + y.nbytes))
+            meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
+            offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
+        weights = merged.weights if cfg.merge in ("balanced", "evidence") else None
         global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
-                                        seed=seed + r, device=device)
+                                        seed=seed + r, device=device, weights=weights)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])
     distill_s = time.perf_counter() - t0
     accs = [per_round[-1]] + [evaluate(train_classifier(merged.images, merged.labels, K,
                                                         TrainSettings(epochs=scale["eval_epochs"]), seed=100 + e,
-                                                        device=device), *test, K)["accuracy"]
+                                                        device=device, weights=weights), *test, K)["accuracy"]
                               for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
-    return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat)", "ipc_per_site": ipc, "epsilon": "inf" if not dp else eps, "rounds": rounds,
+    merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
+    return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label})",
+            "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
+            "epsilon": "inf" if not dp else eps, "rounds": rounds,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
@@ -95,21 +101,27 @@ def main() -> None:
     ap.add_argument("--scale", choices=SCALES, default="cpu")
     ap.add_argument("--evals", type=int, default=3)
     ap.add_argument("--baselines", action="store_true", help="also run centralized, local-only, subset, FedAvg")
-    ap.add_argument("--baseline-eps", type=float, nargs="+", default=None, help="DP-FedAvg epsilons (default --eps)")
+    ap.add_argument("--baseline-eps", type=float, nargs="+", default=None,
+                    help="FedAvg epsilons, inf = plain FedAvg (default: plain FedAvg and the finite --eps)")
     ap.add_argument("--fedavg-rounds", type=int, default=3)
     ap.add_argument("--only-fedavg", action="store_true", help="run only FedAvg and DP-FedAvg (no DM, no other baselines)")
+    ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
+                    help="coordinator merge of the site sets (evidence: weight by the sites' released noisy counts)")
+    ap.add_argument("--evidence-power", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
     ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
-    ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class")
+    ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
     args = ap.parse_args()
     scale = dict(SCALES[args.scale])
     for key in ("iterations", "eval_epochs", "max_per_class", "inner_steps"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
+    if scale["max_per_class"] == 0:
+        scale["max_per_class"] = None
     full = load_fashion_mnist()
     src = cap_per_class(full, scale["max_per_class"], args.seed)  # the training pool; the test split stays 10k
     x = (src.train_images / 255.0).astype(np.float32)[:, None]
@@ -132,7 +144,8 @@ def main() -> None:
     for rounds in [] if args.only_fedavg else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
-                              device=device, seed=args.seed))
+                              device=device, seed=args.seed, merge_strategy=args.merge,
+                              evidence_power=args.evidence_power))
     if args.baselines and not args.only_fedavg:
         settings = TrainSettings(epochs=scale["eval_epochs"])
         full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
@@ -146,7 +159,8 @@ def main() -> None:
         keep({"method": f"random real subset ipc {args.ipc}/site (non-private)",
               **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
     if args.baselines or args.only_fedavg:
-        for eps in [None] + [e for e in (args.baseline_eps or args.eps) if math.isfinite(e)]:
+        chosen = args.baseline_eps or [math.inf] + [e for e in args.eps if math.isfinite(e)]
+        for eps in [e if math.isfinite(e) else None for e in chosen]:
             t = time.perf_counter()
             res = fedavg(sites, test, K, rounds=args.fedavg_rounds, local_epochs=1, epsilon=eps, seed=0)
             keep({"method": "FedAvg" if eps is None else "DP-FedAvg (Opacus DP-SGD)", "epsilon": eps or "inf",

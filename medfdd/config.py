@@ -218,9 +218,12 @@ class CoordinatorConfig(_Strict):
     consortium: ConsortiumConfig | None = Field(None, description="agreed classes, sizes and declared budgets "
                                                 "(required for Flower; derived from `sites` when absent)")
     rounds: int = Field(1, ge=1, description="federated rounds (sites match the broadcast global model from round 2)")
-    merge: Literal["concat", "balanced", "redistill"] = Field(
-        "concat", description="`concat` | `balanced` (class-balanced weights) | `redistill` (to `redistill.ipc`, "
-                              "post-processing)")
+    merge: Literal["concat", "balanced", "evidence", "redistill"] = Field(
+        "concat", description="`concat` | `balanced` (class-balanced weights) | `evidence` (weight each site's "
+                              "images of a class by its released noisy record count) | `redistill` (to "
+                              "`redistill.ipc`, post-processing)")
+    evidence_power: float = Field(2.0, ge=0, le=4, description="`evidence` merge: weight ~ estimated records^power "
+                                  "(2 = inverse-variance pooling of DP class means, 0 = concat)")
     redistill: RedistillConfig = Field(default_factory=RedistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     test: TestSetConfig | None = Field(None, description="the coordinator's test split (metrics need it)")

@@ -230,7 +230,7 @@ class CoordinatorRun:
                                  TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, width=tc.width,
                                                augment=tc.augment),
                                  seed=self.cfg.seed + rd.round, device=self.device,
-                                 weights=merged.weights if self.cfg.merge == "balanced" else None)
+                                 weights=merged.weights if self.cfg.merge in ("balanced", "evidence") else None)
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         metrics = None
@@ -245,6 +245,8 @@ class CoordinatorRun:
         self.history.append({
             "round": rd.round, "accepted": sorted(rd.accepted), "rejected": rd.rejected,
             "n_merged": int(len(merged.labels)), "class_counts": np.bincount(merged.labels, minlength=k).tolist(),
+            "class_weight": np.bincount(merged.labels, weights=merged.weights, minlength=k).round(3).tolist(),
+            **({"merge_note": merged.note} if merged.note else {}),
             "epsilon": {s: a.meta["epsilon"] for s, a in sorted(rd.accepted.items())},
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics,
             "per_site": {s: {"accepted": s in rd.accepted, "bytes_up": rd.bytes_up.get(s, 0),
@@ -260,7 +262,7 @@ class CoordinatorRun:
     # ---- files ------------------------------------------------------------------------------------------------
     def _write_round_files(self, rd: _Round, merged, model) -> None:
         rdir = self.out / "rounds" / f"round-{rd.round}"
-        atomic_save_npz(rdir / "merged.npz", images=merged.images, labels=merged.labels)
+        atomic_save_npz(rdir / "merged.npz", images=merged.images, labels=merged.labels, weights=merged.weights)
         save_model(rdir / "global_model.safetensors", model)
         for sid, acc in rd.accepted.items():  # what each site sent, as received
             site_dir = self.out / "sites" / sid
@@ -274,7 +276,8 @@ class CoordinatorRun:
         save_preview(rdir / "merged_preview.png", merged.images, merged.labels, list(self.spec.classes),
                      title=f"merged set, round {rd.round} ({self.cfg.merge})")
         # the latest round's model and set at the top level (atomic copies)
-        atomic_save_npz(self.out / "merged.npz", images=merged.images, labels=merged.labels)
+        atomic_save_npz(self.out / "merged.npz", images=merged.images, labels=merged.labels,
+                        weights=merged.weights)
         save_model(self.out / "global_model.safetensors", model)
 
     def _site_ledger(self, sid: str) -> Path | None:
@@ -322,6 +325,8 @@ class CoordinatorRun:
                       "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.3g}"),
                       f"{h['bytes_up'].get(s, 0) / 1024:.1f}", f"{h['bytes_down'].get(s, 0) / 1024:.1f}")
         self.console.print(t)
+        if h.get("merge_note"):
+            self.console.print(f"[yellow]merge ({self.cfg.merge}):[/] {h['merge_note']}")
         m = h["metrics"]
         if m:
             self.console.print(f"global model: accuracy {m['accuracy']:.3f}, balanced accuracy "

@@ -20,6 +20,7 @@ from medfdd.federation.messages import SiteOffer, WireError, from_wire
 REQUIRED_META = ("site_id", "round", "classes", "spatial_size", "epsilon", "delta", "dp", "accountant",
                  "noise_multiplier", "sample_rate", "steps")
 RANGE_TOLERANCE = 1e-5  # images are agreed to lie in [0, 1]
+MAX_EVIDENCE = 1e9  # class_evidence estimates records: anything larger is not a count
 
 
 class Reason(StrEnum):
@@ -148,7 +149,20 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
         if previous_epsilon is not None and eps < previous_epsilon * (1 - 1e-9):
             raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"cumulative epsilon {eps:.6g} is below the "
                                                                    f"{previous_epsilon:.6g} of an earlier round")
+    if "class_evidence" in meta:
+        _check_evidence(sid, meta["class_evidence"], len(spec.classes))
     return {**meta, "epsilon": eps}
+
+
+def _check_evidence(sid: str, evidence, k: int) -> None:
+    """class_evidence (optional): one finite number per agreed class (noisy estimates may be slightly negative)."""
+    ok = isinstance(evidence, list) and len(evidence) == k and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and abs(v) <= MAX_EVIDENCE
+        for v in evidence)
+    if not ok:
+        shown = repr(evidence)[:80]
+        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"class_evidence {shown} is not {k} finite numbers "
+                                                               f"of at most {MAX_EVIDENCE:g} in size")
 
 
 def validate_offer(offer: SiteOffer, spec: ConsortiumConfig, *, previous_epsilon: float | None = None

@@ -39,6 +39,12 @@ class DistillState:
     momentum: torch.Tensor  # SGD momentum buffer of the images
     iteration: int  # units of work completed (of `Distiller.total_work`)
     average: torch.Tensor | None = None  # moving average of the images (what is released, when kept)
+    counts_sum: torch.Tensor | None = None  # [K] sum of the released noisy class counts over the paid steps so far
+
+    def add_counts(self, counts: torch.Tensor) -> None:
+        """Keep a paid step's noisy class counts (already released, so their sum is post-processing)."""
+        c = counts.detach().float()
+        self.counts_sum = c if self.counts_sum is None else self.counts_sum + c
 
     def result(self) -> torch.Tensor:
         """The synthetic images to release: the moving average when one is kept, else the last iterate."""
@@ -69,6 +75,14 @@ class Distiller(ABC):
     def total_work(self) -> int:
         """Units of work of a whole run (progress and checkpoints count these): one per paid step here."""
         return self.plan.steps
+
+    def class_evidence(self, state: DistillState) -> list[float] | None:
+        """Estimated training records per class: the mean released noisy count per paid step over the sample rate
+        (post-processing of what the ledger paid for; the true counts are never used). The coordinator's
+        `evidence` merge weights each site's images of a class by it. None when no count was released."""
+        if state.counts_sum is None or self.plan.steps == 0:
+            return None
+        return (state.counts_sum / (self.plan.steps * self.plan.sample_rate)).cpu().tolist()
 
     def g(self, t: int, stream: str) -> torch.Generator:
         return generator(self.seed, self.round, t, stream)

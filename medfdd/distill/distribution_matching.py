@@ -105,7 +105,9 @@ class DistributionMatching(Distiller):
     def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         net = self.network(t)
         center = self.center(net, state.images)
-        target, usable = self.real_statistic(net, x, y, t, center).means()
+        stats = self.real_statistic(net, x, y, t, center)
+        state.add_counts(stats.counts)
+        target, usable = stats.means()
         g_syn = self.g(t, "augment_syn")
         loss = 0.0
         for _ in range(self.cfg.updates_per_statistic):
@@ -161,6 +163,7 @@ class DistributionMatching(Distiller):
                     on_step(state, float("nan"))
 
         bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
+        state.counts_sum = bank.pooled_counts * steps
         for u in range(max(0, state.iteration - steps), self.updates):
             s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))
             net = self.network(s)

@@ -137,7 +137,9 @@ class GradientMatching(Distiller):
 
     def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         net = trainable_copy(self.network(t))
-        target, usable = self.real_statistic(net, x, y, t).means()
+        stats = self.real_statistic(net, x, y, t)
+        state.add_counts(stats.counts)
+        target, usable = stats.means()
         classes = [k for k in range(self.num_classes) if bool(usable[k])]
         if not classes:
             return 0.0

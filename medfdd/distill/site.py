@@ -101,8 +101,9 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarr
 def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
     tensors = {"images": state.images.detach().cpu().contiguous(), "momentum": state.momentum.cpu().contiguous(),
                "labels": state.labels.cpu().contiguous()}
-    if state.average is not None:
-        tensors["average"] = state.average.cpu().contiguous()
+    for name in ("average", "counts_sum"):
+        if getattr(state, name) is not None:
+            tensors[name] = getattr(state, name).cpu().contiguous()
     atomic_write_bytes(path, save(tensors, metadata={"iteration": str(state.iteration), "fingerprint": fingerprint}))
 
 
@@ -119,9 +120,9 @@ def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> Dist
         t = load_file(str(path))
     except Exception:
         return None
-    average = t["average"].to(device) if "average" in t else None
+    optional = {name: t[name].to(device) if name in t else None for name in ("average", "counts_sum")}
     return DistillState(t["images"].to(device).requires_grad_(True), t["labels"].to(device),
-                        t["momentum"].to(device), int(meta["iteration"]), average)
+                        t["momentum"].to(device), int(meta["iteration"]), **optional)
 
 
 def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
@@ -205,6 +206,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
             "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
             "clip_norm": plan.clip_norm, "dp": dp}
+    evidence = distiller.class_evidence(state)
+    if evidence is not None:
+        meta["class_evidence"] = [round(v, 2) for v in evidence]
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
     eps_text = f"eps {eps_spent:.3g}" if dp else "NON-PRIVATE (eps = inf)"
     save_preview(cfg.output_dir / "synthetic_preview.png", images, labels, list(cfg.data.classes),

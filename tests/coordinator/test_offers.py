@@ -44,6 +44,12 @@ def test_a_well_formed_offer_is_accepted_bit_exact(spec):
     assert acc.nbytes == o.nbytes() > acc.images.nbytes
 
 
+def test_class_evidence_is_optional_and_kept_when_well_formed(spec):
+    assert "class_evidence" not in validate_offer(offer(), spec).meta
+    acc = validate_offer(offer(meta=good_meta(class_evidence=[120.5, -3.2, 0])), spec)
+    assert acc.meta["class_evidence"] == [120.5, -3.2, 0]  # noisy estimates may dip below zero
+
+
 HOSTILE = {
     "wrong shape": (lambda: offer(images=np.zeros((K * IPC, 1, 9, 8), np.float32)), Reason.WRONG_SHAPE),
     "wrong channels": (lambda: offer(images=np.zeros((K * IPC, 3, 8, 8), np.float32)), Reason.WRONG_SHAPE),
@@ -73,6 +79,12 @@ HOSTILE = {
     "non-private from a DP site": (lambda: offer(meta=good_meta(dp=False, epsilon="inf")), Reason.NOT_PRIVATE),
     "zero noise": (lambda: offer(meta=good_meta(noise_multiplier=0.0)), Reason.INCONSISTENT_METADATA),
     "epsilon as text": (lambda: offer(meta=good_meta(epsilon="0.5")), Reason.INCONSISTENT_METADATA),
+    "class evidence of the wrong length": (lambda: offer(meta=good_meta(class_evidence=[5.0, 5.0])),
+                                           Reason.INCONSISTENT_METADATA),
+    "class evidence as text": (lambda: offer(meta=good_meta(class_evidence=["many", 1, 2])),
+                               Reason.INCONSISTENT_METADATA),
+    "class evidence absurdly large": (lambda: offer(meta=good_meta(class_evidence=[1e12, 1.0, 1.0])),
+                                      Reason.INCONSISTENT_METADATA),
 }
 
 

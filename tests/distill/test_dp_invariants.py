@@ -118,6 +118,30 @@ def test_runs_are_reproducible_and_resume_exactly(schedule, stop_at):
     assert state.iteration == stop_at
     resumed = make().run(x, y, state)
     assert torch.allclose(full.result(), resumed.result(), atol=1e-6)
+    assert make().class_evidence(resumed) == make().class_evidence(full)  # counts are not paid or kept twice
+
+
+@pytest.mark.parametrize("schedule", ["decoupled", "interleaved"])
+def test_class_evidence_is_the_released_noisy_counts_over_the_sample_rate(schedule):
+    """Without noise and with q = 1 the evidence is exactly the class counts; under DP it is those counts plus the
+    count noise the ledger paid for (std sigma / sqrt(share) / (q sqrt(steps))), never the true counts themselves."""
+    x, y = _digits(200)
+    true = np.bincount(y.numpy(), minlength=10)
+    cfg = DistillConfig(ipc=1, iterations=4, batch_size=10**6, width=8, inner_steps=1, schedule=schedule)
+    exact = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 1.0, 4, 1.0), num_classes=10, image_shape=(1, 8, 8),
+                                 seed=0)
+    assert np.allclose(exact.class_evidence(exact.run(x, y)), true, atol=1e-4)
+    sigma, q, steps = 4.0, 0.5, 8
+    share = 0.1 if schedule == "decoupled" else 0.5
+    cfg = DistillConfig(ipc=1, iterations=steps, batch_size=100, width=8, inner_steps=1, schedule=schedule)
+    errors = []
+    for seed in range(6):
+        d = DistributionMatching(cfg, PrivacyPlan(True, sigma, q, steps, 1.0), num_classes=10, image_shape=(1, 8, 8),
+                                 seed=seed)
+        errors.append(np.array(d.class_evidence(d.run(x, y))) - true)
+    errors = np.concatenate(errors)
+    expected_sd = sigma / share**0.5 / (q * steps**0.5)
+    assert np.all(errors != 0) and 0.6 < errors.std() / expected_sd < 1.5
 
 
 def test_decoupled_pays_each_planned_statistic_once_whatever_the_updates():
@@ -258,6 +282,8 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     b = load_synthetic(load_site_config(path2).output_dir).images
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert straight.meta["epsilon"] == resumed.meta["epsilon"]
+    assert straight.meta["class_evidence"] == resumed.meta["class_evidence"]
+    assert len(resumed.meta["class_evidence"]) == len(cfg.data.classes)
 
 
 def test_killed_process_never_under_counts(consortium, tmp_path):

@@ -13,6 +13,7 @@ from rich.console import Console
 from medfdd.artifacts import load_model, load_synthetic
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
+from medfdd.coordinator.merge import evidence_weights
 from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
 from medfdd.federation.messages import to_wire
 from medfdd.federation.site import make_offer
@@ -98,7 +99,7 @@ def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_c
 
 
 def test_round_completes_without_a_failing_site_and_a_hostile_offer(digits_consortium):
-    coord = digits_consortium()
+    coord = digits_consortium(merge="evidence")
     sites = _sites(coord)
     a, b, c = sorted(sites)
     # site b's config now plans a delta above 1/n: its distillation refuses to run
@@ -112,6 +113,15 @@ def test_round_completes_without_a_failing_site_and_a_hostile_offer(digits_conso
     assert [(x["site_id"], x["reason"]) for x in r["rejected"]] == [(b, "site_failed")]
     assert "DistillError" in r["rejected"][0]["detail"] and "/" not in r["rejected"][0]["detail"]  # no paths
     assert run["status"] == "completed" and run["final"]["accuracy"] >= 0
+    # evidence merge: the global model trained with the weights derived from the sites' released class_evidence
+    out = load_coordinator_config(coord).output_dir
+    with np.load(out / "merged.npz", allow_pickle=False) as z:
+        labels, weights = z["labels"], z["weights"]
+    site_labels = [load_synthetic(out / "sites" / s).labels for s in (a, c)]
+    evidence = np.array([load_synthetic(out / "sites" / s).meta["class_evidence"] for s in (a, c)])
+    site_of = np.concatenate([np.full(len(y), i) for i, y in enumerate(site_labels)])
+    assert np.allclose(weights, evidence_weights(evidence, site_of, labels, power=2.0), atol=1e-6)
+    assert not np.allclose(weights, 1.0) and np.allclose(r["class_weight"], np.bincount(labels, minlength=10))
 
 
 def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
