@@ -32,9 +32,12 @@ def git_commit() -> str:
     """HEAD's short hash; MEDFDD_COMMIT overrides it where the tree travels without .git (the GPU machine)."""
     if os.environ.get("MEDFDD_COMMIT"):
         return os.environ["MEDFDD_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent,
+                              check=True).stdout.strip()
+
+    try:  # "+dirty": tracked files differed from HEAD when the benchmark started
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

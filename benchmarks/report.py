@@ -31,7 +31,8 @@ def _load(name: str) -> dict | None:
 
 def _prov(r: dict) -> str:
     m = r["machine"]
-    return (f"commit `{r['commit']}`, {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if m.get('gpu') else ''}, "
+    note = f" ({r['commit_note']})" if r.get("commit_note") else ""
+    return (f"commit `{r['commit']}`{note}, {m['cpu']} ({m['cores']} cores){', ' + m['gpu'] if m.get('gpu') else ''}, "
             f"torch {m['torch']}, {r['date']}")
 
 
