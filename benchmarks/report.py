@@ -107,6 +107,8 @@ def federated_section(results: list[dict]) -> list[str]:
                   f"evaluation {r['eval_epochs']} epochs on the 10k test split; {_prov(r)}", ""]
         if r.get("unfinished"):
             lines += [f"Unfinished: {r['unfinished']}", ""]
+        if r.get("note"):
+            lines += [r["note"], ""]
         lines += ["| method | eps per site | rounds | accuracy % | bytes up (all sites) | seconds |",
                   "|---|---|---|---|---|---|"]
         for row in r["rows"]:
