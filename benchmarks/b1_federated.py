@@ -70,7 +70,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
-        weights = merged.weights if cfg.merge in ("balanced", "evidence") else None
+        weights = merged.training_weights
         global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
                                         seed=seed + r, device=device, weights=weights)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])

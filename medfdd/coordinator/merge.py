@@ -33,6 +33,11 @@ class MergedSet:
     note: str = ""  # how the weights were set, when that needs saying (e.g. a fallback)
 
     @property
+    def training_weights(self) -> np.ndarray | None:
+        """The per-example loss weights for training, or None when every image weighs 1 (plain mean loss)."""
+        return None if np.all(self.weights == 1) else self.weights
+
+    @property
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels)
 

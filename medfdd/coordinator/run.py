@@ -230,7 +230,7 @@ class CoordinatorRun:
                                  TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, width=tc.width,
                                                augment=tc.augment),
                                  seed=self.cfg.seed + rd.round, device=self.device,
-                                 weights=merged.weights if self.cfg.merge in ("balanced", "evidence") else None)
+                                 weights=merged.training_weights)
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         metrics = None
