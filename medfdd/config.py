@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medfdd.errors import ConfigError
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+AttackName = Literal["loss", "lira_online", "lira_offline", "dcr", "canary"]  # privacy.audit's attacks
 
 
 class _Strict(BaseModel):
@@ -136,7 +137,8 @@ class AuditGate(_Strict):
     max_tpr_at_fpr_0_01: float | None = Field(0.05, ge=0, le=1, description="largest TPR at 1 % FPR allowed")
     max_epsilon_lower_bound: float | None = Field(None, ge=0, description="largest empirical epsilon bound allowed")
     bound_within_accounted: bool = Field(True, description="fail if an empirical bound exceeds the accounted epsilon")
-    attacks: list[str] | None = Field(None, description="attacks that count (default: all in the report)")
+    attacks: list[AttackName] | None = Field(None, min_length=1, description="attacks that count: loss | "
+                                             "lira_online | lira_offline | dcr | canary (default: all in the report)")
 
 
 class SiteConfig(_Strict):

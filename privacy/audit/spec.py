@@ -18,14 +18,14 @@ Validated like the site configs (pydantic v2, unknown keys are errors naming the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from medfdd.config import AttackName as Attack
 from medfdd.config import load_yaml, parse_config
 
-ATTACKS = ("loss", "lira_online", "lira_offline", "dcr", "canary")
-Attack = Literal["loss", "lira_online", "lira_offline", "dcr", "canary"]
+ATTACKS: tuple[str, ...] = get_args(Attack)
 Target = Literal["global_model", "synthetic"]
 
 

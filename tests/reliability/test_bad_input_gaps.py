@@ -241,6 +241,8 @@ CONFIG_CASES = {
     "unknown format": (_set("data.format", "jpeg"), "data.format", "'auto', 'dicom', 'nifti' or 'png'"),
     "ct_window without width": (_set("data.intensity", {"mode": "ct_window", "center": 40}), "data.intensity.width",
                                 "required key is missing"),
+    "audit gate names an unknown attack": (_set("audit_gate", {"attacks": ["lira"]}), "audit_gate.attacks.0",
+                                           "'loss', 'lira_online', 'lira_offline', 'dcr' or 'canary'"),
     "site_id with a path": (_set("site_id", "../../etc"), "site_id", "should match pattern"),
     "missing data section": (_drop("data"), "data", "required key is missing"),
     "top level is a list": (b"- site_id: x\n", None, "expected a mapping"),
