@@ -5,8 +5,9 @@ centralized, local-only, random real subset, FedAvg and DP-FedAvg (Opacus DP-SGD
 
 The sites run in memory (the same Distiller, merge and training code as `medfdd coordinator run`; no DICOM files),
 so the benchmark measures the method, not file loading (see loading.py for that).
-CPU-scale default: at most 1000 training images per class (10k of 60k), 100 DP steps per round, real batch 32 per
-class per site, evaluation 300 epochs; the GPU scale uses all 60k and the published settings.
+CPU-scale default: all 60k training records split over the sites, 100 DP steps per round, real batch 32 per class
+per site, evaluation 300 epochs (the older 10k-record files used --max-per-class 1000); the GPU scale uses the
+published settings.
 Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
 """
 
@@ -37,7 +38,7 @@ from medfdd.training import TrainSettings, evaluate, pick_device, train_classifi
 from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
 
 SCALES = {
-    "cpu": {"max_per_class": 1000, "iterations": 100, "batch_per_class": 32, "eval_epochs": 300, "full_epochs": 5},
+    "cpu": {"max_per_class": None, "iterations": 100, "batch_per_class": 32, "eval_epochs": 300, "full_epochs": 5},
     "gpu": {"max_per_class": None, "iterations": 1000, "batch_per_class": 256, "eval_epochs": 1000, "full_epochs": 30},
 }
 DELTA = 1e-5

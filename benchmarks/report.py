@@ -130,6 +130,59 @@ def federated_section(results: list[dict]) -> list[str]:
     return lines
 
 
+def equal_accuracy_bytes(ours: dict, dpfedavg: dict, sites: int) -> tuple[float, int, int]:
+    """(level, our bytes, DP-FedAvg bytes) to first reach the lower of the two final accuracies, from each run's
+    per-round accuracy and bytes (ours: the synthetic sets up every round, the global model down from round 2)."""
+    level = min(ours["accuracy_per_round"][-1], dpfedavg["accuracy_per_round"][-1])
+    r_ours = next(i for i, a in enumerate(ours["accuracy_per_round"], 1) if a >= level)
+    r_fed = next(i for i, a in enumerate(dpfedavg["accuracy_per_round"], 1) if a >= level)
+    model = dpfedavg["model_bytes"]
+    ours_bytes = ours["bytes_up_total"] // ours["rounds"] * r_ours + model * sites * (r_ours - 1)
+    return level, ours_bytes, 2 * model * sites * r_fed
+
+
+def _eps_key(v) -> float:
+    """A row's epsilon as a number (files write 1, 1.0, "inf" or nothing for non-private baselines)."""
+    return math.inf if v in (None, "inf") else float(v)
+
+
+def federated_headline(results: list[dict]) -> list[str]:
+    """One table per Dirichlet split: every run on it (ours and the baselines), and bytes at equal accuracy."""
+    splits: dict[tuple, list[tuple[dict, dict]]] = {}
+    for r in results:
+        p = r["partition"]
+        splits.setdefault((p["sites"], p["alpha"], p["seed"], tuple(p["site_totals"])), []).extend(
+            (r, row) for row in r["rows"])
+    lines = ["### Headline: B1 federated, every run on each split", "",
+             "Bytes moved = synthetic sets (or model updates) up plus global models down, all sites. The last column "
+             "compares communication at equal accuracy: the bytes DP-FedAvg at the same epsilon moved until its "
+             "accuracy first reached the lower of the two final accuracies, over the bytes our run moved until it did.",
+             ""]
+    for (sites, alpha, seed, totals), runs in sorted(splits.items(), key=lambda kv: (-sum(kv[0][3]), kv[0][1])):
+        lines += [f"**{sites} sites, alpha {alpha:g}, seed {seed}, {sum(totals):,} training records** (per site "
+                  f"{list(totals)})", "",
+                  "| method | eps per site | rounds | accuracy % | bytes moved | DP-FedAvg bytes / ours at equal "
+                  "accuracy | file |", "|---|---|---|---|---|---|---|"]
+        baselines = {_eps_key(row.get("epsilon")): row for _, row in runs if row["method"].startswith("DP-FedAvg")}
+        ours_first = sorted(runs, key=lambda rr: (not rr[1]["method"].startswith("dp-dm"),
+                                                  -_eps_key(rr[1].get("epsilon")), rr[1].get("rounds") or 0))
+        for r, row in ours_first:
+            acc = f"{100 * row['accuracy_mean']:.1f}" + (f" ± {100 * row['accuracy_sd']:.1f}"
+                                                         if row.get("accuracy_sd") else "")
+            moved = f"{row['bytes_up_total'] + row.get('bytes_down_total', 0):,}" if "bytes_up_total" in row else "–"
+            ratio, fed, source = "–", baselines.get(_eps_key(row.get("epsilon"))), r["benchmark"]
+            if row["method"].startswith("dp-dm"):
+                source += f" ({r['scale']} scale, {r['iterations']} paid steps)"
+                if fed is not None:
+                    level, mine, theirs = equal_accuracy_bytes(row, fed, sites)
+                    ratio = f"x{theirs / mine:.1f} (at {100 * level:.1f} %)"
+            eps = _eps_key(row.get("epsilon"))
+            lines.append(f"| {row['method']} | {'∞' if math.isinf(eps) else f'{eps:g}'} | {row.get('rounds', '–')} | "
+                         f"{acc} | {moved} | {ratio} | {source} |")
+        lines.append("")
+    return lines
+
+
 ANCHOR_PRIVATE = {10: {"NDPDC": 77.7, "Dosser": 80.1}, 50: {"NDPDC": 78.8, "Dosser": 83.1}}
 
 
@@ -204,7 +257,7 @@ def main() -> None:
         lines += b1_section(result)
     fed = [_load(p.stem) for p in sorted(RESULTS.glob("b1_federated*.json"))]
     if fed:
-        lines += federated_section(fed)
+        lines += federated_headline(fed) + federated_section(fed)
     reuse = _load("reuse_digits")
     if reuse:
         lines += ["### Reusing paid statistics (3 digits hospitals, DP-DM, epsilon 1 per site)", "", _prov(reuse), "",
