@@ -50,7 +50,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
-    global_model, per_round, bytes_up, spent = None, [], 0, {}
+    global_model, per_round, bytes_up, spent, previous = None, [], 0, {}, {}
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         offers = []
@@ -64,9 +64,11 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"))
             d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
                                      image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
-                                     matching_net=global_model)
+                                     matching_net=global_model,
+                                     start_images=previous.get(s.site_id) if dcfg.warm_start else None)
             st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
             x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
+            previous[s.site_id] = torch.as_tensor(x)  # the next round's warm start (the site's own release)
             meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes

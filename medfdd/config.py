@@ -121,6 +121,8 @@ class DistillConfig(_Strict):
     width: int = Field(128, ge=1, description="channels of the ConvNet-3 matching network")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast for real data")
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
+    warm_start: bool = Field(True, description="rounds >= 2: start from this site's own previous-round release "
+                             "(DP output, so free) instead of noise")
 
     @property
     def updates_per_statistic(self) -> int:

@@ -61,12 +61,18 @@ class Distiller(ABC):
 
     def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
                  seed: int, round_: int = 1, device: torch.device | None = None,
-                 matching_net: ConvNet | None = None):
+                 matching_net: ConvNet | None = None, start_images: torch.Tensor | None = None):
         self.cfg, self.plan = cfg, plan
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         self.seed, self.round = seed, round_
         self.device = device or torch.device("cpu")
         self.matching_net = matching_net.to(self.device).eval() if matching_net is not None else None
+        n = num_classes * cfg.ipc
+        if start_images is not None and (tuple(start_images.shape) != (n, *self.image_shape)
+                                         or not torch.isfinite(start_images).all()):
+            raise ValueError(f"start images must be finite with shape {(n, *self.image_shape)}, "
+                             f"got {tuple(start_images.shape)}")
+        self.start_images = start_images
         self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type in ("cpu", "cuda"))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -88,10 +94,15 @@ class Distiller(ABC):
         return generator(self.seed, self.round, t, stream)
 
     def init_state(self) -> DistillState:
-        """Noise initialisation (invariant 2): N(0.5, 0.2^2) clipped to [0, 1]; no real pixel is used."""
+        """Noise initialisation (invariant 2): N(0.5, 0.2^2) clipped to [0, 1]; no real pixel is used. A warm start
+        (rounds >= 2) begins from the site's own previous release instead: DP output, so post-processing that
+        costs no privacy (Dwork & Roth 2014, Prop. 2.1), and still no real pixel."""
         n = self.num_classes * self.cfg.ipc
-        g = self.g(0, "init")
-        x = (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
+        if self.start_images is not None:
+            x = self.start_images.detach().to(self.device, torch.float32).clone()
+        else:
+            g = self.g(0, "init")
+            x = (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
         labels = torch.arange(self.num_classes).repeat_interleave(self.cfg.ipc).to(self.device)
         return DistillState(x.requires_grad_(True), labels, torch.zeros_like(x), 0)
 

@@ -90,12 +90,40 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     return PrivacyPlan(True, sigma, q, steps, cfg.distill.clip_norm)
 
 
-def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarray) -> str:
+def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarray,
+                 start: torch.Tensor | None) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), cfg.seed, round_,
                          plan.__dict__], sort_keys=True, default=str).encode())
     h.update(rows.tobytes())
+    if start is not None:
+        h.update(start.cpu().numpy().tobytes())
     return h.hexdigest()
+
+
+def _release_copy(cfg: SiteConfig, round_: int) -> Path:
+    """The site's private copy of what it released in a round (the warm start of the next round)."""
+    return cfg.output_dir / "checkpoints" / f"released-round-{round_}.safetensors"
+
+
+def _previous_release(cfg: SiteConfig, round_: int, shape: tuple[int, ...], console: Console) -> torch.Tensor | None:
+    """Round `round_ - 1`'s released images when warm starts are on and the copy matches this round's plan."""
+    if round_ < 2 or not cfg.distill.warm_start:
+        return None
+    path = _release_copy(cfg, round_ - 1)
+    n = len(cfg.data.classes) * cfg.distill.ipc
+    expected = torch.arange(len(cfg.data.classes)).repeat_interleave(cfg.distill.ipc)
+    try:
+        t = load_file(str(path))
+        images, labels = t["images"], t["labels"]
+    except Exception:
+        images = labels = None
+    if images is None or tuple(images.shape) != (n, *shape) or not torch.equal(labels, expected) \
+            or not torch.isfinite(images).all():
+        console.print(f"[yellow]no usable round {round_ - 1} release at {path}: round {round_} starts from noise[/]")
+        return None
+    console.print(f"warm start: round {round_} continues from this site's round {round_ - 1} release")
+    return images.float()
 
 
 def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
@@ -156,6 +184,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         if bad:
             raise ArtifactError(str(global_model), f"weights hold NaN/Inf values ({', '.join(bad[:3])})",
                                 "the coordinator must broadcast a finite model; this round is not distilled")
+    start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
@@ -164,9 +193,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
 
     distiller = distiller_class(cfg.distill.method)(
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=cfg.seed, round_=round_,
-        device=device, matching_net=matching_net)
+        device=device, matching_net=matching_net, start_images=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
-    fingerprint = _fingerprint(cfg, plan, round_, data.rows[train])
+    fingerprint = _fingerprint(cfg, plan, round_, data.rows[train], start)
     state = _load_checkpoint(ckpt_path, fingerprint, device)
     resumed_from = state.iteration if state else 0
     total = distiller.total_work
@@ -210,6 +239,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     if evidence is not None:
         meta["class_evidence"] = [round(v, 2) for v in evidence]
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
+    atomic_write_bytes(_release_copy(cfg, round_), save({"images": torch.from_numpy(images),
+                                                         "labels": torch.from_numpy(labels)}))
     eps_text = f"eps {eps_spent:.3g}" if dp else "NON-PRIVATE (eps = inf)"
     save_preview(cfg.output_dir / "synthetic_preview.png", images, labels, list(cfg.data.classes),
                  title=f"{cfg.site_id} round {round_}: {cfg.distill.method.upper()} ipc {cfg.distill.ipc}, {eps_text}")

@@ -263,6 +263,39 @@ def test_rounds_split_the_budget(consortium, tmp_path):
     assert second.meta["round"] == 2
 
 
+@pytest.mark.parametrize("start", ["warm", "cold", "copy missing"])
+def test_round_two_continues_from_the_sites_own_round_one_release(consortium, tmp_path, start):
+    """Warm start (post-processing of round 1's DP release): round 2's initial images are exactly what the site
+    released in round 1; with warm_start off, or without the site's copy of that release, it starts from noise."""
+    from safetensors.torch import load_file
+
+    path = _site_config(consortium, tmp_path, iterations=10)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["privacy"]["rounds"] = 2
+    cfg["distill"]["warm_start"] = start != "cold"
+    path.write_text(yaml.safe_dump(cfg))
+    site = load_site_config(path)
+    distill_site(path, round_=1, console=quiet())
+    released = load_synthetic(site.output_dir).images
+    if start == "copy missing":
+        (site.output_dir / "checkpoints" / "released-round-1.safetensors").unlink()
+    distill_site(path, round_=2, console=quiet(), stop_after=1)  # still paying: the state holds the start images
+    began = load_file(str(site.output_dir / "checkpoints" / "round-2.safetensors"))["images"].numpy()
+    if start == "warm":
+        np.testing.assert_array_equal(began, released)
+    else:
+        assert np.abs(began - released).mean() > 0.05
+    resumed = distill_site(path, round_=2, console=quiet())
+    assert resumed.resumed_from == 1 and resumed.meta["round"] == 2  # the checkpoint matches its start
+
+
+def test_start_images_of_the_wrong_shape_are_refused():
+    cfg = DistillConfig(ipc=2, iterations=2, batch_size=60, width=16)
+    with pytest.raises(ValueError, match="start images"):
+        DistributionMatching(cfg, PrivacyPlan(True, 1.0, 0.3, 2, 1.0), num_classes=10, image_shape=(1, 8, 8), seed=0,
+                             round_=2, start_images=torch.zeros(20, 1, 4, 4))
+
+
 @pytest.mark.parametrize("stop_after", [10, 30])  # decoupled: 20 paid statistics, then 20 updates
 def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop_after):
     path = _site_config(consortium, tmp_path, iterations=20)
