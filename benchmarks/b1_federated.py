@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
+    ap.add_argument("--finalize", metavar="WHY", help="write the result file from the rows an interrupted run left in "
+                    "NAME.partial.jsonl (same split arguments), WHY saying what did not run; runs nothing (set MEDFDD_COMMIT to the commit the run started from)")
     args = ap.parse_args()
     scale = dict(SCALES[args.scale])
     for key in ("iterations", "eval_epochs", "max_per_class", "inner_steps"):
@@ -137,6 +139,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = out_dir / f"{name}.partial.jsonl"
     rows = []
+    if args.finalize:
+        rows = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
 
     def keep(row: dict) -> None:
         rows.append(row)
@@ -144,12 +148,12 @@ def main() -> None:
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for rounds in [] if args.only_fedavg else args.rounds:
+    for rounds in [] if args.only_fedavg or args.finalize else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
                               evidence_power=args.evidence_power))
-    if args.baselines and not args.only_fedavg:
+    if args.baselines and not args.only_fedavg and not args.finalize:
         settings = TrainSettings(epochs=scale["eval_epochs"])
         full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
         t = time.perf_counter()
@@ -161,7 +165,7 @@ def main() -> None:
         t = time.perf_counter()
         keep({"method": f"random real subset ipc {args.ipc}/site (non-private)",
               **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
-    if args.baselines or args.only_fedavg:
+    if (args.baselines or args.only_fedavg) and not args.finalize:
         chosen = args.baseline_eps or [math.inf] + [e for e in args.eps if math.isfinite(e)]
         for eps in [e if math.isfinite(e) else None for e in chosen]:
             t = time.perf_counter()
@@ -174,7 +178,8 @@ def main() -> None:
                               "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
                                             "site_totals": part.site_totals.tolist()},
                               "scale": args.scale, **scale, "delta": DELTA, "rows": rows,
-                              "peak_memory_mb": peak_memory_mb(),
+                              **({"unfinished": args.finalize} if args.finalize else {}),
+                              "peak_memory_mb": None if args.finalize else peak_memory_mb(),
                               "gpu_peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20
                               if torch.cuda.is_available() else None}, out_dir)
     partial.unlink(missing_ok=True)
