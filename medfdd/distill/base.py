@@ -56,6 +56,11 @@ def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def synthetic_labels(num_classes: int, ipc: int) -> torch.Tensor:
+    """The label of every synthetic image, class by class: [0] * ipc + [1] * ipc + ..."""
+    return torch.arange(num_classes).repeat_interleave(ipc)
+
+
 class Distiller(ABC):
     """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
 
@@ -103,7 +108,7 @@ class Distiller(ABC):
         else:
             g = self.g(0, "init")
             x = (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
-        labels = torch.arange(self.num_classes).repeat_interleave(self.cfg.ipc).to(self.device)
+        labels = synthetic_labels(self.num_classes, self.cfg.ipc).to(self.device)
         return DistillState(x.requires_grad_(True), labels, torch.zeros_like(x), 0)
 
     def network(self, t: int) -> ConvNet:

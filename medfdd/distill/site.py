@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
-from medfdd.distill.base import Distiller, DistillState, PrivacyPlan
+from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, synthetic_labels
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, write_error
 from medfdd.training import pick_device
@@ -111,14 +111,13 @@ def _previous_release(cfg: SiteConfig, round_: int, shape: tuple[int, ...], cons
     if round_ < 2 or not cfg.distill.warm_start:
         return None
     path = _release_copy(cfg, round_ - 1)
-    n = len(cfg.data.classes) * cfg.distill.ipc
-    expected = torch.arange(len(cfg.data.classes)).repeat_interleave(cfg.distill.ipc)
+    expected = synthetic_labels(len(cfg.data.classes), cfg.distill.ipc)
     try:
         t = load_file(str(path))
         images, labels = t["images"], t["labels"]
     except Exception:
         images = labels = None
-    if images is None or tuple(images.shape) != (n, *shape) or not torch.equal(labels, expected) \
+    if images is None or tuple(images.shape) != (len(expected), *shape) or not torch.equal(labels, expected) \
             or not torch.isfinite(images).all():
         console.print(f"[yellow]no usable round {round_ - 1} release at {path}: round {round_} starts from noise[/]")
         return None
