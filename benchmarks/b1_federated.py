@@ -77,6 +77,8 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
                                         seed=seed + r, device=device, weights=weights)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])
+        print(f"eps {eps:g} round {r}/{rounds}: accuracy {per_round[-1]:.4f} after {time.perf_counter() - t0:.0f} s",
+              flush=True)  # a run cut off by a time limit still shows its finished rounds in the log
     distill_s = time.perf_counter() - t0
     accs = [per_round[-1]] + [evaluate(train_classifier(merged.images, merged.labels, K,
                                                         TrainSettings(epochs=scale["eval_epochs"]), seed=100 + e,
