@@ -32,7 +32,7 @@ from medfdd.coordinator.merge import merge  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.data.partition import dirichlet_partition  # noqa: E402
 from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
-from medfdd.distill.base import PrivacyPlan  # noqa: E402
+from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
@@ -46,7 +46,8 @@ K = 10
 
 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
-                 device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0) -> dict:
+                 device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
+                 allocation: str = "evidence") -> dict:
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
@@ -61,14 +62,15 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             sigma = calibrate_round_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps_per_round=steps,
                                           rounds=rounds) if dp else 0.0
             spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
-            dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"))
+            dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
+                                 allocation=allocation)
             d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
                                      image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
                                      matching_net=global_model,
-                                     start_images=previous.get(s.site_id) if dcfg.warm_start else None)
+                                     start=previous.get(s.site_id) if dcfg.warm_start else None)
             st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
             x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
-            previous[s.site_id] = torch.as_tensor(x)  # the next round's warm start (the site's own release)
+            previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
             meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
@@ -86,8 +88,9 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                               for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
-    return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label})",
-            "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
+    alloc = ", evidence allocation" if dcfg.allocation_used == "evidence" else ""
+    return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
+            "allocation": dcfg.allocation_used, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
             "epsilon": "inf" if not dp else eps, "rounds": rounds,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
@@ -113,6 +116,8 @@ def main() -> None:
     ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
                     help="coordinator merge of the site sets (evidence: weight by the sites' released noisy counts)")
     ap.add_argument("--evidence-power", type=float, default=2.0)
+    ap.add_argument("--allocation", choices=["uniform", "evidence"], default="evidence",
+                    help="images per class at each site: ipc each, or shared by the noisy class counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
@@ -154,7 +159,7 @@ def main() -> None:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
-                              evidence_power=args.evidence_power))
+                              evidence_power=args.evidence_power, allocation=args.allocation))
     if args.baselines and not args.only_fedavg and not args.finalize:
         settings = TrainSettings(epochs=scale["eval_epochs"])
         full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)

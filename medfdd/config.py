@@ -123,6 +123,23 @@ class DistillConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
     warm_start: bool = Field(True, description="rounds >= 2: start from this site's own previous-round release "
                              "(DP output, so free) instead of noise")
+    allocation: Literal["uniform", "evidence"] | None = Field(
+        None, description="images per class: `uniform` = ipc each; `evidence` shares the same ipc x classes images "
+        "in proportion to the released noisy class counts (post-processing), so a class this site hardly has gets "
+        "few or none (dm decoupled only); default: evidence for dm decoupled (measured better), else uniform")
+
+    @model_validator(mode="after")
+    def _allocation_needs_bank(self) -> DistillConfig:
+        if self.allocation == "evidence" and (self.method != "dm" or self.schedule != "decoupled"):
+            raise ValueError("distill.allocation: `evidence` needs the noisy class counts before the first update, "
+                             "i.e. method dm with schedule decoupled; use allocation uniform otherwise")
+        return self
+
+    @property
+    def allocation_used(self) -> Literal["uniform", "evidence"]:
+        if self.allocation is not None:
+            return self.allocation
+        return "evidence" if self.method == "dm" and self.schedule == "decoupled" else "uniform"
 
     @property
     def updates_per_statistic(self) -> int:
@@ -192,7 +209,8 @@ class ConsortiumConfig(_Strict):
     classes: list[str] = Field(min_length=2, description="class names in index order, as in every site config")
     spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W]")
     channels: Literal[1, 3] = Field(1, description="image channels every offer must have")
-    ipc: int = Field(10, ge=1, description="most synthetic images per class one site may offer")
+    ipc: int = Field(10, ge=1, description="synthetic images per class one site may offer (ipc x classes in all; "
+                     "an `allocation: evidence` offer shares them by its own class_evidence)")
     sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> `{dp, epsilon, delta}` declared "
                                          "budget (offers above it are rejected)")
     max_offer_bytes: int = Field(256 * 2**20, ge=1, description="offers announcing more bytes are refused unread")

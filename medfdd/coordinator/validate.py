@@ -14,6 +14,7 @@ import numpy as np
 
 from medfdd.artifacts import META_KEYS
 from medfdd.config import ConsortiumConfig
+from medfdd.distill.base import evidence_allocation
 from medfdd.errors import MedfddError
 from medfdd.federation.messages import SiteOffer, WireError, from_wire
 
@@ -165,6 +166,24 @@ def _check_evidence(sid: str, evidence, k: int) -> None:
                                                                f"of at most {MAX_EVIDENCE:g} in size")
 
 
+def _check_class_counts(sid: str, per_class: np.ndarray, meta: dict, spec: ConsortiumConfig) -> None:
+    """At most ipc images of a class; or, for `allocation: evidence`, exactly the counts that the offer's own
+    released class_evidence gives (`evidence_allocation`)."""
+    allocation = meta.get("allocation", "uniform")
+    if allocation == "uniform":
+        if per_class.max() > spec.ipc:
+            raise OfferRejected(sid, Reason.TOO_MANY_IMAGES, f"{int(per_class.max())} images of class "
+                                f"{spec.classes[int(per_class.argmax())]!r}, at most {spec.ipc}")
+        return
+    if allocation != "evidence" or "class_evidence" not in meta:
+        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"allocation {allocation!r} needs to be 'evidence' "
+                                                               "with class_evidence, or absent")
+    expected = evidence_allocation(meta["class_evidence"], meta["sample_rate"], spec.ipc * len(spec.classes))
+    if per_class.tolist() != expected:
+        raise OfferRejected(sid, Reason.TOO_MANY_IMAGES, f"images per class {per_class.tolist()} differ from the "
+                                                         f"evidence allocation {expected} of its class_evidence")
+
+
 def validate_offer(offer: SiteOffer, spec: ConsortiumConfig, *, previous_epsilon: float | None = None
                    ) -> AcceptedOffer:
     """Announcement -> metadata -> decode -> values. Raises OfferRejected with the first problem found."""
@@ -185,8 +204,5 @@ def validate_offer(offer: SiteOffer, spec: ConsortiumConfig, *, previous_epsilon
     if labels.min() < 0 or labels.max() >= k:
         raise OfferRejected(sid, Reason.LABEL_OUT_OF_RANGE, f"labels in [{labels.min()}, {labels.max()}], "
                                                             f"classes are 0..{k - 1}")
-    per_class = np.bincount(labels, minlength=k)
-    if per_class.max() > spec.ipc:
-        raise OfferRejected(sid, Reason.TOO_MANY_IMAGES, f"{int(per_class.max())} images of class "
-                                                         f"{spec.classes[int(per_class.argmax())]!r}, at most {spec.ipc}")
+    _check_class_counts(sid, np.bincount(labels, minlength=k), meta, spec)
     return AcceptedOffer(sid, np.clip(images, 0, 1).astype(np.float32), labels.astype(np.int64), meta, offer.nbytes())

@@ -7,6 +7,7 @@ Under DP the synthetic images start from noise (never from real records).
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ class PrivacyPlan:
     sample_rate: float
     steps: int
     clip_norm: float
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A site's own previous-round release (images and their labels) that the next round starts from."""
+
+    images: torch.Tensor  # [K * ipc, C, *spatial]
+    labels: torch.Tensor  # [K * ipc]
 
 
 @dataclass
@@ -61,23 +70,53 @@ def synthetic_labels(num_classes: int, ipc: int) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(ipc)
 
 
+def evidence_allocation(evidence: list[float], sample_rate: float, total: int) -> list[int]:
+    """Images per class for `allocation: evidence`: `total` shared in proportion to the released class evidence
+    (noisy records per class, `class_evidence` in synthetic.json), a class with under one expected record per paid
+    step (evidence x sample_rate < 1, no usable matching target) getting none; largest-remainder (Hamilton)
+    apportionment, ties to the lower class index; equal shares when no class qualifies. The coordinator recomputes
+    it from the same released numbers to check an offer's labels."""
+    e = [v if v * sample_rate >= 1.0 else 0.0 for v in evidence]
+    if sum(e) <= 0:
+        e = [1.0] * len(evidence)
+    whole = sum(e)
+    quota = [v / whole * total for v in e]
+    counts = [math.floor(v) for v in quota]
+    order = sorted(range(len(e)), key=lambda k: (counts[k] - quota[k], k))
+    for k in order[:total - sum(counts)]:
+        counts[k] += 1
+    return counts
+
+
+def check_warm_start(start: WarmStart, cfg: DistillConfig, num_classes: int, image_shape: tuple[int, ...]) -> None:
+    """A warm start must match this round's plan: ipc x classes finite images, labels in range, and (uniform
+    allocation) exactly ipc of each class. Raises ValueError naming what differs."""
+    n = num_classes * cfg.ipc
+    if tuple(start.images.shape) != (n, *image_shape) or not torch.isfinite(start.images).all():
+        raise ValueError(f"start images must be finite with shape {(n, *image_shape)}, "
+                         f"got {tuple(start.images.shape)}")
+    labels = start.labels
+    if tuple(labels.shape) != (n,) or labels.is_floating_point() or int(labels.min()) < 0 \
+            or int(labels.max()) >= num_classes:
+        raise ValueError(f"start labels must be {n} class indices in 0..{num_classes - 1}")
+    if cfg.allocation_used == "uniform" and not torch.equal(labels.cpu().long(), synthetic_labels(num_classes, cfg.ipc)):
+        raise ValueError(f"start labels must be {cfg.ipc} of each class in order (allocation uniform)")
+
+
 class Distiller(ABC):
     """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
 
     def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
                  seed: int, round_: int = 1, device: torch.device | None = None,
-                 matching_net: ConvNet | None = None, start_images: torch.Tensor | None = None):
+                 matching_net: ConvNet | None = None, start: WarmStart | None = None):
         self.cfg, self.plan = cfg, plan
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         self.seed, self.round = seed, round_
         self.device = device or torch.device("cpu")
         self.matching_net = matching_net.to(self.device).eval() if matching_net is not None else None
-        n = num_classes * cfg.ipc
-        if start_images is not None and (tuple(start_images.shape) != (n, *self.image_shape)
-                                         or not torch.isfinite(start_images).all()):
-            raise ValueError(f"start images must be finite with shape {(n, *self.image_shape)}, "
-                             f"got {tuple(start_images.shape)}")
-        self.start_images = start_images
+        if start is not None:
+            check_warm_start(start, cfg, num_classes, self.image_shape)
+        self.start = start
         self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
         use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type in ("cpu", "cuda"))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -88,12 +127,13 @@ class Distiller(ABC):
         return self.plan.steps
 
     def class_evidence(self, state: DistillState) -> list[float] | None:
-        """Estimated training records per class: the mean released noisy count per paid step over the sample rate
-        (post-processing of what the ledger paid for; the true counts are never used). The coordinator's
-        `evidence` merge weights each site's images of a class by it. None when no count was released."""
+        """Estimated training records per class, to 2 decimals: the mean released noisy count per paid step over
+        the sample rate (post-processing of what the ledger paid for; the true counts are never used). The
+        coordinator's `evidence` merge weights each site's images of a class by it. None when no count was
+        released."""
         if state.counts_sum is None or self.plan.steps == 0:
             return None
-        return (state.counts_sum / (self.plan.steps * self.plan.sample_rate)).cpu().tolist()
+        return [round(v, 2) for v in (state.counts_sum / (self.plan.steps * self.plan.sample_rate)).cpu().tolist()]
 
     def g(self, t: int, stream: str) -> torch.Generator:
         return generator(self.seed, self.round, t, stream)
@@ -102,14 +142,19 @@ class Distiller(ABC):
         """Noise initialisation (invariant 2): N(0.5, 0.2^2) clipped to [0, 1]; no real pixel is used. A warm start
         (rounds >= 2) begins from the site's own previous release instead: DP output, so post-processing that
         costs no privacy (Dwork & Roth 2014, Prop. 2.1), and still no real pixel."""
-        n = self.num_classes * self.cfg.ipc
-        if self.start_images is not None:
-            x = self.start_images.detach().to(self.device, torch.float32).clone()
+        if self.start is not None:
+            x = self.start.images.detach().to(self.device, torch.float32).clone()
+            labels = self.start.labels.to(self.device, torch.long)
         else:
-            g = self.g(0, "init")
-            x = (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
-        labels = synthetic_labels(self.num_classes, self.cfg.ipc).to(self.device)
+            x = self.noise_images()
+            labels = synthetic_labels(self.num_classes, self.cfg.ipc).to(self.device)
         return DistillState(x.requires_grad_(True), labels, torch.zeros_like(x), 0)
+
+    def noise_images(self) -> torch.Tensor:
+        """ipc x classes images of N(0.5, 0.2^2) noise clipped to [0, 1] (seeded by step 0's init stream)."""
+        n = self.num_classes * self.cfg.ipc
+        g = self.g(0, "init")
+        return (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
 
     def network(self, t: int) -> ConvNet:
         """The matching network of step t: a fresh random ConvNet-3, or (FedDM rounds) the broadcast global model

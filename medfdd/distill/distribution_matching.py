@@ -14,6 +14,10 @@ Two schedules (`distill.schedule`):
   coordinate needs only a small share of C^2 and the features keep the rest. The released images are a moving
   average of the iterates (`distill.ema`), which averages the noise the updates follow.
 - `interleaved`: `inner_steps` updates right after each paid statistic, each statistic normalised by its own count.
+
+`allocation: evidence` (decoupled only): once the bank is paid, the ipc x classes images are shared among the
+classes by the released class evidence before the first update, so a site spends its images on the classes whose
+noisy means are precise (noise on a class mean scales like 1 / its records) instead of on classes it hardly has.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from medfdd.distill.augment import apply_family, choose_family
-from medfdd.distill.base import Distiller, DistillState
+from medfdd.distill.base import Distiller, DistillState, evidence_allocation
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
 
 CHUNK = 256
@@ -90,13 +94,18 @@ class DistributionMatching(Distiller):
     def match(self, state: DistillState, net, target: torch.Tensor, usable: torch.Tensor, center,
               family: str | None, g: torch.Generator) -> float:
         """One synthetic update: squared distance between the class means of the augmented synthetic features and
-        the target means, over the usable classes (`family` None: one family drawn from `g`, as DSA does)."""
+        the target means, over the usable classes, each weighted by its images / ipc (`family` None: one family
+        drawn from `g`, as DSA does)."""
+        per_class = torch.bincount(state.labels, minlength=self.num_classes)
+        usable = usable & (per_class > 0)
         if not usable.any():
             return 0.0
         xs = self.augment(state.images, g) if family is None else apply_family(state.images, g, family)
         f = unit_rows(net.embed(xs).float(), center)
-        syn_means = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
-        loss = ((target - syn_means / self.cfg.ipc)[usable] ** 2).sum()
+        syn_sums = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
+        gap = ((target - syn_sums / per_class.clamp(min=1).unsqueeze(1)) ** 2).sum(1)
+        loss = (gap * per_class / self.cfg.ipc)[usable].sum()  # weight n_c / ipc: every image moves as fast as
+        # with ipc images in its class (1 under uniform allocation), however many images its class was allocated
         self.sgd_update(state, loss)
         return float(loss.detach())
 
@@ -136,6 +145,21 @@ class DistributionMatching(Distiller):
                 on_paid(t)
         return SignalBank(sums, torch.stack(counts).mean(0), centers, families, feature_scale)
 
+    def allocate(self, state: DistillState) -> None:
+        """`allocation: evidence`, before the first update: share the ipc x classes images by the released class
+        evidence (`base.evidence_allocation`, post-processing). From noise the images are only relabelled; a warm
+        start keeps up to the new count of each class's previous images and fills the other slots with noise."""
+        counts = evidence_allocation(self.class_evidence(state), self.plan.sample_rate,
+                                     self.num_classes * self.cfg.ipc)
+        labels = torch.arange(self.num_classes).repeat_interleave(torch.tensor(counts)).to(self.device)
+        images = self.noise_images()
+        if self.start is not None:
+            for k, m in enumerate(counts):
+                previous = state.images.detach()[state.labels == k][:m]
+                images[(labels == k).nonzero().squeeze(1)[:len(previous)]] = previous
+        state.images, state.labels = images.requires_grad_(True), labels
+        state.momentum = torch.zeros_like(images)
+
     def update_average(self, state: DistillState, u: int) -> None:
         """Moving average of the iterates with warm-up (decay min(ema, (1 + u) / (10 + u))), so short runs are not
         dominated by the noise initialisation."""
@@ -164,6 +188,8 @@ class DistributionMatching(Distiller):
 
         bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
         state.counts_sum = bank.pooled_counts * steps
+        if self.cfg.allocation_used == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
+            self.allocate(state)
         for u in range(max(0, state.iteration - steps), self.updates):
             s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))
             net = self.network(s)

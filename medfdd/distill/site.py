@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
-from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, synthetic_labels
+from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, write_error
 from medfdd.training import pick_device
@@ -91,13 +91,14 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
 
 
 def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarray,
-                 start: torch.Tensor | None) -> str:
+                 start: WarmStart | None) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), cfg.seed, round_,
                          plan.__dict__], sort_keys=True, default=str).encode())
     h.update(rows.tobytes())
     if start is not None:
-        h.update(start.cpu().numpy().tobytes())
+        h.update(start.images.cpu().numpy().tobytes())
+        h.update(start.labels.cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -106,23 +107,21 @@ def _release_copy(cfg: SiteConfig, round_: int) -> Path:
     return cfg.output_dir / "checkpoints" / f"released-round-{round_}.safetensors"
 
 
-def _previous_release(cfg: SiteConfig, round_: int, shape: tuple[int, ...], console: Console) -> torch.Tensor | None:
-    """Round `round_ - 1`'s released images when warm starts are on and the copy matches this round's plan."""
+def _previous_release(cfg: SiteConfig, round_: int, shape: tuple[int, ...], console: Console) -> WarmStart | None:
+    """Round `round_ - 1`'s released images and labels when warm starts are on and the copy matches this round's
+    plan."""
     if round_ < 2 or not cfg.distill.warm_start:
         return None
     path = _release_copy(cfg, round_ - 1)
-    expected = synthetic_labels(len(cfg.data.classes), cfg.distill.ipc)
     try:
         t = load_file(str(path))
-        images, labels = t["images"], t["labels"]
+        start = WarmStart(t["images"].float(), t["labels"].long())
+        check_warm_start(start, cfg.distill, len(cfg.data.classes), shape)
     except Exception:
-        images = labels = None
-    if images is None or tuple(images.shape) != (len(expected), *shape) or not torch.equal(labels, expected) \
-            or not torch.isfinite(images).all():
         console.print(f"[yellow]no usable round {round_ - 1} release at {path}: round {round_} starts from noise[/]")
         return None
     console.print(f"warm start: round {round_} continues from this site's round {round_ - 1} release")
-    return images.float()
+    return start
 
 
 def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
@@ -192,7 +191,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
 
     distiller = distiller_class(cfg.distill.method)(
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=cfg.seed, round_=round_,
-        device=device, matching_net=matching_net, start_images=start)
+        device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
     fingerprint = _fingerprint(cfg, plan, round_, data.rows[train], start)
     state = _load_checkpoint(ckpt_path, fingerprint, device)
@@ -236,7 +235,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
             "clip_norm": plan.clip_norm, "dp": dp}
     evidence = distiller.class_evidence(state)
     if evidence is not None:
-        meta["class_evidence"] = [round(v, 2) for v in evidence]
+        meta["class_evidence"] = evidence
+    if cfg.distill.allocation_used != "uniform":
+        meta["allocation"] = cfg.distill.allocation_used
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
     atomic_write_bytes(_release_copy(cfg, round_), save({"images": torch.from_numpy(images),
                                                          "labels": torch.from_numpy(labels)}))

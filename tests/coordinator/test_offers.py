@@ -85,7 +85,22 @@ HOSTILE = {
                                Reason.INCONSISTENT_METADATA),
     "class evidence absurdly large": (lambda: offer(meta=good_meta(class_evidence=[1e12, 1.0, 1.0])),
                                       Reason.INCONSISTENT_METADATA),
+    # evidence [50, 10, 0] at sample rate 0.1 allocates [5, 1, 0]: an offer must carry exactly that
+    "allocation the evidence does not give": (lambda: offer(labels=np.array([0, 0, 0, 0, 1, 1]), meta=good_meta(
+        allocation="evidence", class_evidence=[50.0, 10.0, 0.0])), Reason.TOO_MANY_IMAGES),
+    "evidence allocation without evidence": (lambda: offer(meta=good_meta(allocation="evidence")),
+                                             Reason.INCONSISTENT_METADATA),
+    "unknown allocation": (lambda: offer(meta=good_meta(allocation="whatever-i-like",
+                                                        class_evidence=[50.0, 10.0, 0.0])),
+                           Reason.INCONSISTENT_METADATA),
 }
+
+
+def test_an_offer_allocated_by_its_own_class_evidence_may_exceed_ipc_per_class(spec):
+    labels = np.array([0, 0, 0, 0, 0, 1])  # 5 of class a > ipc 2, as evidence [50, 10, 0] at rate 0.1 allocates
+    acc = validate_offer(offer(labels=labels, meta=good_meta(allocation="evidence", class_evidence=[50.0, 10.0, 0.0])),
+                         spec)
+    assert np.bincount(acc.labels, minlength=K).tolist() == [5, 1, 0]
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))

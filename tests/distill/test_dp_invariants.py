@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from medfdd.artifacts import META_KEYS, ArtifactError, SyntheticSet, load_synthetic
 from medfdd.config import DistillConfig, load_site_config
-from medfdd.distill.base import PrivacyPlan
+from medfdd.distill.base import PrivacyPlan, WarmStart, evidence_allocation, synthetic_labels
 from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
 from medfdd.distill.site import distill_site
@@ -289,11 +289,36 @@ def test_round_two_continues_from_the_sites_own_round_one_release(consortium, tm
     assert resumed.resumed_from == 1 and resumed.meta["round"] == 2  # the checkpoint matches its start
 
 
-def test_start_images_of_the_wrong_shape_are_refused():
-    cfg = DistillConfig(ipc=2, iterations=2, batch_size=60, width=16)
-    with pytest.raises(ValueError, match="start images"):
+@pytest.mark.parametrize("allocation, images, labels, problem", [
+    ("uniform", torch.zeros(20, 1, 4, 4), synthetic_labels(10, 2), "start images"),
+    ("uniform", torch.full((20, 1, 8, 8), float("nan")), synthetic_labels(10, 2), "start images"),
+    ("uniform", torch.zeros(20, 1, 8, 8), torch.zeros(20, dtype=torch.long), "2 of each class"),
+    ("evidence", torch.zeros(20, 1, 8, 8), torch.full((20,), 10), "class indices"),
+    ("evidence", torch.zeros(20, 1, 8, 8), torch.zeros(19, dtype=torch.long), "class indices"),
+])
+def test_a_warm_start_that_does_not_fit_the_plan_is_refused(allocation, images, labels, problem):
+    cfg = DistillConfig(ipc=2, iterations=2, batch_size=60, width=16, allocation=allocation)
+    with pytest.raises(ValueError, match=problem):
         DistributionMatching(cfg, PrivacyPlan(True, 1.0, 0.3, 2, 1.0), num_classes=10, image_shape=(1, 8, 8), seed=0,
-                             round_=2, start_images=torch.zeros(20, 1, 4, 4))
+                             round_=2, start=WarmStart(images, labels))
+
+
+def test_an_evidence_allocated_warm_start_is_refitted_to_this_rounds_evidence():
+    cfg = DistillConfig(ipc=2, iterations=3, batch_size=60, width=8, inner_steps=1, lr=1e-12, ema=0,
+                        allocation="evidence")
+    labels = torch.tensor([0] * 11 + [3] * 9)  # last round's allocation
+    previous = torch.arange(20, dtype=torch.float32).view(20, 1, 1, 1).expand(20, 1, 8, 8) / 20
+    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 0.3, 3, 1.0), num_classes=10, image_shape=(1, 8, 8),
+                             seed=0, round_=2, start=WarmStart(previous, labels))
+    x, y = torch.rand(200, 1, 8, 8), torch.arange(200) % 10  # now every class has 20 records
+    state = d.run(x, y)
+    counts = evidence_allocation(d.class_evidence(state), 0.3, 20)
+    assert torch.bincount(state.labels, minlength=10).tolist() == counts == [2] * 10
+    images = state.result()
+    assert torch.allclose(images[state.labels == 0], previous[:2])  # class 0 keeps 2 of its 11 previous images
+    assert torch.allclose(images[state.labels == 3], previous[11:13])
+    for k in (1, 2, 4):  # classes without previous images start from noise, not from another class's images
+        assert not any(torch.allclose(img, p) for img in images[state.labels == k] for p in previous)
 
 
 @pytest.mark.parametrize("stop_after", [10, 30])  # decoupled: 20 paid statistics, then 20 updates
