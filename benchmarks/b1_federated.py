@@ -88,9 +88,9 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                               for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
-    alloc = ", evidence allocation" if dcfg.allocation_used == "evidence" else ""
+    alloc = ", evidence allocation" if dcfg.allocation == "evidence" else ""
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
-            "allocation": dcfg.allocation_used, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
+            "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
             "epsilon": "inf" if not dp else eps, "rounds": rounds,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,

@@ -123,10 +123,10 @@ class DistillConfig(_Strict):
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
     warm_start: bool = Field(True, description="rounds >= 2: start from this site's own previous-round release "
                              "(DP output, so free) instead of noise")
-    allocation: Literal["uniform", "evidence"] | None = Field(
-        None, description="images per class: `uniform` = ipc each; `evidence` shares the same ipc x classes images "
-        "in proportion to the released noisy class counts (post-processing), so a class this site hardly has gets "
-        "few or none (dm decoupled only); default: evidence for dm decoupled (measured better), else uniform")
+    allocation: Literal["uniform", "evidence"] = Field(
+        "uniform", description="images per class: `uniform` = ipc each; `evidence` (dm decoupled) shares the same "
+        "ipc x classes images in proportion to the released noisy class counts (post-processing), so a class this "
+        "site hardly has gets few or none: better for sites with hundreds of records per class, worse for tiny ones")
 
     @model_validator(mode="after")
     def _allocation_needs_bank(self) -> DistillConfig:
@@ -134,12 +134,6 @@ class DistillConfig(_Strict):
             raise ValueError("distill.allocation: `evidence` needs the noisy class counts before the first update, "
                              "i.e. method dm with schedule decoupled; use allocation uniform otherwise")
         return self
-
-    @property
-    def allocation_used(self) -> Literal["uniform", "evidence"]:
-        if self.allocation is not None:
-            return self.allocation
-        return "evidence" if self.method == "dm" and self.schedule == "decoupled" else "uniform"
 
     @property
     def updates_per_statistic(self) -> int:

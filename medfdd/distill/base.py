@@ -99,7 +99,7 @@ def check_warm_start(start: WarmStart, cfg: DistillConfig, num_classes: int, ima
     if tuple(labels.shape) != (n,) or labels.is_floating_point() or int(labels.min()) < 0 \
             or int(labels.max()) >= num_classes:
         raise ValueError(f"start labels must be {n} class indices in 0..{num_classes - 1}")
-    if cfg.allocation_used == "uniform" and not torch.equal(labels.cpu().long(), synthetic_labels(num_classes, cfg.ipc)):
+    if cfg.allocation == "uniform" and not torch.equal(labels.cpu().long(), synthetic_labels(num_classes, cfg.ipc)):
         raise ValueError(f"start labels must be {cfg.ipc} of each class in order (allocation uniform)")
 
 

@@ -188,7 +188,7 @@ class DistributionMatching(Distiller):
 
         bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
         state.counts_sum = bank.pooled_counts * steps
-        if self.cfg.allocation_used == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
+        if self.cfg.allocation == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
             self.allocate(state)
         for u in range(max(0, state.iteration - steps), self.updates):
             s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))

@@ -236,8 +236,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     evidence = distiller.class_evidence(state)
     if evidence is not None:
         meta["class_evidence"] = evidence
-    if cfg.distill.allocation_used != "uniform":
-        meta["allocation"] = cfg.distill.allocation_used
+    if cfg.distill.allocation != "uniform":
+        meta["allocation"] = cfg.distill.allocation
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
     atomic_write_bytes(_release_copy(cfg, round_), save({"images": torch.from_numpy(images),
                                                          "labels": torch.from_numpy(labels)}))
