@@ -65,9 +65,10 @@ def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
-def synthetic_labels(num_classes: int, ipc: int) -> torch.Tensor:
-    """The label of every synthetic image, class by class: [0] * ipc + [1] * ipc + ..."""
-    return torch.arange(num_classes).repeat_interleave(ipc)
+def synthetic_labels(num_classes: int, ipc: int | list[int]) -> torch.Tensor:
+    """The label of every synthetic image, class by class: [0] * ipc + [1] * ipc + ... (`ipc` a list: that many
+    of each class)."""
+    return torch.arange(num_classes).repeat_interleave(torch.as_tensor(ipc))
 
 
 def evidence_allocation(evidence: list[float], sample_rate: float, total: int) -> list[int]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from medfdd.distill.augment import apply_family, choose_family
-from medfdd.distill.base import Distiller, DistillState, evidence_allocation
+from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
 
 CHUNK = 256
@@ -151,7 +151,7 @@ class DistributionMatching(Distiller):
         start keeps up to the new count of each class's previous images and fills the other slots with noise."""
         counts = evidence_allocation(self.class_evidence(state), self.plan.sample_rate,
                                      self.num_classes * self.cfg.ipc)
-        labels = torch.arange(self.num_classes).repeat_interleave(torch.tensor(counts)).to(self.device)
+        labels = synthetic_labels(self.num_classes, counts).to(self.device)
         images = self.noise_images()
         if self.start is not None:
             for k, m in enumerate(counts):
