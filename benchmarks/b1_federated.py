@@ -43,11 +43,12 @@ SCALES = {
 }
 DELTA = 1e-5
 K = 10
+BASELINES = ("centralized", "local-only", "subset", "fedavg")
 
 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
-                 allocation: str = "evidence") -> dict:
+                 allocation: str = "evidence", save_merged: Path | None = None) -> dict:
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
@@ -76,6 +77,10 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         weights = merged.training_weights
+        if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
+            save_merged.mkdir(parents=True, exist_ok=True)
+            np.savez(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
+                     labels=merged.labels, weights=merged.weights)
         global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
                                         seed=seed + r, device=device, weights=weights)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])
@@ -108,7 +113,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, nargs="+", default=[1, 3])
     ap.add_argument("--scale", choices=SCALES, default="cpu")
     ap.add_argument("--evals", type=int, default=3)
-    ap.add_argument("--baselines", action="store_true", help="also run centralized, local-only, subset, FedAvg")
+    ap.add_argument("--baselines", nargs="*", choices=BASELINES, default=None,
+                    help="also run these baselines (no name: all of centralized, local-only, subset, fedavg)")
     ap.add_argument("--baseline-eps", type=float, nargs="+", default=None,
                     help="FedAvg epsilons, inf = plain FedAvg (default: plain FedAvg and the finite --eps)")
     ap.add_argument("--fedavg-rounds", type=int, default=3)
@@ -122,14 +128,16 @@ def main() -> None:
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
+    ap.add_argument("--batch-per-class", type=int, help="override the scale's expected real records per class per step")
     ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
+    ap.add_argument("--save-merged", type=Path, help="also write each round's merged set (npz) into this folder")
     ap.add_argument("--finalize", metavar="WHY", help="write the result file from the rows an interrupted run left in "
                     "NAME.partial.jsonl (same split arguments), WHY saying what did not run; runs nothing (set MEDFDD_COMMIT to the commit the run started from)")
     args = ap.parse_args()
     scale = dict(SCALES[args.scale])
-    for key in ("iterations", "eval_epochs", "max_per_class", "inner_steps"):
+    for key in ("iterations", "batch_per_class", "eval_epochs", "max_per_class", "inner_steps"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
     if scale["max_per_class"] == 0:
@@ -159,20 +167,28 @@ def main() -> None:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
-                              evidence_power=args.evidence_power, allocation=args.allocation))
-    if args.baselines and not args.only_fedavg and not args.finalize:
-        settings = TrainSettings(epochs=scale["eval_epochs"])
-        full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
+                              evidence_power=args.evidence_power, allocation=args.allocation,
+                              save_merged=args.save_merged))
+    chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
+    if args.only_fedavg:
+        chosen_baselines = {"fedavg"}
+    if args.finalize:
+        chosen_baselines = set()
+    settings = TrainSettings(epochs=scale["eval_epochs"])
+    full = TrainSettings(epochs=scale["full_epochs"], batch_size=256)
+    if "centralized" in chosen_baselines:
         t = time.perf_counter()
         keep({"method": "centralized (all records, non-private)", **_acc(centralized(sites, test, K, full, seed=0)),
               "seconds": time.perf_counter() - t})
+    if "local-only" in chosen_baselines:
         t = time.perf_counter()
         keep({"method": "local-only (mean over sites, non-private)", **_acc(local_only(sites, test, K, full, seed=0)),
               "seconds": time.perf_counter() - t})
+    if "subset" in chosen_baselines:
         t = time.perf_counter()
         keep({"method": f"random real subset ipc {args.ipc}/site (non-private)",
               **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
-    if (args.baselines or args.only_fedavg) and not args.finalize:
+    if "fedavg" in chosen_baselines:
         chosen = args.baseline_eps or [math.inf] + [e for e in args.eps if math.isfinite(e)]
         for eps in [e if math.isfinite(e) else None for e in chosen]:
             t = time.perf_counter()
