@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test lint bench-loading reliability-table clean docs
+.PHONY: install demo test lint bench-data bench-loading reliability-table clean docs
 
 $(BIN)/medfdd: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,12 @@ lint: install
 # docs/reliability.md from the tests' case tables (a test fails when it is stale)
 reliability-table: install
 	$(BIN)/python tests/reliability/reliability_table.py
+
+# Fashion-MNIST for the benchmarks: the Debian package (as root; never needed by `make test`)
+bench-data:
+	@test -d /usr/share/datasets/fashion-mnist || { test "$$(id -u)" = 0 || { echo "run as root: apt-get install dataset-fashion-mnist" >&2; exit 1; }; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist || \
+	  { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }; }
 
 bench-loading: install
 	$(BIN)/python benchmarks/loading.py

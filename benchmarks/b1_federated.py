@@ -5,9 +5,10 @@ centralized, local-only, random real subset, FedAvg and DP-FedAvg (Opacus DP-SGD
 
 The sites run in memory (the same Distiller, merge and training code as `medfdd coordinator run`; no DICOM files),
 so the benchmark measures the method, not file loading (see loading.py for that).
-CPU-scale default: all 60k training records split over the sites, 100 DP steps per round, real batch 32 per class
-per site, evaluation 300 epochs (the older 10k-record files used --max-per-class 1000); the GPU scale uses the
-published settings.
+CPU-scale default: all 60k training records split over the sites, 100 DP steps per round, expected real batch 128
+per class per site, 10 synthetic updates per paid statistic, evaluation 300 epochs (files before 2026-11-28 used
+batch 32 and 5 updates; the older 10k-record files also --max-per-class 1000); the GPU scale uses the published
+settings.
 Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
 """
 
@@ -38,7 +39,8 @@ from medfdd.training import TrainSettings, evaluate, pick_device, train_classifi
 from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
 
 SCALES = {
-    "cpu": {"max_per_class": None, "iterations": 100, "batch_per_class": 32, "eval_epochs": 300, "full_epochs": 5},
+    "cpu": {"max_per_class": None, "iterations": 100, "batch_per_class": 128, "inner_steps": 10, "eval_epochs": 300,
+            "full_epochs": 5},
     "gpu": {"max_per_class": None, "iterations": 1000, "batch_per_class": 256, "eval_epochs": 1000, "full_epochs": 30},
 }
 DELTA = 1e-5
@@ -119,6 +121,7 @@ def main() -> None:
                     help="FedAvg epsilons, inf = plain FedAvg (default: plain FedAvg and the finite --eps)")
     ap.add_argument("--fedavg-rounds", type=int, default=3)
     ap.add_argument("--only-fedavg", action="store_true", help="run only FedAvg and DP-FedAvg (no DM, no other baselines)")
+    ap.add_argument("--skip-dm", action="store_true", help="run only the chosen --baselines (no DM rows)")
     ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
                     help="coordinator merge of the site sets (evidence: weight by the sites' released noisy counts)")
     ap.add_argument("--evidence-power", type=float, default=2.0)
@@ -163,7 +166,7 @@ def main() -> None:
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for rounds in [] if args.only_fedavg or args.finalize else args.rounds:
+    for rounds in [] if args.only_fedavg or args.skip_dm or args.finalize else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
