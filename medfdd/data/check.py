@@ -30,6 +30,7 @@ class CheckReport:
     by_reason: dict[str, int]
     shapes: dict[str, int]  # "format/modality shape" -> count
     warnings: list[str] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # settings measured better for a site of this size
     quarantine_path: Path | None = None
 
 
@@ -47,6 +48,35 @@ def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
     return out
 
 
+LARGE_SITE_PER_CLASS = 1000  # median training records per present class from which the large-site settings help
+LARGE_SITE_BATCH_PER_CLASS = 128
+LARGE_SITE_INNER_STEPS = 10
+
+
+def settings_hints(cfg: SiteConfig, train_counts: dict[str, int]) -> list[str]:
+    """Distillation settings measured better on sites with thousands of records per class (README "Large sites":
+    federated Fashion-MNIST at epsilon 1, benchmarks/results). Advice only: the config is never changed."""
+    d, present = cfg.distill, sorted(k for k in train_counts.values() if k > 0)
+    if not cfg.privacy.dp or d.method != "dm" or d.schedule != "decoupled" or not present:
+        return []
+    median = present[len(present) // 2]
+    if median < LARGE_SITE_PER_CLASS:
+        return []
+    k, out = len(train_counts), []
+    if d.batch_size < LARGE_SITE_BATCH_PER_CLASS * k:
+        out.append(f"distill.batch_size = {d.batch_size} samples about {d.batch_size / k:.0f} records per class per "
+                   f"step while this site holds about {median} per class: try batch_size: "
+                   f"{LARGE_SITE_BATCH_PER_CLASS * k} (sigma is recalibrated, the noise per class mean stays about "
+                   "the same and its sampling noise falls; +2.3 points measured at epsilon 1)")
+    if d.updates_per_statistic < LARGE_SITE_INNER_STEPS:
+        out.append(f"distill.inner_steps = {d.updates_per_statistic}: try {LARGE_SITE_INNER_STEPS} (more synthetic "
+                   "updates per paid statistic are post-processing and cost no privacy)")
+    if d.allocation == "uniform":
+        out.append("distill.allocation = uniform: try evidence (images go to the classes this site holds many "
+                   "records of)")
+    return out
+
+
 def check_report(cfg: SiteConfig, data: SiteData) -> CheckReport:
     reasons = Counter(str(q.reason) for q in data.quarantine)
     shapes = Counter(f"{i.format}/{i.modality} {'x'.join(map(str, i.original_shape))}" for i in data.infos)
@@ -54,7 +84,8 @@ def check_report(cfg: SiteConfig, data: SiteData) -> CheckReport:
         site_id=cfg.site_id, n_rows=data.n_rows, n_used=len(data.labels), n_quarantined=len(data.quarantine),
         class_counts=data.class_counts(), train_counts=data.class_counts(data.train),
         holdout_counts=data.class_counts(data.holdout), by_reason=dict(sorted(reasons.items())),
-        shapes=dict(shapes.most_common()), warnings=_site_warnings(cfg, data))
+        shapes=dict(shapes.most_common()), warnings=_site_warnings(cfg, data),
+        hints=settings_hints(cfg, data.class_counts(data.train)))
 
 
 def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> Path:
@@ -98,6 +129,8 @@ def _print_summary(console: Console, r: CheckReport) -> None:
         console.print(m)
     for w in r.warnings:
         console.print(f"[yellow]warning[/]: {w}")
+    for h in r.hints:
+        console.print(f"[cyan]hint[/]: {h} (README: Large sites)")
 
 
 def progress_bar(console: Console) -> Progress:

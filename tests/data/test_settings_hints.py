@@ -1,0 +1,52 @@
+"""`site check` advises the large-site distillation settings only where they were measured to help."""
+
+from __future__ import annotations
+
+import pytest
+
+from medfdd.config import SiteConfig
+from medfdd.data.check import LARGE_SITE_PER_CLASS, check_site, settings_hints
+
+
+def _cfg(**distill) -> SiteConfig:
+    return SiteConfig.model_validate({"site_id": "s", "output": "out", "distill": distill,
+                                      "data": {"root": "d", "manifest": "m.csv", "classes": ["a", "b", "c"],
+                                               "spatial_size": [16, 16]}})
+
+
+LARGE = {"a": 3 * LARGE_SITE_PER_CLASS, "b": 2 * LARGE_SITE_PER_CLASS, "c": 40}
+
+
+def test_large_site_with_defaults_gets_all_three_hints():
+    hints = settings_hints(_cfg(), LARGE)
+    assert len(hints) == 3
+    assert "batch_size: 384" in hints[0] and f"about {2 * LARGE_SITE_PER_CLASS} per class" in hints[0]
+    assert "inner_steps = 5: try 10" in hints[1]
+    assert "allocation = uniform: try evidence" in hints[2]
+
+
+def test_large_site_already_tuned_gets_none():
+    assert settings_hints(_cfg(batch_size=384, inner_steps=10, allocation="evidence"), LARGE) == []
+
+
+@pytest.mark.parametrize("counts", [{"a": LARGE_SITE_PER_CLASS - 1, "b": 10 * LARGE_SITE_PER_CLASS, "c": 5},
+                                    {"a": 35, "b": 35, "c": 35}, {"a": 0, "b": 0, "c": 0}])
+def test_small_or_empty_sites_keep_the_defaults(counts):
+    assert settings_hints(_cfg(), counts) == []
+
+
+@pytest.mark.parametrize("distill", [{"method": "gm"}, {"schedule": "interleaved"}])
+def test_no_hint_outside_dm_decoupled(distill):
+    assert settings_hints(_cfg(**distill), LARGE) == []
+
+
+def test_no_hint_without_dp():
+    cfg = _cfg().model_copy(update={"privacy": _cfg().privacy.model_copy(update={"dp": False})})
+    assert settings_hints(cfg, LARGE) == []
+
+
+def test_site_check_of_a_tiny_site_prints_no_hint(site_builder):
+    s = site_builder()
+    for i in range(4):
+        s.add_dicom(f"{i}.dcm", "ab"[i % 2])
+    assert check_site(s.write()).hints == []
