@@ -30,10 +30,10 @@ reliability-table: install
 	$(BIN)/python tests/reliability/reliability_table.py
 
 # Fashion-MNIST for the benchmarks: the Debian package (as root; never needed by `make test`)
+bench-data: export DEBIAN_FRONTEND := noninteractive
 bench-data:
 	@test -d /usr/share/datasets/fashion-mnist || { test "$$(id -u)" = 0 || { echo "run as root: apt-get install dataset-fashion-mnist" >&2; exit 1; }; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist || \
-	  { DEBIAN_FRONTEND=noninteractive apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; }; }
+	  apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; }
 
 bench-loading: install
 	$(BIN)/python benchmarks/loading.py

@@ -120,8 +120,8 @@ def main() -> None:
     ap.add_argument("--baseline-eps", type=float, nargs="+", default=None,
                     help="FedAvg epsilons, inf = plain FedAvg (default: plain FedAvg and the finite --eps)")
     ap.add_argument("--fedavg-rounds", type=int, default=3)
-    ap.add_argument("--only-fedavg", action="store_true", help="run only FedAvg and DP-FedAvg (no DM, no other baselines)")
-    ap.add_argument("--skip-dm", action="store_true", help="run only the chosen --baselines (no DM rows)")
+    ap.add_argument("--skip-dm", action="store_true", help="run only the chosen --baselines, no DM rows "
+                    "(e.g. --skip-dm --baselines fedavg: FedAvg and DP-FedAvg only)")
     ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
                     help="coordinator merge of the site sets (evidence: weight by the sites' released noisy counts)")
     ap.add_argument("--evidence-power", type=float, default=2.0)
@@ -166,15 +166,13 @@ def main() -> None:
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for rounds in [] if args.only_fedavg or args.skip_dm or args.finalize else args.rounds:
+    for rounds in [] if args.skip_dm or args.finalize else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
                               save_merged=args.save_merged))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
-    if args.only_fedavg:
-        chosen_baselines = {"fedavg"}
     if args.finalize:
         chosen_baselines = set()
     settings = TrainSettings(epochs=scale["eval_epochs"])

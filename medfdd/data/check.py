@@ -80,12 +80,13 @@ def settings_hints(cfg: SiteConfig, train_counts: dict[str, int]) -> list[str]:
 def check_report(cfg: SiteConfig, data: SiteData) -> CheckReport:
     reasons = Counter(str(q.reason) for q in data.quarantine)
     shapes = Counter(f"{i.format}/{i.modality} {'x'.join(map(str, i.original_shape))}" for i in data.infos)
+    train_counts = data.class_counts(data.train)
     return CheckReport(
         site_id=cfg.site_id, n_rows=data.n_rows, n_used=len(data.labels), n_quarantined=len(data.quarantine),
-        class_counts=data.class_counts(), train_counts=data.class_counts(data.train),
+        class_counts=data.class_counts(), train_counts=train_counts,
         holdout_counts=data.class_counts(data.holdout), by_reason=dict(sorted(reasons.items())),
         shapes=dict(shapes.most_common()), warnings=_site_warnings(cfg, data),
-        hints=settings_hints(cfg, data.class_counts(data.train)))
+        hints=settings_hints(cfg, train_counts))
 
 
 def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> Path:

@@ -8,8 +8,8 @@ from medfdd.config import SiteConfig
 from medfdd.data.check import LARGE_SITE_PER_CLASS, check_site, settings_hints
 
 
-def _cfg(**distill) -> SiteConfig:
-    return SiteConfig.model_validate({"site_id": "s", "output": "out", "distill": distill,
+def _cfg(privacy: dict | None = None, **distill) -> SiteConfig:
+    return SiteConfig.model_validate({"site_id": "s", "output": "out", "distill": distill, "privacy": privacy or {},
                                       "data": {"root": "d", "manifest": "m.csv", "classes": ["a", "b", "c"],
                                                "spatial_size": [16, 16]}})
 
@@ -41,8 +41,7 @@ def test_no_hint_outside_dm_decoupled(distill):
 
 
 def test_no_hint_without_dp():
-    cfg = _cfg().model_copy(update={"privacy": _cfg().privacy.model_copy(update={"dp": False})})
-    assert settings_hints(cfg, LARGE) == []
+    assert settings_hints(_cfg(privacy={"dp": False}), LARGE) == []
 
 
 def test_site_check_of_a_tiny_site_prints_no_hint(site_builder):
