@@ -76,6 +76,10 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
             meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
+            if save_merged is not None:  # the offer itself, for merge studies (np.load, no pickle)
+                save_merged.mkdir(parents=True, exist_ok=True)
+                np.savez(save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz", images=x, labels=y,
+                         class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         weights = merged.training_weights
@@ -135,7 +139,7 @@ def main() -> None:
     ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
-    ap.add_argument("--save-merged", type=Path, help="also write each round's merged set (npz) into this folder")
+    ap.add_argument("--save-merged", type=Path, help="also write each round's site offers and merged set (npz) into this folder")
     ap.add_argument("--finalize", metavar="WHY", help="write the result file from the rows an interrupted run left in "
                     "NAME.partial.jsonl (same split arguments), WHY saying what did not run; runs nothing (set MEDFDD_COMMIT to the commit the run started from)")
     args = ap.parse_args()
