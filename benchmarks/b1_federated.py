@@ -66,7 +66,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                                           rounds=rounds) if dp else 0.0
             spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
-                                 allocation=allocation)
+                                 allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
             d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
                                      image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
                                      matching_net=global_model,
@@ -100,6 +100,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
     alloc = ", evidence allocation" if dcfg.allocation == "evidence" else ""
+    alloc += f", ema {dcfg.ema:g}" if dcfg.ema != DistillConfig.model_fields["ema"].default else ""
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
             "epsilon": "inf" if not dp else eps, "rounds": rounds,
@@ -137,6 +138,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
     ap.add_argument("--batch-per-class", type=int, help="override the scale's expected real records per class per step")
     ap.add_argument("--inner-steps", type=int, help="synthetic updates per paid statistic (default: the config's)")
+    ap.add_argument("--ema", type=float, help="moving-average decay of the released images (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
     ap.add_argument("--save-merged", type=Path, help="also write each round's site offers and merged set (npz) into this folder")
@@ -144,7 +146,7 @@ def main() -> None:
                     "NAME.partial.jsonl (same split arguments), WHY saying what did not run; runs nothing (set MEDFDD_COMMIT to the commit the run started from)")
     args = ap.parse_args()
     scale = dict(SCALES[args.scale])
-    for key in ("iterations", "batch_per_class", "eval_epochs", "max_per_class", "inner_steps"):
+    for key in ("iterations", "batch_per_class", "eval_epochs", "max_per_class", "inner_steps", "ema"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
     if scale["max_per_class"] == 0:
