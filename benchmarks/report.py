@@ -141,6 +141,18 @@ def equal_accuracy_bytes(ours: dict, dpfedavg: dict, sites: int) -> tuple[float,
     return level, ours_bytes, 2 * model * sites * r_fed
 
 
+def merge_study_section(r: dict) -> list[str]:
+    """b1_merge_study.py: the same saved site offers merged under each coordinator strategy."""
+    lines = [f"### Coordinator merge of the same site offers: {r['benchmark']}", "", _prov(r), "",
+             f"Offers `{r['offers']}` ({', '.join(r['sites'])}); global model {r['eval_epochs']} epochs. "
+             f"{r.get('note', '')}", "", "| merge | accuracy % (mean ± sd) | evaluations |", "|---|---|---|"]
+    for row in r["rows"]:
+        label = row["merge"] + (f" ^{row['evidence_power']:g}" if "evidence_power" in row else "")
+        lines.append(f"| {label} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f} | "
+                     f"{len(row['accuracies'])} |")
+    return lines + [""]
+
+
 def _eps_key(v) -> float:
     """A row's epsilon as a number (files write 1, 1.0, "inf" or nothing for non-private baselines)."""
     return math.inf if v in (None, "inf") else float(v)
@@ -259,6 +271,8 @@ def main() -> None:
     fed = [_load(p.stem) for p in sorted(RESULTS.glob("b1_federated*.json"))]
     if fed:
         lines += federated_headline(fed) + federated_section(fed)
+    for name in sorted(p.stem for p in RESULTS.glob("b1_merge_study*.json")):
+        lines += merge_study_section(_load(name))
     reuse = _load("reuse_digits")
     if reuse:
         lines += ["### Reusing paid statistics (3 digits hospitals, DP-DM, epsilon 1 per site)", "", _prov(reuse), "",
