@@ -29,7 +29,7 @@ from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, random_subset  # noqa: E402
 from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
-from medfdd.coordinator.merge import merge  # noqa: E402
+from medfdd.coordinator.merge import MergedSet, merge  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.data.partition import dirichlet_partition  # noqa: E402
 from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
@@ -48,6 +48,21 @@ K = 10
 BASELINES = ("centralized", "local-only", "subset", "fedavg")
 
 
+FIRST_EXTRA_SEED = 100  # evaluation trainings after a run's first use seeds 100, 101, ...
+
+
+def test_split(full) -> tuple[np.ndarray, np.ndarray]:
+    """The 10k Fashion-MNIST test split as the global model sees it (float32 [N, 1, 28, 28] in [0, 1])."""
+    return (full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels
+
+
+def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) -> float:
+    """Test accuracy of a global ConvNet-3 trained on a merged set (with its per-image weights)."""
+    model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=epochs), seed=seed, device=device,
+                             weights=merged.training_weights)
+    return evaluate(model, *test, K)["accuracy"]
+
+
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
                  allocation: str = "evidence", save_merged: Path | None = None) -> dict:
@@ -55,6 +70,8 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
     global_model, per_round, bytes_up, spent, previous = None, [], 0, {}, {}
+    if save_merged is not None:
+        save_merged.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         offers = []
@@ -77,14 +94,12 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             if save_merged is not None:  # the offer itself, for merge studies (np.load, no pickle)
-                save_merged.mkdir(parents=True, exist_ok=True)
                 np.savez(save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz", images=x, labels=y,
                          class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         weights = merged.training_weights
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
-            save_merged.mkdir(parents=True, exist_ok=True)
             np.savez(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
                      labels=merged.labels, weights=merged.weights)
         global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
@@ -93,10 +108,8 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         print(f"eps {eps:g} round {r}/{rounds}: accuracy {per_round[-1]:.4f} after {time.perf_counter() - t0:.0f} s",
               flush=True)  # a run cut off by a time limit still shows its finished rounds in the log
     distill_s = time.perf_counter() - t0
-    accs = [per_round[-1]] + [evaluate(train_classifier(merged.images, merged.labels, K,
-                                                        TrainSettings(epochs=scale["eval_epochs"]), seed=100 + e,
-                                                        device=device, weights=weights), *test, K)["accuracy"]
-                              for e in range(evals - 1)]
+    accs = [per_round[-1]] + [merged_accuracy(merged, test, epochs=scale["eval_epochs"], seed=FIRST_EXTRA_SEED + e,
+                                              device=device) for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
     alloc = ", evidence allocation" if dcfg.allocation == "evidence" else ""
@@ -154,7 +167,7 @@ def main() -> None:
     full = load_fashion_mnist()
     src = cap_per_class(full, scale["max_per_class"], args.seed)  # the training pool; the test split stays 10k
     x = (src.train_images / 255.0).astype(np.float32)[:, None]
-    test = ((full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels)
+    test = test_split(full)
     part = dirichlet_partition(src.train_labels, n_sites=args.sites, alpha=args.alpha, seed=args.seed, n_classes=K)
     sites = [SiteRecords(f"site-{i}", x[idx], src.train_labels[idx]) for i, idx in enumerate(part.site_indices)]
     device = pick_device()

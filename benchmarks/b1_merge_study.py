@@ -17,15 +17,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from b1_federated import FIRST_EXTRA_SEED, K, merged_accuracy, test_split  # noqa: E402
 from common import peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.config import CoordinatorConfig  # noqa: E402
 from medfdd.coordinator.merge import merge  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.data.sources import load_fashion_mnist  # noqa: E402
-from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
-
-K = 10
+from medfdd.training import pick_device  # noqa: E402
 
 
 def load_offers(folder: Path, tag: str) -> list[AcceptedOffer]:
@@ -52,8 +51,7 @@ def main() -> None:
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     offers = load_offers(args.folder, args.tag)
-    full = load_fashion_mnist()
-    test = ((full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels)
+    test = test_split(load_fashion_mnist())
     device = pick_device()
     variants = [(m, p) for m in args.merges for p in (args.powers if m == "evidence" else [2.0])]
     rows = []
@@ -61,10 +59,8 @@ def main() -> None:
         cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=strategy, evidence_power=power)
         merged = merge(offers, cfg, num_classes=K, seed=1)
         t = time.perf_counter()
-        seeds = [1] + [100 + e for e in range(args.evals - 1)]  # b1_federated.py's evaluation seeds (seed 0, r 1)
-        accs = [evaluate(train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=args.eval_epochs),
-                                          seed=s, device=device, weights=merged.training_weights), *test, K)["accuracy"]
-                for s in seeds]
+        seeds = [1] + [FIRST_EXTRA_SEED + e for e in range(args.evals - 1)]  # b1_federated.py's (seed 0, round 1)
+        accs = [merged_accuracy(merged, test, epochs=args.eval_epochs, seed=s, device=device) for s in seeds]
         row = {"merge": strategy, **({"evidence_power": power} if strategy == "evidence" else {}),
                "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1
                else 0.0, "accuracies": accs, "seconds": time.perf_counter() - t}
