@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from rich.console import Console
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,15 +48,8 @@ def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
                              seed=args.seed, epsilon=eps if dp else 1.0, delta=DELTA, ipc=DISTILL["ipc"],
                              iterations=DISTILL["iterations"], method="dm", dp=True, max_per_class=args.max_per_class,
                              console=Console(quiet=True))
-    for p in res.site_configs:
-        c = yaml.safe_load(p.read_text())
-        c["data"]["holdout_fraction"] = 0.5
-        c["device"] = "cpu"
-        c["distill"].update(DISTILL)
-        p.write_text(yaml.safe_dump(c))
-    c = yaml.safe_load(res.coordinator_config.read_text())
-    c["train"] = TRAIN
-    res.coordinator_config.write_text(yaml.safe_dump(c))
+    res.override(site={"data": {"holdout_fraction": 0.5}, "device": "cpu", "distill": DISTILL},
+                 coordinator={"train": TRAIN})
     t0 = time.perf_counter()
     run_dir = run_inprocess(res.coordinator_config, console=Console(quiet=True), no_dp=not dp)
     run_s = time.perf_counter() - t0

@@ -13,7 +13,6 @@ import math
 import time
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -27,13 +26,8 @@ SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
 
 
 def _configure(res, *, iterations: int, train_epochs: int, train_width: int) -> None:
-    for cfg_path in res.site_configs:
-        cfg = yaml.safe_load(cfg_path.read_text())
-        cfg["distill"].update(SMALL_SITE_DISTILL, iterations=iterations)
-        cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    coord = yaml.safe_load(res.coordinator_config.read_text())
-    coord["train"].update(epochs=train_epochs, width=train_width)
-    res.coordinator_config.write_text(yaml.safe_dump(coord, sort_keys=False))
+    res.override(site={"distill": {**SMALL_SITE_DISTILL, "iterations": iterations}},
+                 coordinator={"train": {"epochs": train_epochs, "width": train_width}})
 
 
 def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float = 1.0, seed: int = 0,

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -45,12 +46,14 @@ from medfdd.config import (
     dump_config,
     load_coordinator_config,
     load_site_config,
+    load_yaml,
     parse_config,
 )
 from medfdd.data.partition import Partition, dirichlet_partition
 from medfdd.data.sources import SOURCES, LabelledSource, cap_per_class, load_source
 from medfdd.data.writers import write_dicom, write_dicom_series, write_nifti
 from medfdd.errors import MedfddError
+from medfdd.io import atomic_write_text
 
 CONSORTIUM_KIND = "medfdd-consortium"
 MARKER = "partition.json"
@@ -100,6 +103,23 @@ class PrepareResult:
         """Class name -> number of records the partition gave `site_id`."""
         row = self.partition.table[self.site_ids.index(site_id)]
         return {c: int(v) for c, v in zip(self.classes, row, strict=True)}
+
+    def override(self, *, site: dict[str, Any] | None = None, coordinator: dict[str, Any] | None = None) -> None:
+        """Change keys of the written configs: a mapping updates that section (``{"distill": {"ipc": 5}}``), any
+        other value replaces the key. Each config is validated before it is rewritten (atomically)."""
+        edits = [(p, SiteConfig, site) for p in self.site_configs] + [(self.coordinator_config, CoordinatorConfig,
+                                                                        coordinator)]
+        for path, model, changes in edits:
+            if not changes:
+                continue
+            data = load_yaml(path)
+            for key, value in changes.items():
+                if isinstance(value, dict) and isinstance(data.get(key), dict):
+                    data[key].update(value)
+                else:
+                    data[key] = value
+            parse_config(data, model, str(path), path.parent)
+            atomic_write_text(path, yaml.safe_dump(data, sort_keys=False))
 
 
 # ------------------------------------------------------------------------------------------------------------ naming

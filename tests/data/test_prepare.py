@@ -39,7 +39,7 @@ from medfdd.data.sources import (
     load_source,
     read_idx,
 )
-from medfdd.errors import SourceUnavailableError
+from medfdd.errors import ConfigError, SourceUnavailableError
 
 PATIENT = re.compile(r"^P[A-Z]+-\d{6}$")
 
@@ -161,6 +161,21 @@ def test_same_seed_same_files_other_seed_other_split(tmp_path):
     assert (a.out / labels).read_bytes() == (b.out / labels).read_bytes()
     assert (a.out / labels).read_bytes() != (c.out / labels).read_bytes()
     assert not np.array_equal(a.partition.table, c.partition.table)
+
+
+def test_override_updates_sections_validates_and_keeps_the_file_on_a_bad_value(tmp_path):
+    res = prepare(tmp_path / "c", max_per_class=10)
+    res.override(site={"distill": {"ipc": 5}, "device": "cpu"}, coordinator={"train": {"epochs": 7}})
+    for path in res.site_configs:
+        cfg = load_site_config(path)
+        assert cfg.distill.ipc == 5 and cfg.device == "cpu"
+        assert cfg.distill.iterations == 7 and cfg.privacy.epsilon == 2.0  # untouched keys of the section stay
+    coord = load_coordinator_config(res.coordinator_config)
+    assert coord.train.epochs == 7 and coord.consortium.ipc == 3
+    before = res.site_configs[0].read_bytes()
+    with pytest.raises(ConfigError, match="distill.ipc"):
+        res.override(site={"distill": {"ipc": 0}})
+    assert res.site_configs[0].read_bytes() == before
 
 
 def test_smaller_alpha_is_more_skewed(tmp_path):

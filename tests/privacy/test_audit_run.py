@@ -15,7 +15,6 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 from rich.console import Console
 
 from medfdd.cli import main as medfdd_main
@@ -35,15 +34,8 @@ QUIET = Console(quiet=True)
 def _run(base: Path, *, no_dp: bool) -> Path:
     res = prepare_consortium(source="digits", out=base, sites=2, alpha=100.0, fmt="dicom", seed=0, epsilon=1.0,
                              delta=1e-5, ipc=4, iterations=100, method="dm", dp=True, max_per_class=20, console=QUIET)
-    for p in res.site_configs:
-        c = yaml.safe_load(p.read_text())
-        c["data"]["holdout_fraction"] = 0.5
-        c["device"] = "cpu"
-        c["distill"].update(DISTILL)
-        p.write_text(yaml.safe_dump(c))
-    c = yaml.safe_load(res.coordinator_config.read_text())
-    c["train"] = TRAIN
-    res.coordinator_config.write_text(yaml.safe_dump(c))
+    res.override(site={"data": {"holdout_fraction": 0.5}, "device": "cpu", "distill": DISTILL},
+                 coordinator={"train": TRAIN})
     return run_inprocess(res.coordinator_config, console=QUIET, no_dp=no_dp)
 
 
