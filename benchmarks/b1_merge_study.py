@@ -10,6 +10,7 @@ Run: `.venv/bin/python benchmarks/b1_merge_study.py DIR --tag eps1_rounds1_r1 --
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,13 @@ def load_offers(folder: Path, tag: str) -> list[AcceptedOffer]:
     return offers
 
 
+def round_of(tag: str) -> int:
+    m = re.fullmatch(r"eps[^_]+_rounds\d+_r(\d+)", tag)
+    if m is None:
+        raise SystemExit(f"--tag {tag!r}: expected eps{{E}}_rounds{{R}}_r{{r}}, e.g. eps1_rounds3_r3")
+    return int(m.group(1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", type=Path)
@@ -51,15 +59,16 @@ def main() -> None:
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     offers = load_offers(args.folder, args.tag)
+    round_seed = round_of(args.tag)  # b1_federated.py's merge and first evaluation seed: seed 0 + round
     test = test_split(load_fashion_mnist())
     device = pick_device()
     variants = [(m, p) for m in args.merges for p in (args.powers if m == "evidence" else [2.0])]
     rows = []
     for strategy, power in variants:
         cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=strategy, evidence_power=power)
-        merged = merge(offers, cfg, num_classes=K, seed=1)
+        merged = merge(offers, cfg, num_classes=K, seed=round_seed)
         t = time.perf_counter()
-        seeds = [1] + [FIRST_EXTRA_SEED + e for e in range(args.evals - 1)]  # b1_federated.py's (seed 0, round 1)
+        seeds = [round_seed] + [FIRST_EXTRA_SEED + e for e in range(args.evals - 1)]  # the first: the run's own
         accs = [merged_accuracy(merged, test, epochs=args.eval_epochs, seed=s, device=device) for s in seeds]
         row = {"merge": strategy, **({"evidence_power": power} if strategy == "evidence" else {}),
                "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if len(accs) > 1
