@@ -185,7 +185,8 @@ def federated_headline(results: list[dict]) -> list[str]:
             moved = f"{row['bytes_up_total'] + row.get('bytes_down_total', 0):,}" if "bytes_up_total" in row else "–"
             ratio, fed, source = "–", baselines.get(_eps_key(row.get("epsilon"))), r["benchmark"]
             if row["method"].startswith("dp-dm"):
-                source += f" ({r['scale']} scale, {r['iterations']} paid steps per round, batch {r['batch_per_class']}/class)"
+                source += (f" ({r['scale']} scale, {r['iterations']} paid steps per round, batch "
+                           f"{r['batch_per_class']}/class)")
                 if fed is not None:
                     level, mine, theirs = equal_accuracy_bytes(row, fed, sites)
                     ratio = f"x{theirs / mine:.1f} (at {100 * level:.1f} %)"

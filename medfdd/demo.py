@@ -25,11 +25,6 @@ from medfdd.federation.inprocess import run_inprocess
 SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
 
 
-def _configure(res, *, iterations: int, train_epochs: int, train_width: int) -> None:
-    res.override(site={"distill": {**SMALL_SITE_DISTILL, "iterations": iterations}},
-                 coordinator={"train": {"epochs": train_epochs, "width": train_width}})
-
-
 def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float = 1.0, seed: int = 0,
              train_epochs: int = 100, train_width: int = 64, baseline_epochs: int = 30, shadows: int = 4, canaries: int = 32,
              console: Console | None = None) -> dict:
@@ -39,7 +34,8 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
     res = prepare_consortium(source="digits", out=out, sites=sites, alpha=0.5, fmt="mixed", seed=seed,
                              epsilon=epsilon, delta=1e-5, ipc=10, iterations=iterations, method="dm", dp=True,
                              console=console)
-    _configure(res, iterations=iterations, train_epochs=train_epochs, train_width=train_width)
+    res.override(site={"distill": {**SMALL_SITE_DISTILL, "iterations": iterations}},
+                 coordinator={"train": {"epochs": train_epochs, "width": train_width}})
     checks = {}
     console.rule("[bold]2. each site checks its data (MONAI loading, quarantine, patient-level split)")
     for cfg_path in res.site_configs:
