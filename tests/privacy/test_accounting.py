@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import dp_accounting
@@ -84,6 +85,8 @@ RDP_CASES = [
     [(1.0, 0.01, 300), (1.5, 0.02, 200), (0.9, 0.005, 1000)],
     [(1.1, 0.01, 250)] * 4,
     [(0.909, 0.105, 100)],  # epsilon ~10 at a large site's sample rate (B1 federated, batch 128/class)
+    [(5.0, 0.01, 10)],  # small budgets (epsilon < ~0.2 at delta 1e-5): the best Renyi order is above 63
+    [(3.0, 0.05, 20)],
 ]
 
 
@@ -187,6 +190,19 @@ def test_calibrate_then_reaccount_is_within_budget_and_close(epsilon, q, steps):
     assert eps <= epsilon
     assert eps >= epsilon - 0.011
     assert rel(reference_rdp([(sigma, q, steps)]), epsilon) < 0.02
+
+
+@pytest.mark.parametrize("rounds", [1, 3])
+def test_small_budgets_calibrate_quietly_and_match_dp_accounting(rounds):
+    # epsilon 0.1 at delta 1e-5 needs Renyi orders above 63 (Opacus's default range stops there and refused it);
+    # the bisection's huge trial sigmas must not print Opacus's "optimal order is the largest alpha" warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sigma = calibrate_round_noise(epsilon=0.1, delta=DELTA, sample_rate=0.001, steps_per_round=10, rounds=rounds)
+    plan = [(sigma, 0.001, 10)] * rounds
+    eps = epsilon_for(plan, delta=DELTA)
+    assert 0.1 - 0.011 <= eps <= 0.1
+    assert rel(eps, reference_rdp(plan)) < 0.01
 
 
 def test_calibrate_prv_small():
