@@ -9,6 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS  # noqa: E402
+from plots import eps_value, write_figures  # noqa: E402
 
 ANCHORS = """| method | private? | IPC 1 | IPC 10 | IPC 50 |
 |---|---|---|---|---|
@@ -153,11 +154,6 @@ def merge_study_section(r: dict) -> list[str]:
     return lines + [""]
 
 
-def _eps_key(v) -> float:
-    """A row's epsilon as a number (files write 1, 1.0, "inf" or nothing for non-private baselines)."""
-    return math.inf if v in (None, "inf") else float(v)
-
-
 def federated_headline(results: list[dict]) -> list[str]:
     """One table per Dirichlet split: every run on it (ours and the baselines), and bytes at equal accuracy."""
     splits: dict[tuple, list[tuple[dict, dict]]] = {}
@@ -176,21 +172,21 @@ def federated_headline(results: list[dict]) -> list[str]:
                   f"{list(totals)})", "",
                   "| method | eps per site | rounds | accuracy % | bytes moved | DP-FedAvg bytes / ours at equal "
                   "accuracy | file |", "|---|---|---|---|---|---|---|"]
-        baselines = {_eps_key(row.get("epsilon")): row for _, row in runs if row["method"].startswith("DP-FedAvg")}
+        baselines = {eps_value(row.get("epsilon")): row for _, row in runs if row["method"].startswith("DP-FedAvg")}
         ours_first = sorted(runs, key=lambda rr: (not rr[1]["method"].startswith("dp-dm"),
-                                                  -_eps_key(rr[1].get("epsilon")), rr[1].get("rounds") or 0))
+                                                  -eps_value(rr[1].get("epsilon")), rr[1].get("rounds") or 0))
         for r, row in ours_first:
             acc = f"{100 * row['accuracy_mean']:.1f}" + (f" ± {100 * row['accuracy_sd']:.1f}"
                                                          if row.get("accuracy_sd") else "")
             moved = f"{row['bytes_up_total'] + row.get('bytes_down_total', 0):,}" if "bytes_up_total" in row else "–"
-            ratio, fed, source = "–", baselines.get(_eps_key(row.get("epsilon"))), r["benchmark"]
+            ratio, fed, source = "–", baselines.get(eps_value(row.get("epsilon"))), r["benchmark"]
             if row["method"].startswith("dp-dm"):
                 source += (f" ({r['scale']} scale, {r['iterations']} paid steps per round, batch "
                            f"{r['batch_per_class']}/class)")
                 if fed is not None:
                     level, mine, theirs = equal_accuracy_bytes(row, fed, sites)
                     ratio = f"x{theirs / mine:.1f} (at {100 * level:.1f} %)"
-            eps = _eps_key(row.get("epsilon"))
+            eps = eps_value(row.get("epsilon"))
             lines.append(f"| {row['method']} | {'∞' if math.isinf(eps) else f'{eps:g}'} | {row.get('rounds', '–')} | "
                          f"{acc} | {moved} | {ratio} | {source} |")
         lines.append("")
@@ -200,24 +196,24 @@ def federated_headline(results: list[dict]) -> list[str]:
 ANCHOR_PRIVATE = {10: {"NDPDC": 77.7, "Dosser": 80.1}, 50: {"NDPDC": 78.8, "Dosser": 83.1}}
 
 
+def central_headline_rows(central: list[dict]) -> dict[tuple[int, float, str], dict]:
+    """(ipc, epsilon, scale) -> our default DP-DM (decoupled) row; a later file wins over an earlier one."""
+    return {(row["ipc"], eps_value(row["epsilon"]), r["scale"]): row
+            for r in central for row in r["rows"] if row.get("schedule") == "decoupled"}
+
+
 def headline(central: list[dict]) -> list[str]:
     """Our default (decoupled) DP-DM next to the private anchors, per IPC and epsilon: GPU and CPU scale."""
     best: dict[tuple, dict[str, str]] = {}
-    for r in central:
-        for row in r["rows"]:
-            if row.get("schedule") != "decoupled":
-                continue
-            key = (row["ipc"], str(row["epsilon"]))
-            best.setdefault(key, {})[r["scale"]] = (f"{100 * row['accuracy_mean']:.1f} ± "
-                                                    f"{100 * row['accuracy_sd']:.1f}")
+    for (ipc, eps, scale), row in central_headline_rows(central).items():
+        best.setdefault((ipc, eps), {})[scale] = f"{100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f}"
     if not best:
         return []
     lines = ["### Headline: B1 central, our default DP-DM (decoupled) vs published private distillation", "",
              "| IPC | epsilon | ours, GPU scale | ours, CPU scale | NDPDC | Dosser |", "|---|---|---|---|---|---|"]
-    order = {"1": 0, "1.0": 0, "10": 1, "10.0": 1, "inf": 2}
-    for (ipc, eps) in sorted(best, key=lambda k: (k[0], order.get(k[1], 9))):
-        anchors = ANCHOR_PRIVATE.get(ipc, {}) if eps in ("1", "1.0") else {}
-        lines.append(f"| {ipc} | {eps.replace('.0', '')} | {best[(ipc, eps)].get('gpu', '–')} | "
+    for (ipc, eps) in sorted(best):
+        anchors = ANCHOR_PRIVATE.get(ipc, {}) if eps == 1 else {}
+        lines.append(f"| {ipc} | {eps:g} | {best[(ipc, eps)].get('gpu', '–')} | "
                      f"{best[(ipc, eps)].get('cpu', '–')} | {anchors.get('NDPDC', '–')} | "
                      f"{anchors.get('Dosser', '–')} |")
     lines += ["", "Anchors at epsilon 1 (see shared/BENCHMARKS.md); Dosser's numbers use an auxiliary public data set "
@@ -266,12 +262,22 @@ def main() -> None:
     central = [_load(p.stem) for p in sorted(RESULTS.glob("b1_central*.json"))]
     central = [r for r in central if r.get("rows") and "accuracy_mean" in r["rows"][0]]  # not --profile files
     central.sort(key=lambda r: ("interleaved" in r["benchmark"], r["scale"] != "gpu", r["benchmark"]))
+    fed = [_load(p.stem) for p in sorted(RESULTS.glob("b1_federated*.json"))]
+    figures = write_figures(RESULTS, central_headline_rows(central), ANCHOR_PRIVATE, fed)
     lines += headline(central)
+    if "b1_central.png" in figures:
+        lines += ["![B1 central: accuracy against epsilon per IPC](b1_central.png)", ""]
     for result in central:
         lines += b1_section(result)
-    fed = [_load(p.stem) for p in sorted(RESULTS.glob("b1_federated*.json"))]
     if fed:
-        lines += federated_headline(fed) + federated_section(fed)
+        lines += federated_headline(fed)
+        if "b1_federated.png" in figures:
+            lines += ["![B1 federated: accuracy against epsilon per split](b1_federated.png)", "",
+                      "Dotted lines: non-private references on the same split; the thin grey line marks the 80 % "
+                      "target. Points: the README's federated configuration (CPU scale, 128 real records per class "
+                      "per paid step, 10 updates per paid statistic, evidence allocation and merge, 100 paid steps in "
+                      "1 round or 3 rounds of 34), error bars ± sd over the evaluation trainings.", ""]
+        lines += federated_section(fed)
     for name in sorted(p.stem for p in RESULTS.glob("b1_merge_study*.json")):
         lines += merge_study_section(_load(name))
     reuse = _load("reuse_digits")
