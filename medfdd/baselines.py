@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,13 +92,15 @@ def _local_sgd(model: ConvNet, x: np.ndarray, y: np.ndarray, *, epochs: int, lr:
                                                noise_multiplier=noise_multiplier, max_grad_norm=clip,
                                                poisson_sampling=True, noise_generator=torch.Generator().manual_seed(seed))
     net.train()
-    for _ in range(epochs):
-        for xb, yb in loader:
-            if len(yb) == 0:
-                continue
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(xb), yb).backward()
-            opt.step()
+    with warnings.catch_warnings():  # Opacus's hooks on a net whose inputs never require grad: harmless
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        for _ in range(epochs):
+            for xb, yb in loader:
+                if len(yb) == 0:
+                    continue
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(xb), yb).backward()
+                opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 

@@ -162,7 +162,8 @@ class SiteConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     output: Path = Field(description="where artifacts go, relative to the config file")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` (CUDA if present) | `cpu` | `cuda`")
-    seed: int = Field(0, ge=0, description="seeds the split and the distillation (keep it private to the site)")
+    seed: int = Field(0, ge=0, description="seeds the split, and the distillation together with the site's secret "
+                      "`output/noise_key` (created on the first run)")
     audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
 

@@ -4,7 +4,10 @@ Order of operations (privacy invariants 1-4): load the site's training split -> 
 planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with
 resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
 in the ledger and does not pay twice; a crash may over-count, never under-count. (A resumed decoupled DM run
-recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.)
+recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.) Every random draw is
+keyed by the site's secret noise key (`noise_key.py`), and the ledger entry names the release it paid for (a digest
+of the records, settings, keyed seed, warm start and global model): rerunning a charged round with anything changed
+would publish new noise under the old charge and is refused.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_previ
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
+from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, write_error
 from medfdd.training import pick_device
@@ -90,15 +94,19 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     return PrivacyPlan(True, sigma, q, steps, cfg.distill.clip_norm)
 
 
-def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, rows: np.ndarray,
-                 start: WarmStart | None) -> str:
+def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, rows: np.ndarray,
+                 start: WarmStart | None, global_model: Path | None) -> str:
+    """The release's identity: everything its noisy statistics and images depend on (the keyed seed covers the noise
+    key). Recorded with the ledger charge and in checkpoints; a resume must match it exactly."""
     h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), cfg.seed, round_,
+    h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), str(seed), round_,
                          plan.__dict__], sort_keys=True, default=str).encode())
     h.update(rows.tobytes())
     if start is not None:
         h.update(start.images.cpu().numpy().tobytes())
         h.update(start.labels.cpu().numpy().tobytes())
+    if global_model is not None:
+        h.update(Path(global_model).read_bytes())
     return h.hexdigest()
 
 
@@ -184,16 +192,18 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
                                 "the coordinator must broadcast a finite model; this round is not distilled")
     start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
+    seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
+    fingerprint = _fingerprint(cfg, plan, round_, seed, data.rows[train], start, global_model)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
-    ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp))
+    ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp,
+                         release=fingerprint))
     eps_spent = ledger.epsilon_spent
 
     distiller = distiller_class(cfg.distill.method)(
-        cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=cfg.seed, round_=round_,
+        cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=seed, round_=round_,
         device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
-    fingerprint = _fingerprint(cfg, plan, round_, data.rows[train], start)
     state = _load_checkpoint(ckpt_path, fingerprint, device)
     resumed_from = state.iteration if state else 0
     total = distiller.total_work

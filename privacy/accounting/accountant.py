@@ -150,7 +150,9 @@ class Charge:
     """One release's cost: ``steps`` compositions of the Poisson-subsampled Gaussian mechanism.
 
     ``round`` and ``purpose`` identify the charge in a ledger (a resumed run re-charging the same key with the same
-    numbers is a no-op). ``dp`` is forced to False when ``noise_multiplier == 0``.
+    numbers and the same ``release`` is a no-op). ``release`` names what the charge pays for: a digest of everything
+    the noisy statistics depend on (records, settings, seeds, noise key), so a rerun that would publish *different*
+    noise under the same charge is refused. ``dp`` is forced to False when ``noise_multiplier == 0``.
     """
 
     noise_multiplier: float
@@ -160,6 +162,7 @@ class Charge:
     purpose: str = "distill"
     mechanism: str = DEFAULT_MECHANISM
     dp: bool = True
+    release: str | None = None
 
     def __post_init__(self) -> None:
         where = "privacy.accounting.Charge"
@@ -179,6 +182,11 @@ class Charge:
         if not isinstance(self.dp, bool):
             raise InvalidPrivacyParameter(f"{where}: dp", f"dp={self.dp!r} must be true or false", "pass a bool")
         object.__setattr__(self, "dp", self.dp and self.noise_multiplier > 0)
+        if self.release is not None and (not isinstance(self.release, str) or not 0 < len(self.release) <= 128):
+            raise InvalidPrivacyParameter(
+                f"{where}: release", f"release={self.release!r} must be a non-empty string of at most 128 characters",
+                "pass a digest of the release's inputs (or None)",
+            )
 
     @property
     def history_tuple(self) -> tuple[float, float, int]:

@@ -14,11 +14,13 @@ File format (JSON, never ``NaN``/``Infinity``; an infinite epsilon is written as
       "entries": [
         {"mechanism": "poisson_subsampled_gaussian", "noise_multiplier": 1.1, "sample_rate": 0.01, "steps": 500,
          "round": 1, "purpose": "distill", "time": "2025-01-01T12:00:00.000+00:00", "dp": true,
-         "status": "charged"}
+         "status": "charged", "release": "9f2c..."}
       ],
       "epsilon_spent": 0.83 | "inf"
     }
 
+``release`` (optional) is the digest of what the charge paid for: one charge buys one release, so a (round, purpose)
+charged again with the same numbers but another release is a :class:`ChargeConflict`, not a free second release.
 ``budget.epsilon == "inf"`` is the ``--no-dp`` ledger: only it accepts non-DP charges (``dp: false``), which make
 ``epsilon_spent`` ``"inf"``. A missing, truncated or inconsistent file is a typed error, never a reset to zero.
 Concurrent writers are serialised by an advisory lock on ``privacy_ledger.json.lock`` next to the ledger.
@@ -77,7 +79,7 @@ class LedgerMismatch(PrivacyError):
 
 
 class ChargeConflict(PrivacyError):
-    """A charge reuses a (round, purpose) key already charged with different numbers."""
+    """A charge reuses a (round, purpose) key already charged with different numbers or for another release."""
 
 
 class LedgerWriteError(PrivacyError):
@@ -114,6 +116,7 @@ class LedgerEntry:
     time: str
     dp: bool
     status: str = "charged"
+    release: str | None = None
 
     @classmethod
     def from_charge(cls, charge: Charge, *, time: str) -> LedgerEntry:
@@ -126,6 +129,7 @@ class LedgerEntry:
             purpose=charge.purpose,
             time=time,
             dp=charge.dp,
+            release=charge.release,
         )
 
     def to_charge(self) -> Charge:
@@ -137,6 +141,7 @@ class LedgerEntry:
             purpose=self.purpose,
             mechanism=self.mechanism,
             dp=self.dp,
+            release=self.release,
         )
 
     def key(self) -> tuple[int, str]:
@@ -151,6 +156,10 @@ class LedgerEntry:
             and self.dp == charge.dp
         )
 
+    def same_release(self, charge: Charge) -> bool:
+        """The same numbers paying for the same release: a resumed or replayed run, not a new release."""
+        return self.same_numbers(charge) and self.release == charge.release
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mechanism": self.mechanism,
@@ -162,6 +171,7 @@ class LedgerEntry:
             "time": self.time,
             "dp": self.dp,
             "status": self.status,
+            **({"release": self.release} if self.release is not None else {}),
         }
 
 
@@ -212,7 +222,7 @@ _ENTRY_KEYS = {"mechanism", "noise_multiplier", "sample_rate", "steps", "round",
 
 def _parse_entry(raw: Any, *, path: Path, i: int) -> LedgerEntry:
     what = f"entries[{i}]"
-    _expect_keys(raw, _ENTRY_KEYS, path=path, what=what)
+    _expect_keys(raw, _ENTRY_KEYS, path=path, what=what, optional=frozenset({"release"}))
     if raw["status"] != "charged":
         raise _corrupt(path, f'{what}.status={raw["status"]!r} is not "charged"')
     if not isinstance(raw["time"], str):
@@ -226,6 +236,7 @@ def _parse_entry(raw: Any, *, path: Path, i: int) -> LedgerEntry:
             purpose=raw["purpose"],
             mechanism=raw["mechanism"],
             dp=raw["dp"],
+            release=raw.get("release"),
         )
     except InvalidPrivacyParameter as e:
         raise _corrupt(path, f"{what}: {e.problem}") from None
@@ -461,7 +472,7 @@ class PrivacyLedger:
         """Epsilon spent if ``charge`` were added (the current value when the same charge is already recorded)."""
         charge = self._check_charge(charge)
         existing = self.find_charge(charge.round, charge.purpose)
-        if existing is not None and existing.same_numbers(charge):
+        if existing is not None and existing.same_release(charge):
             return self.epsilon_spent
         return self._epsilon_with(self._state.entries, charge)
 
@@ -474,8 +485,8 @@ class PrivacyLedger:
         """Record ``charge`` durably and return the new epsilon spent. Write-ahead: the budget check happens before
         the file is touched, and the file is fsynced and atomically replaced before this returns.
 
-        Idempotent per (round, purpose): the same key with identical numbers returns without a second entry; with
-        different numbers it raises :class:`ChargeConflict`. Raises :class:`BudgetExceeded` (file untouched) when
+        Idempotent per (round, purpose): the same key with identical numbers and release returns without a second
+        entry; with different numbers or another release it raises :class:`ChargeConflict`. Raises :class:`BudgetExceeded` (file untouched) when
         the charge would exceed the budget, and :class:`LedgerWriteError` when the write failed (release nothing).
         """
         charge = self._check_charge(charge)
@@ -486,8 +497,17 @@ class PrivacyLedger:
             self._state = state
             existing = self.find_charge(charge.round, charge.purpose)
             if existing is not None:
-                if existing.same_numbers(charge):
+                if existing.same_release(charge):
                     return state.epsilon_spent
+                if existing.same_numbers(charge):
+                    raise ChargeConflict(
+                        str(self._path),
+                        f"round {charge.round} purpose {charge.purpose!r} was already charged for release "
+                        f"{existing.release!r}; this run would publish another one ({charge.release!r}: different "
+                        "records, settings, seed, global model or noise key) under the same charge, unaccounted",
+                        "rerun with exactly the inputs of the first release (restore the data, config and the site's "
+                        "noise_key), or release the change as the next planned round (--round)",
+                    )
                 raise ChargeConflict(
                     str(self._path),
                     f"round {charge.round} purpose {charge.purpose!r} was already charged as {existing.to_json()}, "

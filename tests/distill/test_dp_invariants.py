@@ -22,6 +22,7 @@ from medfdd.config import DistillConfig, load_site_config
 from medfdd.distill.base import PrivacyPlan, WarmStart, evidence_allocation, synthetic_labels
 from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
+from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
@@ -333,8 +334,9 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     assert resumed.resumed_from == stop_after
     ledger2 = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
     assert ledger2["entries"] == ledger["entries"]  # no second charge
-    # the resumed artifact equals an uninterrupted run's
+    # the resumed artifact equals an uninterrupted run's at the same site (the same noise key)
     path2 = _site_config(consortium, tmp_path / "b", iterations=20)
+    _copy_noise_key(cfg.output_dir, load_site_config(path2).output_dir)
     straight = distill_site(path2, console=quiet())
     a = load_synthetic(cfg.output_dir).images
     b = load_synthetic(load_site_config(path2).output_dir).images
@@ -342,6 +344,63 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     assert straight.meta["epsilon"] == resumed.meta["epsilon"]
     assert straight.meta["class_evidence"] == resumed.meta["class_evidence"]
     assert len(resumed.meta["class_evidence"]) == len(cfg.data.classes)
+
+
+def _copy_noise_key(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / KEY_FILENAME).write_bytes((src / KEY_FILENAME).read_bytes())
+
+
+def test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed(consortium, tmp_path):
+    """Two sites with the same config seed draw different noise and samples (each its own secret key); the same key
+    replays the same release exactly (what resume relies on)."""
+    outs = []
+    for name in ("one", "two", "same-key-as-one"):
+        path = _site_config(consortium, tmp_path / name, iterations=5)
+        out = load_site_config(path).output_dir
+        if name == "same-key-as-one":
+            _copy_noise_key(outs[0], out)
+        distill_site(path, console=quiet())
+        outs.append(out)
+    keys = [(o / KEY_FILENAME).read_bytes() for o in outs]
+    assert len(keys[0]) == 32 and keys[0] != keys[1]
+    assert (outs[0] / KEY_FILENAME).stat().st_mode & 0o777 == 0o600
+    one, two, again = (load_synthetic(o).images for o in outs)
+    assert np.abs(one - two).mean() > 1e-3
+    np.testing.assert_array_equal(one, again)
+
+
+@pytest.mark.parametrize("change", ["seed", "noise key", "training records", "global model"])
+def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(consortium, tmp_path, change):
+    """One charge buys one release: rerunning round 1 exactly replays it; with anything changed it would publish new
+    noise under the old charge, so it is refused and nothing on disk changes."""
+    from medfdd.artifacts import save_model
+    from medfdd.nets import convnet_for
+    from privacy.accounting import ChargeConflict
+
+    path = _site_config(consortium, tmp_path, iterations=5)
+    cfg = load_site_config(path)
+    model = tmp_path / "global.safetensors"
+    save_model(model, convnet_for((1, 16, 16), 10, width=16, seed=0))
+    global_model = model if change == "global model" else None
+    distill_site(path, global_model=global_model, console=quiet())
+    files = ("synthetic.npz", "synthetic.json", "privacy_ledger.json")
+    before = {f: (cfg.output_dir / f).read_bytes() for f in files}
+    distill_site(path, global_model=global_model, console=quiet())  # the same inputs: the same release
+    assert {f: (cfg.output_dir / f).read_bytes() for f in files} == before
+    raw = yaml.safe_load(path.read_text())
+    if change == "seed":
+        raw["seed"] = 1
+    elif change == "noise key":
+        (cfg.output_dir / KEY_FILENAME).write_bytes(os.urandom(32))
+    elif change == "training records":
+        raw["data"]["holdout_fraction"] = 0.3
+    else:
+        save_model(model, convnet_for((1, 16, 16), 10, width=16, seed=1))
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ChargeConflict, match="another one"):
+        distill_site(path, global_model=global_model, console=quiet())
+    assert {f: (cfg.output_dir / f).read_bytes() for f in files} == before
 
 
 def test_killed_process_never_under_counts(consortium, tmp_path):

@@ -25,6 +25,7 @@ from rich.console import Console
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.run import consortium_of
+from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.federation.flower import deploy
 from medfdd.federation.flower.pki import make_site_keys, make_tls
 from medfdd.federation.inprocess import run_inprocess
@@ -173,13 +174,17 @@ def test_unregistered_supernode_is_refused(deployment, flower_run):
 def test_flower_and_inprocess_runs_give_the_same_merged_set_and_accuracy(deployment, flower_run):
     out, flower_s = flower_run
     d = deployment
-    # the same consortium, site outputs of its own: every site starts from an empty ledger, as under Flower
+    # the same consortium, site outputs of its own: every site starts from an empty ledger, as under Flower, and
+    # holds the same secret noise key as its Flower SuperNode (the same hospital)
     inproc_dir = d.coord.parent.parent / "site_configs_inprocess"
     inproc_dir.mkdir()
     for path in d.sites.values():
         cfg = yaml.safe_load(path.read_text())
         cfg["output"] = cfg["output"].replace("../runs/", "../runs-inprocess/")
         (inproc_dir / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
+        key = load_site_config(path).output_dir / KEY_FILENAME
+        (load_site_config(inproc_dir / path.name).output_dir).mkdir(parents=True)
+        (load_site_config(inproc_dir / path.name).output_dir / KEY_FILENAME).write_bytes(key.read_bytes())
     coord = yaml.safe_load(d.coord.read_text())
     coord["output"] = "../runs-inprocess/coordinator"
     (inproc_dir / d.coord.name).write_text(yaml.safe_dump(coord, sort_keys=False))

@@ -518,6 +518,26 @@ def test_same_round_and_purpose_is_charged_once(tmp_path):
     assert other > eps and len(resumed.entries) == 2
 
 
+def test_one_charge_buys_one_release(tmp_path):
+    """A rerun of a charged round may replay the same release (resume) but not publish another one for free."""
+    c = Charge(noise_multiplier=1.2, sample_rate=0.02, steps=100, round=1, purpose="distill", release="a" * 32)
+    ledger = open_ledger(tmp_path, epsilon=5.0)
+    eps = ledger.charge(c)
+    file = tmp_path / LEDGER_FILENAME
+    before = file.read_bytes()
+    assert json.loads(before)["entries"][0]["release"] == "a" * 32
+    reloaded = PrivacyLedger.load(tmp_path)
+    assert reloaded.entries[0].release == "a" * 32 and reloaded.charge(c) == eps  # the same release: a no-op
+    other = Charge(noise_multiplier=1.2, sample_rate=0.02, steps=100, round=1, purpose="distill", release="b" * 32)
+    assert reloaded.preview(other) > eps
+    with pytest.raises(ChargeConflict, match="another one") as e:
+        reloaded.charge(other)
+    assert "noise_key" in e.value.fix
+    assert file.read_bytes() == before
+    with pytest.raises(InvalidPrivacyParameter):
+        Charge(noise_multiplier=1.2, sample_rate=0.02, steps=100, release="")
+
+
 # ----------------------------------------------------------------------------------------------- (g) monotonicity
 
 charges = st.builds(

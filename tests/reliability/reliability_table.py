@@ -70,6 +70,9 @@ REFERENCES = [
     ("fault", "crash inside the ledger's os.replace", "previous ledger intact, LedgerWriteError",
      f"{LEDGER}::test_crash_in_replace_keeps_previous_ledger"),
     ("fault", "concurrent ledger writers", "no charge lost (flock)", f"{LEDGER}::test_concurrent_writers_lose_no_charge"),
+    ("fault", "a charged round rerun with another seed, noise key, training split or global model", "ChargeConflict "
+     "before any release (one charge buys one release); an identical rerun replays the same bytes",
+     f"{INVARIANTS}::test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release"),
     ("hostile", "offer announcing 10^12 images in 8 bytes", "rejected `oversized` before any allocation",
      f"{OFFERS}::test_oversized_announcement_is_refused_before_any_allocation"),
     ("hostile", "offer whose bytes disagree with the announced shape", "rejected `malformed`",
@@ -97,6 +100,9 @@ REFERENCES = [
      "over them", f"{FLOWER}::test_two_round_run_over_tls_with_supernode_auth_completes"),
     ("security", "secure process arguments by default", "TLS certificates and auth keys always passed",
      f"{PKI}::test_process_arguments_are_secure_by_default"),
+    ("security", "the config seed is public (0 by default)", "DP noise and Poisson samples keyed by a 32-byte secret "
+     "each site creates (`output/noise_key`, mode 0600, never sent): same seed, different noise",
+     f"{INVARIANTS}::test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed"),
     ("security", "insecure mode", "only with an explicit flag, and loud", f"{PKI}::test_insecure_mode_is_explicit_and_loud"),
     ("security", "a site's error text on the Flower wire", "only the error's class name leaves the site",
      f"{APPS}::test_client_errors_leave_the_site_as_a_class_name_only"),

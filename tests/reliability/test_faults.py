@@ -28,6 +28,7 @@ from medfdd.artifacts import load_synthetic
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.run import CoordinatorRun
+from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.federation.site import make_offer
@@ -100,11 +101,12 @@ def site_config(prepared: Path, folder: Path, **distill) -> Path:
 
 @pytest.fixture(scope="module")
 def uninterrupted(prepared, tmp_path_factory):
-    """The same site distilled without a fault: what every resumed run must reproduce."""
+    """The same site distilled without a fault: what every resumed run must reproduce (with its noise key)."""
     path = site_config(prepared, tmp_path_factory.mktemp("straight"))
     distill_site(path, console=Console(quiet=True))
     cfg = load_site_config(path)
-    return load_synthetic(cfg.output_dir), PrivacyLedger.load(cfg.output_dir / "privacy_ledger.json")
+    return (load_synthetic(cfg.output_dir), PrivacyLedger.load(cfg.output_dir / "privacy_ledger.json"),
+            (cfg.output_dir / KEY_FILENAME).read_bytes())
 
 
 # moment -> (what is polled, description of the state when killed)
@@ -125,9 +127,11 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
     ready, _ = SITE_KILLS[moment]
     path = site_config(prepared, tmp_path)
     out = load_site_config(path).output_dir
+    straight_syn, straight_ledger, key = uninterrupted
+    out.mkdir(parents=True)
+    (out / KEY_FILENAME).write_bytes(key)  # the same site: the same secret noise key
     rc = kill_when([str(EXE), "site", "distill", str(path)], lambda: ready(out), log=tmp_path / "distill.log")
     assert rc == -signal.SIGKILL
-    straight_syn, straight_ledger = uninterrupted
 
     after_kill = PrivacyLedger.load(out / "privacy_ledger.json")
     (entry,) = after_kill.entries
