@@ -370,8 +370,10 @@ def test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed(consortium, 
     np.testing.assert_array_equal(one, again)
 
 
-@pytest.mark.parametrize("change", ["seed", "noise key", "training records", "global model"])
-def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(consortium, tmp_path, change):
+RERUN_CHANGES = ("seed", "noise key", "training records", "global model")
+
+
+def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(consortium, tmp_path):
     """One charge buys one release: rerunning round 1 exactly replays it; with anything changed it would publish new
     noise under the old charge, so it is refused and nothing on disk changes."""
     from medfdd.artifacts import save_model
@@ -380,27 +382,32 @@ def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(con
 
     path = _site_config(consortium, tmp_path, iterations=5)
     cfg = load_site_config(path)
-    model = tmp_path / "global.safetensors"
+    model, other_model = tmp_path / "global.safetensors", tmp_path / "other.safetensors"
     save_model(model, convnet_for((1, 16, 16), 10, width=16, seed=0))
-    global_model = model if change == "global model" else None
-    distill_site(path, global_model=global_model, console=quiet())
-    files = ("synthetic.npz", "synthetic.json", "privacy_ledger.json")
+    save_model(other_model, convnet_for((1, 16, 16), 10, width=16, seed=1))
+    distill_site(path, global_model=model, console=quiet())
+    files = ("synthetic.npz", "synthetic.json", "privacy_ledger.json", KEY_FILENAME)
     before = {f: (cfg.output_dir / f).read_bytes() for f in files}
-    distill_site(path, global_model=global_model, console=quiet())  # the same inputs: the same release
+    config = path.read_text()
+    distill_site(path, global_model=model, console=quiet())  # the same inputs: the same release, byte for byte
     assert {f: (cfg.output_dir / f).read_bytes() for f in files} == before
-    raw = yaml.safe_load(path.read_text())
-    if change == "seed":
-        raw["seed"] = 1
-    elif change == "noise key":
-        (cfg.output_dir / KEY_FILENAME).write_bytes(os.urandom(32))
-    elif change == "training records":
-        raw["data"]["holdout_fraction"] = 0.3
-    else:
-        save_model(model, convnet_for((1, 16, 16), 10, width=16, seed=1))
-    path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(ChargeConflict, match="another one"):
-        distill_site(path, global_model=global_model, console=quiet())
-    assert {f: (cfg.output_dir / f).read_bytes() for f in files} == before
+    for change in RERUN_CHANGES:
+        raw, global_model = yaml.safe_load(config), model
+        if change == "seed":
+            raw["seed"] = 1
+        elif change == "noise key":
+            (cfg.output_dir / KEY_FILENAME).write_bytes(os.urandom(32))
+        elif change == "training records":
+            raw["data"]["holdout_fraction"] = 0.3
+        else:
+            global_model = other_model
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ChargeConflict, match="another one"):
+            distill_site(path, global_model=global_model, console=quiet())
+        assert {f: (cfg.output_dir / f).read_bytes() for f in files if f != KEY_FILENAME} == {
+            f: b for f, b in before.items() if f != KEY_FILENAME}, change
+        (cfg.output_dir / KEY_FILENAME).write_bytes(before[KEY_FILENAME])
+        path.write_text(config)
 
 
 def test_killed_process_never_under_counts(consortium, tmp_path):
