@@ -73,12 +73,13 @@ def central_figure(central_rows: dict[tuple[int, float, str], dict], anchors: di
     return _png(fig)
 
 
-def federated_rows(results: list[dict]) -> dict[float, dict[str, dict[float, dict]]]:
-    """alpha -> series name -> epsilon -> row: the README's federated configuration, DP-FedAvg / FedAvg and the
-    non-private references. Where two files hold the same point, the one with more evaluation trainings wins."""
-    out: dict[float, dict[str, dict[float, dict]]] = {}
+def federated_rows(results: list[dict]) -> dict[tuple[float, int], dict[str, dict[float, dict]]]:
+    """(alpha, training records) -> series name -> epsilon -> row: the README's federated configuration, DP-FedAvg /
+    FedAvg and the non-private references, on splits where that configuration ran. Where two files hold the same
+    point, the one with more evaluation trainings wins."""
+    out: dict[tuple[float, int], dict[str, dict[float, dict]]] = {}
     for r in results:
-        split = out.setdefault(r["partition"]["alpha"], {})
+        split = out.setdefault((r["partition"]["alpha"], sum(r["partition"]["site_totals"])), {})
         for row in r["rows"]:
             method, eps = row["method"], eps_value(row.get("epsilon"))
             if method.startswith("dp-dm"):
@@ -97,16 +98,16 @@ def federated_rows(results: list[dict]) -> dict[float, dict[str, dict[float, dic
             old = split.setdefault(name, {}).get(eps)
             if old is None or len(row.get("accuracies") or [0]) > len(old.get("accuracies") or [0]):
                 split[name][eps] = row
-    return out
+    return {key: series for key, series in out.items() if any(n.startswith("medfdd") for n in series)}
 
 
 def federated_figure(results: list[dict]) -> bytes:
     """One panel per Dirichlet split (5 sites, IPC 10 per site)."""
     splits = federated_rows(results)
-    alphas = sorted(splits, reverse=True)
-    fig, axes = plt.subplots(1, len(alphas), figsize=(5.2 * len(alphas), 4.0), squeeze=False, sharey=True)
-    for ax, alpha in zip(axes[0], alphas, strict=True):
-        series = splits[alpha]
+    keys = sorted(splits, key=lambda k: (-k[1], -k[0]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 4.0), squeeze=False, sharey=True)
+    for ax, (alpha, records) in zip(axes[0], keys, strict=True):
+        series = splits[(alpha, records)]
         for name, style in (("medfdd DP-DM, 3 rounds", {"marker": "o", "color": "C0"}),
                             ("medfdd DP-DM, 1 round", {"marker": "s", "color": "C0", "linestyle": "--"}),
                             ("DP-FedAvg (FedAvg at ∞), 3 rounds", {"marker": "D", "color": "C3"})):
@@ -118,7 +119,7 @@ def federated_figure(results: list[dict]) -> bytes:
                 ax.axhline(100 * row["accuracy_mean"], color=color, linestyle=":", linewidth=1.2,
                            label=f"{label}: {100 * row['accuracy_mean']:.1f}")
         ax.axhline(80, color="grey", linewidth=0.6)
-        _style_eps_axis(ax, f"B1 federated, 5 sites, Dirichlet alpha {alpha:g}, IPC 10 per site",
+        _style_eps_axis(ax, f"B1 federated: {records // 1000}k records, 5 sites, alpha {alpha:g}, IPC 10/site",
                         "epsilon per site over all rounds (delta 1e-5)")
         ax.legend(fontsize=7, loc="lower right")
     return _png(fig)
