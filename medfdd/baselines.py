@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfdd.config import CoordinatorConfig, load_site_config
 from medfdd.coordinator.run import consortium_of, load_test_set
-from medfdd.nets import ConvNet, convnet_for
+from medfdd.nets import ConvNet, convnet_for, quiet_backward_hooks
 from medfdd.training import TrainSettings, evaluate, train_classifier
 from privacy.accounting import calibrate_noise, epsilon_for
 
@@ -92,8 +91,7 @@ def _local_sgd(model: ConvNet, x: np.ndarray, y: np.ndarray, *, epochs: int, lr:
                                                noise_multiplier=noise_multiplier, max_grad_norm=clip,
                                                poisson_sampling=True, noise_generator=torch.Generator().manual_seed(seed))
     net.train()
-    with warnings.catch_warnings():  # Opacus's hooks on a net whose inputs never require grad: harmless
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+    with quiet_backward_hooks():
         for _ in range(epochs):
             for xb, yb in loader:
                 if len(yb) == 0:

@@ -6,7 +6,10 @@ Instance norm is GroupNorm with one group per channel, which Opacus supports (no
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -51,3 +54,12 @@ def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 12
             torch.manual_seed(seed)
             return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
     return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+
+
+@contextlib.contextmanager
+def quiet_backward_hooks() -> Iterator[None]:
+    """Silence torch's "Full backward hook is firing" under Opacus's per-sample hooks: the inputs of a ConvNet never
+    require grad, yet the hooks still see every module (harmless)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        yield

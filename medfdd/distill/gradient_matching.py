@@ -27,7 +27,6 @@ Design notes:
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Literal
 
 import torch
@@ -37,6 +36,7 @@ from torch import nn
 
 from medfdd.distill.base import Distiller, DistillState
 from medfdd.distill.mechanism import NoisyClassStats, noisy_class_stats
+from medfdd.nets import quiet_backward_hooks
 
 GRAD_SAMPLE_FLOATS = 2**24  # per-example gradient floats held by Opacus per chunk (64 MB in fp32)
 MAX_CHUNK = 256
@@ -69,8 +69,7 @@ def per_example_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c
         for start in range(0, len(x), chunk):
             xb, yb = x[start:start + chunk].float(), y[start:start + chunk]
             gsm.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # inputs never require grad here; the hooks still see every module
-                warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            with quiet_backward_hooks():
                 F.cross_entropy(gsm(xb), yb, reduction="sum").backward()
             col = 0
             for p in params:
