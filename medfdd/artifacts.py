@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
+from torch import nn
 
 from medfdd import __version__
 from medfdd.errors import MedfddError
@@ -157,6 +158,9 @@ def load_model(path: Path, expect: dict | None = None) -> ConvNet:
                                 "the coordinator and the sites must agree on classes, channels and spatial size")
     model = ConvNet(arch["in_channels"], arch["num_classes"], tuple(arch["spatial_size"]), arch["width"],
                     arch.get("depth", 3))
+    # a model written before the convolutions lost their bias loads too: instance norm subtracts a conv bias exactly
+    conv_biases = {f"features.{i}.bias" for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d | nn.Conv3d)}
+    state = {k: v for k, v in state.items() if k not in conv_biases}
     try:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     except RuntimeError as e:

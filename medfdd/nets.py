@@ -1,6 +1,9 @@
 """ConvNet-3 (Gidaris & Komodakis 2018, as used by DC/DSA/DM): [conv 3x3 -> instance norm -> ReLU -> avg-pool] x 3.
 
 Instance norm is GroupNorm with one group per channel, which Opacus supports (no batch statistics mixing records).
+The convolutions carry no bias: instance norm subtracts it exactly, and with it a blank (all-zero) scan became a
+constant channel whose normalised value was rounding noise that depended on the other records in the batch, so
+one record's contribution to a private release was no longer a function of that record alone.
 2D and 3D variants share the code; `embed` returns the flattened features before the linear classifier.
 """
 
@@ -27,8 +30,8 @@ class ConvNet(nn.Module):
         size = list(spatial_size)
         c = in_channels
         for _ in range(depth):
-            layers += [conv(c, width, kernel_size=3, padding=1), nn.GroupNorm(width, width, affine=True),
-                       nn.ReLU()]  # out of place: Opacus hooks forbid in-place ops
+            layers += [conv(c, width, kernel_size=3, padding=1, bias=False),
+                       nn.GroupNorm(width, width, affine=True), nn.ReLU()]  # out of place: Opacus hooks forbid in-place ops
             if min(size) >= 2:
                 layers.append(pool(kernel_size=2, stride=2))
                 size = [s // 2 for s in size]

@@ -24,6 +24,7 @@ from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
 from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
+from medfdd.nets import convnet_for
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
 
@@ -63,6 +64,26 @@ def test_noise_has_std_sigma_times_C():
     assert abs(float(raw.mean())) < 4 * sigma * clip / raw.numel() ** 0.5  # 4 standard errors
     counts_raw = s.counts * clip * 0.5**0.5
     assert counts_raw.shape == (k,)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 12), which=st.integers(0, 11),
+       scale=st.sampled_from([0.0, 1e-40, 1e-20, 1e-7, 1e-3, 0.5, 1.0]), constant=st.booleans())
+def test_a_blank_scan_keeps_its_contribution_whatever_the_batch(seed, n, which, scale, constant):
+    """Through the real embedding network: a blank (all-zero), constant or near-zero record next to real ones.
+    A conv bias before instance norm turned such a record's embedding into rounding noise that depended on the
+    other records in the batch, so removing one record moved the release by more than C."""
+    x, _ = _digits(n=100)
+    g = torch.Generator().manual_seed(seed)
+    x = x[torch.randint(0, len(x), (n,), generator=g)].clone()
+    y = torch.randint(0, 10, (n,), generator=g)
+    x[0] = scale if constant else scale * torch.rand(x.shape[1:], generator=g)
+    net = convnet_for(tuple(x.shape[1:]), 10, width=16, seed=seed % 1000)
+    with torch.no_grad():
+        full = released_vector(net.embed(x), y, 10, 1.0)
+        keep = torch.arange(n) != which % n
+        removed = released_vector(net.embed(x[keep]), y[keep], 10, 1.0)
+    assert float((full - removed).norm()) <= 1.0 + 1e-5
 
 
 def _digits(n=200):
@@ -377,7 +398,6 @@ def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(con
     """One charge buys one release: rerunning round 1 exactly replays it; with anything changed it would publish new
     noise under the old charge, so it is refused and nothing on disk changes."""
     from medfdd.artifacts import save_model
-    from medfdd.nets import convnet_for
     from privacy.accounting import ChargeConflict
 
     path = _site_config(consortium, tmp_path, iterations=5)
@@ -452,7 +472,6 @@ def test_decoupled_bank_targets_are_the_class_means_without_noise():
 def test_feddm_rounds_match_against_a_global_model_of_another_width(schedule):
     """Round 2+: every other network is the broadcast global model, whose embedding size differs from the fresh
     matching networks'; both schedules must handle the mix."""
-    from medfdd.nets import convnet_for
 
     cfg = DistillConfig(ipc=2, iterations=4, batch_size=60, width=16, schedule=schedule)
     x, y = _digits()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -70,6 +70,8 @@ def _released(net, x, y, clip_norm: float) -> torch.Tensor:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), which=st.integers(0, 8), new_label=st.integers(0, 9),
        clip_norm=st.floats(0.05, 20.0), scale=st.floats(0.0, 5.0))
+@example(seed=0, n=2, which=1, new_label=0, clip_norm=1.0, scale=0.0)  # a blank record beside a real one (conv bias)
+@example(seed=3, n=5, which=2, new_label=7, clip_norm=1.0, scale=1e-30)
 def test_one_record_moves_the_release_by_at_most_c(digits, seed, n, which, new_label, clip_norm, scale):
     g = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(digits[0]), (n,), generator=g)

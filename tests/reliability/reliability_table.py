@@ -54,6 +54,9 @@ REFERENCES = [
     ("input", "file names with spaces, commas and non-ASCII", "used, no crash",
      f"{BAD_INPUTS}::test_quarantine_entries_never_crash_on_weird_names"),
     ("input", "config file not found", "ConfigError: config file not found", f"{GAPS}::test_missing_config_file"),
+    ("input", "a blank (all-zero), constant or near-zero scan in a DP batch", "its contribution to the release stays "
+     "within C whatever the other records (convolutions carry no bias)",
+     f"{INVARIANTS}::test_a_blank_scan_keeps_its_contribution_whatever_the_batch"),
     ("fault", "site process SIGKILLed at its first checkpoint (existing)", "ledger holds all planned steps",
      f"{INVARIANTS}::test_killed_process_never_under_counts"),
     ("fault", "site run interrupted after 10 of 20 steps", "resume adds no charge; artifact equals an "
@@ -92,6 +95,9 @@ REFERENCES = [
     ("hostile", "Flower record with extra records or keys", "refused", f"{CODEC}::test_extra_records_and_keys_are_refused"),
     ("hostile", "Flower record whose shape lies about its bytes", "refused before decoding",
      f"{CODEC}::test_lying_shape_is_caught_before_decoding"),
+    ("hostile", "broadcast global model written with conv biases (medfdd before they were dropped)", "loads: the "
+     "biases are dropped, which instance norm makes exact (same outputs); any other extra weight is refused",
+     f"{HOSTILE}::test_a_global_model_written_with_conv_biases_loads_and_computes_the_same"),
     ("hostile", "Flower broadcast with a bad model record or round", "refused",
      f"{CODEC}::test_broadcast_refuses_bad_model_and_round"),
     ("hostile", "an unregistered SuperNode joins the federation", "refused by the SuperLink (node authentication)",

@@ -17,7 +17,7 @@ from reliability_helpers import tiny_consortium
 from rich.console import Console
 from safetensors.torch import save
 
-from medfdd.artifacts import ArtifactError, save_model
+from medfdd.artifacts import ArtifactError, load_model, save_model
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.federation.messages import Broadcast
 from medfdd.federation.site import make_offer
@@ -127,3 +127,29 @@ def test_the_agreed_model_is_accepted_and_charged_once(site, tmp_path):
     offer = make_offer(path, Broadcast(2, _model_bytes(tmp_path)), console=Console(quiet=True))
     assert offer.round == 2 and offer.meta["round"] == 2
     assert [e.round for e in PrivacyLedger.load(tmp_path / "out" / "privacy_ledger.json").entries] == [2]
+
+
+def test_a_global_model_written_with_conv_biases_loads_and_computes_the_same(tmp_path):
+    """Models from before the convolutions lost their bias still load: instance norm subtracts a conv bias exactly,
+    so dropping it leaves the function unchanged (checked on outputs, not assumed)."""
+    model = ConvNet(1, 10, (16, 16), 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for i, m in enumerate(model.features):
+        if isinstance(m, torch.nn.Conv2d):
+            state[f"features.{i}.bias"] = torch.randn(m.out_channels, generator=g)  # what older writers stored
+    with_bias = ConvNet(1, 10, (16, 16), 8)
+    for m in with_bias.features:
+        if isinstance(m, torch.nn.Conv2d):
+            m.bias = torch.nn.Parameter(torch.zeros(m.out_channels))
+    with_bias.load_state_dict(state)
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(save(state, metadata={"arch": json.dumps(model.arch)}))
+    loaded = load_model(path)
+    x = torch.rand(4, 1, 16, 16, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), with_bias.eval()(x), atol=1e-4, rtol=1e-4)
+    state["classifier.extra"] = torch.zeros(1)  # anything else that does not fit is still refused
+    path.write_bytes(save(state, metadata={"arch": json.dumps(model.arch)}))
+    with pytest.raises(ArtifactError, match="do not fit"):
+        load_model(path)
