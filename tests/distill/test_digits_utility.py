@@ -1,9 +1,12 @@
 """Utility floor: three digits hospitals from `medfdd prepare`, DP-DM at epsilon 1 per site, merged synthetic sets.
 
-Measured with this configuration (2-core CPU, seed 0): 0.64 test accuracy over two evaluation trainings with the
-decoupled schedule (0.43 with the interleaved one; chance 0.10; without feature centring 0.13). Each site holds only
-~35 training images per class, so epsilon 1 leaves little signal; the floor leaves room for floating-point
-differences between machines and still fails if the mechanism drowns the signal or the pipeline breaks.
+Each site's noise is keyed by its secret `noise_key` (random bytes from the OS), so this test pins the keys to make
+its outcome reproducible. Measured with this configuration (2-core CPU, seed 0, conv without bias), the mean over the
+two evaluation trainings for six pinned key sets: 0.56-0.57 (the one used here, two runs), 0.50, 0.58, 0.47, 0.52, 0.57; two
+unpinned runs 0.61 and 0.48. Chance is 0.10; without feature centring it was 0.13. Each site holds only ~35
+training images per class, so epsilon 1 leaves little signal; the floor sits below every measured key and leaves
+room for floating-point differences between machines (two evaluation trainings of one set differ by up to 0.09),
+and still fails if the mechanism drowns the signal or the pipeline breaks.
 """
 
 from __future__ import annotations
@@ -18,10 +21,11 @@ from medfdd.artifacts import load_synthetic
 from medfdd.config import load_site_config
 from medfdd.data.prepare import prepare_consortium
 from medfdd.data.site_data import load_site_data
+from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
 from medfdd.training import TrainSettings, evaluate, train_classifier
 
-FLOOR = 0.50
+FLOOR = 0.45
 SETTINGS = {"iterations": 10, "inner_steps": 10, "lr": 1.0, "width": 32, "ipc": 10}
 
 
@@ -30,12 +34,15 @@ def test_dp_dm_eps1_three_digits_sites_beats_the_floor(tmp_path: Path):
     res = prepare_consortium(source="digits", out=tmp_path / "c", sites=3, alpha=0.5, fmt="dicom", seed=0,
                              epsilon=1.0, delta=1e-5, ipc=10, iterations=10, method="dm", dp=True, console=quiet)
     images, labels, spent = [], [], []
-    for path in res.site_configs:
+    for i, path in enumerate(res.site_configs):
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update(SETTINGS)
         path.write_text(yaml.safe_dump(cfg))
+        out_dir = load_site_config(path).output_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / KEY_FILENAME).write_bytes(bytes([0, i]) * 16)  # pinned noise keys (see the docstring)
         out = distill_site(path, console=quiet)
-        syn = load_synthetic(load_site_config(path).output_dir)
+        syn = load_synthetic(out_dir)
         images.append(syn.images)
         labels.append(syn.labels)
         spent.append(out.meta["epsilon"])
