@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from conftest import pin_noise_keys
 from rich.console import Console
 
 from medfdd.artifacts import load_synthetic
 from medfdd.config import load_site_config
 from medfdd.data.prepare import prepare_consortium
 from medfdd.data.site_data import load_site_data
-from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
 from medfdd.training import TrainSettings, evaluate, train_classifier
 
@@ -34,15 +34,13 @@ def test_dp_dm_eps1_three_digits_sites_beats_the_floor(tmp_path: Path):
     res = prepare_consortium(source="digits", out=tmp_path / "c", sites=3, alpha=0.5, fmt="dicom", seed=0,
                              epsilon=1.0, delta=1e-5, ipc=10, iterations=10, method="dm", dp=True, console=quiet)
     images, labels, spent = [], [], []
-    for i, path in enumerate(res.site_configs):
+    pin_noise_keys(res.site_configs)  # see the docstring
+    for path in res.site_configs:
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update(SETTINGS)
         path.write_text(yaml.safe_dump(cfg))
-        out_dir = load_site_config(path).output_dir
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / KEY_FILENAME).write_bytes(bytes([0, i]) * 16)  # pinned noise keys (see the docstring)
         out = distill_site(path, console=quiet)
-        syn = load_synthetic(out_dir)
+        syn = load_synthetic(load_site_config(path).output_dir)
         images.append(syn.images)
         labels.append(syn.labels)
         spent.append(out.meta["epsilon"])

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import pin_noise_keys
 from rich.console import Console
 
 from medfdd.cli import main as medfdd_main
@@ -36,6 +37,7 @@ def _run(base: Path, *, no_dp: bool) -> Path:
                              delta=1e-5, ipc=4, iterations=100, method="dm", dp=True, max_per_class=20, console=QUIET)
     res.override(site={"data": {"holdout_fraction": 0.5}, "device": "cpu", "distill": DISTILL},
                  coordinator={"train": TRAIN})
+    pin_noise_keys(res.site_configs)  # the measurements above hold for these keys (random per site otherwise)
     return run_inprocess(res.coordinator_config, console=QUIET, no_dp=no_dp)
 
 
