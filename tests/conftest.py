@@ -106,7 +106,7 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
     return res.coordinator_config
 
 
-def pin_noise_keys(site_configs, tag: int = 0) -> None:
+def pin_noise_keys(site_configs) -> None:
     """Write a fixed noise key into each site's output folder before its first run. The key is otherwise random per
     site (it keys the DP noise and sampling), so a test whose assertion is statistical (a utility floor, audit power)
     would see new noise on every run."""
@@ -116,7 +116,7 @@ def pin_noise_keys(site_configs, tag: int = 0) -> None:
     for i, path in enumerate(site_configs):
         out = load_site_config(path).output_dir
         out.mkdir(parents=True, exist_ok=True)
-        (out / KEY_FILENAME).write_bytes(bytes([tag % 256, i % 256]) * (KEY_BYTES // 2))
+        (out / KEY_FILENAME).write_bytes(bytes([0, i % 256]) * (KEY_BYTES // 2))
 
 
 @pytest.fixture

@@ -1,12 +1,12 @@
 """Utility floor: three digits hospitals from `medfdd prepare`, DP-DM at epsilon 1 per site, merged synthetic sets.
 
 Each site's noise is keyed by its secret `noise_key` (random bytes from the OS), so this test pins the keys to make
-its outcome reproducible. Measured with this configuration (2-core CPU, seed 0, conv without bias), the mean over the
-two evaluation trainings for six pinned key sets: 0.56-0.57 (the one used here, two runs), 0.50, 0.58, 0.47, 0.52, 0.57; two
-unpinned runs 0.61 and 0.48. Chance is 0.10; without feature centring it was 0.13. Each site holds only ~35
-training images per class, so epsilon 1 leaves little signal; the floor sits below every measured key and leaves
-room for floating-point differences between machines (two evaluation trainings of one set differ by up to 0.09),
-and still fails if the mechanism drowns the signal or the pipeline breaks.
+its outcome reproducible. Measured with this configuration (2-core CPU, seed 0, conv without bias), the mean over
+the two evaluation trainings for six pinned key sets: 0.56-0.57 (the set used here, two runs), 0.50, 0.58, 0.47,
+0.52, 0.57; two unpinned runs 0.61 and 0.48. Chance is 0.10; without feature centring it was 0.13. Each site holds
+only ~35 training images per class, so epsilon 1 leaves little signal; the floor sits below every measured key set,
+leaves room for floating-point differences between machines (two evaluation trainings of one set differ by up to
+0.09), and still fails if the mechanism drowns the signal or the pipeline breaks.
 """
 
 from __future__ import annotations

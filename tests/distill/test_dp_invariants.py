@@ -472,7 +472,6 @@ def test_decoupled_bank_targets_are_the_class_means_without_noise():
 def test_feddm_rounds_match_against_a_global_model_of_another_width(schedule):
     """Round 2+: every other network is the broadcast global model, whose embedding size differs from the fresh
     matching networks'; both schedules must handle the mix."""
-
     cfg = DistillConfig(ipc=2, iterations=4, batch_size=60, width=16, schedule=schedule)
     x, y = _digits()
     global_model = convnet_for((1, 8, 8), 10, width=32, seed=1)
