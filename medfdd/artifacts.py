@@ -79,35 +79,49 @@ def load_synthetic(folder: Path) -> SyntheticSet:
     return SyntheticSet(images, labels, meta)
 
 
+def _as_rgb(img: np.ndarray) -> np.ndarray:
+    """One image [C, H, W] or volume [C, D, H, W] (middle slice) as an RGB array [H, W, 3] clipped to [0, 1]."""
+    if img.ndim == 4:
+        img = img[:, img.shape[1] // 2]
+    img = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+    return np.repeat(img[0][..., None], 3, axis=-1) if img.shape[0] == 1 else np.moveaxis(img[:3], 0, -1)
+
+
+def preview_mosaic(images: np.ndarray, labels: np.ndarray, num_classes: int, *, max_cols: int | None = None,
+                   gap: int = 2) -> np.ndarray:
+    """The preview grid as one RGB array: row k holds the first `max_cols` images of class k (volumes: middle
+    slice), cells separated and padded by white."""
+    per_class = [np.where(labels == k)[0][:max_cols] for k in range(num_classes)]
+    cols = max(1, max((len(p) for p in per_class), default=0))
+    h, w = _as_rgb(images[0]).shape[:2] if len(images) else (1, 1)
+    mosaic = np.ones((num_classes * (h + gap) - gap, cols * (w + gap) - gap, 3), dtype=np.float32)
+    for k, idx in enumerate(per_class):
+        for j, i in enumerate(idx):
+            mosaic[k * (h + gap):k * (h + gap) + h, j * (w + gap):j * (w + gap) + w] = _as_rgb(images[i])
+    return mosaic
+
+
 def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "", *,
-                max_cols: int | None = None, cell: float = 0.9, dpi: int = 80) -> bytes:
-    """PNG bytes of a per-class grid (rows = classes, at most `max_cols` per row); volumes show their middle slice."""
+                max_cols: int | None = None, cell: float = 0.9, dpi: int = 80, gap: int = 2) -> bytes:
+    """PNG bytes of `preview_mosaic` with the class names on the rows, drawn by a single `imshow` (one axes per
+    image made a 100-image preview take seconds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_class = [np.where(labels == k)[0][:max_cols] for k in range(len(classes))]
-    cols = max(1, max(len(p) for p in per_class))
-    fig, axes = plt.subplots(len(classes), cols, figsize=(cell * cols + 1.2, cell * len(classes) + 0.4),
-                             squeeze=False)
-    for k, idx in enumerate(per_class):
-        for j in range(cols):
-            ax = axes[k][j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            if j < len(idx):
-                img = images[idx[j]]
-                if img.ndim == 4:  # [C, D, H, W]: middle slice
-                    img = img[:, img.shape[1] // 2]
-                img = img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
-                ax.imshow(np.clip(img, 0, 1), cmap="gray", vmin=0, vmax=1)
-            if j == 0:
-                ax.set_ylabel(classes[k], rotation=0, ha="right", va="center", fontsize=8)
+    mosaic = preview_mosaic(images, labels, len(classes), max_cols=max_cols, gap=gap)
+    h, w = _as_rgb(images[0]).shape[:2] if len(images) else (1, 1)
+    cols = (mosaic.shape[1] + gap) // (w + gap)
+    fig, ax = plt.subplots(figsize=(cell * cols + 1.2, cell * len(classes) + 0.4))
+    ax.imshow(mosaic, interpolation="nearest", aspect="equal")
+    ax.set_xticks([])
+    ax.set_yticks([k * (h + gap) + (h - 1) / 2 for k in range(len(classes))], list(classes), fontsize=8)
+    ax.tick_params(left=False)
+    for s in ax.spines.values():
+        s.set_visible(False)
     if title:
-        fig.suptitle(title, fontsize=9)
+        ax.set_title(title, fontsize=9)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)

@@ -316,18 +316,7 @@ def calibrate_noise(
     accountant = check_accountant(accountant, where=where)
     epsilon_tolerance = _check_tolerance(epsilon_tolerance, where=where)
     try:
-        with np.errstate(divide="ignore", invalid="ignore"), _quiet_order_search():
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=epsilon_tolerance,
-                    **_accountant_options(accountant),
-                )
-            )
+        return _opacus_noise_multiplier(epsilon, delta, sample_rate, steps, accountant, epsilon_tolerance)
     except ValueError as e:
         raise BudgetExceeded(
             where,
@@ -335,6 +324,25 @@ def calibrate_noise(
             f"sample_rate={sample_rate} ({e})",
             "raise the budget (epsilon/delta), lower the number of steps or the sample rate",
         ) from e
+
+
+@functools.lru_cache(maxsize=256)
+def _opacus_noise_multiplier(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                             epsilon_tolerance: float) -> float:
+    """Opacus's ``get_noise_multiplier`` (memoised: a bisection costs seconds with the fractional RDP orders, and a
+    site plans the same budget again in every round, check and resume)."""
+    with np.errstate(divide="ignore", invalid="ignore"), _quiet_order_search():
+        return float(
+            get_noise_multiplier(
+                target_epsilon=epsilon,
+                target_delta=delta,
+                sample_rate=sample_rate,
+                steps=steps,
+                accountant=accountant,
+                epsilon_tolerance=epsilon_tolerance,
+                **_accountant_options(accountant),
+            )
+        )
 
 
 def calibrate_round_noise(
@@ -380,19 +388,39 @@ def calibrate_round_noise(
         with _quiet_order_search():
             return epsilon_for([*prior, *plan], delta=delta, accountant=accountant)
 
-    sigma_low = 0.0
-    sigma_high = calibrate_noise(
-        epsilon=epsilon,
-        delta=delta,
-        sample_rate=sample_rate,
-        steps=rounds * steps_per_round,
-        accountant=accountant,
-        epsilon_tolerance=epsilon_tolerance,
-    )
+    def calibrated(steps: int) -> float | None:
+        try:
+            return calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=sample_rate, steps=steps,
+                                   accountant=accountant, epsilon_tolerance=epsilon_tolerance)
+        except BudgetExceeded:
+            return None
+
+    # With prior entries, first try the noise of one fresh plan that also covers the prior steps: exact when the
+    # earlier rounds ran this same plan (a later round of it; memoised since that round), so no bisection is needed.
+    guess = eps_guess = None
+    if prior:
+        guess = calibrated(rounds * steps_per_round + sum(_as_triple(e, where=where)[2] for e in prior))
+        if guess is not None:
+            eps_guess = plan_epsilon(guess)
+            if 0 <= epsilon - eps_guess <= epsilon_tolerance:
+                return guess
+    sigma_high = calibrated(rounds * steps_per_round)
+    if sigma_high is None:
+        raise BudgetExceeded(
+            where,
+            f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta} for {rounds} x "
+            f"{steps_per_round} steps at sample_rate={sample_rate}",
+            "raise the budget (epsilon/delta), lower rounds, steps or the sample rate",
+        )
     eps_high = plan_epsilon(sigma_high)
     if eps_high <= epsilon:
         return sigma_high
     sigma_low = sigma_high  # prior spending only adds epsilon: more noise is needed, never less
+    if guess is not None and guess > sigma_low:  # the guess brackets the answer from one side or the other
+        if eps_guess <= epsilon:
+            sigma_high, eps_high = guess, eps_guess
+        else:
+            sigma_low = sigma_high = guess
     while eps_high > epsilon:
         sigma_high *= 2
         if sigma_high > 1e6:

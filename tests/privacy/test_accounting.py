@@ -248,6 +248,24 @@ def test_round_plan_accounts_for_what_was_already_spent():
         )
 
 
+def test_later_rounds_of_the_same_plan_keep_the_first_rounds_noise():
+    # Each round re-plans from the ledger; when the earlier rounds ran this plan, the answer is the plan's own sigma
+    # (found without a second bisection), and the rounds together spend the budget to within the tolerance.
+    q, steps, budget = 0.02, 40, 1.0
+    sigma = calibrate_round_noise(epsilon=budget, delta=DELTA, sample_rate=q, steps_per_round=steps, rounds=3)
+    paid = [(sigma, q, steps)]
+    for remaining in (2, 1):
+        assert calibrate_round_noise(epsilon=budget, delta=DELTA, sample_rate=q, steps_per_round=steps,
+                                     rounds=remaining, already_spent=paid) == sigma
+        paid.append((sigma, q, steps))
+    assert budget - 0.011 <= epsilon_for(paid, delta=DELTA) <= budget
+    # a later round planned with fewer steps than round 1 (its plan changed): the first guess overshoots, the
+    # bisection still lands within the tolerance
+    sigma2 = calibrate_round_noise(epsilon=budget, delta=DELTA, sample_rate=q, steps_per_round=10, rounds=2,
+                                   already_spent=paid[:1])
+    assert budget - 0.011 <= epsilon_for([*paid[:1], (sigma2, q, 10), (sigma2, q, 10)], delta=DELTA) <= budget
+
+
 # ----------------------------------------------------------------------------------------------- (c) write-ahead
 
 
