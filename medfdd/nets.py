@@ -51,12 +51,19 @@ class ConvNet(nn.Module):
 
 def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None
                 ) -> ConvNet:
-    """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible."""
-    if seed is not None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
-    return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+    """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible.
+
+    The module is built on the CPU, so only the CPU generator is seeded (and restored after): `torch.manual_seed`
+    also queues a seed for every accelerator, recording a stack trace each time, which cost more than building a
+    small network (a distillation builds one per step)."""
+    if seed is None:
+        return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+    saved = torch.default_generator.get_state()
+    try:
+        torch.default_generator.manual_seed(seed)
+        return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+    finally:
+        torch.default_generator.set_state(saved)
 
 
 @contextlib.contextmanager

@@ -110,6 +110,24 @@ def test_synthetic_images_start_from_noise_not_data():
     assert s1.iteration == a.total_work and not torch.equal(s1.images, init)
 
 
+def test_seeded_networks_are_torch_manual_seed_networks_and_leave_the_callers_rng_alone():
+    # convnet_for seeds only the CPU generator (torch.manual_seed was slow); the networks must be bit-identical to
+    # the torch.manual_seed ones (results recorded before the change stay reproducible), and the caller's random
+    # stream must not move
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    nets = [convnet_for((1, 8, 8), 10, width=8, seed=s) for s in (0, 5)]
+    assert torch.equal(torch.rand(3), expected_next)
+    for s, net in zip((0, 5), nets, strict=True):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            reference = convnet_for((1, 8, 8), 10, width=8)
+        assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), reference.state_dict().values(),
+                                                      strict=True))
+    assert not torch.equal(nets[0].features[0].weight, nets[1].features[0].weight)
+
+
 class _Stop(Exception):
     pass
 
