@@ -68,11 +68,12 @@ def test_noise_has_std_sigma_times_C():
 
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(2, 12), which=st.integers(0, 11),
-       scale=st.sampled_from([0.0, 1e-40, 1e-20, 1e-7, 1e-3, 0.5, 1.0]), constant=st.booleans())
-def test_a_blank_scan_keeps_its_contribution_whatever_the_batch(seed, n, which, scale, constant):
+       scale=st.sampled_from([0.0, 1e-40, 1e-20, 1e-7, 1e-3, 0.5, 1.0]), constant=st.booleans(), bf16=st.booleans())
+def test_a_blank_scan_keeps_its_contribution_whatever_the_batch(seed, n, which, scale, constant, bf16):
     """Through the real embedding network: a blank (all-zero), constant or near-zero record next to real ones.
     A conv bias before instance norm turned such a record's embedding into rounding noise that depended on the
-    other records in the batch, so removing one record moved the release by more than C."""
+    other records in the batch, so removing one record moved the release by more than C. Both in fp32 and under
+    the bf16 autocast that `precision: auto` uses for the real data on CPU."""
     x, _ = _digits(n=100)
     g = torch.Generator().manual_seed(seed)
     x = x[torch.randint(0, len(x), (n,), generator=g)].clone()
@@ -80,9 +81,12 @@ def test_a_blank_scan_keeps_its_contribution_whatever_the_batch(seed, n, which, 
     x[0] = scale if constant else scale * torch.rand(x.shape[1:], generator=g)
     net = convnet_for(tuple(x.shape[1:]), 10, width=16, seed=seed % 1000)
     with torch.no_grad():
-        full = released_vector(net.embed(x), y, 10, 1.0)
-        keep = torch.arange(n) != which % n
-        removed = released_vector(net.embed(x[keep]), y[keep], 10, 1.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            f_full = net.embed(x).float()
+            keep = torch.arange(n) != which % n
+            f_removed = net.embed(x[keep]).float()
+        full = released_vector(f_full, y, 10, 1.0)
+        removed = released_vector(f_removed, y[keep], 10, 1.0)
     assert float((full - removed).norm()) <= 1.0 + 1e-5
 
 
