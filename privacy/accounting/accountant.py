@@ -360,9 +360,10 @@ def calibrate_round_noise(
     the ledger entries of all rounds, composed with ``already_spent`` (entries already in the ledger), spend at most
     ``epsilon`` at ``delta``.
 
-    Starts from Opacus's calibration of ``rounds * steps_per_round`` steps; checks the plan as it will be charged
-    (one entry per round) with :func:`epsilon_for` and, when prior entries or accountant numerics demand it, raises
-    sigma by bisection on that same accountant until it fits.
+    Starts from Opacus's calibration of ``rounds * steps_per_round`` steps (with prior entries, first from that of
+    the prior and planned steps together, which is the answer when the earlier rounds ran this plan); checks the
+    plan as it will be charged (one entry per round) with :func:`epsilon_for` and, when prior entries or accountant
+    numerics demand it, raises sigma by bisection on that same accountant until it fits.
     """
     where = "privacy.accounting.calibrate_round_noise"
     epsilon = check_epsilon(epsilon, where=where)
