@@ -119,7 +119,7 @@ class Distiller(ABC):
             check_warm_start(start, cfg, num_classes, self.image_shape)
         self.start = start
         self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type in ("cpu", "cuda"))
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     @property
