@@ -260,9 +260,10 @@ def main() -> None:
              "`make test`.", "", "Files whose commit predates `c0af37e` ran ConvNet-3 with conv biases; since then the "
              "convolutions have none (instance norm subtracts a bias exactly, so the networks compute the same "
              "functions; only the random initialisation stream differs). CPU files whose commit predates `d93ae12` "
-             "embedded the real records under bf16 autocast (precision auto then meant bf16 on CPU too); since then "
-             "CPU runs use fp32, which is 10-16x faster for that embedding on these AVX2 CPUs (no native bf16), so "
-             "their s / iteration are not comparable with later CPU files.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
+             "embedded the real records under bf16 autocast (precision auto then meant bf16 on every CPU); since then "
+             "a CPU without native bf16 uses fp32, 10x faster for that embedding on the AVX2-only EPYC of "
+             "2026-12-01. The CPUs of these sessions differ (some had native bf16), so compare s / iteration only "
+             "within one file.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
              "## Ours", ""]
     central = [_load(p.stem) for p in sorted(RESULTS.glob("b1_central*.json"))]
     central = [r for r in central if r.get("rows") and "accuracy_mean" in r["rows"][0]]  # not --profile files

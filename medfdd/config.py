@@ -120,8 +120,8 @@ class DistillConfig(_Strict):
     flip: bool = Field(False, description="allow horizontal flips in augmentation (off: laterality matters)")
     width: int = Field(128, ge=1, description="channels of the ConvNet-3 matching network")
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast for the real data on CUDA, fp32 on CPU (bf16 was 10-16x slower "
-        "on a CPU without native bf16); bf16 forces the autocast (CPUs with AMX)")
+        "auto", description="auto = bf16 autocast for the real data on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16, AMX), else fp32 (bf16 was 10x slower on an AVX2-only CPU); fp32 / bf16 force one")
     checkpoint_every: int = Field(50, ge=1, description="iterations between resumable checkpoints")
     warm_start: bool = Field(True, description="rounds >= 2: start from this site's own previous-round release "
                              "(DP output, so free) instead of noise")

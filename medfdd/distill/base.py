@@ -104,6 +104,19 @@ def check_warm_start(start: WarmStart, cfg: DistillConfig, num_classes: int, ima
         raise ValueError(f"start labels must be {cfg.ipc} of each class in order (allocation uniform)")
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 autocast speeds up the real-data embedding here: on CUDA, and on CPUs with native bf16
+    (AVX512-BF16 or AMX). Without it (e.g. AVX2 only) bf16 was 10x slower than fp32 (1.0 s vs 10.5 s per 256
+    Fashion-MNIST images, width 128, one thread)."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if callable(check))
+
+
 class Distiller(ABC):
     """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
 
@@ -119,7 +132,7 @@ class Distiller(ABC):
             check_warm_start(start, cfg, num_classes, self.image_shape)
         self.start = start
         self.families = (FAMILIES + (("flip",) if cfg.flip else ())) if cfg.augment else ()
-        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and self.device.type == "cuda")
+        use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and fast_bf16(self.device))
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
     @property
