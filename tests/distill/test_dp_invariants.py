@@ -73,7 +73,7 @@ def test_a_blank_scan_keeps_its_contribution_whatever_the_batch(seed, n, which, 
     """Through the real embedding network: a blank (all-zero), constant or near-zero record next to real ones.
     A conv bias before instance norm turned such a record's embedding into rounding noise that depended on the
     other records in the batch, so removing one record moved the release by more than C. Both in fp32 and under
-    the bf16 autocast that `precision: auto` uses for the real data on CPU."""
+    bf16 autocast (what `precision: auto` uses on CPUs with native bf16; forced here on any CPU)."""
     x, _ = _digits(n=100)
     g = torch.Generator().manual_seed(seed)
     x = x[torch.randint(0, len(x), (n,), generator=g)].clone()
