@@ -55,6 +55,8 @@ def b1_section(r: dict) -> list[str]:
                                         if r.get("peak_memory_mb") else "")
              + (f", GPU {r['gpu_peak_memory_mb']:.0f} MB (max_memory_allocated)" if r.get("gpu_peak_memory_mb")
                 else "") + ".", ""]
+    if r.get("note"):
+        lines += [r["note"], ""]
     if r.get("parallel_workers"):
         lines += [f"The configurations ran as {r['parallel_workers']} processes at once on the one GPU (each sized "
                   "to finish by a deadline), so their s / iteration and TFLOP/s are contended; the alone table below "
@@ -197,9 +199,10 @@ ANCHOR_PRIVATE = {10: {"NDPDC": 77.7, "Dosser": 80.1}, 50: {"NDPDC": 78.8, "Doss
 
 
 def central_headline_rows(central: list[dict]) -> dict[tuple[int, float, str], dict]:
-    """(ipc, epsilon, scale) -> our default DP-DM (decoupled) row; a later file wins over an earlier one."""
+    """(ipc, epsilon, scale) -> our default DP-DM (decoupled) row; a later file wins over an earlier one, except
+    files marked `"headline": false` (re-checks of an earlier configuration, e.g. on another CPU)."""
     return {(row["ipc"], eps_value(row["epsilon"]), r["scale"]): row
-            for r in central for row in r["rows"] if row.get("schedule") == "decoupled"}
+            for r in central if r.get("headline", True) for row in r["rows"] if row.get("schedule") == "decoupled"}
 
 
 def headline(central: list[dict]) -> list[str]:
