@@ -34,7 +34,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -120,29 +120,10 @@ class LedgerEntry:
 
     @classmethod
     def from_charge(cls, charge: Charge, *, time: str) -> LedgerEntry:
-        return cls(
-            mechanism=charge.mechanism,
-            noise_multiplier=charge.noise_multiplier,
-            sample_rate=charge.sample_rate,
-            steps=charge.steps,
-            round=charge.round,
-            purpose=charge.purpose,
-            time=time,
-            dp=charge.dp,
-            release=charge.release,
-        )
+        return cls(**asdict(charge), time=time)
 
     def to_charge(self) -> Charge:
-        return Charge(
-            noise_multiplier=self.noise_multiplier,
-            sample_rate=self.sample_rate,
-            steps=self.steps,
-            round=self.round,
-            purpose=self.purpose,
-            mechanism=self.mechanism,
-            dp=self.dp,
-            release=self.release,
-        )
+        return Charge(**{f.name: getattr(self, f.name) for f in fields(Charge)})
 
     def key(self) -> tuple[int, str]:
         return (self.round, self.purpose)
