@@ -10,11 +10,14 @@ per class per site, 10 synthetic updates per paid statistic, evaluation 300 epoc
 batch 32 and 5 updates; the older 10k-record files also --max-per-class 1000); the GPU scale uses the published
 settings.
 Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
+A run longer than one sitting (3 rounds at CPU scale take about 3 h per configuration on one AVX2 core): pass
+`--save-merged DIR` and, after an interruption, the same command with `--resume` continues from the last site offer.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import sys
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 
+from medfdd.artifacts import load_model, save_model  # noqa: E402
 from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, random_subset  # noqa: E402
 from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
 from medfdd.coordinator.merge import MergedSet, merge  # noqa: E402
@@ -35,6 +39,7 @@ from medfdd.data.partition import dirichlet_partition  # noqa: E402
 from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
+from medfdd.io import atomic_write_bytes  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
 
@@ -56,6 +61,13 @@ def test_split(full) -> tuple[np.ndarray, np.ndarray]:
     return (full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """np.savez, atomically (a run killed while writing leaves no torn file for --resume to read)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) -> float:
     """Test accuracy of a global ConvNet-3 trained on a merged set (with its per-image weights)."""
     model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=epochs), seed=seed, device=device,
@@ -65,11 +77,16 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
-                 allocation: str = "evidence", save_merged: Path | None = None) -> dict:
+                 allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False) -> dict:
+    """With `resume`, site offers and global models already in `save_merged` (from a run of the same settings cut
+    off by a time limit) are read back instead of recomputed: every site round is a function of its seeds, its
+    previous release and the broadcast model, so the run continues exactly where it stopped (no new noise drawn
+    for a release already made)."""
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
     global_model, per_round, bytes_up, spent, previous = None, [], 0, {}, {}
+    loaded = {"offers": 0, "models": 0}
     if save_merged is not None:
         save_merged.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -84,26 +101,40 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
                                  allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
-            d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
-                                     image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
-                                     matching_net=global_model,
-                                     start=previous.get(s.site_id) if dcfg.warm_start else None)
-            st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
-            x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
+            offer_file = None if save_merged is None else save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz"
+            if resume and offer_file.is_file():
+                with np.load(offer_file, allow_pickle=False) as f:
+                    x, y, meta = f["images"], f["labels"], {"class_evidence": f["class_evidence"].tolist()}
+                loaded["offers"] += 1
+            else:
+                d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
+                                         image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
+                                         matching_net=global_model,
+                                         start=previous.get(s.site_id) if dcfg.warm_start else None)
+                st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
+                x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
+                meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
+                if offer_file is not None:  # the offer itself, for merge studies and resuming (np.load, no pickle)
+                    save_npz(offer_file, images=x, labels=y,
+                             class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
-            meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
-            if save_merged is not None:  # the offer itself, for merge studies (np.load, no pickle)
-                np.savez(save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz", images=x, labels=y,
-                         class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         weights = merged.training_weights
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
-            np.savez(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
+            save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
                      labels=merged.labels, weights=merged.weights)
-        global_model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=scale["eval_epochs"]),
-                                        seed=seed + r, device=device, weights=weights)
+        model_file = None if save_merged is None else save_merged / f"global_eps{eps:g}_rounds{rounds}_r{r}.safetensors"
+        if resume and model_file.is_file():
+            global_model = load_model(model_file).to(device)
+            loaded["models"] += 1
+        else:
+            global_model = train_classifier(merged.images, merged.labels, K,
+                                            TrainSettings(epochs=scale["eval_epochs"]), seed=seed + r, device=device,
+                                            weights=weights)
+            if model_file is not None:
+                save_model(model_file, global_model)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])
         print(f"eps {eps:g} round {r}/{rounds}: accuracy {per_round[-1]:.4f} after {time.perf_counter() - t0:.0f} s",
               flush=True)  # a run cut off by a time limit still shows its finished rounds in the log
@@ -121,7 +152,9 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
             "bytes_up_total": bytes_up, "bytes_down_total": model_bytes * len(sites) * (rounds - 1),
-            "n_merged": int(len(merged.labels))}
+            "n_merged": int(len(merged.labels)),
+            **({"resumed": {"offers_read_back": loaded["offers"], "global_models_read_back": loaded["models"],
+                            "note": "seconds counts only the resumed process"}} if resume else {})}
 
 
 def main() -> None:
@@ -154,10 +187,17 @@ def main() -> None:
     ap.add_argument("--ema", type=float, help="moving-average decay of the released images (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
-    ap.add_argument("--save-merged", type=Path, help="also write each round's site offers and merged set (npz) into this folder")
+    ap.add_argument("--save-merged", type=Path,
+                    help="also write each round's site offers, merged set (npz) and global model (safetensors) "
+                         "into this folder")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue a run cut off by a time limit: read back the site offers and global models it "
+                         "left in --save-merged (same arguments) instead of recomputing them")
     ap.add_argument("--finalize", metavar="WHY", help="write the result file from the rows an interrupted run left in "
                     "NAME.partial.jsonl (same split arguments), WHY saying what did not run; runs nothing (set MEDFDD_COMMIT to the commit the run started from)")
     args = ap.parse_args()
+    if args.resume and args.save_merged is None:
+        ap.error("--resume reads back what an earlier run wrote: pass the same --save-merged folder")
     scale = dict(SCALES[args.scale])
     for key in ("iterations", "batch_per_class", "eval_epochs", "max_per_class", "inner_steps", "ema"):
         if getattr(args, key) is not None:
@@ -190,7 +230,7 @@ def main() -> None:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed, merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
-                              save_merged=args.save_merged))
+                              save_merged=args.save_merged, resume=args.resume))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
     if args.finalize:
         chosen_baselines = set()
