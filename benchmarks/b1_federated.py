@@ -22,6 +22,7 @@ import json
 import math
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,19 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def read_offer(path: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """A site offer saved by an earlier run, or None when it is missing or torn (a run killed while writing it before
+    the writes were atomic): then the site round is recomputed, with the same seeds the same release."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return f["images"], f["labels"], {"class_evidence": f["class_evidence"].tolist()}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        print(f"recomputing {path.name}: unreadable ({type(e).__name__})", flush=True)
+        return None
+
+
 def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) -> float:
     """Test accuracy of a global ConvNet-3 trained on a merged set (with its per-image weights)."""
     model = train_classifier(merged.images, merged.labels, K, TrainSettings(epochs=epochs), seed=seed, device=device,
@@ -102,9 +116,9 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
                                  allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
             offer_file = None if save_merged is None else save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz"
-            if resume and offer_file.is_file():
-                with np.load(offer_file, allow_pickle=False) as f:
-                    x, y, meta = f["images"], f["labels"], {"class_evidence": f["class_evidence"].tolist()}
+            saved = read_offer(offer_file) if resume else None
+            if saved is not None:
+                x, y, meta = saved
                 loaded["offers"] += 1
             else:
                 d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
