@@ -17,7 +17,6 @@ A run longer than one sitting (3 rounds at CPU scale take about 3 h per configur
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import math
 import sys
@@ -40,7 +39,7 @@ from medfdd.data.partition import dirichlet_partition  # noqa: E402
 from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
-from medfdd.io import atomic_write_bytes  # noqa: E402
+from medfdd.io import atomic_save_npz  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
 
@@ -60,13 +59,6 @@ FIRST_EXTRA_SEED = 100  # evaluation trainings after a run's first use seeds 100
 def test_split(full) -> tuple[np.ndarray, np.ndarray]:
     """The 10k Fashion-MNIST test split as the global model sees it (float32 [N, 1, 28, 28] in [0, 1])."""
     return (full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels
-
-
-def save_npz(path: Path, **arrays: np.ndarray) -> None:
-    """np.savez, atomically (a run killed while writing leaves no torn file for --resume to read)."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def read_offer(path: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
@@ -129,7 +121,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                 x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
                 meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
                 if offer_file is not None:  # the offer itself, for merge studies and resuming (np.load, no pickle)
-                    save_npz(offer_file, images=x, labels=y,
+                    atomic_save_npz(offer_file, images=x, labels=y,
                              class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
@@ -137,7 +129,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         weights = merged.training_weights
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
-            save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
+            atomic_save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
                      labels=merged.labels, weights=merged.weights)
         model_file = None if save_merged is None else save_merged / f"global_eps{eps:g}_rounds{rounds}_r{r}.safetensors"
         if resume and model_file.is_file():
