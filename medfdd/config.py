@@ -106,6 +106,9 @@ class DistillConfig(_Strict):
     ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class")
     iterations: int = Field(1000, ge=1, description="DP steps per round (each pays for one noisy statistic)")
     batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
+    sample_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling probability fixed in advance "
+                                      "(`batch_size` is then unused); default batch_size / n, which discloses the "
+                                      "number n of training records through the published sample_rate")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
     inner_steps: int | None = Field(None, ge=1, description="synthetic updates per paid noisy statistic "
                                     "(post-processing); default 5 for dm decoupled (measured best), else 1")
@@ -182,6 +185,8 @@ class TestSetConfig(_Strict):
     root: Path = Field(description="the coordinator's labelled test scans, relative to the config file")
     manifest: str = Field("labels.csv", description="CSV under root, same columns as a site's")
     format: Literal["auto", "dicom", "nifti", "png"] = Field("auto", description="as `data.format` of a site")
+    intensity: Intensity | None = Field(None, description="as `data.intensity` of the sites (default: the setting "
+                                        "all in-process site configs share; `minmax` when there are none)")
 
 
 class TrainConfig(_Strict):

@@ -76,14 +76,18 @@ class DistributionMatching(Distiller):
     @torch.no_grad()
     def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None,
                        family: str | None = None, count_share: float = COUNT_SHARE):
-        """The Gaussian mechanism on the per-class sums of step t (Poisson sample, augmentation `family`, or one
-        drawn per chunk when None as in DSA)."""
+        """The Gaussian mechanism on the per-class sums of step t: a Poisson sample under one augmentation
+        `family` (drawn for the step when None, as DSA draws one per batch) with independent per-record parameters.
+        One family for the whole sample, never one per chunk: a record's chunk depends on how many records precede
+        it, so per-chunk families would let one added record change the augmentation of others, and the sum could
+        move by more than the clip norm the noise is calibrated to."""
         idx = self.poisson_sample(len(x), t).to(x.device)
         g_aug = self.g(t, "augment_real")
+        if family is None:
+            family = choose_family(g_aug, self.families)
         feats = []
         for start in range(0, len(idx), CHUNK):
-            xb = x[idx[start:start + CHUNK]]
-            xb = self.augment(xb, g_aug) if family is None else apply_family(xb, g_aug, family)
+            xb = apply_family(x[idx[start:start + CHUNK]], g_aug, family)
             with self.autocast:
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)

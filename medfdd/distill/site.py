@@ -71,7 +71,7 @@ def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
 def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool) -> PrivacyPlan:
     """Noise for this round such that all planned rounds fit the budget, given what earlier rounds spent."""
     steps = cfg.distill.iterations
-    q = min(1.0, cfg.distill.batch_size / n_train)
+    q = cfg.distill.sample_rate or min(1.0, cfg.distill.batch_size / n_train)  # the former discloses nothing of n
     if not dp:
         return PrivacyPlan(False, 0.0, q, steps, cfg.distill.clip_norm)
     if cfg.privacy.delta >= 1.0 / n_train:

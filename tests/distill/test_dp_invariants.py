@@ -98,6 +98,26 @@ def _digits(n=200):
     return x, torch.tensor(d.target[:n])
 
 
+@pytest.mark.parametrize("schedule", ["interleaved", "decoupled"])
+def test_one_augmentation_family_per_paid_statistic_however_many_chunks(schedule, monkeypatch):
+    """Records are embedded in chunks; a family drawn per chunk would make one record's presence change the
+    augmentation of the records after it (their chunk moves), so the release could move by more than C."""
+    import medfdd.distill.augment as augment_module
+
+    applied: list[tuple[str, int]] = []
+    for name, op in list(augment_module.OPS.items()):
+        monkeypatch.setitem(augment_module.OPS, name,
+                            lambda x, g, _op=op, _name=name: applied.append((_name, x.shape[0])) or _op(x, g))
+    x, y = _digits(700)
+    d = DistributionMatching(DistillConfig(ipc=1, iterations=8, batch_size=700, width=8, schedule=schedule),
+                             PrivacyPlan(True, 1.0, 1.0, 8, 1.0), num_classes=10, image_shape=(1, 8, 8), seed=0)
+    for t in range(8):
+        applied.clear()
+        d.real_statistic(d.network(t), x, y, t)
+        assert len(applied) == 3 and sum(n for _, n in applied) == 700  # 256 + 256 + 188: q = 1 samples all
+        assert len({name for name, _ in applied}) == 1, applied
+
+
 def test_synthetic_images_start_from_noise_not_data():
     cfg = DistillConfig(ipc=3, iterations=2, batch_size=50, width=16)
     plan = PrivacyPlan(True, 1.0, 0.25, 2, 1.0)
@@ -283,6 +303,20 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
     assert abs(ledger["epsilon_spent"] - independent) / independent < 0.01
     assert ledger["epsilon_spent"] <= 1.0 and out.meta["epsilon"] == pytest.approx(ledger["epsilon_spent"])
     assert out.meta["steps"] == 30 and out.meta["dp"] is True
+
+
+@pytest.mark.parametrize("sample_rate", [None, 0.05])
+def test_a_fixed_sample_rate_publishes_nothing_about_the_number_of_records(consortium, tmp_path, sample_rate):
+    """sample_rate and the noise calibrated from it are published: by default they reveal n = batch_size / q; with
+    `distill.sample_rate` set they are the same whatever the number of training records."""
+    from medfdd.distill.site import open_ledger, plan_privacy
+
+    cfg = load_site_config(_site_config(consortium, tmp_path, batch_size=64, sample_rate=sample_rate))
+    plans = [plan_privacy(cfg, open_ledger(cfg, True), n_train=n, round_=1, dp=True) for n in (1000, 1001)]
+    if sample_rate is None:
+        assert [p.sample_rate for p in plans] == [64 / 1000, 64 / 1001]  # n = 64 / q: disclosed
+    else:
+        assert plans[0] == plans[1] and plans[0].sample_rate == sample_rate
 
 
 def test_no_dp_is_recorded_as_infinite_epsilon(consortium, tmp_path, capsys):
