@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,8 @@ from medfdd.config import (
     ConsortiumConfig,
     CoordinatorConfig,
     DataConfig,
+    Intensity,
+    MinMax,
     SiteBudget,
     SiteConfig,
     dump_config,
@@ -35,7 +36,7 @@ from medfdd.coordinator.merge import merge
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
 from medfdd.federation.messages import Broadcast, SiteOffer
-from medfdd.io import atomic_save_npz, atomic_write_json
+from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 
 
@@ -73,12 +74,27 @@ def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path) -> 
 
     data_cfg = DataConfig(root=(cfg.base_dir / cfg.test.root).resolve(), manifest=cfg.test.manifest,
                           format=cfg.test.format, classes=spec.classes, spatial_size=spec.spatial_size,
-                          channels=spec.channels, holdout_fraction=0.0)
+                          channels=spec.channels, intensity=intensity_of_test_split(cfg), holdout_fraction=0.0)
     data = load_site_data(SiteConfig(site_id="test-set", data=data_cfg, output=out / "test-cache", base_dir=out))
     if len(data.labels) == 0:
         raise CoordinatorError(f"test set {data_cfg.root}", "no usable test image",
                                "check the test manifest with `medfdd site check`")
     return data.images, data.labels
+
+
+def intensity_of_test_split(cfg: CoordinatorConfig) -> Intensity:
+    """The intensity scaling of the test split: `test.intensity`, else the one every in-process site uses (a model
+    trained on CT-windowed images must be evaluated on CT-windowed images), else minmax."""
+    assert cfg.test is not None
+    if cfg.test.intensity is not None:
+        return cfg.test.intensity
+    intensities = [load_site_config(p).data.intensity for p in cfg.site_paths]
+    used = {i.model_dump_json(): i for i in intensities}
+    if len(used) > 1:
+        raise CoordinatorError(f"{cfg.base_dir}: test.intensity", "the sites scale intensities differently "
+                               f"({', '.join(sorted(used))}), so the test split's scaling is ambiguous",
+                               "set `test.intensity` in the coordinator config (and agree one setting across sites)")
+    return next(iter(used.values()), MinMax())
 
 
 def _fingerprint(cfg: CoordinatorConfig, spec: ConsortiumConfig) -> str:
@@ -170,7 +186,9 @@ class CoordinatorRun:
         r = self.next_round
         if r is None:
             raise CoordinatorError(str(self.out), "all planned rounds are done", "start a new run")
-        model = (self.out / "global_model.safetensors").read_bytes() if r > 1 else None
+        # the previous round's own file, not the top-level copy: a coordinator killed between writing the new
+        # top-level model and its checkpoint resumes round r with round r-1's model, as the sites were promised
+        model = (self.out / "rounds" / f"round-{r - 1}" / "global_model.safetensors").read_bytes() if r > 1 else None
         b = Broadcast(r, model)
         self.current = _Round(r, bytes_down={s: b.nbytes() for s in self.expected_sites})
         return b
@@ -272,7 +290,7 @@ class CoordinatorRun:
                          title=f"{sid} round {rd.round} (as received)")
             ledger = self._site_ledger(sid)
             if ledger is not None:
-                shutil.copyfile(ledger, site_dir / "privacy_ledger.json")
+                atomic_write_bytes(site_dir / "privacy_ledger.json", ledger.read_bytes())
         save_preview(rdir / "merged_preview.png", merged.images, merged.labels, list(self.spec.classes),
                      title=f"merged set, round {rd.round} ({self.cfg.merge})")
         # the latest round's model and set at the top level (atomic copies)

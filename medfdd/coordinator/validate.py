@@ -73,6 +73,11 @@ def _number(v) -> float:
     return float(v)
 
 
+def _same_list(value, agreed: list) -> bool:
+    """A JSON list (or tuple) equal to the agreed one; anything else (a number, a string, None) is not."""
+    return isinstance(value, list | tuple) and list(value) == list(agreed)
+
+
 def check_identity(offer: SiteOffer, sender: str, *, spec: ConsortiumConfig, bindings: dict[str, str],
                    received: set[str], round_: int) -> None:
     """Known site, the same sender as before for that site (and vice versa), one offer per round, this round."""
@@ -128,7 +133,7 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
     if meta["site_id"] != sid or meta["round"] != offer.round:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"metadata says site {meta['site_id']!r} round "
                                                                f"{meta['round']!r}")
-    if list(meta["classes"]) != list(spec.classes) or list(meta["spatial_size"]) != list(spec.spatial_size):
+    if not _same_list(meta["classes"], spec.classes) or not _same_list(meta["spatial_size"], spec.spatial_size):
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, "classes or spatial_size differ from the agreed ones")
     try:
         eps, delta = _number(meta["epsilon"]), _number(meta["delta"])
@@ -178,7 +183,11 @@ def _check_class_counts(sid: str, per_class: np.ndarray, meta: dict, spec: Conso
     if allocation != "evidence" or "class_evidence" not in meta:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"allocation {allocation!r} needs to be 'evidence' "
                                                                "with class_evidence, or absent")
-    expected = evidence_allocation(meta["class_evidence"], meta["sample_rate"], spec.ipc * len(spec.classes))
+    q = _number(meta["sample_rate"])
+    if not 0 < q <= 1:
+        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"sample_rate {q} is not a sampling probability, so "
+                                                               "its evidence allocation cannot be checked")
+    expected = evidence_allocation(meta["class_evidence"], q, spec.ipc * len(spec.classes))
     if per_class.tolist() != expected:
         raise OfferRejected(sid, Reason.TOO_MANY_IMAGES, f"images per class {per_class.tolist()} differ from the "
                                                          f"evidence allocation {expected} of its class_evidence")
@@ -186,7 +195,19 @@ def _check_class_counts(sid: str, per_class: np.ndarray, meta: dict, spec: Conso
 
 def validate_offer(offer: SiteOffer, spec: ConsortiumConfig, *, previous_epsilon: float | None = None
                    ) -> AcceptedOffer:
-    """Announcement -> metadata -> decode -> values. Raises OfferRejected with the first problem found."""
+    """Announcement -> metadata -> decode -> values. Raises OfferRejected with the first problem found; any other
+    error while reading another party's offer is rejected as malformed too (a hostile offer must never stop the
+    coordinator)."""
+    try:
+        return _validate(offer, spec, previous_epsilon)
+    except OfferRejected:
+        raise
+    except Exception as e:  # noqa: BLE001 - the offer is untrusted input; its round goes on without it
+        raise OfferRejected(str(offer.site_id), Reason.MALFORMED,
+                            f"could not be validated ({type(e).__name__}: {str(e)[:200]})") from None
+
+
+def _validate(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: float | None) -> AcceptedOffer:
     sid = offer.site_id
     _check_announced(offer, spec)
     meta = _check_meta(offer, spec, previous_epsilon)

@@ -74,6 +74,16 @@ HOSTILE = {
     "metadata for another site": (lambda: offer(meta=good_meta(site="site-b")), Reason.INCONSISTENT_METADATA),
     "metadata for another round": (lambda: offer(meta=good_meta(round_=2)), Reason.INCONSISTENT_METADATA),
     "classes disagree": (lambda: offer(meta=good_meta(classes=["x", "y", "z"])), Reason.INCONSISTENT_METADATA),
+    "classes as a number": (lambda: offer(meta=good_meta(classes=3)), Reason.INCONSISTENT_METADATA),
+    "spatial size missing its list": (lambda: offer(meta=good_meta(spatial_size=None)), Reason.INCONSISTENT_METADATA),
+    "classes as one string": (lambda: offer(meta=good_meta(classes="abc")), Reason.INCONSISTENT_METADATA),
+    "non-private evidence allocation at sample rate inf": (lambda: offer(
+        site="baseline", labels=np.array([0, 0, 0, 0, 1, 1]),
+        meta=good_meta(site="baseline", dp=False, epsilon="inf", noise_multiplier=0.0, sample_rate="inf",
+                       allocation="evidence", class_evidence=[50.0, 10.0, 0.0])), Reason.INCONSISTENT_METADATA),
+    "evidence allocation as a list": (lambda: offer(meta=good_meta(allocation=["evidence"],
+                                                                   class_evidence=[50.0, 10.0, 0.0])),
+                                      Reason.INCONSISTENT_METADATA),
     "epsilon above budget": (lambda: offer(meta=good_meta(epsilon=1.5)), Reason.EPSILON_ABOVE_BUDGET),
     "delta above budget": (lambda: offer(meta=good_meta(delta=1e-3)), Reason.EPSILON_ABOVE_BUDGET),
     "non-private from a DP site": (lambda: offer(meta=good_meta(dp=False, epsilon="inf")), Reason.NOT_PRIVATE),
@@ -106,10 +116,11 @@ def test_an_offer_allocated_by_its_own_class_evidence_may_exceed_ipc_per_class(s
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 def test_hostile_offer_is_rejected_with_its_reason(spec, case):
     make, reason = HOSTILE[case]
+    hostile = make()
     with pytest.raises(OfferRejected) as err:
-        validate_offer(make(), spec)
+        validate_offer(hostile, spec)
     assert err.value.reason == reason, err.value
-    assert err.value.site_id == "site-a"
+    assert err.value.site_id == hostile.site_id
 
 
 def test_oversized_announcement_is_refused_before_any_allocation(spec):

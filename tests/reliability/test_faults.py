@@ -179,6 +179,10 @@ FAULTS = {
         "`medfdd coordinator run` (2 rounds) killed as soon as round 1's checkpoint.json appears",
         "rerun resumes after round 1 (not redone) and completes; every site charged once per round",
         "test_coordinator_killed_after_round_one_resumes_from_its_checkpoint"),
+    "coordinator killed between the new model and its checkpoint": (
+        "round 2's global_model.safetensors written at the top level, checkpoint.json still after round 1",
+        "the resumed round 2 broadcasts round 1's model (rounds/round-1), the one the sites paid against",
+        "test_a_coordinator_killed_before_its_checkpoint_broadcasts_the_previous_rounds_model"),
     "site never answers (in-process)": (
         "one of two sites sends no offer in a round",
         "recorded as `no_answer`; the round merges the other site",
@@ -212,6 +216,24 @@ def test_coordinator_killed_after_round_one_resumes_from_its_checkpoint(tmp_path
     for p in load_coordinator_config(coord).site_paths:
         ledger = PrivacyLedger.load(load_site_config(p).output_dir / "privacy_ledger.json")
         assert sorted(e.round for e in ledger.entries) == [1, 2]  # one charge per round, also for a re-asked round
+
+
+def test_a_coordinator_killed_before_its_checkpoint_broadcasts_the_previous_rounds_model(tmp_path):
+    """Round 2 wrote the top-level global_model.safetensors, then died before checkpoint.json: the resumed round 2
+    must broadcast round 1's model again (the sites already paid against it), not round 2's unfinished one."""
+    coord = tiny_consortium(tmp_path / "torn", rounds=3)
+    console, _ = _console()
+    run = CoordinatorRun.open(coord, engine="inprocess", console=console)
+    b = run.broadcast()
+    for p in load_coordinator_config(coord).site_paths:
+        assert run.receive(make_offer(p, b, console=console), sender=load_site_config(p).site_id)
+    run.finish_round()
+    round_one = (run.out / "rounds" / "round-1" / "global_model.safetensors").read_bytes()
+    (run.out / "global_model.safetensors").write_bytes(b"round 2's model, written just before the kill")
+
+    resumed = CoordinatorRun.open(coord, engine="inprocess", console=console)
+    b = resumed.broadcast()
+    assert b.round == 2 and b.model == round_one
 
 
 def test_a_site_that_never_answers_is_left_out_of_the_round(tmp_path):
