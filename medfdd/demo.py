@@ -20,6 +20,7 @@ from medfdd.config import load_coordinator_config
 from medfdd.data.check import check_site
 from medfdd.data.prepare import prepare_consortium
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.io import atomic_write_json
 
 # Small hospitals (~35 images per class): few paid DP steps, each reused for many updates (see README).
 SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
@@ -59,7 +60,7 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
     fedavg_round_bytes = model_bytes(convnet_for(tuple(test[0].shape[1:]), k, width=cfg.train.width))
     baselines = {"centralized_accuracy": central["accuracy"], "local_only_accuracy": local["accuracy"],
                  "fedavg_bytes_per_site_per_round": 2 * fedavg_round_bytes}
-    (run_dir / "baselines.json").write_text(json.dumps(baselines, indent=2))
+    atomic_write_json(run_dir / "baselines.json", baselines)
 
     console.rule("[bold]5. the privacy officer's audit (membership inference, canaries)")
     from privacy.audit.run import audit_run

@@ -138,6 +138,7 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
     for f in files:
         try:
             ds = _dicom_header(f)
+            _check_dicom_header(ds, max_voxels)  # every slice has Rows and Columns before they are compared
         except RecordRejected as e:
             raise RecordRejected(e.reason, f"slice {f.name}: {e.detail}", e.fix) from None
         headers.append(ds)
@@ -161,8 +162,6 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
     if rows * cols * len(headers) > max_voxels:
         raise RecordRejected(Reason.TOO_LARGE, f"series of {len(headers)} slices of {rows}x{cols} exceeds "
                              f"data.max_voxels = {max_voxels}", "raise data.max_voxels if the scan is genuine")
-    for h in headers:
-        _check_dicom_header(h, max_voxels)
     return first, len(headers)
 
 

@@ -26,6 +26,7 @@ Everything is a function of ``seed``: the same arguments write byte-identical fi
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
@@ -185,10 +186,11 @@ def _write_split(folder: Path, images: np.ndarray, labels: np.ndarray, classes: 
             rel = _write_image(folder, k, images[rec], fmt=fmt, rgb=rgb, patient_id=pid, rng=rng)
             rows.append((rel, classes[int(labels[rec])], pid))
             progress.advance(task)
-    with open(folder / MANIFEST, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, lineterminator="\n")
-        w.writerow(["path", "label", "patient_id"])
-        w.writerows(rows)
+    text = io.StringIO()
+    w = csv.writer(text, lineterminator="\n")
+    w.writerow(["path", "label", "patient_id"])
+    w.writerows(rows)
+    atomic_write_text(folder / MANIFEST, text.getvalue())
     return rows
 
 
@@ -390,7 +392,7 @@ def prepare_consortium(
     out.mkdir(parents=True, exist_ok=True)
     entries = [*site_ids, "test", "site_configs", MARKER]
     info: dict[str, Any] = {"kind": CONSORTIUM_KIND, "version": 1, "complete": False, "entries": entries}
-    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")  # marks `out` before any file
+    atomic_write_text(out / MARKER, json.dumps(info, indent=2) + "\n")  # marks `out` before any file
 
     site_dirs = [out / sid for sid in site_ids]
     test_dir = out / "test"
@@ -418,13 +420,13 @@ def prepare_consortium(
     site_paths = []
     for sid, cfg in zip(site_ids, site_cfgs, strict=True):
         path = cfg_dir / f"{sid}.yaml"
-        path.write_text(dump_config(cfg), encoding="utf-8")
+        atomic_write_text(path, dump_config(cfg))
         loaded = load_site_config(path)  # validate what was written
         if loaded.data_root != (out / sid).resolve():
             raise PrepareError(str(path), f"data.root resolves to {loaded.data_root}", "report this as a bug")
         site_paths.append(path)
     coord_path = cfg_dir / "coordinator.yaml"
-    coord_path.write_text(dump_config(coord_cfg), encoding="utf-8")
+    atomic_write_text(coord_path, dump_config(coord_cfg))
     load_coordinator_config(coord_path)
 
     info.update({
@@ -444,7 +446,7 @@ def prepare_consortium(
         "partition": partition.as_dict(site_ids, classes),
         "test": {**{c: int(v) for c, v in zip(classes, test_counts, strict=True)}, "total": int(test_counts.sum())},
     })
-    (out / MARKER).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / MARKER, json.dumps(info, indent=2) + "\n")
 
     console.print(f"wrote {sites} site folders, the test split and configs under [bold]{out}[/]; next: "
                   f"[bold]medfdd site check {cfg_dir / site_paths[0].name}[/]")

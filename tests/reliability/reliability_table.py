@@ -155,7 +155,7 @@ def bad_input_rows() -> list[list[str]]:
     rows = [[kind, f"quarantined `{reason}`", _test(BAD_INPUTS, "test_broken_files_are_quarantined_with_reasons")]
             for kind, reason in bad.QUARANTINED.values()]
     for table, test in ((gaps.QUARANTINED_2D, "test_more_broken_files_are_quarantined_with_their_reasons"),
-                        (gaps.QUARANTINED_3D, "test_wrong_dimensionality_in_a_3d_site")):
+                        (gaps.QUARANTINED_3D, "test_broken_volumes_in_a_3d_site_are_quarantined")):
         rows += [[kind, f"quarantined `{reason}`", _test(GAPS, test)] for kind, _, reason in table.values()]
     rows += [[case, f"ManifestError: {problem}", _test(BAD_INPUTS, "test_manifest_columns_are_checked", case)]
              for case, (_, problem) in bad.MANIFEST_COLUMNS.items()]

@@ -87,6 +87,15 @@ def mixed_size_series(root: Path, rel: str, rng) -> None:
                     series_uid="1.2.3.4", study_uid="1.2.3")
 
 
+def series_slice_without_rows(root: Path, rel: str, rng) -> None:
+    for z in range(4):
+        p = write_dicom(root / rel / f"{z}.dcm", _pixels(rng, (8, 8)), patient_id="P", rng=rng,
+                        instance_number=z + 1, series_uid="1.2.3.5", study_uid="1.2.3")
+    ds = pydicom.dcmread(p)
+    del ds.Rows  # the last slice's header lost its Rows tag
+    ds.save_as(p)
+
+
 def empty_folder(root: Path, rel: str, rng) -> None:
     (root / rel).mkdir(parents=True)
 
@@ -129,6 +138,8 @@ QUARANTINED_2D = {
 QUARANTINED_3D = {
     "slice.dcm": ("2D image where the site expects 3D", two_d_in_3d, "wrong_dimensionality"),
     "4d.nii.gz": ("4D NIfTI where the site expects 3D", four_d_in_3d, "wrong_dimensionality"),
+    "series_no_rows": ("DICOM series folder with a slice whose header has no Rows tag", series_slice_without_rows,
+                       "corrupt_pixel_data"),
 }
 
 
@@ -163,7 +174,7 @@ def test_more_broken_files_are_quarantined_with_their_reasons(site_builder, monk
     _check_quarantine(s, QUARANTINED_2D, s.write(), n_good=4)
 
 
-def test_wrong_dimensionality_in_a_3d_site(site_builder):
+def test_broken_volumes_in_a_3d_site_are_quarantined(site_builder):
     s = site_builder(classes=["a", "b"], spatial_size=[4, 8, 8])
     rng = np.random.default_rng(3)
     for i in range(2):
