@@ -102,6 +102,14 @@ def _local_sgd(model: ConvNet, x: np.ndarray, y: np.ndarray, *, epochs: int, lr:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def poisson_loader_plan(n: int, batch_size: int) -> tuple[float, int]:
+    """(sample rate, steps per epoch) of the Poisson loader Opacus's `make_private` builds from our DataLoader of
+    `n` records: `DPDataLoader.from_data_loader` samples at 1 / len(loader) for len(loader) = ceil(n / batch) steps,
+    which is what must be accounted (batch / n under-counts when batch does not divide n)."""
+    batches = math.ceil(n / min(batch_size, n))
+    return 1.0 / batches, batches
+
+
 def fedavg(sites: list[SiteRecords], test, k: int, *, rounds: int, local_epochs: int = 1, lr: float = 0.01,
            batch_size: int = 64, width: int = 128, epsilon: float | None = None, delta: float = 1e-5,
            clip: float = 1.0, seed: int = 0) -> dict:
@@ -111,8 +119,8 @@ def fedavg(sites: list[SiteRecords], test, k: int, *, rounds: int, local_epochs:
     size = model_bytes(global_model)
     sigmas, spent = {}, {}
     for s in sites:
-        q = min(1.0, batch_size / len(s.y))
-        steps = rounds * local_epochs * max(1, round(1 / q))
+        q, per_epoch = poisson_loader_plan(len(s.y), batch_size)
+        steps = rounds * local_epochs * per_epoch
         if epsilon is not None:
             sigmas[s.site_id] = calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=q, steps=steps)
             spent[s.site_id] = epsilon_for([(sigmas[s.site_id], q, steps)], delta=delta)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 
-from medfdd.baselines import centralized, fedavg, load_sites, local_only, random_subset
+from medfdd.baselines import centralized, fedavg, load_sites, local_only, poisson_loader_plan, random_subset
 from medfdd.config import load_coordinator_config
 from medfdd.training import TrainSettings
 
@@ -30,3 +31,15 @@ def test_baselines_on_a_small_digits_consortium(digits_consortium):
     assert all(s > 0 for s in private["noise_multiplier"].values())
     assert private["bytes_up_total"] == private["model_bytes"] * 2 * len(sites)  # model x rounds x sites
     assert len(plain["accuracy_per_round"]) == 2 and np.isfinite(plain["accuracy"])
+
+
+@pytest.mark.parametrize("n,batch", [(250, 100), (1000, 64), (64, 64), (30, 64), (1797, 256)])
+def test_dp_fedavg_accounts_the_sampling_opacus_actually_runs(n, batch):
+    """DP-FedAvg's epsilon is computed for the sample rate and steps of the loader Opacus builds, not batch / n."""
+    import torch
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=min(batch, n))
+    dp_loader = DPDataLoader.from_data_loader(loader)
+    assert poisson_loader_plan(n, batch) == (pytest.approx(dp_loader.sample_rate), len(dp_loader))
