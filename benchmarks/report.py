@@ -266,7 +266,14 @@ def main() -> None:
              "embedded the real records under bf16 autocast (precision auto then meant bf16 on every CPU); since then "
              "a CPU without native bf16 uses fp32, 10x faster for that embedding on the AVX2-only EPYC of "
              "2026-12-01. The CPUs of these sessions differ (some had native bf16), so compare s / iteration only "
-             "within one file.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
+             "within one file. Interleaved-schedule rows (ablations, not the default) whose commit predates `88a5f9f` drew "
+             "the real records' augmentation family per 256-record chunk instead of once per paid statistic, so with "
+             "more than 256 sampled records one record could change the augmentation of others and the sensitivity C "
+             "the noise assumed was not guaranteed; the decoupled default always drew one family per statistic. "
+             "DP-FedAvg rows whose commit predates `78f1410` accounted sample rate batch / n and round(n / batch) "
+             "steps per epoch instead of the 1 / ceil(n / batch) and ceil(n / batch) Opacus's Poisson loader ran; "
+             "recomputed for 120 site sizes between 500 and 20,000 records (batch 64, 3 rounds, epsilon 1 and 10), the "
+             "epsilon actually spent was 0.94-0.999 of the one reported, so those rows stayed within their budgets.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
              "## Ours", ""]
     central = [_load(p.stem) for p in sorted(RESULTS.glob("b1_central*.json"))]
     central = [r for r in central if r.get("rows") and "accuracy_mean" in r["rows"][0]]  # not --profile files
