@@ -272,7 +272,8 @@ def main() -> None:
              "the noise assumed was not guaranteed; the decoupled default always drew one family per statistic. "
              "DP-FedAvg rows whose commit predates `78f1410` accounted sample rate batch / n and round(n / batch) "
              "steps per epoch instead of the 1 / ceil(n / batch) and ceil(n / batch) Opacus's Poisson loader ran; "
-             "recomputed for 120 site sizes between 500 and 20,000 records (batch 64, 3 rounds, epsilon 1 and 10), the "
+             "recomputed for 122 site sizes between 500 and 20,000 records (batch 64, 3 rounds, epsilon 1; 60 of them also "
+             "at epsilon 10), the "
              "epsilon actually spent was 0.94-0.999 of the one reported, so those rows stayed within their budgets.", "", "## Anchors (Fashion-MNIST, ConvNet-3, from shared/BENCHMARKS.md)", "", ANCHORS, "",
              "## Ours", ""]
     central = [_load(p.stem) for p in sorted(RESULTS.glob("b1_central*.json"))]
