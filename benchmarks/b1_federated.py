@@ -122,7 +122,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
                 meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
                 if offer_file is not None:  # the offer itself, for merge studies and resuming (np.load, no pickle)
                     atomic_save_npz(offer_file, images=x, labels=y,
-                             class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
+                                    class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
             previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
@@ -130,7 +130,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         weights = merged.training_weights
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
             atomic_save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
-                     labels=merged.labels, weights=merged.weights)
+                            labels=merged.labels, weights=merged.weights)
         model_file = None if save_merged is None else save_merged / f"global_eps{eps:g}_rounds{rounds}_r{r}.safetensors"
         if resume and model_file.is_file():
             global_model = load_model(model_file).to(device)

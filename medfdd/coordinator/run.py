@@ -85,8 +85,7 @@ def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path) -> 
 def intensity_of_test_split(cfg: CoordinatorConfig) -> Intensity:
     """The intensity scaling of the test split: `test.intensity`, else the one every in-process site uses (a model
     trained on CT-windowed images must be evaluated on CT-windowed images), else minmax."""
-    assert cfg.test is not None
-    if cfg.test.intensity is not None:
+    if cfg.test is not None and cfg.test.intensity is not None:
         return cfg.test.intensity
     intensities = [load_site_config(p).data.intensity for p in cfg.site_paths]
     used = {i.model_dump_json(): i for i in intensities}
