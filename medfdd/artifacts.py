@@ -170,11 +170,23 @@ def load_model(path: Path, expect: dict | None = None) -> ConvNet:
         if bad:
             raise ArtifactError(str(path), f"architecture does not match the agreed one: {bad} (got, expected)",
                                 "the coordinator and the sites must agree on classes, channels and spatial size")
-    model = ConvNet(arch["in_channels"], arch["num_classes"], tuple(arch["spatial_size"]), arch["width"],
-                    arch.get("depth", 3))
+    try:
+        args = (int(arch["in_channels"]), int(arch["num_classes"]), tuple(int(s) for s in arch["spatial_size"]),
+                int(arch["width"]), int(arch.get("depth", 3)))
+        with torch.device("meta"):  # shapes only: a header announcing a huge width allocates nothing
+            skeleton = ConvNet(*args)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(str(path), f"architecture metadata unusable ({type(e).__name__}: {e})"[:300],
+                            "use a model written by medfdd") from None
     # a model written before the convolutions lost their bias loads too: instance norm subtracts a conv bias exactly
-    conv_biases = {f"features.{i}.bias" for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d | nn.Conv3d)}
+    conv_biases = {f"features.{i}.bias" for i, m in enumerate(skeleton.features)
+                   if isinstance(m, nn.Conv2d | nn.Conv3d)}
     state = {k: v for k, v in state.items() if k not in conv_biases}
+    declared = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if declared != {k: tuple(v.shape) for k, v in state.items()}:
+        raise ArtifactError(str(path), "the weights' shapes do not match the architecture in the header",
+                            "use the model file as the coordinator wrote it")
+    model = ConvNet(*args)
     try:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     except RuntimeError as e:

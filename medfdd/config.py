@@ -172,6 +172,15 @@ class SiteConfig(_Strict):
     audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
 
+    @field_validator("audit_gate")
+    @classmethod
+    def _gate_attacks_run_here(cls, gate: AuditGate | None) -> AuditGate | None:
+        """The offer-path gate scores DCR only: a gate naming other attacks would fail every round for want of rows."""
+        if gate is not None and gate.attacks is not None and "dcr" not in gate.attacks:
+            raise ValueError(f"attacks {gate.attacks} leave nothing to check: the gate on the offer path runs the "
+                             "dcr attack only; add dcr or drop audit_gate.attacks")
+        return gate
+
     @property
     def data_root(self) -> Path:
         return (self.base_dir / self.data.root).resolve()

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import stat
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from medfdd.config import DataConfig
+from medfdd.data.quarantine import Reason, RecordRejected
 from medfdd.io import atomic_save_npy, atomic_write_json
 
+T = TypeVar("T")
 PREPROCESS_VERSION = 1  # bump when the loading/preprocessing code changes what it produces
 
 
@@ -26,10 +31,22 @@ def settings_fingerprint(cfg: DataConfig) -> str:
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def content_key(path: Path, fingerprint: str) -> str:
+def content_key(path: Path, fingerprint: str, root: Path) -> str:
+    """Hash of the scan's bytes; only regular files inside `root` are read (a series slice that is a symlink to
+    /dev/zero, a FIFO or a file elsewhere is quarantined before a single byte of it is read)."""
     h = hashlib.blake2b(fingerprint.encode(), digest_size=20)
     files = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else [path]
+    root = Path(root).resolve()
     for f in files:
+        target = f.resolve()
+        if not target.is_relative_to(root):
+            raise RecordRejected(Reason.OUTSIDE_ROOT, f"{f.name} resolves outside the data root",
+                                 "copy the file into the data root")
+        if target.is_dir():
+            continue  # a sub-folder in a series folder: the loader quarantines it with its own reason
+        if not stat.S_ISREG(target.stat().st_mode):
+            raise RecordRejected(Reason.UNREADABLE, f"{f.name} is not a regular file (a device, FIFO or socket)",
+                                 "export the scan as an ordinary file")
         h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
@@ -48,13 +65,14 @@ class PreprocessCache:
     def _file(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npy"
 
-    def get(self, key: str) -> tuple[np.ndarray, dict] | None:
-        """(tensor, info) or None on a miss; an unreadable entry counts as a miss."""
+    def get(self, key: str, parse_info: Callable[[dict], T]) -> tuple[np.ndarray, T] | None:
+        """(tensor, parse_info(info)) or None on a miss; an unreadable entry, or info that `parse_info` refuses
+        (another version's fields), counts as a miss."""
         f = self._file(key)
         try:
             arr = np.load(f, allow_pickle=False)
-            info = json.loads(f.with_suffix(".json").read_text())
-        except (ValueError, OSError, EOFError):
+            info = parse_info(json.loads(f.with_suffix(".json").read_text()))
+        except (ValueError, OSError, EOFError, TypeError, KeyError):
             self.misses += 1
             return None
         self.hits += 1

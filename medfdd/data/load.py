@@ -84,13 +84,27 @@ def _dicom_header(path: Path) -> pydicom.Dataset:
     return ds
 
 
+def _header_int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"{keyword} is not a whole number ({type(e).__name__})",
+                             "re-export the file; its header is damaged") from None
+
+
+def header_values(ds: pydicom.Dataset) -> int:
+    """Values the pixel data of one DICOM object decodes to: Rows x Columns x NumberOfFrames x SamplesPerPixel."""
+    return (_header_int(ds, "Rows", 0) * _header_int(ds, "Columns", 0) * _header_int(ds, "NumberOfFrames", 1)
+            * _header_int(ds, "SamplesPerPixel", 1))
+
+
 def _check_dicom_header(ds: pydicom.Dataset, max_voxels: int) -> None:
-    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    rows, cols = _header_int(ds, "Rows", 0), _header_int(ds, "Columns", 0)
+    frames = _header_int(ds, "NumberOfFrames", 1)
+    spp = _header_int(ds, "SamplesPerPixel", 1)
     if rows < 1 or cols < 1:
         raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"Rows={rows}, Columns={cols}", "re-export the file")
-    voxels = rows * cols * frames * spp
+    voxels = header_values(ds)
     if voxels > max_voxels:
         raise RecordRejected(Reason.TOO_LARGE, f"header announces {rows}x{cols}x{frames} frames x{spp} samples "
                              f"= {voxels} values (limit data.max_voxels = {max_voxels})",
@@ -159,9 +173,11 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
                              "put one series per folder")
     first = headers[0]
     rows, cols = shapes.pop()
-    if rows * cols * len(headers) > max_voxels:
-        raise RecordRejected(Reason.TOO_LARGE, f"series of {len(headers)} slices of {rows}x{cols} exceeds "
-                             f"data.max_voxels = {max_voxels}", "raise data.max_voxels if the scan is genuine")
+    total = sum(header_values(h) for h in headers)  # frames and samples count too, not only rows x columns
+    if total > max_voxels:
+        raise RecordRejected(Reason.TOO_LARGE, f"series of {len(headers)} slices of {rows}x{cols} announces {total} "
+                             f"values, more than data.max_voxels = {max_voxels}",
+                             "raise data.max_voxels if the scan is genuine")
     return first, len(headers)
 
 

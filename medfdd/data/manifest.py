@@ -68,7 +68,10 @@ def resolve_inside(root: Path, rel: str) -> Path | str:
         return "absolute paths are not allowed"
     if ".." in PurePosixPath(rel.replace("\\", "/")).parts:
         return "'..' is not allowed in paths"
-    resolved = (root / rel).resolve()
+    try:
+        resolved = (root / rel).resolve()
+    except (OSError, RuntimeError) as e:  # a symlink loop, a name too long for the file system
+        return f"cannot be resolved ({type(e).__name__}: {e})"
     if not resolved.is_relative_to(root):
         return f"resolves outside the data root (through a symlink) to {resolved}"
     return resolved
@@ -97,6 +100,10 @@ def read_manifest(root: Path, manifest_name: str, classes: list[str]) -> tuple[l
         if not path:
             bad.append(QuarantineEntry(line, path, Reason.EMPTY_PATH, "the path field is empty", "fill in the path"))
             continue
+        if "\0" in path:
+            bad.append(QuarantineEntry(line, path, Reason.UNREADABLE, "the path holds a NUL character",
+                                       "correct the path in the manifest (an export or encoding fault)"))
+            continue
         where = resolve_inside(root, path)
         if isinstance(where, str):
             bad.append(QuarantineEntry(line, path, Reason.OUTSIDE_ROOT, where,
@@ -106,7 +113,13 @@ def read_manifest(root: Path, manifest_name: str, classes: list[str]) -> tuple[l
             bad.append(QuarantineEntry(line, path, Reason.UNKNOWN_LABEL, f"label {label!r} is not one of {classes}",
                                        "correct the label or add the class to data.classes (consortium-wide)"))
             continue
-        if not where.exists():
+        try:
+            exists = where.exists()
+        except OSError as e:
+            bad.append(QuarantineEntry(line, path, Reason.UNREADABLE, f"{type(e).__name__}: {e}",
+                                       "make the file readable by the site runner's user"))
+            continue
+        if not exists:
             bad.append(QuarantineEntry(line, path, Reason.MISSING_FILE, f"{where} does not exist",
                                        "restore the file or remove its row"))
             continue

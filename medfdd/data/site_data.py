@@ -37,6 +37,11 @@ class SiteData:
         return {c: int(k) for c, k in zip(self.classes, counts, strict=True)}
 
 
+def _cached_info(raw: dict) -> ScanInfo:
+    """A cache entry's ScanInfo (TypeError / KeyError when another version wrote other fields: a miss)."""
+    return ScanInfo(**{**raw, "original_shape": tuple(raw["original_shape"])})
+
+
 def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | None = None) -> SiteData:
     """Load every manifest row of a site; unusable rows are quarantined, never dropped silently.
 
@@ -53,10 +58,10 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     infos: list[ScanInfo] = []
     for i, e in enumerate(entries):
         try:
-            key = content_key(e.file, cache.fingerprint) if cache else None
-            cached = cache.get(key) if cache else None
+            key = content_key(e.file, cache.fingerprint, root) if cache else None
+            cached = cache.get(key, _cached_info) if cache else None
             if cached is not None and cached[0].shape == images.shape[1:]:
-                x, info = cached[0], ScanInfo(**{**cached[1], "original_shape": tuple(cached[1]["original_shape"])})
+                x, info = cached
             else:
                 x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
                 if cache:
@@ -71,6 +76,11 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         except OSError as err:  # permission denied, I/O error, vanished file
             quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE, f"{type(err).__name__}: {err}",
                                               "make the file readable by the site runner's user"))
+        except Exception as err:  # noqa: BLE001 - whatever else one file does, it must not stop the site
+            quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE,
+                                              f"unexpected {type(err).__name__} while reading it: {err}"[:500],
+                                              "re-export the file; report it to the medfdd maintainers if it "
+                                              "opens in other viewers"))
         if on_record:
             on_record(i + 1, len(entries))
     used = [entries[i] for i in kept]

@@ -6,6 +6,7 @@ in the holdout; rows without a patient id each count as their own patient (per-r
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -36,3 +37,16 @@ def patient_split(labels: np.ndarray, patient_ids: list[str | None], holdout_fra
     hold = np.array(sorted(holdout), dtype=np.int64)
     train = np.setdiff1d(np.arange(n, dtype=np.int64), hold)
     return train, hold
+
+
+MEMBERS_FILE = "members.json"  # at the site only: which records each released round trained on (as digests)
+
+
+def split_digest(rows: np.ndarray, train: np.ndarray, holdout: np.ndarray) -> dict:
+    """Digests of the manifest rows on each side of the split, so that an audit can tell whether it rebuilds the
+    same members and non-members as the release used (a changed manifest or seed reshuffles patients)."""
+    def digest(a: np.ndarray) -> str:
+        return hashlib.blake2b(np.asarray(a, dtype=np.int64).tobytes(), digest_size=16).hexdigest()
+
+    return {"train": digest(rows[train]), "holdout": digest(rows[holdout]), "n_train": int(len(train)),
+            "n_holdout": int(len(holdout))}

@@ -28,10 +28,11 @@ from safetensors.torch import load_file, save
 from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
+from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
 from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_write_bytes, write_error
+from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
 from medfdd.training import pick_device
 from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
 
@@ -108,6 +109,17 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, row
     if global_model is not None:
         h.update(Path(global_model).read_bytes())
     return h.hexdigest()
+
+
+def _record_members(cfg: SiteConfig, round_: int, digest: dict) -> None:
+    """members.json (site-local): the split digest of every released round, for `medfdd audit` to check against."""
+    path = cfg.output_dir / MEMBERS_FILE
+    try:
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        record = {}  # rewritten below; the audit then checks against this round only
+    rounds = record.get("rounds") if isinstance(record.get("rounds"), dict) else {}
+    atomic_write_json(path, {"site_id": cfg.site_id, "rounds": {**rounds, str(round_): digest}})
 
 
 def _release_copy(cfg: SiteConfig, round_: int) -> Path:
@@ -248,6 +260,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         meta["class_evidence"] = evidence
     if cfg.distill.allocation != "uniform":
         meta["allocation"] = cfg.distill.allocation
+    _record_members(cfg, round_, split_digest(data.rows, data.train, data.holdout))
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
     atomic_write_bytes(_release_copy(cfg, round_), save({"images": torch.from_numpy(images),
                                                          "labels": torch.from_numpy(labels)}))

@@ -22,8 +22,8 @@ from privacy.audit.pipeline import PipelineSettings, run_pipeline
 class CanaryOutcome:
     scores: np.ndarray
     included: np.ndarray
-    one_run: EpsilonBound
-    clopper_pearson: EpsilonBound
+    one_run: EpsilonBound | None  # None when every canary fell on one side (nothing to compare)
+    clopper_pearson: EpsilonBound | None
     epsilon_accounted: float
     kind: str
     target: str
@@ -43,8 +43,10 @@ def canary_audit(train_images: np.ndarray, train_labels: np.ndarray, canary_imag
     y = np.concatenate([train_labels, labels[included]])
     out = run_pipeline(x, y, settings, seed=seed * 1000 + 3, context=context, train_model=target == "global_model")
     scores = target_statistic(target, out, canary_images, labels)
+    both_sides = included.any() and not included.all()
     return CanaryOutcome(
         scores=scores, included=included,
-        one_run=one_run_lower_bound(scores, included, delta=delta, confidence=confidence),
-        clopper_pearson=clopper_pearson_lower_bound(scores, included, delta=delta, confidence=confidence, seed=seed),
+        one_run=one_run_lower_bound(scores, included, delta=delta, confidence=confidence) if both_sides else None,
+        clopper_pearson=clopper_pearson_lower_bound(scores, included, delta=delta, confidence=confidence, seed=seed)
+        if both_sides else None,
         epsilon_accounted=out.epsilon_accounted, kind=kind, target=target)

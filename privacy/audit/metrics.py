@@ -7,6 +7,9 @@ pipeline trained on) and 0 for non-members (the audit holdout).
 - TPR at a low FPR (Carlini et al., "Membership Inference Attacks From First Principles", S&P 2022): the largest
   true-positive rate among ROC points whose false-positive rate is at most the target.
 - Balanced accuracy of the best threshold: max over thresholds of (TPR + TNR) / 2.
+- Top-rank test (the zero-FPR end of the ROC): how many members score above every non-member, and the exact
+  probability of that many or more if scores were exchangeable (no leakage): C(m, x) / C(m + h, x), a
+  hypergeometric tail. It catches attacks that expose a few records with certainty while the AUC stays near 0.5.
 - Clopper-Pearson epsilon lower bound (Jagielski, Ullman & Oprea, "Auditing Differentially Private Machine
   Learning: How Private is Private SGD?", NeurIPS 2020): an (epsilon, delta)-DP mechanism forces every test to obey
   FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta, so exact binomial upper bounds on FPR and FNR
@@ -79,6 +82,16 @@ def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, target: float) -> float:
 def balanced_accuracy(fpr: np.ndarray, tpr: np.ndarray) -> float:
     """Best threshold's balanced accuracy: max (TPR + 1 - FPR) / 2 (0.5 = guessing)."""
     return float(np.max((np.asarray(tpr) + 1 - np.asarray(fpr)) / 2))
+
+
+def top_rank_test(scores, is_member) -> tuple[int, float]:
+    """(x, p): x members score strictly above every non-member; p = P[X >= x] when member and non-member scores
+    are exchangeable (nothing leaks) = C(m, x) / C(m + h, x) (the first x of a random order all members;
+    hypergeometric). Ties count against the attack, so p is conservative."""
+    s, m = _check_scores(scores, is_member)
+    x = int((s[m] > s[~m].max()).sum())
+    n_m, total = int(m.sum()), len(s)
+    return x, float(stats.hypergeom.pmf(x, total, n_m, x)) if x > 0 else 1.0
 
 
 # ------------------------------------------------------------------------------------------ Clopper-Pearson
@@ -244,11 +257,15 @@ class AttackMetrics:
     balanced_accuracy: float
     n_members: int
     n_nonmembers: int
+    top_rank_members: int = 0  # members scored above every non-member (`top_rank_test`)
+    top_rank_p_value: float = 1.0  # chance of that many under no leakage
 
 
 def attack_metrics(scores, is_member) -> AttackMetrics:
     s, m = _check_scores(scores, is_member)
     fpr, tpr, _ = roc(s, m)
+    x, p = top_rank_test(s, m)
     return AttackMetrics(auc=auc(s, m), tpr_at_fpr_0_001=tpr_at_fpr(fpr, tpr, 0.001),
                          tpr_at_fpr_0_01=tpr_at_fpr(fpr, tpr, 0.01), balanced_accuracy=balanced_accuracy(fpr, tpr),
-                         n_members=int(m.sum()), n_nonmembers=int((~m).sum()))
+                         n_members=int(m.sum()), n_nonmembers=int((~m).sum()), top_rank_members=x,
+                         top_rank_p_value=p)

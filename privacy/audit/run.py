@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medfdd.artifacts import load_model, load_synthetic
 from medfdd.config import load_site_config
 from medfdd.data.site_data import load_site_data
+from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.errors import MedfddError
 from medfdd.training import TrainSettings
 from privacy.accounting import PrivacyLedger, epsilon_for
@@ -130,6 +131,28 @@ def _ledger_rows(path: Path) -> tuple[list[dict], float | None]:
     return rows, ledger.epsilon_spent
 
 
+def _check_members(cfg, data, sid: str, run: dict, notes: list[str]) -> None:
+    """The split rebuilt now must be the one the released rounds trained on, or members would be mislabelled (a
+    changed manifest or seed reshuffles patients) and the audit would understate leakage."""
+    path = cfg.output_dir / MEMBERS_FILE
+    if not path.is_file():
+        notes.append(f"{sid}: no {MEMBERS_FILE} at the site (a release older than this check): members could not "
+                     "be verified against the released rounds")
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["rounds"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise AuditError(str(path), "not a members record written by `medfdd site distill`",
+                         "restore it from the site's backup or distill again") from None
+    now = split_digest(data.rows, data.train, data.holdout)
+    run_rounds = {str(r.get("round")) for r in run.get("rounds") or [] if isinstance(r, dict)}
+    for rnd, digest in sorted(recorded.items()):
+        if (not run_rounds or rnd in run_rounds) and digest != now:
+            raise AuditError(f"{sid}: {path}", f"round {rnd} trained on a different train/holdout split than the "
+                             "site's data and config give now (manifest rows, quarantine or seed changed)",
+                             "audit with the manifest, data and config the run used")
+
+
 def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:
     try:
         return clopper_pearson_lower_bound(scores, member, delta=delta, confidence=spec.confidence, seed=seed)
@@ -168,6 +191,9 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     sites: dict[str, SiteAudit] = {}
     rows: list[AttackRow] = []
     pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = []
+    # one rigorous canary test per site: Bonferroni, so that no site raises a false alarm with probability
+    # above 1 - confidence however many sites are audited
+    canary_confidence = 1 - (1 - spec.confidence) / max(1, len(wanted))
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as bar:
         for sid in wanted:
@@ -180,6 +206,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                 continue
             cfg = load_site_config(Path(info["config"]))
             data = load_site_data(cfg)
+            _check_members(cfg, data, sid, run, notes)
             if len(data.holdout) == 0 or len(data.train) == 0:
                 raise AuditError(f"{sid}: data.holdout_fraction", "the site has no audit holdout (or no training "
                                  "records)", "set data.holdout_fraction > 0 in the site config before the run")
@@ -221,16 +248,18 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                                              fixed_variance=spec.fixed_variance)
                         rows.append(_row(sid, attack, t, scores, member, **common,
                                          details={"shadows": spec.shadows, "fixed_variance": spec.fixed_variance}))
-            if "canary" in spec.attacks:
-                m = min(spec.canaries, len(data.holdout))
+            m = min(spec.canaries, len(data.holdout))
+            if "canary" in spec.attacks and m < 2:
+                notes.append(f"{sid}: {len(data.holdout)} holdout record(s), too few canaries for the one-run audit")
+            elif "canary" in spec.attacks:
                 task = bar.add_task(f"{sid}: canary run ({m} canaries)", total=1)
                 pick = np.random.default_rng([spec.seed, 11]).permutation(data.holdout)[:m]
                 with torch.random.fork_rng(devices=[]):
                     c = canary_audit(data.images[data.train], data.labels[data.train], data.images[pick],
                                      data.labels[pick], settings, target=spec.canary_target, kind=spec.canary_kind,
-                                     seed=spec.seed, delta=delta, confidence=spec.confidence, context=context)
+                                     seed=spec.seed, delta=delta, confidence=canary_confidence, context=context)
                 bar.update(task, completed=1)
-                if c.included.all() or not c.included.any():
+                if c.one_run is None or c.clopper_pearson is None:
                     notes.append(f"{sid}: all {m} canaries fell on one side; canary metrics skipped")
                 else:
                     rows.append(AttackRow(
@@ -242,6 +271,10 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     if not sites:
         raise AuditError(str(run_dir), "no site could be audited here: " + "; ".join(notes),
                          "run the audit where the sites' configs and data are")
+    if not rows:
+        raise AuditError("audit spec", f"attacks {spec.attacks} on targets {spec.targets} produced no result: "
+                         "nothing was tested (" + "; ".join(notes) + ")",
+                         "pick attacks that run on the chosen targets (loss needs global_model, dcr needs synthetic)")
     if spec.consortium and len(pools) > 1:
         x = np.concatenate([p[0] for p in pools])
         y = np.concatenate([p[1] for p in pools])

@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from medfdd.config import AttackName as Attack
 from medfdd.config import load_yaml, parse_config
@@ -54,6 +54,16 @@ class AuditSpec(BaseModel):
         if dup:
             raise ValueError(f"listed twice: {dup}")
         return v
+
+    @model_validator(mode="after")
+    def _every_attack_runs(self) -> AuditSpec:
+        """An attack listed without the target it scores would silently not run: refuse it."""
+        needs = {"loss": "global_model", "dcr": "synthetic"}
+        idle = [f"{a} needs target {needs[a]}" for a in self.attacks if a in needs and needs[a] not in self.targets]
+        if idle:
+            raise ValueError(f"these attacks would not run: {'; '.join(idle)} (targets: {self.targets}); add the "
+                             "target or drop the attack")
+        return self
 
     @property
     def lira(self) -> list[str]:

@@ -115,6 +115,19 @@ def test_corrupt_cache_entry_is_recomputed(site_builder):
     np.testing.assert_array_equal(again.images, ref)
 
 
+def test_cache_entry_from_another_version_is_recomputed(site_builder):
+    """Info written by another medfdd version (unknown or missing fields) is a miss, not a crash."""
+    s = _site(site_builder, n=2)
+    cfg = load_site_config(s.write())
+    ref = load_site_data(cfg).images
+    infos = sorted((cfg.output_dir / "cache").rglob("*.json"))
+    infos[0].write_text(json.dumps({"format": "dicom", "colour": "red"}))
+    infos[1].write_text(json.dumps(["not", "a", "mapping"]))
+    again = load_site_data(cfg)
+    assert (again.cache_hits, again.cache_misses) == (0, 2)
+    np.testing.assert_array_equal(again.images, ref)
+
+
 def test_cache_never_unpickles(site_builder):
     """An object array planted in the cache is refused by np.load(allow_pickle=False) and recomputed."""
     s = _site(site_builder, n=1)

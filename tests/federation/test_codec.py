@@ -80,7 +80,7 @@ def test_wrong_types_and_bad_meta_are_refused():
     rd.config_records["offer"]["round"] = "2"
     with pytest.raises(CodecError, match="round"):
         codec.records_to_offer(rd)
-    for bad in ("[1, 2]", "{not json", '{"epsilon": NaN}'):
+    for bad in ("[1, 2]", "{not json", '{"epsilon": NaN}', '{"a": ' + '[' * 20000 + ']' * 20000 + '}'):  # last: too deep
         rd = codec.offer_to_records(_offer())
         rd.config_records["offer"]["meta-json"] = bad
         with pytest.raises(CodecError, match="meta-json"):

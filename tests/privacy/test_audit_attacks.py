@@ -66,3 +66,28 @@ def test_audit_spec_is_strict(tmp_path):
     with pytest.raises(ConfigError, match="attacks"):
         load_audit_spec(p)
     assert AuditSpec().attacks == ["loss", "lira_online", "lira_offline", "dcr", "canary"]
+    # an attack whose target is not audited would silently not run: refused, naming it
+    p.write_text(yaml.safe_dump({"attacks": ["loss", "dcr"], "targets": ["synthetic"]}))
+    with pytest.raises(ConfigError, match="loss needs target global_model"):
+        load_audit_spec(p)
+
+
+def test_canaries_all_on_one_side_give_no_bound_instead_of_crashing():
+    """Each canary is used with probability 1/2; with few canaries all can land on one side (seed 3 puts both of
+    two out). The one-run audit then has nothing to compare: no bound, no exception after the pipeline ran."""
+    from medfdd.config import DistillConfig
+    from medfdd.training import TrainSettings
+    from privacy.audit.canary import canary_audit
+    from privacy.audit.pipeline import PipelineSettings
+
+    rng = np.random.default_rng(0)
+    x = rng.random((20, 1, 8, 8)).astype(np.float32)
+    y = np.arange(20) % 2
+    settings = PipelineSettings(DistillConfig(ipc=1, iterations=2, batch_size=8, width=8, sample_rate=0.25),
+                                TrainSettings(epochs=1, width=8), 2, 1.0, 1e-5)
+    out = canary_audit(x[:16], y[:16], x[16:18], y[16:18], settings, target="synthetic", kind="holdout", seed=3,
+                       delta=1e-5, confidence=0.95)
+    assert not out.included.any() and out.one_run is None and out.clopper_pearson is None
+    # the shadow/canary pipeline replays the site's own fixed sample rate (not batch / n)
+    from privacy.audit.pipeline import privacy_plan
+    assert privacy_plan(settings, 16).sample_rate == 0.25

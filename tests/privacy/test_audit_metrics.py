@@ -20,6 +20,7 @@ from privacy.audit.metrics import (
     one_run_lower_bound,
     one_run_p_value,
     roc,
+    top_rank_test,
     tpr_at_fpr,
 )
 
@@ -113,3 +114,27 @@ def test_one_run_lower_bound_perfect_vs_random_canaries():
     assert perfect.value > 2 and perfect.details["v"] == perfect.details["r"]
     random = one_run_lower_bound(rng.random(400), included, delta=1e-5)
     assert random.value < 0.5
+
+
+def test_top_rank_test_by_hand():
+    # members 3, 2 above the only non-member... scores: members 5, 4, 0.5; non-members 1, 0. Two members outrank
+    # every non-member; in a random order of 3 members and 2 non-members the first two are both members with
+    # probability (3/5)(2/4) = 3/10.
+    x, p = top_rank_test([5, 4, 0.5, 1, 0], [1, 1, 1, 0, 0])
+    assert (x, p) == (2, pytest.approx(0.3, abs=1e-12))
+    # a tie with the best non-member does not count for the attack
+    assert top_rank_test([1, 4, 1, 0], [1, 1, 0, 0])[0] == 1
+    assert top_rank_test([0, 1], [1, 0]) == (0, 1.0)
+
+
+def test_top_rank_test_catches_a_few_exposed_records_the_auc_misses():
+    rng = np.random.default_rng(0)
+    member = np.r_[np.ones(800), np.zeros(200)].astype(bool)
+    scores = rng.normal(size=1000)
+    scores[:40] += 100.0  # 5 % of the members exposed with certainty, the rest indistinguishable
+    m = attack_metrics(scores, member)
+    assert m.auc < 0.6 and m.top_rank_members >= 40  # below the verdict's AUC threshold and m.top_rank_p_value < 1e-3
+    # under the null the p-value is not small: exchangeable scores, over many draws it is uniform-ish (>= 0.05 in
+    # most of them)
+    ps = [attack_metrics(rng.normal(size=1000), member).top_rank_p_value for _ in range(200)]
+    assert np.mean(np.array(ps) < 0.05) <= 0.1

@@ -118,3 +118,29 @@ def test_audit_refuses_unfinished_or_missing_runs(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"status": "running"}))
     with pytest.raises(AuditError, match="completed"):
         audit_run(tmp_path, QUICK, console=QUIET)
+
+
+def test_audit_refuses_a_split_that_is_not_the_one_the_release_trained_on(runs):
+    """members.json (site-local) records the split digest of every released round; an audit that rebuilds another
+    split (manifest, quarantine or seed changed) would mislabel members and understate leakage, so it refuses."""
+    run = json.loads((runs["dp"] / "run.json").read_text())
+    cfg_path = Path(run["sites"]["hospital-a"]["config"])
+    from medfdd.config import load_site_config
+    from medfdd.data.site_data import load_site_data
+    from medfdd.data.split import MEMBERS_FILE, split_digest
+
+    cfg = load_site_config(cfg_path)
+    path = cfg.output_dir / MEMBERS_FILE
+    record = json.loads(path.read_text())
+    data = load_site_data(cfg)
+    assert record["rounds"]["1"] == split_digest(data.rows, data.train, data.holdout)
+    spec = AuditSpec(attacks=["dcr"], targets=["synthetic"], sites=["hospital-a"], consortium=False)
+    original = path.read_text()
+    try:
+        moved = {**record["rounds"]["1"], "train": "0" * 32}
+        path.write_text(json.dumps({**record, "rounds": {"1": moved}}))
+        with pytest.raises(AuditError, match="different train/holdout split"):
+            audit_run(runs["dp"], spec, console=QUIET)
+    finally:
+        path.write_text(original)
+    assert not any("members" in n for n in audit_run(runs["dp"], spec, console=QUIET).notes)

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from privacy.audit.metrics import attack_metrics, clopper_pearson_lower_bound
-from privacy.audit.run import CONSORTIUM, AttackRow, AuditOutcome, SiteAudit
+from privacy.audit.metrics import EpsilonBound, attack_metrics, clopper_pearson_lower_bound, one_run_lower_bound
+from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome, SiteAudit
 from privacy.audit.spec import AuditSpec
 from privacy.report import report_json, write_report
 
@@ -27,7 +27,15 @@ def _row(site, attack, target, shift, eps, rng, n=200):
                      clopper_pearson_lower_bound(scores, member, delta=1e-5), eps)
 
 
-def outcome(*, shift: float, dp: bool, eps: float = 0.9) -> AuditOutcome:
+def _canary(site, shift, eps, rng, m=200):
+    included = rng.random(m) < 0.5
+    scores = rng.normal(size=m) + shift * included
+    return AttackRow(site, "canary", "synthetic", scores, included, attack_metrics(scores, included),
+                     one_run_lower_bound(scores, included, delta=1e-5), eps)
+
+
+def outcome(*, shift: float, dp: bool, eps: float = 0.9, canary_shift: float | None = None,
+            rows_override: list | None = None) -> AuditOutcome:
     rng = np.random.default_rng(0)
     acc = eps if dp else math.inf
     sites, rows = {}, []
@@ -37,7 +45,11 @@ def outcome(*, shift: float, dp: bool, eps: float = 0.9) -> AuditOutcome:
         sites[sid] = SiteAudit(sid, dp, 1.0 if dp else math.inf, acc, 1e-5, "rdp", ledger,
                                rng.random((20, 1, 16, 16)).astype(np.float32), np.repeat(np.arange(10), 2), 200, 200)
         rows += [_row(sid, "loss", "global_model", shift, acc, rng), _row(sid, "dcr", "synthetic", shift, acc, rng)]
+        if canary_shift is not None:
+            rows.append(_canary(sid, canary_shift, acc, rng))
     rows.append(_row(CONSORTIUM, "loss", "global_model", shift, acc, rng))
+    if rows_override is not None:
+        rows = rows_override
     return AuditOutcome({"name": "run-1", "engine": "inprocess", "status": "completed", "medfdd_version": "0.1.0",
                          "seed": 0, "rounds": 1, "merge": "concat"}, [str(k) for k in range(10)],
                         AuditSpec(attacks=["loss", "dcr"]), sites, rows,
@@ -55,10 +67,48 @@ def test_report_json_contract_and_verdicts():
     assert leak["verdict"]["level"] == "leak" and "NON-PRIVATE" in leak["verdict"]["headline"]
     assert leak["results"][0]["epsilon_accounted"] == "inf"
     json.dumps(leak, allow_nan=False)  # strict JSON
-    # a DP run whose measured bound exceeds its accounted epsilon is a violation, said in plain words
-    bad = report_json(outcome(shift=4.0, dp=True, eps=0.1))
+    # a DP run whose rigorous (one-run canary) bound exceeds its accounted epsilon is a violation, said in plain
+    # words with that row's own numbers
+    bad = report_json(outcome(shift=0.0, dp=True, eps=0.1, canary_shift=6.0))
     assert bad["verdict"]["level"] == "violation"
-    assert "does not hold" in bad["verdict"]["findings"][0]["text"]
+    canary = next(r for r in bad["results"] if r["attack"] == "canary" and r["site"] == "hospital-a")
+    assert canary["epsilon_lower_bound_rigorous"] and canary["epsilon_lower_bound"] > 0.1
+    text = bad["verdict"]["findings"][0]["text"]
+    assert "does not hold" in text and f"{canary['epsilon_lower_bound']:.3g} is MORE than the epsilon 0.1" in text
+    # a heuristic (member/holdout, one run) bound above the accounted epsilon is not proof of a bug: it asks for the
+    # canary audit, and is no violation
+    heur = report_json(outcome(shift=4.0, dp=True, eps=0.1))
+    assert heur["verdict"]["level"] == "leak" and "canary" in heur["verdict"]["headline"]
+    assert all(not r["epsilon_lower_bound_rigorous"] for r in heur["results"])
+    assert heur["verdict"]["findings"][0]["heuristic_bound_above_accounted"]
+
+
+def test_verdict_does_not_call_a_non_private_or_a_few_exposed_run_ok_and_names_reversed_attacks():
+    quiet_nodp = report_json(outcome(shift=0.0, dp=False))
+    assert quiet_nodp["verdict"]["level"] == "ok" and "NON-PRIVATE" in quiet_nodp["verdict"]["headline"]
+    assert "consistent" not in quiet_nodp["verdict"]["headline"]
+    rng = np.random.default_rng(3)
+    member = np.r_[np.ones(200), np.zeros(200)].astype(bool)
+    reversed_scores = rng.normal(size=400) - 2.0 * member  # AUC ~0.08: just as informative negated
+    few = rng.normal(size=400)
+    few[:20] += 100.0  # 10 % of the members exposed with certainty, AUC ~0.55
+    got = {}
+    for name, scores in (("reversed", reversed_scores), ("few", few)):
+        # a bound of 0 isolates the rules under test (the top-rank test; the text on reversed attacks)
+        row = AttackRow("hospital-a", "loss", "global_model", scores, member, attack_metrics(scores, member),
+                        EpsilonBound(0.0, 0.95, "clopper_pearson", 1e-5), 0.9)
+        assert row.metrics.auc < 0.6  # the AUC rule alone calls both ok
+        got[name] = report_json(outcome(shift=0.0, dp=True, rows_override=[row]))["verdict"]
+    # a few records exposed with certainty: the top-rank test calls it leakage
+    assert got["few"]["level"] == "leak"
+    assert "used scans scored above every unused one" in got["few"]["findings"][0]["text"]
+    # the attack direction is fixed in advance, so a reversed attack is no evidence of leakage, but it is named
+    assert got["reversed"]["level"] == "ok" and "points the wrong way" in got["reversed"]["findings"][0]["text"]
+
+
+def test_an_audit_that_tested_nothing_is_refused():
+    with pytest.raises(AuditError, match="nothing was tested"):
+        report_json(outcome(shift=0.0, dp=True, rows_override=[]))
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (Debian package `chromium`; .ci/run installs it)")

@@ -96,6 +96,33 @@ def series_slice_without_rows(root: Path, rel: str, rng) -> None:
     ds.save_as(p)
 
 
+def bad_number_of_frames(root: Path, rel: str, rng) -> None:
+    p = write_dicom(root / rel, _pixels(rng), patient_id="P", rng=rng)
+    ds = pydicom.dcmread(p)
+    ds.NumberOfFrames = 7
+    ds.save_as(p)
+    raw = p.read_bytes()
+    at = raw.index(b"\x28\x00\x08\x00IS\x02\x007 ")  # (0028,0008) IS, length 2, "7 " -> "x " (no valid IS)
+    p.write_bytes(raw[:at + 8] + b"x " + raw[at + 10:])
+
+
+def multiframe_series_bomb(root: Path, rel: str, rng) -> None:
+    """Every slice alone is within data.max_voxels (2**27), the series announces 3 x 3/4 of it: the guard must count
+    frames, not only rows x columns x slices."""
+    for z in range(3):
+        p = write_dicom(root / rel / f"{z}.dcm", _pixels(rng, (8, 8)), patient_id="P", rng=rng,
+                        instance_number=z + 1, series_uid="1.2.3.6", study_uid="1.2.3")
+        ds = pydicom.dcmread(p)
+        ds.NumberOfFrames = (3 * 2**27 // 4) // 64
+        ds.save_as(p)
+
+
+def series_slice_to_dev_zero(root: Path, rel: str, rng) -> None:
+    write_dicom(root / rel / "0.dcm", _pixels(rng), patient_id="P", rng=rng, instance_number=1,
+                series_uid="1.2.3.7", study_uid="1.2.3")
+    os.symlink("/dev/zero", root / rel / "1.dcm")  # hashing it for the cache would never end
+
+
 def empty_folder(root: Path, rel: str, rng) -> None:
     (root / rel).mkdir(parents=True)
 
@@ -133,6 +160,12 @@ QUARANTINED_2D = {
     "empty_series": ("empty series folder", empty_folder, "missing_file"),
     "dangling.dcm": ("symlink to a deleted file inside the root", dangling_link, "missing_file"),
     "locked.dcm": ("file the site runner may not read (EACCES)", locked, "unreadable"),
+    "bad_frames.dcm": ("DICOM whose NumberOfFrames is not a number", bad_number_of_frames, "corrupt_pixel_data"),
+    "series_frames_bomb": ("DICOM series whose multi-frame slices add up past data.max_voxels",
+                           multiframe_series_bomb, "too_large"),
+    "series_dev_zero": ("DICOM series folder with a slice linked to /dev/zero", series_slice_to_dev_zero,
+                        "outside_root"),
+    "nul\0name.dcm": ("manifest path holding a NUL character", lambda root, rel, rng: None, "unreadable"),
     "extra_field.dcm": ("manifest row with more fields than columns (unquoted comma)", extra_field, "unreadable"),
 }
 QUARANTINED_3D = {
@@ -254,6 +287,8 @@ CONFIG_CASES = {
                                 "required key is missing"),
     "audit gate names an unknown attack": (_set("audit_gate", {"attacks": ["lira"]}), "audit_gate.attacks.0",
                                            "'loss', 'lira_online', 'lira_offline', 'dcr' or 'canary'"),
+    "audit gate without the attack it runs": (_set("audit_gate", {"attacks": ["loss"]}), "audit_gate",
+                                              "the gate on the offer path runs the dcr attack only"),
     "site_id with a path": (_set("site_id", "../../etc"), "site_id", "should match pattern"),
     "missing data section": (_drop("data"), "data", "required key is missing"),
     "top level is a list": (b"- site_id: x\n", None, "expected a mapping"),

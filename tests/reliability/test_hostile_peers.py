@@ -48,6 +48,13 @@ def _foreign_weights(tmp: Path) -> bytes:
     return save({k: v.contiguous() for k, v in other.state_dict().items()}, metadata={"arch": json.dumps(arch)})
 
 
+def _huge_width(tmp: Path) -> bytes:
+    """The agreed classes, channels and size, with a header announcing width 60000 (a 130 GB layer to build)."""
+    model = ConvNet(1, 10, (16, 16), 8)
+    return save({k: v.contiguous() for k, v in model.state_dict().items()},
+                metadata={"arch": json.dumps({**model.arch, "width": 60000})})
+
+
 def _huge_announcement(tmp: Path) -> bytes:
     header = json.dumps({"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 4 * 10**12]},
                          "__metadata__": {"arch": json.dumps({**AGREED, "spatial_size": [16, 16], "width": 8})}})
@@ -88,7 +95,10 @@ HOSTILE_BROADCASTS = {
     "no architecture metadata": ("safetensors weights without medfdd's arch header", _no_metadata, 2,
                                  ArtifactError, "no architecture metadata"),
     "weights of another network": ("the agreed arch header over an 8x8 network's weights", _foreign_weights, 2,
-                                   ArtifactError, "weights do not fit"),
+                                   ArtifactError, "do not match the architecture in the header"),
+    "announces width 60000": ("the agreed network's weights under a header announcing width 60000 (nothing is "
+                              "built before the shapes are compared)", _huge_width, 2, ArtifactError,
+                              "do not match the architecture in the header"),
     "NaN weights": ("the agreed architecture with NaN weights", lambda t: _model_bytes(t, poison=float("nan")), 2,
                     ArtifactError, "NaN/Inf"),
     "Inf weights": ("the agreed architecture with +Inf weights", lambda t: _model_bytes(t, poison=float("inf")), 2,

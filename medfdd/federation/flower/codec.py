@@ -137,8 +137,8 @@ def records_to_offer(rd: RecordDict) -> SiteOffer:
         raise _fail(f"{where}: meta-json", f"{len(head['meta-json'])} characters, more than {MAX_META_CHARS}")
     try:
         meta = json.loads(head["meta-json"], parse_constant=_no_constants)
-    except ValueError as e:
-        raise _fail(f"{where}: meta-json", f"not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deep enough to exhaust the parser's stack
+        raise _fail(f"{where}: meta-json", f"not valid JSON ({type(e).__name__})") from None
     if not isinstance(meta, dict):
         raise _fail(f"{where}: meta-json", f"a JSON {type(meta).__name__}, expected an object")
     if ARRAYS not in rd.array_records:

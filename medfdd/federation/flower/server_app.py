@@ -56,8 +56,10 @@ def run_round(grid: Grid, run, console: Console) -> dict:
     broadcast = run.broadcast()
     nodes = sorted(grid.get_node_ids())
     names = registered_names(grid)
-    msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE)
-            for n in nodes]
+    # the task expires with the round: a site that picks it up later must not distill (and pay) for a round the
+    # coordinator has already closed
+    msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE,
+                    ttl=run.site_timeout_s) for n in nodes]
     t0 = time.monotonic()
     replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
     answered: set[int] = set()
@@ -72,6 +74,9 @@ def run_round(grid: Grid, run, console: Console) -> dict:
             offer = codec.records_to_offer(reply.content)
         except MedfddError as e:
             run.no_answer(_label(run, sender), f"unreadable offer: {e}", code=Reason.MALFORMED)
+            continue
+        except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
+            run.no_answer(_label(run, sender), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED)
             continue
         name = names.get(node)
         if name and name != offer.site_id:  # the key registered for one hospital offers for another
