@@ -32,7 +32,7 @@ def settings_fingerprint(cfg: DataConfig) -> str:
 
 
 def content_key(path: Path, fingerprint: str, root: Path) -> str:
-    """Hash of the scan's bytes; only regular files inside `root` are read (a series slice that is a symlink to
+    """Hash of the scan's bytes (two rows with equal keys are the same scan); only regular files inside `root` are read (a series slice that is a symlink to
     /dev/zero, a FIFO or a file elsewhere is quarantined before a single byte of it is read)."""
     h = hashlib.blake2b(fingerprint.encode(), digest_size=20)
     files = sorted(p for p in path.iterdir() if not p.name.startswith(".")) if path.is_dir() else [path]
@@ -47,7 +47,8 @@ def content_key(path: Path, fingerprint: str, root: Path) -> str:
         if not stat.S_ISREG(target.stat().st_mode):
             raise RecordRejected(Reason.UNREADABLE, f"{f.name} is not a regular file (a device, FIFO or socket)",
                                  "export the scan as an ordinary file")
-        h.update(f.name.encode() + b"\0")
+        if f is not path:  # a series slice's name orders it; a single file's own name is not content
+            h.update(f.name.encode() + b"\0")
         with open(f, "rb") as fh:
             for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(block)

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from medfdd.config import SiteConfig
-from medfdd.data.cache import PreprocessCache, content_key
+from medfdd.data.cache import PreprocessCache, content_key, settings_fingerprint
 from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
 from medfdd.data.manifest import read_manifest
 from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
@@ -56,9 +56,18 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     images = np.empty((len(entries), cfg.data.channels, *spatial), dtype=np.float32)
     kept: list[int] = []
     infos: list[ScanInfo] = []
+    fingerprint = cache.fingerprint if cache else settings_fingerprint(cfg.data)
+    first_of: dict[str, int] = {}  # content key -> position in `kept` of the row that first held those bytes
+    relabelled: set[int] = set()  # positions whose bytes come again later under another label
     for i, e in enumerate(entries):
         try:
-            key = content_key(e.file, cache.fingerprint, root) if cache else None
+            key = content_key(e.file, fingerprint, root)
+            if key in first_of:  # the same scan exported twice: one patient's record on both sides of a split
+                first = entries[kept[first_of[key]]]
+                if first.label != e.label:
+                    relabelled.add(first_of[key])
+                raise RecordRejected(Reason.DUPLICATE_ROW, f"same content as row {first.row}" + (
+                    "" if first.label == e.label else " with a different label"), "list each scan once")
             cached = cache.get(key, _cached_info) if cache else None
             if cached is not None and cached[0].shape == images.shape[1:]:
                 x, info = cached
@@ -67,6 +76,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
                 if cache:
                     cache.put(key, x, asdict(info))
             images[len(kept)] = x
+            first_of[key] = len(kept)
             kept.append(i)
             infos.append(info)
         except RecordRejected as r:
@@ -83,6 +93,14 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
                                               "opens in other viewers"))
         if on_record:
             on_record(i + 1, len(entries))
+    if relabelled:  # the first row of a scan listed under two labels is ambiguous too
+        for pos in sorted(relabelled):
+            e = entries[kept[pos]]
+            quarantine.append(QuarantineEntry(e.row, e.path, Reason.DUPLICATE_ROW, "its content is listed again "
+                                              "later with a different label", "keep one row with the correct label"))
+        keep = [p for p in range(len(kept)) if p not in relabelled]
+        images[: len(keep)] = images[keep]
+        kept, infos = [kept[p] for p in keep], [infos[p] for p in keep]
     used = [entries[i] for i in kept]
     labels = np.array([e.label for e in used], dtype=np.int64)
     pids = [e.patient_id for e in used]

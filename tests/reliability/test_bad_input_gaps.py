@@ -123,6 +123,12 @@ def series_slice_to_dev_zero(root: Path, rel: str, rng) -> None:
     os.symlink("/dev/zero", root / rel / "1.dcm")  # hashing it for the cache would never end
 
 
+def copy_of(original: str):
+    def make(root: Path, rel: str, rng) -> None:
+        (root / rel).write_bytes((root / original).read_bytes())  # the same export twice, under another name
+    return make
+
+
 def empty_folder(root: Path, rel: str, rng) -> None:
     (root / rel).mkdir(parents=True)
 
@@ -165,6 +171,9 @@ QUARANTINED_2D = {
                            multiframe_series_bomb, "too_large"),
     "series_dev_zero": ("DICOM series folder with a slice linked to /dev/zero", series_slice_to_dev_zero,
                         "outside_root"),
+    "copy.dcm": ("byte-identical copy of another row's scan, same label", copy_of("ok/0.dcm"), "duplicate_row"),
+    "relabelled_copy.dcm": ("byte-identical copy of another row's scan under another label (both rows quarantined)",
+                            copy_of("ok/1.dcm"), "duplicate_row"),
     "nul\0name.dcm": ("manifest path holding a NUL character", lambda root, rel, rng: None, "unreadable"),
     "extra_field.dcm": ("manifest row with more fields than columns (unquoted comma)", extra_field, "unreadable"),
 }
@@ -204,7 +213,7 @@ def test_more_broken_files_are_quarantined_with_their_reasons(site_builder, monk
         return real_open(file, *a, **kw)
 
     monkeypatch.setattr(builtins, "open", open_)
-    _check_quarantine(s, QUARANTINED_2D, s.write(), n_good=4)
+    _check_quarantine(s, {**QUARANTINED_2D, "ok/1.dcm": ("", None, "duplicate_row")}, s.write(), n_good=3)
 
 
 def test_broken_volumes_in_a_3d_site_are_quarantined(site_builder):
