@@ -189,16 +189,27 @@ class CoordinatorRun:
         # top-level model and its checkpoint resumes round r with round r-1's model, as the sites were promised
         model = (self.out / "rounds" / f"round-{r - 1}" / "global_model.safetensors").read_bytes() if r > 1 else None
         b = Broadcast(r, model)
-        self.current = _Round(r, bytes_down={s: b.nbytes() for s in self.expected_sites})
+        self.current = _Round(r)
         return b
+
+    def sent(self, recipient: str, nbytes: int) -> None:
+        """Count a broadcast actually sent (the engine calls it per recipient: a site that never connected got
+        nothing)."""
+        rd = self._round()
+        rd.bytes_down[recipient] = rd.bytes_down.get(recipient, 0) + int(nbytes)
 
     def receive(self, offer: SiteOffer, *, sender: str) -> bool:
         """Validate and keep an offer; a rejected one is logged with its reason and the round goes on."""
         rd = self._round()
         sid = str(offer.site_id)
         try:
-            check_identity(offer, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
-                           round_=rd.round)
+            try:
+                check_identity(offer, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
+                               round_=rd.round)
+            except OfferRejected as e:  # what was sent is counted; a claimed identity that fails, under its sender
+                who = f"{sid} from {sender}" if e.reason in (Reason.UNKNOWN_SITE, Reason.SPOOFED_SITE) else sid
+                rd.bytes_up[who] = rd.bytes_up.get(who, 0) + offer.nbytes()
+                raise
             rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + offer.nbytes()
             accepted = validate_offer(offer, self.spec, previous_epsilon=self.last_epsilon.get(sid))
         except OfferRejected as e:

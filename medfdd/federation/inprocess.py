@@ -25,6 +25,7 @@ def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: b
         b = run.broadcast()
         console.rule(f"round {b.round} of {run.rounds}")
         for site_id, site_cfg in sorted(run.site_configs.items()):
+            run.sent(site_id, b.nbytes())
             try:
                 offer = make_offer(site_cfg, b, console=console, no_dp=no_dp)
             except Exception as e:  # one failing site must not stop the consortium's round

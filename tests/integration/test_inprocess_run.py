@@ -137,11 +137,15 @@ def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
     assert run.receive(offers[a], sender=a)
     assert not run.receive(poisoned, sender=b)
     assert not run.receive(offers[a], sender=a)  # a duplicate is refused too
+    assert not run.receive(offers[a], sender="impostor")  # another sender for a site bound to its first sender
     assert run.receive(offers[c], sender=c)
     h = run.finish_round()
     assert h["accepted"] == [a, c] and h["n_merged"] == 2 * 50
-    assert {(x["site_id"], x["reason"]) for x in h["rejected"]} == {(b, "non_finite"), (a, "duplicate_offer")}
+    assert {(x["site_id"], x["reason"]) for x in h["rejected"]} == {(b, "non_finite"), (a, "duplicate_offer"),
+                                                                     (a, "spoofed_site_id")}
+    assert h["bytes_up"][f"{a} from impostor"] == offers[a].nbytes()  # counted under who sent it
     assert h["bytes_up"][b] > 0  # what was sent is counted even when refused
+    assert h["bytes_up"][a] == 2 * offers[a].nbytes()  # the refused duplicate too
     assert math.isfinite(h["metrics"]["accuracy"])
 
 

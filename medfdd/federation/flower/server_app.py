@@ -47,9 +47,10 @@ def registered_names(grid: Grid) -> dict[int, str]:
     return {int(n.node_id): str(n.name) for n in grid.get_nodes() if getattr(n, "name", "")}
 
 
-def _label(run, sender: str) -> str:
-    """The site a SuperNode is bound to in this run (from an earlier accepted offer), else `node-<id>`."""
-    return run.bindings.get(sender) or f"node-{sender}"
+def _label(run, sender: str, names: dict[int, str]) -> str:
+    """The site a SuperNode's key is registered for, else the site it is bound to in this run (from an earlier
+    accepted offer), else `node-<id>`."""
+    return names.get(int(sender)) or run.bindings.get(sender) or f"node-{sender}"
 
 
 def run_round(grid: Grid, run, console: Console) -> dict:
@@ -60,6 +61,8 @@ def run_round(grid: Grid, run, console: Console) -> dict:
     # coordinator has already closed
     msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE,
                     ttl=run.site_timeout_s) for n in nodes]
+    for n in nodes:  # per SuperNode reached: its registered site, the site it offered for before, or its node id
+        run.sent(_label(run, str(n), names), broadcast.nbytes())
     t0 = time.monotonic()
     replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
     answered: set[int] = set()
@@ -68,19 +71,19 @@ def run_round(grid: Grid, run, console: Console) -> dict:
         answered.add(node)
         sender = str(node)
         if reply.has_error():
-            run.no_answer(_label(run, sender), f"site error: {reply.error.reason}", code=Reason.SITE_FAILED)
+            run.no_answer(_label(run, sender, names), f"site error: {reply.error.reason}", code=Reason.SITE_FAILED)
             continue
         try:
             offer = codec.records_to_offer(reply.content)
         except MedfddError as e:
-            run.no_answer(_label(run, sender), f"unreadable offer: {e}", code=Reason.MALFORMED)
+            run.no_answer(_label(run, sender, names), f"unreadable offer: {e}", code=Reason.MALFORMED)
             continue
         except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
-            run.no_answer(_label(run, sender), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED)
+            run.no_answer(_label(run, sender, names), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED)
             continue
         name = names.get(node)
         if name and name != offer.site_id:  # the key registered for one hospital offers for another
-            run.no_answer(_label(run, sender), f"SuperNode {node} is registered as {name!r} but offered for "
+            run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but offered for "
                           f"{offer.site_id!r}", code=Reason.SPOOFED_SITE)
             continue
         run.receive(offer, sender=sender)
