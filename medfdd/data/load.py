@@ -218,11 +218,16 @@ def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
 # ---------------------------------------------------------------- NIfTI / PNG
 
 
-def _load_nifti(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
+def _load_nifti(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
     from monai.data import NibabelReader
 
     if path.stat().st_size == 0:
         raise RecordRejected(Reason.EMPTY_FILE, "zero-byte file", "re-export the volume")
+    if path.suffix in (".hdr", ".img"):  # an Analyze-style pair: the reader opens the companion too
+        companion = path.with_suffix(".img" if path.suffix == ".hdr" else ".hdr")
+        if companion.exists() and not companion.resolve().is_relative_to(Path(root).resolve()):
+            raise RecordRejected(Reason.OUTSIDE_ROOT, f"its companion {companion.name} resolves outside the data root",
+                                 "copy both files of the pair into the data root")
     try:
         header = nib.load(str(path)).header
         header_shape = tuple(int(s) for s in header.get_data_shape())
@@ -331,7 +336,7 @@ def load_scan(path: Path, *, root: Path, cfg: DataConfig, transform=None) -> tup
     if fmt == "dicom":
         arr, rgb, info = _load_dicom(path, root, cfg)
     elif fmt == "nifti":
-        arr, rgb, info = _load_nifti(path, cfg)
+        arr, rgb, info = _load_nifti(path, root, cfg)
     else:
         arr, rgb, info = _load_png(path, cfg)
     data = _to_channel_first(arr, rgb, len(cfg.spatial_size), cfg.channels)

@@ -129,6 +129,15 @@ def copy_of(original: str):
     return make
 
 
+def pair_with_outside_companion(root: Path, rel: str, rng) -> None:
+    """An Analyze-style NIfTI pair whose .img is a symlink out of the data root (the reader would follow it)."""
+    elsewhere = root.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Pair(rng.random((16, 16)).astype(np.float32), np.eye(4)), elsewhere / "pair.hdr")
+    (root / rel).write_bytes((elsewhere / "pair.hdr").read_bytes())
+    os.symlink(elsewhere / "pair.img", (root / rel).with_suffix(".img"))
+
+
 def empty_folder(root: Path, rel: str, rng) -> None:
     (root / rel).mkdir(parents=True)
 
@@ -174,6 +183,8 @@ QUARANTINED_2D = {
     "copy.dcm": ("byte-identical copy of another row's scan, same label", copy_of("ok/0.dcm"), "duplicate_row"),
     "relabelled_copy.dcm": ("byte-identical copy of another row's scan under another label (both rows quarantined)",
                             copy_of("ok/1.dcm"), "duplicate_row"),
+    "pair.hdr": ("NIfTI pair whose .img companion links out of the data root", pair_with_outside_companion,
+                 "outside_root"),
     "nul\0name.dcm": ("manifest path holding a NUL character", lambda root, rel, rng: None, "unreadable"),
     "extra_field.dcm": ("manifest row with more fields than columns (unquoted comma)", extra_field, "unreadable"),
 }
