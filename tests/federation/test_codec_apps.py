@@ -50,7 +50,10 @@ def test_client_errors_leave_the_site_as_a_class_name_only(monkeypatch, capsys):
 
 class FakeRun:
     def __init__(self, bindings):
-        self.bindings, self.site_timeout_s, self.calls = bindings, 5.0, []
+        self.bindings, self.site_timeout_s, self.calls, self.bytes_down = bindings, 5.0, [], {}
+
+    def sent(self, recipient, nbytes):
+        self.bytes_down[recipient] = nbytes
 
     def broadcast(self):
         return Broadcast(2, b"m")
@@ -73,7 +76,8 @@ def _reply(node, content=None, error=None):
 
 
 def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
-    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type: (dst_node_id, content))
+    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type, ttl: (dst_node_id, content)
+                        if ttl == 5.0 else None)  # a task expires with the round
     sent = {}
 
     class Grid:
@@ -100,6 +104,9 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
     assert run.calls == [("receive", "hospital-a", "1"),
                          ("no_answer", "hospital-b", Reason.SITE_FAILED),
                          ("no_answer", "hospital-c", Reason.MALFORMED),
-                         ("no_answer", "node-6", Reason.SPOOFED_SITE),
+                         ("no_answer", "hospital-f", Reason.SPOOFED_SITE),  # named by its registered key
                          ("no_answer", "hospital-d", Reason.NO_ANSWER),  # bound earlier in this run, silent now
                          ("finish",)]  # node 5 never answered in this run: finish_round names the silent site
+    # bytes down per SuperNode reached, under its registered site, its binding in this run, or its node id
+    assert run.bytes_down == {s: Broadcast(2, b"m").nbytes() for s in
+                              ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "node-5", "hospital-f")}

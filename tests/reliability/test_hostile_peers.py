@@ -161,5 +161,5 @@ def test_a_global_model_written_with_conv_biases_loads_and_computes_the_same(tmp
         torch.testing.assert_close(loaded(x), with_bias.eval()(x), atol=1e-4, rtol=1e-4)
     state["classifier.extra"] = torch.zeros(1)  # anything else that does not fit is still refused
     path.write_bytes(save(state, metadata={"arch": json.dumps(model.arch)}))
-    with pytest.raises(ArtifactError, match="do not fit"):
+    with pytest.raises(ArtifactError, match="do not match the architecture"):
         load_model(path)
