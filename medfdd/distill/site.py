@@ -118,7 +118,7 @@ def _record_members(cfg: SiteConfig, round_: int, digest: dict) -> None:
         record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (UnicodeDecodeError, json.JSONDecodeError):
         record = {}  # rewritten below; the audit then checks against this round only
-    rounds = record.get("rounds") if isinstance(record.get("rounds"), dict) else {}
+    rounds = record.get("rounds") if isinstance(record, dict) and isinstance(record.get("rounds"), dict) else {}
     atomic_write_json(path, {"site_id": cfg.site_id, "rounds": {**rounds, str(round_): digest}})
 
 
