@@ -225,8 +225,12 @@ class CoordinatorRun:
                            f"{accepted.nbytes / 1024:.1f} KiB")
         return True
 
-    def no_answer(self, site: str, reason: str, *, code: Reason = Reason.NO_ANSWER) -> None:
+    def no_answer(self, site: str, reason: str, *, code: Reason = Reason.NO_ANSWER, nbytes: int = 0) -> None:
+        """Record a site without a usable offer; `nbytes` is what it sent anyway (an unreadable or spoofed offer),
+        counted as bytes up under `site`."""
         rd = self._round()
+        if nbytes:
+            rd.bytes_up[site] = rd.bytes_up.get(site, 0) + int(nbytes)
         rd.rejected.append({"site_id": site, "sender": None, "reason": code.value, "detail": reason})
         self.console.print(f"[yellow]no offer[/] from {site!r} (round {rd.round}): {reason}")
 

@@ -50,7 +50,7 @@ def test_client_errors_leave_the_site_as_a_class_name_only(monkeypatch, capsys):
 
 class FakeRun:
     def __init__(self, bindings):
-        self.bindings, self.site_timeout_s, self.calls, self.bytes_down = bindings, 5.0, [], {}
+        self.bindings, self.site_timeout_s, self.calls, self.bytes_down, self.bytes_up = bindings, 5.0, [], {}, {}
 
     def sent(self, recipient, nbytes):
         self.bytes_down[recipient] = nbytes
@@ -62,8 +62,9 @@ class FakeRun:
         self.calls.append(("receive", offer.site_id, sender))
         return True
 
-    def no_answer(self, site, reason, *, code=Reason.NO_ANSWER):
+    def no_answer(self, site, reason, *, code=Reason.NO_ANSWER, nbytes=0):
         self.calls.append(("no_answer", site, code))
+        self.bytes_up[site] = nbytes
 
     def finish_round(self):
         self.calls.append(("finish",))

@@ -15,6 +15,7 @@ from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.merge import evidence_weights
 from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
+from medfdd.coordinator.validate import Reason
 from medfdd.federation.messages import to_wire
 from medfdd.federation.site import make_offer
 from privacy.accounting import PrivacyLedger
@@ -139,10 +140,12 @@ def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
     assert not run.receive(offers[a], sender=a)  # a duplicate is refused too
     assert not run.receive(offers[a], sender="impostor")  # another sender for a site bound to its first sender
     assert run.receive(offers[c], sender=c)
+    run.no_answer("node-9", "unreadable offer", code=Reason.MALFORMED, nbytes=1234)  # bytes the engine could not read
     h = run.finish_round()
     assert h["accepted"] == [a, c] and h["n_merged"] == 2 * 50
     assert {(x["site_id"], x["reason"]) for x in h["rejected"]} == {(b, "non_finite"), (a, "duplicate_offer"),
-                                                                     (a, "spoofed_site_id")}
+                                                                     (a, "spoofed_site_id"), ("node-9", "malformed")}
+    assert h["bytes_up"]["node-9"] == 1234
     assert h["bytes_up"][f"{a} from impostor"] == offers[a].nbytes()  # counted under who sent it
     assert h["bytes_up"][b] > 0  # what was sent is counted even when refused
     assert h["bytes_up"][a] == 2 * offers[a].nbytes()  # the refused duplicate too

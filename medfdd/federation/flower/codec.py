@@ -148,3 +148,19 @@ def records_to_offer(rd: RecordDict) -> SiteOffer:
         raise _fail(f"{where}: {ARRAYS}", f"keys {sorted(rec.keys())}, expected {list(ARRAY_KEYS)}")
     arrays = {k: array_to_wire(rec[k], where=f"{where}: {k}") for k in ARRAY_KEYS}
     return SiteOffer(site_id=head["site-id"], round=head["round"], arrays=arrays, meta=meta)
+
+
+def content_nbytes(rd: RecordDict) -> int:
+    """Bytes a reply carried, counted without decoding it (array payloads, text and bytes values, 8 per number), so
+    an offer the coordinator cannot read still shows in the byte accounting (issue 4: bytes up per site)."""
+    total = 0
+    try:
+        for rec in rd.array_records.values():
+            total += sum(len(getattr(a, "data", b"") or b"") for a in rec.values())
+        for rec in (*rd.config_records.values(), *rd.metric_records.values()):
+            for v in rec.values():
+                for x in (v if isinstance(v, list) else [v]):
+                    total += len(x.encode()) if isinstance(x, str) else len(x) if isinstance(x, bytes) else 8
+    except Exception:  # noqa: BLE001 - a count of hostile bytes must not fail; what was counted so far stands
+        pass
+    return total

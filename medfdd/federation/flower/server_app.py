@@ -76,15 +76,17 @@ def run_round(grid: Grid, run, console: Console) -> dict:
         try:
             offer = codec.records_to_offer(reply.content)
         except MedfddError as e:
-            run.no_answer(_label(run, sender, names), f"unreadable offer: {e}", code=Reason.MALFORMED)
+            run.no_answer(_label(run, sender, names), f"unreadable offer: {e}", code=Reason.MALFORMED,
+                          nbytes=codec.content_nbytes(reply.content))
             continue
         except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
-            run.no_answer(_label(run, sender, names), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED)
+            run.no_answer(_label(run, sender, names), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED,
+                          nbytes=codec.content_nbytes(reply.content))
             continue
         name = names.get(node)
         if name and name != offer.site_id:  # the key registered for one hospital offers for another
             run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but offered for "
-                          f"{offer.site_id!r}", code=Reason.SPOOFED_SITE)
+                          f"{offer.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=offer.nbytes())
             continue
         run.receive(offer, sender=sender)
     for node in nodes:
