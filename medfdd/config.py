@@ -92,6 +92,10 @@ class PrivacyConfig(_Strict):
     accountant: Literal["rdp", "prv"] = Field("rdp", description="`rdp` (Rényi DP) or `prv` (privacy random "
                                                                 "variables), both Opacus's")
     rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
+    unit: Literal["scan", "patient"] = Field(
+        "scan", description="what epsilon protects: `scan` (each scan; a patient with k training scans is protected "
+        "only as a group of k) or `patient` (each training patient contributes one scan, chosen by a hash of the "
+        "patient's own rows; needs a patient_id on every manifest row, rows without one are quarantined)")
 
     @field_validator("epsilon")
     @classmethod

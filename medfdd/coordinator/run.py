@@ -283,7 +283,9 @@ class CoordinatorRun:
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics,
             "per_site": {s: {"accepted": s in rd.accepted, "bytes_up": rd.bytes_up.get(s, 0),
                              "bytes_down": rd.bytes_down.get(s, 0),
-                             "epsilon": rd.accepted[s].meta["epsilon"] if s in rd.accepted else None}
+                             "epsilon": rd.accepted[s].meta["epsilon"] if s in rd.accepted else None,
+                             "privacy_unit": rd.accepted[s].meta.get("privacy_unit", "scan")
+                             if s in rd.accepted else None}
                          for s in self.expected_sites}})
         self.current = None
         self._checkpoint()

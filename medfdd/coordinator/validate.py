@@ -17,6 +17,7 @@ from medfdd.config import ConsortiumConfig
 from medfdd.distill.base import evidence_allocation
 from medfdd.errors import MedfddError
 from medfdd.federation.messages import SiteOffer, WireError, from_wire
+from privacy.accounting import PRIVACY_UNITS
 
 REQUIRED_META = ("site_id", "round", "classes", "spatial_size", "epsilon", "delta", "dp", "accountant",
                  "noise_multiplier", "sample_rate", "steps")
@@ -155,6 +156,9 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
         if previous_epsilon is not None and eps < previous_epsilon * (1 - 1e-9):
             raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"cumulative epsilon {eps:.6g} is below the "
                                                                    f"{previous_epsilon:.6g} of an earlier round")
+    if meta.get("privacy_unit", "scan") not in PRIVACY_UNITS:
+        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"privacy_unit {meta['privacy_unit']!r}, expected "
+                                                               f"one of {list(PRIVACY_UNITS)}")
     if "class_evidence" in meta:
         _check_evidence(sid, meta["class_evidence"], len(spec.classes))
     return {**meta, "epsilon": eps}

@@ -32,6 +32,7 @@ class CheckReport:
     warnings: list[str] = field(default_factory=list)
     hints: list[str] = field(default_factory=list)  # settings measured better for a site of this size
     quarantine_path: Path | None = None
+    n_unused: int = 0  # usable scans left out by `privacy.unit: patient` (further scans of a training patient)
 
 
 def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
@@ -42,6 +43,13 @@ def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
     if sum(1 for k in data.class_counts().values() if k > 0) == 1:
         out.append("only one class at this site: fine for a consortium, but local-only models are meaningless")
     n_train = len(data.train)
+    per_patient = Counter(data.patient_ids[i] for i in data.train.tolist() if data.patient_ids[i] is not None)
+    several = {p: k for p, k in per_patient.items() if k > 1}
+    if cfg.privacy.dp and cfg.privacy.unit == "scan" and several:
+        out.append(f"privacy.unit = scan: epsilon protects each scan, and {len(several)} training patient(s) have "
+                   f"several scans (up to {max(several.values())}); such a patient is protected only as a group of "
+                   "scans (up to that many times epsilon). Set privacy.unit: patient to protect every patient at "
+                   "epsilon (one scan per training patient)")
     if cfg.privacy.dp and n_train and cfg.privacy.delta >= 1.0 / n_train:
         out.append(f"privacy.delta = {cfg.privacy.delta:g} is not below 1/n = 1/{n_train}: "
                    "use a delta well below 1/n (e.g. 1e-5) or distillation will refuse to run")
@@ -86,11 +94,12 @@ def check_report(cfg: SiteConfig, data: SiteData) -> CheckReport:
         class_counts=data.class_counts(), train_counts=train_counts,
         holdout_counts=data.class_counts(data.holdout), by_reason=dict(sorted(reasons.items())),
         shapes=dict(shapes.most_common()), warnings=_site_warnings(cfg, data),
-        hints=settings_hints(cfg, train_counts))
+        hints=settings_hints(cfg, train_counts), n_unused=len(data.unused))
 
 
 def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> Path:
-    """quarantine.json (every unused row and why) and split.json (manifest rows per side), atomically."""
+    """quarantine.json (every unusable row and why) and split.json (manifest rows per side, and the training
+    patients' scans left out by `privacy.unit: patient`), atomically."""
     out = cfg.output_dir
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     path = atomic_write_json(out / "quarantine.json", {
@@ -100,7 +109,8 @@ def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> 
         "entries": [q.to_json() for q in data.quarantine], "warnings": report.warnings})
     atomic_write_json(out / "split.json", {
         "site_id": cfg.site_id, "seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction, "created": stamp,
-        "train_rows": data.rows[data.train].tolist(), "holdout_rows": data.rows[data.holdout].tolist()})
+        "privacy_unit": cfg.privacy.unit, "train_rows": data.rows[data.train].tolist(),
+        "holdout_rows": data.rows[data.holdout].tolist(), "unused_rows": data.rows[data.unused].tolist()})
     return path
 
 
@@ -116,7 +126,9 @@ def _print_summary(console: Console, r: CheckReport) -> None:
     s = Table(title="manifest rows by status")
     s.add_column("status")
     s.add_column("rows", justify="right")
-    s.add_row("used", str(r.n_used))
+    s.add_row("used", str(r.n_used - r.n_unused))
+    if r.n_unused:
+        s.add_row("left out: further scans of a training patient (privacy.unit patient)", str(r.n_unused))
     for reason, k in r.by_reason.items():
         s.add_row(f"quarantined: {reason}", str(k))
     s.add_row("[bold]total", f"[bold]{r.n_rows}")

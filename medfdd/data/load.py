@@ -7,6 +7,7 @@ before any pixel is decoded (decompression-bomb guard). Arrays are returned row-
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -39,6 +40,14 @@ class ScanInfo:
     format: str
     modality: str
     original_shape: tuple[int, ...]
+    # digests of the DICOM SOPInstanceUID of each object (file, or slice of a series): the same acquisition
+    # exported twice with other bytes is still one scan. Digests, not UIDs; they stay at the site (cache only).
+    instances: tuple[str, ...] = ()
+
+
+def instance_digest(ds: pydicom.Dataset) -> str | None:
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+    return hashlib.blake2b(uid.encode(), digest_size=16, person=b"medfdd-sop").hexdigest() if uid else None
 
 
 def detect_format(path: Path) -> str:
@@ -146,7 +155,7 @@ def _series_files(folder: Path, root: Path) -> list[Path]:
     return files
 
 
-def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Dataset, int]:
+def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Dataset, list[pydicom.Dataset]]:
     files = _series_files(folder, root)
     headers = []
     for f in files:
@@ -164,6 +173,10 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
     if len(set(map(int, numbers))) != len(numbers):
         raise RecordRejected(Reason.INCONSISTENT_SERIES, "repeated InstanceNumber in the series",
                              "one series per folder; remove duplicated slices")
+    uids = [d for d in map(instance_digest, headers) if d]
+    if len(set(uids)) != len(uids):
+        raise RecordRejected(Reason.INCONSISTENT_SERIES, "the same SOPInstanceUID on two slices (a slice exported "
+                             "twice)", "one series per folder; remove duplicated slices")
     shapes = {(int(h.Rows), int(h.Columns)) for h in headers}
     if len(shapes) > 1:
         raise RecordRejected(Reason.INCONSISTENT_SERIES, f"slices of different sizes {sorted(shapes)}",
@@ -178,7 +191,7 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
         raise RecordRejected(Reason.TOO_LARGE, f"series of {len(headers)} slices of {rows}x{cols} announces {total} "
                              f"values, more than data.max_voxels = {max_voxels}",
                              "raise data.max_voxels if the scan is genuine")
-    return first, len(headers)
+    return first, headers
 
 
 def _read_with_monai(path: Path, reader) -> np.ndarray:
@@ -195,10 +208,12 @@ def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
     from monai.data import PydicomReader
 
     if path.is_dir():
-        header, n = _check_series(path, root, cfg.max_voxels)
+        header, headers = _check_series(path, root, cfg.max_voxels)
     else:
         header = _dicom_header(path)
         _check_dicom_header(header, cfg.max_voxels)
+        headers = [header]
+    instances = tuple(sorted({d for d in map(instance_digest, headers) if d}))
     reader = PydicomReader(swap_ij=False, prune_metadata=True)
     try:
         arr = _read_with_monai(path, reader)
@@ -211,7 +226,7 @@ def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
         arr = np.moveaxis(arr, -1, 0) if not rgb else np.moveaxis(arr, -2, 0)
     if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         arr = arr.max() + arr.min() - arr  # MONOCHROME1: low values are bright; flip to MONOCHROME2 convention
-    info = ScanInfo("dicom", str(header.get("Modality", "?")), tuple(int(s) for s in arr.shape))
+    info = ScanInfo("dicom", str(header.get("Modality", "?")), tuple(int(s) for s in arr.shape), instances)
     return arr, rgb, info
 
 

@@ -23,6 +23,7 @@ class Reason(StrEnum):
     NON_FINITE = "non_finite"
     CONSTANT_IMAGE = "constant_image"
     INCONSISTENT_SERIES = "inconsistent_series"
+    NO_PATIENT_ID = "no_patient_id"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from medfdd.data.cache import PreprocessCache, content_key, settings_fingerprint
 from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
 from medfdd.data.manifest import read_manifest
 from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
-from medfdd.data.split import patient_split
+from medfdd.data.split import one_scan_per_patient, patient_split
 from medfdd.io import OutputWriteError
 
 
@@ -28,6 +28,8 @@ class SiteData:
     holdout: np.ndarray
     n_rows: int  # manifest rows read (used + quarantined)
     quarantine: list[QuarantineEntry] = field(default_factory=list)
+    # training patients' further scans, left out under `privacy.unit: patient` (neither member nor holdout)
+    unused: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     cache_hits: int = 0
     cache_misses: int = 0
 
@@ -39,7 +41,7 @@ class SiteData:
 
 def _cached_info(raw: dict) -> ScanInfo:
     """A cache entry's ScanInfo (TypeError / KeyError when another version wrote other fields: a miss)."""
-    return ScanInfo(**{**raw, "original_shape": tuple(raw["original_shape"])})
+    return ScanInfo(**{**raw, "original_shape": tuple(raw["original_shape"]), "instances": tuple(raw["instances"])})
 
 
 def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | None = None) -> SiteData:
@@ -58,16 +60,27 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     infos: list[ScanInfo] = []
     fingerprint = cache.fingerprint if cache else settings_fingerprint(cfg.data)
     first_of: dict[str, int] = {}  # content key -> position in `kept` of the row that first held those bytes
-    relabelled: set[int] = set()  # positions whose bytes come again later under another label
+    first_instance: dict[str, int] = {}  # SOPInstanceUID digest -> position in `kept` of the row that held it
+    relabelled: set[int] = set()  # positions whose scan comes again later under another label
+    per_patient = cfg.privacy.unit == "patient"
+
+    def duplicate(pos: int, e, what: str) -> RecordRejected:
+        """The same scan exported twice: one record counted twice by the accountant (and perhaps on both sides of
+        the split)."""
+        first = entries[kept[pos]]
+        if first.label != e.label:
+            relabelled.add(pos)
+        return RecordRejected(Reason.DUPLICATE_ROW, f"{what} as row {first.row}" + (
+            "" if first.label == e.label else " with a different label"), "list each scan once")
+
     for i, e in enumerate(entries):
         try:
+            if per_patient and e.patient_id is None:  # its scans could not be bounded to one per patient
+                raise RecordRejected(Reason.NO_PATIENT_ID, "privacy.unit is patient but this row has no patient_id",
+                                     "add the patient_id column (the same id for all scans of a patient)")
             key = content_key(e.file, fingerprint, root)
-            if key in first_of:  # the same scan exported twice: one patient's record on both sides of a split
-                first = entries[kept[first_of[key]]]
-                if first.label != e.label:
-                    relabelled.add(first_of[key])
-                raise RecordRejected(Reason.DUPLICATE_ROW, f"same content as row {first.row}" + (
-                    "" if first.label == e.label else " with a different label"), "list each scan once")
+            if key in first_of:
+                raise duplicate(first_of[key], e, "same content")
             cached = cache.get(key, _cached_info) if cache else None
             if cached is not None and cached[0].shape == images.shape[1:]:
                 x, info = cached
@@ -75,7 +88,11 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
                 x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
                 if cache:
                     cache.put(key, x, asdict(info))
+            again = next((first_instance[d] for d in info.instances if d in first_instance), None)
+            if again is not None:  # other bytes (re-encoded, re-anonymised), same DICOM object
+                raise duplicate(again, e, "same DICOM object (SOPInstanceUID)")
             images[len(kept)] = x
+            first_instance.update(dict.fromkeys(info.instances, len(kept)))
             first_of[key] = len(kept)
             kept.append(i)
             infos.append(info)
@@ -105,8 +122,11 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     labels = np.array([e.label for e in used], dtype=np.int64)
     pids = [e.patient_id for e in used]
     train, holdout = patient_split(labels, pids, cfg.data.holdout_fraction, cfg.seed)
+    unused = np.empty(0, dtype=np.int64)
+    if per_patient:
+        train, unused = one_scan_per_patient(train, pids, [e.path for e in used], cfg.seed)
     return SiteData(
         classes=list(cfg.data.classes), images=images[: len(kept)], labels=labels,
         rows=np.array([e.row for e in used], dtype=np.int64), patient_ids=pids, infos=infos,
         train=train, holdout=holdout, n_rows=n_rows, quarantine=sorted(quarantine, key=lambda q: q.row),
-        cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0)
+        cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0, unused=unused)

@@ -39,6 +39,32 @@ def patient_split(labels: np.ndarray, patient_ids: list[str | None], holdout_fra
     return train, hold
 
 
+def one_scan_per_patient(train: np.ndarray, patient_ids: list[str | None], paths: list[str], seed: int
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """-> (kept, unused): of each training patient's scans, the one whose keyed hash of (patient id, path) is
+    smallest; rows without a patient id are kept (each is its own patient).
+
+    Contribution bounding for patient-level DP: a record-level (epsilon, delta) mechanism run on data with at most
+    one record per patient is patient-level (epsilon, delta)-DP, provided which scan a patient contributes depends
+    on that patient's own scans only (Dwork & Roth 2014, 2.2; the same bound as PipelineDP's
+    max_contributions = 1). A hash of the patient's own rows, not a permutation of all rows, keeps that true:
+    adding or removing one patient never changes the scan another patient contributes.
+    """
+    best: dict[str, tuple[bytes, int]] = {}
+    kept: list[int] = []
+    for i in np.asarray(train, dtype=np.int64).tolist():
+        pid = patient_ids[i]
+        if pid is None:
+            kept.append(i)
+            continue
+        h = hashlib.blake2b(f"{pid}\0{paths[i]}".encode(), digest_size=16, key=str(int(seed)).encode()).digest()
+        if pid not in best or (h, i) < best[pid]:
+            best[pid] = (h, i)
+    kept.extend(i for _, i in best.values())
+    keep = np.array(sorted(kept), dtype=np.int64)
+    return keep, np.setdiff1d(np.asarray(train, dtype=np.int64), keep)
+
+
 MEMBERS_FILE = "members.json"  # at the site only: which records each released round trained on (as digests)
 
 

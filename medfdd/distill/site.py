@@ -64,7 +64,7 @@ def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
     path = cfg.output_dir / "privacy_ledger.json"
     try:
         return PrivacyLedger.open(path, site_id=cfg.site_id, epsilon=cfg.privacy.epsilon if dp else math.inf,
-                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
+                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, unit=cfg.privacy.unit)
     except OSError as e:  # the output folder cannot be created or locked (a file in the way, read-only, disk full)
         raise write_error(path, e) from e
 
@@ -254,7 +254,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
             "channels": cfg.data.channels, "epsilon": eps_spent, "epsilon_round": round_eps,
             "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "clip_norm": plan.clip_norm, "dp": dp}
+            "clip_norm": plan.clip_norm, "dp": dp, "privacy_unit": cfg.privacy.unit}
     evidence = distiller.class_evidence(state)
     if evidence is not None:
         meta["class_evidence"] = evidence
@@ -289,7 +289,7 @@ def print_budget(config_path: Path, console: Console | None = None) -> dict:
         return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": []}
     ledger = PrivacyLedger.load(path)
     table = Table(title=f"{cfg.site_id}: privacy ledger ({ledger.budget.accountant.upper()}, "
-                        f"delta = {ledger.budget.delta:g})")
+                        f"delta = {ledger.budget.delta:g}, epsilon protects each {ledger.budget.unit})")
     for col in ("round", "purpose", "noise multiplier", "sample rate", "steps", "eps after", "remaining"):
         table.add_column(col, justify="right")
     rows, so_far = [], []

@@ -4,6 +4,7 @@ calibration to a site's (epsilon, delta) budget over all planned rounds, and the
 from .accountant import (
     ACCOUNTANTS,
     DEFAULT_MECHANISM,
+    PRIVACY_UNITS,
     AccountingError,
     BudgetExceeded,
     Charge,
@@ -28,6 +29,7 @@ __all__ = [
     "ACCOUNTANTS",
     "DEFAULT_MECHANISM",
     "LEDGER_FILENAME",
+    "PRIVACY_UNITS",
     "AccountingError",
     "Budget",
     "BudgetExceeded",

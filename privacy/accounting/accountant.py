@@ -132,6 +132,16 @@ def check_noise_multiplier(noise_multiplier: Any, *, where: str) -> float:
     return float(noise_multiplier)
 
 
+PRIVACY_UNITS = ("scan", "patient")  # what one record is: a scan, or a patient contributing at most one scan
+
+
+def check_unit(unit: Any, *, where: str) -> str:
+    if unit not in PRIVACY_UNITS:
+        raise InvalidPrivacyParameter(f"{where}: unit", f"unit={unit!r} is not one of {list(PRIVACY_UNITS)}",
+                                      "set privacy.unit to 'scan' (default) or 'patient'")
+    return str(unit)
+
+
 def check_accountant(accountant: Any, *, where: str) -> str:
     if accountant not in ACCOUNTANTS:
         raise InvalidPrivacyParameter(

@@ -49,6 +49,7 @@ from .accountant import (
     check_accountant,
     check_delta,
     check_epsilon,
+    check_unit,
     epsilon_for,
 )
 
@@ -93,6 +94,7 @@ class Budget:
     epsilon: float
     delta: float
     accountant: str
+    unit: str = "scan"  # what epsilon protects: one scan, or one patient (one scan per patient); see PRIVACY_UNITS
 
     @property
     def dp(self) -> bool:
@@ -100,7 +102,8 @@ class Budget:
         return math.isfinite(self.epsilon)
 
     def to_json(self) -> dict[str, Any]:
-        return {"epsilon": _num_out(self.epsilon), "delta": self.delta, "accountant": self.accountant}
+        return {"epsilon": _num_out(self.epsilon), "delta": self.delta, "accountant": self.accountant,
+                "unit": self.unit}
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,8 @@ def _read_state(path: Path) -> _State:
         raise _corrupt(path, f"format_version={doc['format_version']!r} is not {FORMAT_VERSION}")
     if not isinstance(doc["site_id"], str) or not doc["site_id"]:
         raise _corrupt(path, f"site_id={doc['site_id']!r} is not a non-empty string")
-    _expect_keys(doc["budget"], {"epsilon", "delta", "accountant"}, path=path, what="budget")
+    _expect_keys(doc["budget"], {"epsilon", "delta", "accountant"}, path=path, what="budget",
+                 optional=frozenset({"unit"}))  # ledgers written before privacy units protect scans
     raw_budget = doc["budget"]
     try:
         budget = Budget(
@@ -268,6 +272,7 @@ def _read_state(path: Path) -> _State:
             ),
             delta=check_delta(raw_budget["delta"], where="budget"),
             accountant=check_accountant(raw_budget["accountant"], where="budget"),
+            unit=check_unit(raw_budget.get("unit", "scan"), where="budget"),
         )
     except InvalidPrivacyParameter as e:
         raise _corrupt(path, f"budget: {e.problem}") from None
@@ -356,6 +361,7 @@ class PrivacyLedger:
         epsilon: float,
         delta: float,
         accountant: str = "rdp",
+        unit: str = "scan",
     ) -> PrivacyLedger:
         """Load the ledger at ``path`` (a ``.json`` file, or a folder holding ``privacy_ledger.json``), or create an
         empty one (written to disk at once). ``epsilon=math.inf`` is the --no-dp ledger.
@@ -368,6 +374,7 @@ class PrivacyLedger:
             epsilon=check_epsilon(epsilon, where=where, allow_inf=True),
             delta=check_delta(delta, where=where),
             accountant=check_accountant(accountant, where=where),
+            unit=check_unit(unit, where=where),
         )
         if not isinstance(site_id, str) or not site_id:
             raise InvalidPrivacyParameter(

@@ -76,6 +76,7 @@ class SiteAudit:
     synthetic_labels: np.ndarray
     n_members: int
     n_nonmembers: int
+    privacy_unit: str = "scan"  # what epsilon protects (`privacy.unit`; artifacts before it: scan)
 
 
 @dataclass
@@ -221,7 +222,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             x, y = data.images[pool], data.labels[pool]
             sites[sid] = SiteAudit(sid, dp, _inf(info.get("epsilon_budget")), eps_acc, delta,
                                    str(meta.get("accountant", "rdp")), ledger, syn.images, syn.labels,
-                                   int(member.sum()), int((~member).sum()))
+                                   int(member.sum()), int((~member).sum()), str(meta.get("privacy_unit", "scan")))
             pools.append((x, y, member, delta, eps_acc))
             common = {"delta": delta, "eps": eps_acc, "spec": spec}
             if "loss" in spec.attacks and "global_model" in spec.targets:

@@ -65,7 +65,7 @@ def _fmt_eps(x: float) -> str:
 
 
 def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: float, budget: float | None,
-                 confidence: float) -> dict:
+                 confidence: float, unit: str | None = None) -> dict:
     """Plain-words finding for one site (or the consortium): level is ok | leak | violation.
 
     violation: a *rigorous* bound (the one-run canary audit, Steinke et al. 2023) exceeds the epsilon accounted for
@@ -89,9 +89,10 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     leak = strongest.metrics.auc >= AUC_LEAK or top_hit or best_lb.bound.value > 0
     level = "violation" if violating else "leak" if leak else "ok"
     who = "The consortium as a whole" if site == CONSORTIUM else site
+    per = f" per {unit}" if unit else ""  # what epsilon protects: each scan, or each patient (privacy.unit)
     budget_words = ("NON-PRIVATE run, no differential privacy (epsilon = ∞)" if not dp else
-                    f"privacy budget epsilon = {budget:g}, spent {eps_accounted:.3g}" if budget is not None and
-                    math.isfinite(budget) else f"accounted epsilon {eps_accounted:.3g}")
+                    f"privacy budget epsilon = {budget:g}{per}, spent {eps_accounted:.3g}" if budget is not None and
+                    math.isfinite(budget) else f"accounted epsilon {eps_accounted:.3g}{per}")
     name = ATTACK_WORDS[strongest.attack].split(" (")[0]
     text = (f"{who} — {budget_words}: the strongest attack, {name} on {TARGET_WORDS[strongest.target]}, told used "
             f"from unused scans with {100 * strongest.metrics.balanced_accuracy:.0f} % balanced accuracy (50 % = a "
@@ -143,7 +144,7 @@ def verdict(outcome: AuditOutcome) -> dict:
         rows = [r for r in outcome.rows if r.site == sid]
         if rows:
             findings.append(site_verdict(sid, rows, dp=s.dp, eps_accounted=s.epsilon_spent, budget=s.epsilon_budget,
-                                         confidence=conf))
+                                         confidence=conf, unit=s.privacy_unit))
     cons = [r for r in outcome.rows if r.site == CONSORTIUM]
     if cons:
         dp = all(s.dp for s in outcome.sites.values())
@@ -186,7 +187,8 @@ def report_json(outcome: AuditOutcome) -> dict:
         "spec": outcome.spec.model_dump(mode="json"),
         "verdict": verdict(outcome),
         "sites": {sid: {"dp": s.dp, "epsilon_budget": s.epsilon_budget, "epsilon_spent": s.epsilon_spent,
-                        "delta": s.delta, "accountant": s.accountant, "ledger": s.ledger,
+                        "delta": s.delta, "accountant": s.accountant, "privacy_unit": s.privacy_unit,
+                        "ledger": s.ledger,
                         "n_members": s.n_members, "n_nonmembers": s.n_nonmembers}
                   for sid, s in outcome.sites.items()},
         "utility": _utility(outcome.utility),

@@ -203,16 +203,18 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
                        "the table above has them all.</p>")
 
     out.append("<h2>Privacy ledger</h2><table><tr><th class=l>site</th><th>round</th><th class=l>purpose</th>"
-               "<th>noise multiplier</th><th>sample rate</th><th>steps</th><th>epsilon after</th><th>budget</th></tr>")
+               "<th>noise multiplier</th><th>sample rate</th><th>steps</th><th>epsilon after</th><th>budget</th>"
+               "<th>protects each</th></tr>")
     for sid, s in outcome.sites.items():
         for e in s.ledger or [{}]:
             if not e:
-                out.append(f"<tr><td class=l>{_e(sid)}</td><td colspan=7 class=l>no ledger copy in the run directory"
+                out.append(f"<tr><td class=l>{_e(sid)}</td><td colspan=8 class=l>no ledger copy in the run directory"
                            "</td></tr>")
                 continue
             out.append(f"<tr><td class=l>{_e(sid)}</td><td>{_e(str(e['round']))}</td><td class=l>{_e(e['purpose'])}</td>"
                        f"<td>{e['noise_multiplier']:.4g}</td><td>{e['sample_rate']:.4g}</td><td>{e['steps']}</td>"
-                       f"<td>{_f(e['epsilon_after'], 4)}</td><td>{_f(s.epsilon_budget)}</td></tr>")
+                       f"<td>{_f(e['epsilon_after'], 4)}</td><td>{_f(s.epsilon_budget)}</td>"
+                       f"<td>{_e(s.privacy_unit)}</td></tr>")
     out.append("</table>")
     fig = ledger_figure(outcome.sites)
     if fig:

@@ -44,6 +44,11 @@ def test_a_well_formed_offer_is_accepted_bit_exact(spec):
     assert acc.nbytes == o.nbytes() > acc.images.nbytes
 
 
+def test_privacy_unit_is_optional_and_kept(spec):
+    assert validate_offer(offer(meta=good_meta(privacy_unit="patient")), spec).meta["privacy_unit"] == "patient"
+    assert "privacy_unit" not in validate_offer(offer(), spec).meta  # artifacts before privacy units: scan
+
+
 def test_class_evidence_is_optional_and_kept_when_well_formed(spec):
     assert "class_evidence" not in validate_offer(offer(), spec).meta
     acc = validate_offer(offer(meta=good_meta(class_evidence=[120.5, -3.2, 0])), spec)
@@ -103,6 +108,8 @@ HOSTILE = {
     "unknown allocation": (lambda: offer(meta=good_meta(allocation="whatever-i-like",
                                                         class_evidence=[50.0, 10.0, 0.0])),
                            Reason.INCONSISTENT_METADATA),
+    "unknown privacy unit": (lambda: offer(meta=good_meta(privacy_unit="household")), Reason.INCONSISTENT_METADATA),
+    "privacy unit as a list": (lambda: offer(meta=good_meta(privacy_unit=["scan"])), Reason.INCONSISTENT_METADATA),
 }
 
 

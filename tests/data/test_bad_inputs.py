@@ -133,6 +133,51 @@ def test_conflicting_duplicate_labels_quarantine_both_rows(site_builder):
     assert [e["reason"] for e in q["entries"]] == ["duplicate_row", "duplicate_row"]
 
 
+def test_the_same_dicom_object_exported_twice_with_other_bytes_is_one_scan(site_builder):
+    """A re-encoded or re-anonymised copy keeps its SOPInstanceUID: counting it twice would give one scan two
+    records (twice the contribution the accountant assumes) and possibly put it on both sides of the split."""
+    import pydicom
+
+    s = site_builder()
+    original = s.add_dicom("x.dcm", "a", patient_id="P1")
+    s.add_dicom("y.dcm", "b", patient_id="P2")
+    for rel, label in (("copy_same_label.dcm", "a"), ("copy_other_label.dcm", "b")):
+        ds = pydicom.dcmread(original)
+        ds.InstitutionName = f"re-export {rel}"  # other bytes, same object
+        ds.save_as(s.root / rel, enforce_file_format=True)
+        s.add(rel, label, "P3")
+    cfg_path = s.write()
+    report = check_site(cfg_path)
+    q = quarantine(cfg_path)
+    assert report.n_used == 1  # only y.dcm: x.dcm's object is listed again under another label
+    by_path = {e["path"]: e for e in q["entries"]}
+    assert set(by_path) == {"x.dcm", "copy_same_label.dcm", "copy_other_label.dcm"}
+    assert all(e["reason"] == "duplicate_row" for e in by_path.values())
+    assert "SOPInstanceUID" in by_path["copy_same_label.dcm"]["detail"] and "row 2" in by_path[
+        "copy_same_label.dcm"]["detail"]
+    assert "different label" in by_path["copy_other_label.dcm"]["detail"]
+
+
+def test_a_series_with_a_slice_exported_twice_is_inconsistent(site_builder):
+    import pydicom
+
+    from medfdd.data.writers import write_dicom_series
+
+    s = site_builder(spatial_size=(4, 16, 16))
+    folder = write_dicom_series(s.root / "series", s.rng.integers(0, 255, (4, 16, 16), dtype=np.uint8),
+                                patient_id="P1", rng=s.rng)
+    ds = pydicom.dcmread(folder / "slice_0003.dcm")
+    ds.InstanceNumber = 9  # a second copy of slice 3, renumbered
+    ds.save_as(folder / "slice_0009.dcm", enforce_file_format=True)
+    s.add("series", "a", "P1")
+    write_dicom_series(s.root / "ok", s.rng.integers(0, 255, (4, 16, 16), dtype=np.uint8), patient_id="P2", rng=s.rng)
+    s.add("ok", "b", "P2")
+    cfg_path = s.write()
+    check_site(cfg_path)
+    (entry,) = quarantine(cfg_path)["entries"]
+    assert entry["reason"] == "inconsistent_series" and "SOPInstanceUID" in entry["detail"]
+
+
 def test_unreadable_file_is_quarantined(site_builder):
     if os.geteuid() == 0:
         pytest.skip("root reads every file; permission errors cannot be produced")

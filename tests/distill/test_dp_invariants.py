@@ -24,6 +24,7 @@ from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
 from medfdd.distill.noise_key import KEY_FILENAME
 from medfdd.distill.site import distill_site
+from medfdd.errors import MedfddError
 from medfdd.nets import convnet_for
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
@@ -303,6 +304,28 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
     assert abs(ledger["epsilon_spent"] - independent) / independent < 0.01
     assert ledger["epsilon_spent"] <= 1.0 and out.meta["epsilon"] == pytest.approx(ledger["epsilon_spent"])
     assert out.meta["steps"] == 30 and out.meta["dp"] is True
+
+
+def test_patient_unit_is_in_the_release_and_the_ledger_and_cannot_change_once_spent(consortium, tmp_path):
+    from medfdd.data.site_data import load_site_data
+
+    path = _site_config(consortium, tmp_path, iterations=3)
+    doc = yaml.safe_load(path.read_text())
+    doc["privacy"]["unit"] = "patient"
+    path.write_text(yaml.safe_dump(doc))
+    cfg = load_site_config(path)
+    data = load_site_data(cfg)
+    patients = [data.patient_ids[i] for i in data.train]
+    assert len(patients) == len(set(patients)) and len(data.unused) > 0  # prepare gives patients 1-3 scans
+    out = distill_site(path, console=quiet())
+    assert out.meta["privacy_unit"] == "patient"
+    assert json.loads((cfg.output_dir / "privacy_ledger.json").read_text())["budget"]["unit"] == "patient"
+    released = (cfg.output_dir / "synthetic.json").read_bytes()
+    doc["privacy"]["unit"] = "scan"  # the epsilon already spent protected patients: no mixing of units
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(MedfddError, match="unit"):
+        distill_site(path, console=quiet())
+    assert (cfg.output_dir / "synthetic.json").read_bytes() == released
 
 
 @pytest.mark.parametrize("sample_rate", [None, 0.05])

@@ -279,7 +279,7 @@ def test_charge_is_on_disk_before_it_returns(tmp_path):
         (1, "distill", 100, "charged", True)
     ]
     assert doc["epsilon_spent"] == eps == ledger.epsilon_spent
-    assert doc["budget"] == {"epsilon": 1.0, "delta": DELTA, "accountant": "rdp"}
+    assert doc["budget"] == {"epsilon": 1.0, "delta": DELTA, "accountant": "rdp", "unit": "scan"}
     assert ledger.remaining == pytest.approx(1.0 - eps)
     assert PrivacyLedger.load(file).epsilon_spent == eps
 
@@ -512,6 +512,26 @@ def test_reopening_with_another_budget_or_site_is_refused(tmp_path):
         PrivacyLedger.open(tmp_path, site_id="hospital-b", epsilon=1.0, delta=DELTA)
     with pytest.raises(InvalidPrivacyParameter):
         PrivacyLedger.open(tmp_path / "other", site_id="x", epsilon=0.0, delta=DELTA)
+    # epsilons spent per scan and per patient do not add up to a guarantee for either: the unit is fixed too
+    with pytest.raises(LedgerMismatch, match="unit"):
+        open_ledger(tmp_path, epsilon=1.0, unit="patient")
+    with pytest.raises(InvalidPrivacyParameter, match="unit"):
+        open_ledger(tmp_path / "other", unit="visit")
+
+
+def test_a_ledger_from_before_privacy_units_protects_scans_and_a_forged_unit_is_corrupt(tmp_path):
+    ledger = open_ledger(tmp_path)
+    ledger.charge(Charge(noise_multiplier=2.0, sample_rate=0.01, steps=10, round=1))
+    file = tmp_path / LEDGER_FILENAME
+    doc = json.loads(file.read_text())
+    del doc["budget"]["unit"]
+    file.write_text(json.dumps(doc))
+    assert PrivacyLedger.load(file).budget.unit == "scan"
+    assert open_ledger(tmp_path).epsilon_spent == ledger.epsilon_spent  # reopens under the default unit
+    doc["budget"]["unit"] = "visit"
+    file.write_text(json.dumps(doc))
+    with pytest.raises(LedgerCorrupt, match="unit"):
+        PrivacyLedger.load(file)
 
 
 # ----------------------------------------------------------------------------------------------- (f) idempotency

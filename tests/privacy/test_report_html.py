@@ -16,6 +16,7 @@ from privacy.audit.metrics import EpsilonBound, attack_metrics, clopper_pearson_
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome, SiteAudit
 from privacy.audit.spec import AuditSpec
 from privacy.report import report_json, write_report
+from privacy.report.html import render_html
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -134,3 +135,15 @@ def test_report_html_renders_offline_in_headless_chromium(tmp_path: Path):
     assert [u for u in requests if not (u == html.resolve().as_uri() or u.startswith("data:"))] == []
     img = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
     assert img.std() > 10 and (img < 200).mean() > 0.02  # not a blank page
+
+
+def test_the_report_says_what_epsilon_protects():
+    o = outcome(shift=0.0, dp=True)
+    o.sites["hospital-b"].privacy_unit = "patient"
+    rep = report_json(o)
+    assert rep["sites"]["hospital-a"]["privacy_unit"] == "scan" and rep["sites"]["hospital-b"]["privacy_unit"] == \
+        "patient"
+    text = {f["site"]: f["text"] for f in rep["verdict"]["findings"]}
+    assert "epsilon = 1 per scan" in text["hospital-a"] and "epsilon = 1 per patient" in text["hospital-b"]
+    page = render_html(o, rep)
+    assert "protects each" in page and "<td>patient</td>" in page
