@@ -216,6 +216,8 @@ class SiteBudget(_Strict):
     dp: bool = Field(True, description="false only for declared non-private baselines")
     epsilon: float = Field(1.0, gt=0, description="the site's total epsilon over all rounds")
     delta: float = Field(1e-5, gt=0, lt=1)
+    unit: Literal["scan", "patient"] = Field("scan", description="what the site's epsilon protects; `patient`: "
+                                             "offers whose epsilon protects only scans are rejected")
 
 
 class ConsortiumConfig(_Strict):
@@ -226,8 +228,8 @@ class ConsortiumConfig(_Strict):
     channels: Literal[1, 3] = Field(1, description="image channels every offer must have")
     ipc: int = Field(10, ge=1, description="synthetic images per class one site may offer (ipc x classes in all; "
                      "an `allocation: evidence` offer shares them by its own class_evidence)")
-    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> `{dp, epsilon, delta}` declared "
-                                         "budget (offers above it are rejected)")
+    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> `{dp, epsilon, delta, unit}` "
+                                         "declared budget (offers above it, or protecting less, are rejected)")
     max_offer_bytes: int = Field(256 * 2**20, ge=1, description="offers announcing more bytes are refused unread")
 
     @field_validator("sites")

@@ -61,8 +61,8 @@ def consortium_of(cfg: CoordinatorConfig) -> tuple[ConsortiumConfig, dict[str, P
     spec = ConsortiumConfig(
         classes=first.classes, spatial_size=first.spatial_size, channels=first.channels,
         ipc=max(s.distill.ipc for s in site_cfgs),
-        sites={s.site_id: SiteBudget(dp=s.privacy.dp, epsilon=s.privacy.epsilon, delta=s.privacy.delta)
-               for s in site_cfgs})
+        sites={s.site_id: SiteBudget(dp=s.privacy.dp, epsilon=s.privacy.epsilon, delta=s.privacy.delta,
+                                     unit=s.privacy.unit) for s in site_cfgs})
     return spec, paths
 
 

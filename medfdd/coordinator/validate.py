@@ -44,6 +44,7 @@ class Reason(StrEnum):
     INCONSISTENT_METADATA = "inconsistent_metadata"
     NOT_PRIVATE = "not_private"
     EPSILON_ABOVE_BUDGET = "epsilon_above_budget"
+    WEAKER_UNIT = "weaker_privacy_unit"
     NO_ANSWER = "no_answer"
     SITE_FAILED = "site_failed"
 
@@ -141,8 +142,15 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
         sigma, q, steps = _number(meta["noise_multiplier"]), _number(meta["sample_rate"]), _number(meta["steps"])
     except TypeError as e:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, str(e)) from None
+    unit = meta.get("privacy_unit", "scan")
+    if unit not in PRIVACY_UNITS:
+        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"privacy_unit {unit!r}, expected one of "
+                                                               f"{list(PRIVACY_UNITS)}")
     declared = spec.sites[sid]
     dp = meta["dp"] is True
+    if declared.dp and declared.unit == "patient" and unit != "patient":
+        raise OfferRejected(sid, Reason.WEAKER_UNIT, f"epsilon protects each {unit}; the site declared protection "
+                                                     "of each patient (privacy.unit: patient)")
     if declared.dp:
         if not dp or not math.isfinite(eps):
             raise OfferRejected(sid, Reason.NOT_PRIVATE, "the site declared a DP budget but the offer is non-private")
@@ -156,9 +164,6 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
         if previous_epsilon is not None and eps < previous_epsilon * (1 - 1e-9):
             raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"cumulative epsilon {eps:.6g} is below the "
                                                                    f"{previous_epsilon:.6g} of an earlier round")
-    if meta.get("privacy_unit", "scan") not in PRIVACY_UNITS:
-        raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"privacy_unit {meta['privacy_unit']!r}, expected "
-                                                               f"one of {list(PRIVACY_UNITS)}")
     if "class_evidence" in meta:
         _check_evidence(sid, meta["class_evidence"], len(spec.classes))
     return {**meta, "epsilon": eps}

@@ -49,6 +49,16 @@ def test_privacy_unit_is_optional_and_kept(spec):
     assert "privacy_unit" not in validate_offer(offer(), spec).meta  # artifacts before privacy units: scan
 
 
+def test_a_site_that_declared_patient_protection_must_offer_it():
+    agreed = ConsortiumConfig(classes=["a", "b", "c"], spatial_size=[8, 8], ipc=IPC,
+                              sites={"site-a": {"epsilon": 1.0, "delta": 1e-5, "unit": "patient"}})
+    assert validate_offer(offer(meta=good_meta(privacy_unit="patient")), agreed).meta["privacy_unit"] == "patient"
+    for meta in (good_meta(privacy_unit="scan"), good_meta()):  # said, or absent (older sites protect scans)
+        with pytest.raises(OfferRejected) as err:
+            validate_offer(offer(meta=meta), agreed)
+        assert err.value.reason == Reason.WEAKER_UNIT and "patient" in err.value.detail
+
+
 def test_class_evidence_is_optional_and_kept_when_well_formed(spec):
     assert "class_evidence" not in validate_offer(offer(), spec).meta
     acc = validate_offer(offer(meta=good_meta(class_evidence=[120.5, -3.2, 0])), spec)

@@ -90,6 +90,8 @@ REFERENCES = [
      f"{OFFERS}::test_bytes_that_disagree_with_the_announced_shape_are_malformed"),
     ("hostile", "offer with a negative or fractional shape", "rejected `malformed`",
      f"{OFFERS}::test_nonsense_shapes_are_malformed"),
+    ("hostile", "offer whose epsilon protects scans from a site declared `unit: patient`",
+     "rejected `weaker_privacy_unit`", f"{OFFERS}::test_a_site_that_declared_patient_protection_must_offer_it"),
     ("hostile", "cumulative epsilon lower than in an earlier round", "rejected `inconsistent_metadata`",
      f"{OFFERS}::test_cumulative_epsilon_must_not_shrink_between_rounds"),
     ("hostile", "unknown site id, spoofed site id (either direction), second offer, offer for another round",
