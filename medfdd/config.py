@@ -92,6 +92,10 @@ class PrivacyConfig(_Strict):
     accountant: Literal["rdp", "prv"] = Field("rdp", description="`rdp` (Rényi DP) or `prv` (privacy random "
                                                                 "variables), both Opacus's")
     rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
+    count_noise: float | None = Field(
+        None, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
+        "default sample rate batch_size / n is derived, paid once from the budget; unset: n counts as public and the "
+        "published sample rate discloses it (unused when distill.sample_rate is set)")
     unit: Literal["scan", "patient"] = Field(
         "scan", description="what epsilon protects: `scan` (each scan; a patient with k training scans is protected "
         "only as a group of k) or `patient` (each training patient contributes one scan, chosen by a hash of the "

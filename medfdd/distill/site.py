@@ -31,6 +31,7 @@ from medfdd.data.check import load_with_progress
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
 from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
+from medfdd.distill.record_count import private_record_count
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
 from medfdd.training import pick_device
@@ -69,12 +70,19 @@ def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
         raise write_error(path, e) from e
 
 
-def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool) -> PrivacyPlan:
-    """Noise for this round such that all planned rounds fit the budget, given what earlier rounds spent."""
+def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool,
+                 seed: int = 0) -> PrivacyPlan:
+    """Noise for this round such that all planned rounds fit the budget, given what earlier rounds (and the record
+    count, when it was paid for) spent.
+
+    The sample rate is `distill.sample_rate` when set (it discloses nothing of n), else batch_size / n with n the
+    DP record count when `privacy.count_noise` is set (paid here, once, with noise keyed by `seed`), else the true
+    n, which the published sample rate then discloses.
+    """
     steps = cfg.distill.iterations
-    q = cfg.distill.sample_rate or min(1.0, cfg.distill.batch_size / n_train)  # the former discloses nothing of n
     if not dp:
-        return PrivacyPlan(False, 0.0, q, steps, cfg.distill.clip_norm)
+        return PrivacyPlan(False, 0.0, cfg.distill.sample_rate or min(1.0, cfg.distill.batch_size / n_train), steps,
+                           cfg.distill.clip_norm)
     if cfg.privacy.delta >= 1.0 / n_train:
         raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
                            f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
@@ -86,8 +94,12 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
                              f"{cfg.privacy.rounds} round(s) the budget epsilon = {cfg.privacy.epsilon:g} was split "
                              f"over (spent so far {ledger.epsilon_spent:.4g})",
                              "plan more rounds before the first one (privacy.rounds) or agree a new budget")
-    earlier = [e for e in ledger.entries if e.round != round_]
-    remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier}))
+    q = cfg.distill.sample_rate
+    if q is None:
+        n = private_record_count(cfg, ledger, n=n_train, seed=seed) if cfg.privacy.count_noise else n_train
+        q = min(1.0, cfg.distill.batch_size / n)
+    earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
+    remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
     sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
                                   steps_per_round=steps, rounds=remaining_rounds,
                                   already_spent=earlier,
@@ -205,7 +217,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
-    plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp)
+    plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp, seed=seed)
     fingerprint = _fingerprint(cfg, plan, round_, seed, data.rows[train], start, global_model)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
     ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp,
@@ -247,8 +259,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
 
     images = state.result().cpu().numpy().astype(np.float32)
     labels = state.labels.cpu().numpy().astype(np.int64)
-    round_eps = epsilon_for([e for e in ledger.entries if e.round == round_], delta=cfg.privacy.delta,
-                            accountant=cfg.privacy.accountant)
+    round_eps = epsilon_for([e for e in ledger.entries if (e.round, e.purpose) == (round_, PURPOSE)],
+                            delta=cfg.privacy.delta, accountant=cfg.privacy.accountant)
     meta = {"site_id": cfg.site_id, "round": round_, "method": cfg.distill.method, "ipc": cfg.distill.ipc,
             "classes": list(cfg.data.classes), "spatial_size": list(cfg.data.spatial_size),
             "channels": cfg.data.channels, "epsilon": eps_spent, "epsilon_round": round_eps,

@@ -342,6 +342,60 @@ def test_a_fixed_sample_rate_publishes_nothing_about_the_number_of_records(conso
         assert plans[0] == plans[1] and plans[0].sample_rate == sample_rate
 
 
+def _with_count_noise(path: Path, sigma: float = 10.0) -> Path:
+    doc = yaml.safe_load(path.read_text())
+    doc["privacy"]["count_noise"] = sigma
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def test_the_record_count_is_paid_once_from_the_budget_before_it_sets_the_sample_rate(consortium, tmp_path):
+    """`privacy.count_noise`: the published sample rate reveals only a DP estimate of n (invariant 1: any count),
+    paid before it is computed and left room for by the calibration."""
+    import dp_accounting
+
+    from medfdd.distill.record_count import COUNT_FILE, COUNT_PURPOSE
+    from medfdd.distill.site import open_ledger, plan_privacy
+    from privacy.accounting import ChargeConflict
+
+    cfg = load_site_config(_with_count_noise(_site_config(consortium, tmp_path, batch_size=64, iterations=50)))
+    plan = plan_privacy(cfg, open_ledger(cfg, True), n_train=1000, round_=1, dp=True, seed=123)
+    estimate = json.loads((cfg.output_dir / COUNT_FILE).read_text())["n_estimate"]
+    assert plan.sample_rate == 64 / estimate
+    (count,) = open_ledger(cfg, True).entries
+    assert (count.purpose, count.noise_multiplier, count.sample_rate, count.steps) == (COUNT_PURPOSE, 10.0, 1.0, 1)
+    acc = dp_accounting.rdp.RdpAccountant()  # the count and the planned distillation together fit the budget
+    acc.compose(dp_accounting.GaussianDpEvent(10.0))
+    acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(
+        plan.sample_rate, dp_accounting.GaussianDpEvent(plan.noise_multiplier)), 50))
+    assert 0.97 <= acc.get_epsilon(1e-5) <= 1.0 * 1.01
+    # paid once: a later plan (resume, next round, changed records) reuses the released estimate
+    again = plan_privacy(cfg, open_ledger(cfg, True), n_train=1001, round_=1, dp=True, seed=123)
+    assert again.sample_rate == plan.sample_rate and len(open_ledger(cfg, True).entries) == 1
+    # a lost estimate is redrawn from the same keyed noise for the same records; other records would be a second,
+    # unpaid release: refused
+    (cfg.output_dir / COUNT_FILE).unlink()
+    with pytest.raises(ChargeConflict):
+        plan_privacy(cfg, open_ledger(cfg, True), n_train=1001, round_=1, dp=True, seed=123)
+    assert plan_privacy(cfg, open_ledger(cfg, True), n_train=1000, round_=1, dp=True, seed=123) == plan
+    # a refused plan pays nothing for the count
+    other = load_site_config(_with_count_noise(_site_config(consortium, tmp_path / "small", batch_size=64)))
+    with pytest.raises(BudgetExceeded, match="beyond the planned"):
+        plan_privacy(other, open_ledger(other, True), n_train=1000, round_=2, dp=True, seed=123)
+    assert open_ledger(other, True).entries == ()
+
+
+def test_the_record_count_noise_has_std_sigma(consortium, tmp_path):
+    from medfdd.distill.record_count import private_record_count
+
+    cfg = load_site_config(_with_count_noise(_site_config(consortium, tmp_path), sigma=20.0))
+    draws = np.array([private_record_count(cfg, PrivacyLedger.open(tmp_path / f"l{s}", site_id=cfg.site_id,
+                                                                    epsilon=100.0, delta=1e-5), n=5000, seed=s)
+                      for s in range(300)])
+    assert abs(draws.mean() - 5000) < 4 * 20 / np.sqrt(300)
+    assert 0.85 * 20 < draws.std() < 1.15 * 20
+
+
 def test_no_dp_is_recorded_as_infinite_epsilon(consortium, tmp_path, capsys):
     path = _site_config(consortium, tmp_path, iterations=3)
     from rich.console import Console
@@ -366,16 +420,21 @@ def test_budget_overrun_is_refused_before_any_release(consortium, tmp_path):
     assert after == before  # nothing released, ledger unchanged
 
 
-def test_rounds_split_the_budget(consortium, tmp_path):
+@pytest.mark.parametrize("count_noise", [None, 10.0])
+def test_rounds_split_the_budget(consortium, tmp_path, count_noise):
     path = _site_config(consortium, tmp_path, iterations=10)
     cfg = yaml.safe_load(path.read_text())
-    cfg["privacy"]["rounds"] = 2
+    cfg["privacy"].update(rounds=2, count_noise=count_noise)
     path.write_text(yaml.safe_dump(cfg))
     first = distill_site(path, round_=1, console=quiet())
     assert first.meta["epsilon"] < 0.8  # about half of the budget's worth of steps
     second = distill_site(path, round_=2, console=quiet())
     assert first.meta["epsilon"] < second.meta["epsilon"] <= 1.0
-    assert second.meta["round"] == 2
+    assert second.meta["epsilon"] > 0.95  # the calibration spends the whole budget, the record count included
+    assert second.meta["round"] == 2 and second.meta["sample_rate"] == first.meta["sample_rate"]
+    ledger = json.loads((load_site_config(path).output_dir / "privacy_ledger.json").read_text())
+    assert [(e["round"], e["purpose"]) for e in ledger["entries"]] == (
+        [(1, "record-count")] if count_noise else []) + [(1, "distill"), (2, "distill")]
 
 
 @pytest.mark.parametrize("start", ["warm", "cold", "copy missing"])
