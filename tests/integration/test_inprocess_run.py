@@ -53,6 +53,7 @@ def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_r
         for s in sites:
             per = r["per_site"][s]
             assert per["accepted"] and per["bytes_up"] == r["bytes_up"][s] and 0 < per["epsilon"] <= 1
+            assert per["privacy_unit"] == "scan"  # the default: epsilon protects each scan
 
     merged = np.load(out / "merged.npz", allow_pickle=False)
     assert len(merged["labels"]) == run["final"]["n_merged"] == sum(
