@@ -85,6 +85,9 @@ class DataConfig(_Strict):
         return v
 
 
+PrivacyUnit = Literal["scan", "patient"]  # privacy.accounting.PRIVACY_UNITS
+
+
 class PrivacyConfig(_Strict):
     dp: bool = Field(True, description="false only for baselines and positive controls (recorded as epsilon = inf)")
     epsilon: float = Field(1.0, gt=0, description="the site's total budget over all rounds")
@@ -96,7 +99,7 @@ class PrivacyConfig(_Strict):
         None, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
         "default sample rate batch_size / n is derived, paid once from the budget; unset: n counts as public and the "
         "published sample rate discloses it (unused when distill.sample_rate is set)")
-    unit: Literal["scan", "patient"] = Field(
+    unit: PrivacyUnit = Field(
         "scan", description="what epsilon protects: `scan` (each scan; a patient with k training scans is protected "
         "only as a group of k) or `patient` (each training patient contributes one scan, chosen by a hash of the "
         "patient's own rows; needs a patient_id on every manifest row, rows without one are quarantined)")
@@ -153,6 +156,10 @@ class DistillConfig(_Strict):
         if self.inner_steps is not None:
             return self.inner_steps
         return 5 if self.method == "dm" and self.schedule == "decoupled" else 1
+
+    def sample_rate_for(self, n_records: int) -> float:
+        """Poisson sampling probability: `sample_rate` when fixed, else batch_size / n (at most 1)."""
+        return self.sample_rate or min(1.0, self.batch_size / max(1, n_records))
 
 
 class AuditGate(_Strict):
@@ -220,7 +227,7 @@ class SiteBudget(_Strict):
     dp: bool = Field(True, description="false only for declared non-private baselines")
     epsilon: float = Field(1.0, gt=0, description="the site's total epsilon over all rounds")
     delta: float = Field(1e-5, gt=0, lt=1)
-    unit: Literal["scan", "patient"] = Field("scan", description="what the site's epsilon protects; `patient`: "
+    unit: PrivacyUnit = Field("scan", description="what the site's epsilon protects; `patient`: "
                                              "offers whose epsilon protects only scans are rejected")
 
 

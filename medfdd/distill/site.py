@@ -81,8 +81,7 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     """
     steps = cfg.distill.iterations
     if not dp:
-        return PrivacyPlan(False, 0.0, cfg.distill.sample_rate or min(1.0, cfg.distill.batch_size / n_train), steps,
-                           cfg.distill.clip_norm)
+        return PrivacyPlan(False, 0.0, cfg.distill.sample_rate_for(n_train), steps, cfg.distill.clip_norm)
     if cfg.privacy.delta >= 1.0 / n_train:
         raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
                            f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
@@ -94,10 +93,8 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
                              f"{cfg.privacy.rounds} round(s) the budget epsilon = {cfg.privacy.epsilon:g} was split "
                              f"over (spent so far {ledger.epsilon_spent:.4g})",
                              "plan more rounds before the first one (privacy.rounds) or agree a new budget")
-    q = cfg.distill.sample_rate
-    if q is None:
-        n = private_record_count(cfg, ledger, n=n_train, seed=seed) if cfg.privacy.count_noise else n_train
-        q = min(1.0, cfg.distill.batch_size / n)
+    private_n = cfg.privacy.count_noise and cfg.distill.sample_rate is None
+    q = cfg.distill.sample_rate_for(private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train)
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
     sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,

@@ -50,7 +50,7 @@ class PipelineOutput:
 
 def privacy_plan(settings: PipelineSettings, n_records: int) -> PrivacyPlan:
     cfg = settings.distill
-    q = cfg.sample_rate or min(1.0, cfg.batch_size / max(1, n_records))  # as the site runner samples
+    q = cfg.sample_rate_for(n_records)  # as the site runner samples
     if not settings.dp:
         return PrivacyPlan(False, 0.0, q, cfg.iterations, cfg.clip_norm)
     sigma = calibrate_noise(epsilon=settings.epsilon, delta=settings.delta, sample_rate=q, steps=cfg.iterations,
