@@ -37,6 +37,11 @@ from privacy.report.build import row_json  # noqa: E402
 DISTILL = {"ipc": 4, "iterations": 100, "inner_steps": 10, "augment": False, "center": False, "width": 32,
            "batch_size": 256}
 TRAIN = {"epochs": 300, "width": 32, "augment": False}
+# `--setting utility`: sites large enough for a useful DP model, medfdd's own defaults (feature centring,
+# augmentation in distillation and training), the CPU-scale batch of 128 records per class and ipc 10
+UTILITY_DISTILL = {"ipc": 10, "iterations": 100, "inner_steps": 10, "width": 32, "batch_size": 1280}
+UTILITY_TRAIN = {"epochs": 300, "width": 32}
+SETTINGS = {"worst-case": (DISTILL, TRAIN), "utility": (UTILITY_DISTILL, UTILITY_TRAIN)}
 DELTA = 1e-5
 REPORTS = Path(__file__).resolve().parents[1] / "audits" / "reports" / "b3"  # git-ignored
 
@@ -44,16 +49,18 @@ REPORTS = Path(__file__).resolve().parents[1] / "audits" / "reports" / "b3"  # g
 def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     dp = math.isfinite(eps)
     base = work / f"eps-{eps:g}"
+    distill, train = SETTINGS[args.setting]
     res = prepare_consortium(source=args.source, out=base, sites=args.sites, alpha=args.alpha, fmt="dicom",
-                             seed=args.seed, epsilon=eps if dp else 1.0, delta=DELTA, ipc=DISTILL["ipc"],
-                             iterations=DISTILL["iterations"], method="dm", dp=True, max_per_class=args.max_per_class,
+                             seed=args.seed, epsilon=eps if dp else 1.0, delta=DELTA, ipc=distill["ipc"],
+                             iterations=distill["iterations"], method="dm", dp=True, max_per_class=args.max_per_class,
                              console=Console(quiet=True))
-    res.override(site={"data": {"holdout_fraction": 0.5}, "device": "cpu", "distill": DISTILL},
-                 coordinator={"train": TRAIN})
+    # stratified: the same class mix among members and non-members (the design of the results so far)
+    res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",
+                       "distill": distill}, coordinator={"train": train})
     t0 = time.perf_counter()
     run_dir = run_inprocess(res.coordinator_config, console=Console(quiet=True), no_dp=not dp)
     run_s = time.perf_counter() - t0
-    spec = AuditSpec(shadows=args.shadows, canaries=args.canaries, seed=args.seed)
+    spec = AuditSpec(attacks=args.attacks, shadows=args.shadows, canaries=args.canaries, seed=args.seed)
     t0 = time.perf_counter()
     outcome = audit_run(run_dir, spec, console=console)
     audit_s = time.perf_counter() - t0
@@ -83,13 +90,18 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=100.0, help="Dirichlet alpha (large = near-IID small sites)")
     ap.add_argument("--max-per-class", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--setting", choices=sorted(SETTINGS), default="worst-case",
+                    help="worst-case: tiny sites, no augmentation (the power test's design); utility: larger sites "
+                    "and medfdd's distillation defaults")
+    ap.add_argument("--attacks", nargs="+", default=["loss", "dcr", "lira_online", "lira_offline", "canary"])
     ap.add_argument("--name", default=None, help="results file name (default b3_leakage_<source>)")
     ap.add_argument("--keep-reports", action="store_true",
                     help="also write report.html/json per epsilon under audits/reports/b3/ (git-ignored)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     console = Console()
-    args.name = args.name or f"b3_leakage_{args.source.replace('-', '_')}"
+    suffix = "" if args.setting == "worst-case" else f"_{args.setting}"
+    args.name = args.name or f"b3_leakage_{args.source.replace('-', '_')}{suffix}"
     rows = []
     partial = RESULTS / f"{args.name}.partial.jsonl"
     with tempfile.TemporaryDirectory(prefix="b3-") as tmp:
@@ -102,8 +114,11 @@ def main() -> None:
                "fashion-mnist": "fashion-mnist (Debian dataset-fashion-mnist, 28x28)"}[args.source]
     out = write_result(args.name, {
         "dataset": dataset, "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
-                                          "max_per_class": args.max_per_class, "holdout_fraction": 0.5},
-        "method": "dm", "distill": DISTILL, "train": TRAIN, "shadows": args.shadows, "canaries": args.canaries,
+                                          "max_per_class": args.max_per_class, "holdout_fraction": 0.5,
+                                          "split": "stratified"},
+        "method": "dm", "setting": args.setting, "distill": SETTINGS[args.setting][0],
+        "train": SETTINGS[args.setting][1], "shadows": args.shadows, "canaries": args.canaries,
+        "attacks": args.attacks,
         "confidence": 0.95, "rows": rows, "peak_memory_mb": peak_memory_mb()})
     partial.unlink(missing_ok=True)
     console.print(f"wrote {out}")

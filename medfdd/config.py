@@ -64,6 +64,10 @@ class DataConfig(_Strict):
     intensity: Intensity = Field(default_factory=MinMax, description="`minmax` | `{mode: percentile, lower, upper}` | "
                                  "`{mode: ct_window, center, width}` (HU, after RescaleSlope/Intercept)")
     holdout_fraction: float = Field(0.2, ge=0, lt=1, description="kept at the site for audits, split by patient_id")
+    split: Literal["stable", "stratified"] = Field(
+        "stable", description="`stable`: each patient's side is a keyed hash of its own id (adding patients never "
+        "moves another; epsilon covers every patient in the manifest) | `stratified`: exact per-class fractions, "
+        "reshuffled when patients are added")
     cache: bool = Field(True, description="cache preprocessed tensors under output/cache (invalidated on any change)")
     max_voxels: int = Field(2**27, ge=1, description="refuse images whose header announces more voxels than this")
 

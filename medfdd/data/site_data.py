@@ -12,7 +12,7 @@ from medfdd.data.cache import PreprocessCache, content_key, settings_fingerprint
 from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
 from medfdd.data.manifest import read_manifest
 from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
-from medfdd.data.split import one_scan_per_patient, patient_split
+from medfdd.data.split import one_scan_per_patient, site_split
 from medfdd.io import OutputWriteError
 
 
@@ -121,10 +121,11 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     used = [entries[i] for i in kept]
     labels = np.array([e.label for e in used], dtype=np.int64)
     pids = [e.patient_id for e in used]
-    train, holdout = patient_split(labels, pids, cfg.data.holdout_fraction, cfg.seed)
+    paths = [e.path for e in used]
+    train, holdout = site_split(cfg.data.split, labels, pids, paths, cfg.data.holdout_fraction, cfg.seed)
     unused = np.empty(0, dtype=np.int64)
     if per_patient:
-        train, unused = one_scan_per_patient(train, pids, [e.path for e in used], cfg.seed)
+        train, unused = one_scan_per_patient(train, pids, paths, cfg.seed)
     return SiteData(
         classes=list(cfg.data.classes), images=images[: len(kept)], labels=labels,
         rows=np.array([e.row for e in used], dtype=np.int64), patient_ids=pids, infos=infos,

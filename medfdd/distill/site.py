@@ -269,7 +269,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         meta["class_evidence"] = evidence
     if cfg.distill.allocation != "uniform":
         meta["allocation"] = cfg.distill.allocation
-    _record_members(cfg, round_, split_digest(data.rows, data.train, data.holdout))
+    _record_members(cfg, round_, split_digest(data.rows, data.train, data.holdout, cfg.data.split))
     npz, _ = save_synthetic(cfg.output_dir, SyntheticSet(images, labels, meta))
     atomic_write_bytes(_release_copy(cfg, round_), save({"images": torch.from_numpy(images),
                                                          "labels": torch.from_numpy(labels)}))

@@ -145,13 +145,19 @@ def _check_members(cfg, data, sid: str, run: dict, notes: list[str]) -> None:
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
         raise AuditError(str(path), "not a members record written by `medfdd site distill`",
                          "restore it from the site's backup or distill again") from None
-    now = split_digest(data.rows, data.train, data.holdout)
+    now = split_digest(data.rows, data.train, data.holdout, cfg.data.split)
     run_rounds = {str(r.get("round")) for r in run.get("rounds") or [] if isinstance(r, dict)}
     for rnd, digest in sorted(recorded.items()):
-        if (not run_rounds or rnd in run_rounds) and digest != now:
-            raise AuditError(f"{sid}: {path}", f"round {rnd} trained on a different train/holdout split than the "
-                             "site's data and config give now (manifest rows, quarantine or seed changed)",
-                             "audit with the manifest, data and config the run used")
+        digest = digest if isinstance(digest, dict) else {}
+        if (run_rounds and rnd not in run_rounds) or (digest.get("train"), digest.get("holdout")) == (
+                now["train"], now["holdout"]):
+            continue
+        then = digest.get("split", "stratified")  # releases before data.split existed used the stratified rule
+        fix = (f"set data.split: {then} in the site config (the rule that round used)" if then != cfg.data.split
+               else "audit with the manifest, data and config the run used")
+        raise AuditError(f"{sid}: {path}", f"round {rnd} trained on a different train/holdout split than the "
+                         "site's data and config give now (manifest rows, quarantine, seed or split rule changed)",
+                         fix)
 
 
 def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:

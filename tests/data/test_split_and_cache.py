@@ -12,17 +12,18 @@ from hypothesis import strategies as st
 from medfdd.config import load_site_config
 from medfdd.data.check import check_site
 from medfdd.data.site_data import load_site_data
-from medfdd.data.split import patient_split
+from medfdd.data.split import SPLITS, patient_split, site_split, stable_split
 
 
 @settings(max_examples=60, deadline=None)
 @given(n=st.integers(1, 200), n_pat=st.integers(1, 60), frac=st.sampled_from([0.0, 0.1, 0.2, 0.5, 0.9]),
-       seed=st.integers(0, 10), with_ids=st.booleans())
-def test_split_is_a_partition_with_no_shared_patient(n, n_pat, frac, seed, with_ids):
+       seed=st.integers(0, 10), with_ids=st.booleans(), method=st.sampled_from(SPLITS))
+def test_split_is_a_partition_with_no_shared_patient(n, n_pat, frac, seed, with_ids, method):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 3, n)
     pids = [f"P{rng.integers(0, n_pat)}" for _ in range(n)] if with_ids else [None] * n
-    train, hold = patient_split(labels, pids, frac, seed)
+    paths = [f"scan{i}.dcm" for i in range(n)]
+    train, hold = site_split(method, labels, pids, paths, frac, seed)
     assert len(np.intersect1d(train, hold)) == 0
     assert sorted(np.concatenate([train, hold]).tolist()) == list(range(n))
     if with_ids:
@@ -30,8 +31,54 @@ def test_split_is_a_partition_with_no_shared_patient(n, n_pat, frac, seed, with_
     if frac == 0:
         assert len(hold) == 0
     # deterministic
-    t2, h2 = patient_split(labels, pids, frac, seed)
+    t2, h2 = site_split(method, labels, pids, paths, frac, seed)
     assert np.array_equal(train, t2) and np.array_equal(hold, h2)
+
+
+def _sides(pids, paths, train, hold):
+    """patient (or path, without an id) -> True when held out."""
+    key = [p if p is not None else f"path:{q}" for p, q in zip(pids, paths, strict=True)]
+    return {key[i]: False for i in train.tolist()} | {key[i]: True for i in hold.tolist()}
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 150), n_pat=st.integers(1, 40), seed=st.integers(0, 5), frac=st.sampled_from([0.2, 0.5]),
+       drop=st.integers(0, 39), data=st.randoms(use_true_random=False))
+def test_stable_split_never_moves_another_patient(n, n_pat, seed, frac, drop, data):
+    """Neighbouring manifests (one patient removed, rows reordered, new patients added) put every other patient on
+    the same side: the training sets differ by that patient's scans only, so DP in the training set is DP in the
+    manifest. The stratified split does not have this property (the case below shows it moving patients)."""
+    pids = [f"P{data.randrange(n_pat)}" if data.random() < 0.8 else None for _ in range(n)]
+    paths = [f"scan{i}.dcm" for i in range(n)]
+    before = _sides(pids, paths, *stable_split(pids, paths, frac, seed))
+    gone = f"P{drop % n_pat}"
+    keep = [i for i in range(n) if pids[i] != gone]
+    data.shuffle(keep)
+    pids2 = [pids[i] for i in keep] + [f"new{j}" for j in range(5)]
+    paths2 = [paths[i] for i in keep] + [f"new{j}.dcm" for j in range(5)]
+    after = _sides(pids2, paths2, *stable_split(pids2, paths2, frac, seed))
+    assert all(after[k] == before[k] for k in after if k in before)
+
+
+def test_stratified_split_reshuffles_when_a_patient_is_added():
+    """Why `stable` is the default: one more patient moves others between training and holdout."""
+    labels = np.zeros(50, dtype=np.int64)
+    pids = [f"P{i}" for i in range(50)]
+    before = set(patient_split(labels, pids, 0.2, seed=0)[1].tolist())
+    after = set(patient_split(np.zeros(51, dtype=np.int64), [*pids, "P50"], 0.2, seed=0)[1].tolist())
+    assert before - after  # patients held out before are training patients now
+
+
+def test_stable_split_fraction_per_class_and_seed():
+    n = 20_000
+    labels = np.arange(n) % 4
+    pids = [f"P{i // 2}" for i in range(n)]  # two scans per patient, same label
+    _, hold = stable_split(pids, [f"s{i}" for i in range(n)], 0.2, seed=3)
+    per_class = np.bincount(labels[hold], minlength=4) / (n / 4)
+    # binomial over 2,500 patients per class: sd 0.008; 5 sd either side
+    assert np.all(np.abs(per_class - 0.2) < 0.04), per_class
+    assert not np.array_equal(hold, stable_split(pids, [f"s{i}" for i in range(n)], 0.2, seed=4)[1])
+    assert len(stable_split(pids, [f"s{i}" for i in range(n)], 0.0, seed=3)[1]) == 0
 
 
 def test_split_fraction_and_stratification():
@@ -71,6 +118,28 @@ def test_split_json_is_patient_level_and_reproducible(site_builder):
     assert hold and train and not train & hold
     check_site(cfg_path)
     assert json.loads((cfg.output_dir / "split.json").read_text())["holdout_rows"] == split["holdout_rows"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_check_warns_when_a_class_is_all_held_out(site_builder, split):
+    """A class whose only patient hashes into the holdout trains on nothing at this site: `site check` says so and
+    names the fixes (the stratified split keeps that patient for training instead)."""
+    held = next(f"B{i}" for i in range(1000) if len(stable_split([f"B{i}"], ["x"], 0.2, seed=0)[1]))
+    s = site_builder(split=split)
+    for i in range(8):
+        s.add_dicom(f"a{i}.dcm", "a", patient_id=f"A{i}")
+    s.add_dicom("b0.dcm", "b", patient_id=held)
+    s.add_dicom("b1.dcm", "b", patient_id=held)
+    cfg_path = s.write()
+    report = check_site(cfg_path)
+    warned = [w for w in report.warnings if "in the audit holdout" in w]
+    if split == "stable":
+        assert report.train_counts["b"] == 0 and report.holdout_counts["b"] == 2
+        assert len(warned) == 1 and "['b']" in warned[0] and "holdout_fraction" in warned[0]
+    else:
+        assert report.train_counts["b"] == 2 and not warned
+    written = json.loads((load_site_config(cfg_path).output_dir / "split.json").read_text())
+    assert written["split"] == split
 
 
 def test_cache_hits_and_invalidation(site_builder):
