@@ -94,6 +94,32 @@ def top_rank_test(scores, is_member) -> tuple[int, float]:
     return x, float(stats.hypergeom.pmf(x, total, n_m, x)) if x > 0 else 1.0
 
 
+def auc_p_value(scores, is_member, groups=None) -> float:
+    """P[AUC >= observed] when member and non-member scores are exchangeable (nothing leaks): the one-sided
+    Mann-Whitney U test (Mann & Whitney 1947; AUC = U / (members x non-members)), exact for small samples without
+    ties, normal approximation with tie correction otherwise.
+
+    `groups` (e.g. patient ids): the units whose membership was decided together. The split tosses one coin per
+    patient, so a patient's scans are one trial: their scores are averaged and the test runs over patients
+    (otherwise a patient with several scans counts as several independent trials and p comes out too small)."""
+    s, m = _check_scores(scores, is_member)
+    if groups is not None:
+        g = np.asarray(groups, dtype=object).ravel()
+        if len(g) != len(s):
+            raise AuditInputError("privacy.audit.metrics.auc_p_value", f"{len(s)} scores but {len(g)} group ids",
+                                  "pass one group id per score")
+        _, inverse = np.unique(g.astype(str), return_inverse=True)
+        count = np.bincount(inverse)
+        member_count = np.bincount(inverse, weights=m)
+        if np.any((member_count > 0) & (member_count < count)):
+            raise AuditInputError("privacy.audit.metrics.auc_p_value", "a group has members and non-members",
+                                  "group by the unit the split assigned (the patient)")
+        s, m = np.bincount(inverse, weights=s) / count, member_count > 0
+        if m.all() or not m.any():
+            return 1.0
+    return float(stats.mannwhitneyu(s[m], s[~m], alternative="greater").pvalue)
+
+
 # ------------------------------------------------------------------------------------------ Clopper-Pearson
 
 
@@ -259,13 +285,15 @@ class AttackMetrics:
     n_nonmembers: int
     top_rank_members: int = 0  # members scored above every non-member (`top_rank_test`)
     top_rank_p_value: float = 1.0  # chance of that many under no leakage
+    auc_p_value: float = 1.0  # chance of an AUC this high under no leakage (`auc_p_value`)
 
 
-def attack_metrics(scores, is_member) -> AttackMetrics:
+def attack_metrics(scores, is_member, groups=None) -> AttackMetrics:
+    """`groups`: the unit of the split's coin per score (patient ids), for `auc_p_value`."""
     s, m = _check_scores(scores, is_member)
     fpr, tpr, _ = roc(s, m)
     x, p = top_rank_test(s, m)
     return AttackMetrics(auc=auc(s, m), tpr_at_fpr_0_001=tpr_at_fpr(fpr, tpr, 0.001),
                          tpr_at_fpr_0_01=tpr_at_fpr(fpr, tpr, 0.01), balanced_accuracy=balanced_accuracy(fpr, tpr),
                          n_members=int(m.sum()), n_nonmembers=int((~m).sum()), top_rank_members=x,
-                         top_rank_p_value=p)
+                         top_rank_p_value=p, auc_p_value=auc_p_value(s, m, groups))

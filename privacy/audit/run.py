@@ -167,10 +167,16 @@ def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:
         return EpsilonBound(0.0, spec.confidence, "clopper_pearson", delta, {"reason": e.problem})
 
 
-def _row(site, attack, target, scores, member, *, delta, eps, spec, details=None) -> AttackRow:
+def _row(site, attack, target, scores, member, *, groups, delta, eps, spec, details=None) -> AttackRow:
     return AttackRow(site, attack, target, np.asarray(scores, dtype=np.float64), member.astype(bool),
-                     attack_metrics(scores, member), _bound(scores, member, delta=delta, spec=spec, seed=spec.seed),
-                     eps, details or {})
+                     attack_metrics(scores, member, groups),
+                     _bound(scores, member, delta=delta, spec=spec, seed=spec.seed), eps, details or {})
+
+
+def _patients(sid: str, data, pool: np.ndarray) -> np.ndarray:
+    """The split's unit for each pooled record: its site and patient (a record without a patient id is its own)."""
+    return np.array([f"{sid}\0{data.patient_ids[i]}" if data.patient_ids[i] is not None else f"{sid}\0\0{i}"
+                     for i in pool.tolist()], dtype=object)
 
 
 def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None) -> AuditOutcome:
@@ -197,7 +203,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     notes: list[str] = []
     sites: dict[str, SiteAudit] = {}
     rows: list[AttackRow] = []
-    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float]] = []
+    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, np.ndarray]] = []
     # one rigorous canary test per site: Bonferroni, so that no site raises a false alarm with probability
     # above 1 - confidence however many sites are audited
     canary_confidence = 1 - (1 - spec.confidence) / max(1, len(wanted))
@@ -229,8 +235,9 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             sites[sid] = SiteAudit(sid, dp, _inf(info.get("epsilon_budget")), eps_acc, delta,
                                    str(meta.get("accountant", "rdp")), ledger, syn.images, syn.labels,
                                    int(member.sum()), int((~member).sum()), str(meta.get("privacy_unit", "scan")))
-            pools.append((x, y, member, delta, eps_acc))
-            common = {"delta": delta, "eps": eps_acc, "spec": spec}
+            groups = _patients(sid, data, pool)
+            pools.append((x, y, member, delta, eps_acc, groups))
+            common = {"groups": groups, "delta": delta, "eps": eps_acc, "spec": spec}
             if "loss" in spec.attacks and "global_model" in spec.targets:
                 rows.append(_row(sid, "loss", "global_model", loss_attack(model, x, y), member, **common))
             if "dcr" in spec.attacks and "synthetic" in spec.targets:
@@ -288,7 +295,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
         member = np.concatenate([p[2] for p in pools])
         delta = max(p[3] for p in pools)
         eps = max(p[4] for p in pools)  # a record is protected by its own site's guarantee: the worst site bounds all
-        common = {"delta": delta, "eps": eps, "spec": spec}
+        common = {"groups": np.concatenate([p[5] for p in pools]), "delta": delta, "eps": eps, "spec": spec}
         if "loss" in spec.attacks and "global_model" in spec.targets:
             rows.append(_row(CONSORTIUM, "loss", "global_model", loss_attack(model, x, y), member, **common))
         merged = run_dir / "merged.npz"

@@ -16,7 +16,7 @@ from medfdd.io import atomic_write_json, atomic_write_text
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome
 
 FORMAT_VERSION = 1
-AUC_LEAK = 0.6  # an AUC at or above this is called measurable leakage in the verdict
+AUC_LEAK = 0.6  # an AUC at or above this (and significant, `auc_p_value`) is called measurable leakage
 TOL = 1e-9
 ATTACK_WORDS = {
     "loss": "loss threshold (does the global model fit the scan unusually well?)",
@@ -43,7 +43,7 @@ def row_json(r: AttackRow) -> dict:
         "confidence": r.bound.confidence, "epsilon_accounted": _num(r.epsilon_accounted),
         "epsilon_lower_bound_rigorous": r.bound.method == "one_run",
         "top_rank_members": r.metrics.top_rank_members, "top_rank_p_value": r.metrics.top_rank_p_value,
-        "n_members": r.metrics.n_members, "n_nonmembers": r.metrics.n_nonmembers,
+        "auc_p_value": r.metrics.auc_p_value, "n_members": r.metrics.n_members, "n_nonmembers": r.metrics.n_nonmembers,
         "details": _clean(r.details),
     }
 
@@ -71,8 +71,10 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     violation: a *rigorous* bound (the one-run canary audit, Steinke et al. 2023) exceeds the epsilon accounted for
     the run it audited. The member/holdout bounds of one run are heuristic (records are not independent trials, a
     patient may have several scans): above the accounted epsilon they call for the canary audit, not an alarm.
-    leak: an AUC of at least AUC_LEAK (the attacks' direction is fixed in advance: higher score = member), a
-    top-rank test significant after a Bonferroni split over the rows, or any bound above 0. A clearly reversed
+    leak: an AUC of at least AUC_LEAK that chance would not give (one-sided Mann-Whitney test over patients, the
+    split's unit; the attacks' direction is fixed in advance: higher score = member), a top-rank test (both
+    significant after a Bonferroni split over the rows), or any bound above 0. With a dozen patients a side an AUC
+    of 0.65 is within chance. A clearly reversed
     attack (AUC <= 1 - AUC_LEAK) is named in the text: with the right member list it points to a broken score or
     mislabelled members rather than to leakage.
     """
@@ -86,7 +88,9 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     violating = [r for r in rows if dp and r.bound.method == "one_run" and r.bound.value > r.epsilon_accounted + TOL]
     heuristic_over = [r for r in rows if dp and r.bound.method != "one_run"
                       and r.bound.value > r.epsilon_accounted + TOL]
-    leak = strongest.metrics.auc >= AUC_LEAK or top_hit or best_lb.bound.value > 0
+    high = [r for r in rows if r.metrics.auc >= AUC_LEAK]
+    auc_hit = any(r.metrics.auc_p_value < alpha for r in high)
+    leak = auc_hit or top_hit or best_lb.bound.value > 0
     level = "violation" if violating else "leak" if leak else "ok"
     who = "The consortium as a whole" if site == CONSORTIUM else site
     per = f" per {unit}" if unit else ""  # what epsilon protects: each scan, or each patient (privacy.unit)
@@ -98,6 +102,11 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
             f"from unused scans with {100 * strongest.metrics.balanced_accuracy:.0f} % balanced accuracy (50 % = a "
             f"coin toss; AUC {strongest.metrics.auc:.2f}). Allowed to wrongly accuse 1 in 100 unused scans, an "
             f"attacker would correctly pick out {100 * tpr:.0f} % of the used ones. ")
+    if high and not auc_hit:
+        n = min(strongest.metrics.n_members, strongest.metrics.n_nonmembers)
+        text += (f"With {n} scans on the smaller side, an AUC of {strongest.metrics.auc:.2f} is within chance "
+                 f"(p = {strongest.metrics.auc_p_value:.2g} that guessing does as well; significant would be below "
+                 f"{alpha:.2g}). ")
     for r in reversed_rows:
         text += (f"The {ATTACK_WORDS[r.attack].split(' (')[0]} on {TARGET_WORDS[r.target]} points the wrong way (AUC "
                  f"{r.metrics.auc:.2f}: used scans look LESS used than unused ones). Chance does that at times with "
@@ -133,6 +142,7 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     return {"site": site, "level": level, "text": text, "max_auc": strongest.metrics.auc,
             "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": _num(lb.value),
             "epsilon_lower_bound_rigorous": lb.method == "one_run", "min_top_rank_p_value": top.metrics.top_rank_p_value,
+            "auc_significant": auc_hit,
             "heuristic_bound_above_accounted": bool(heuristic_over),
             "epsilon_accounted": _num(eps_accounted), "dp": dp}
 

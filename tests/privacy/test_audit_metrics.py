@@ -127,6 +127,28 @@ def test_top_rank_test_by_hand():
     assert top_rank_test([0, 1], [1, 0]) == (0, 1.0)
 
 
+def test_auc_p_value_on_hand_computed_cases():
+    """One-sided Mann-Whitney: with perfect separation of m members over h non-members (no ties) the exact chance
+    under exchangeable scores is 1 / C(m + h, m); one inversion among 3 + 3 gives U = 8: 2 / 20."""
+    from privacy.audit.metrics import auc_p_value
+
+    assert auc_p_value([3, 2, 1, 0], [1, 1, 0, 0]) == pytest.approx(1 / 6, abs=1e-12)
+    assert auc_p_value([5, 4, 3, 2, 1, 0], [1, 1, 1, 0, 0, 0]) == pytest.approx(1 / 20, abs=1e-12)
+    # orders with U >= 8 of 9: the perfect one and the three with one adjacent inversion... only one adjacent
+    # pair crosses the boundary (3rd member vs 1st non-member): U = 8 has 1 order, U = 9 has 1 -> 2 / 20
+    assert auc_p_value([5, 4, 2, 3, 1, 0], [1, 1, 1, 0, 0, 0]) == pytest.approx(2 / 20, abs=1e-12)
+    assert auc_p_value([0, 1, 2, 3], [1, 1, 0, 0]) == pytest.approx(1.0, abs=1e-12)  # fully reversed: no evidence
+    assert attack_metrics([3, 2, 1, 0], [1, 1, 0, 0]).auc_p_value == pytest.approx(1 / 6, abs=1e-12)
+    # two scans per patient, one coin per patient: the test runs over the 2 + 2 patients' mean scores (3, 2 | 1, 0:
+    # perfect separation, 1/6), not over 8 scans as if they were 8 independent trials (which claims more)
+    scores, member = [4, 2, 3, 1, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0, 0, 0]
+    patients = ["A", "A", "B", "B", "C", "C", "D", "D"]
+    assert auc_p_value(scores, member, patients) == pytest.approx(1 / 6, abs=1e-12)
+    assert auc_p_value(scores, member) < 1 / 6
+    with pytest.raises(AuditInputError, match="members and non-members"):
+        auc_p_value(scores, member, ["A", "A", "B", "C", "C", "C", "D", "D"])
+
+
 def test_top_rank_test_catches_a_few_exposed_records_the_auc_misses():
     rng = np.random.default_rng(0)
     member = np.r_[np.ones(800), np.zeros(200)].astype(bool)

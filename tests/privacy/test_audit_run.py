@@ -6,9 +6,10 @@ no feature centring and no augmentation, 100 paid steps x 10 synthetic updates, 
 without augmentation (deliberately overfit). Measured on the 2-core CPU (seed 0): no-dp -> DCR AUC 0.95-0.99 per
 site, epsilon lower bound ~1 (Clopper-Pearson, 95 %), loss AUC ~0.7-0.9; epsilon 1 -> every AUC within noise of 0.5
 and every lower bound 0. The thresholds below leave room for other machines and still fail if the audit loses power.
-The sites use `data.split: stratified` (the same class mix on both sides): with ~50 patients a site, the default
-stable split's binomial class mix moves a class-blind score's AUC by about +-0.1 under no leakage at all (measured:
-DCR 0.655 at epsilon 1 with 36 members against 57 non-members), too much for fixed thresholds at this size.
+The sites use `data.split: stratified` (the same class mix on both sides): with ~50 patients a site, the AUC of a
+class-blind score varies more under the default stable split (measured: DCR 0.655 at epsilon 1 with 36 members
+against 57 non-members, p = 0.015 over patients: leakage epsilon 1 allows, up to AUC 0.73), too much for fixed
+thresholds at this size.
 """
 
 from __future__ import annotations

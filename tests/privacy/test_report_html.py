@@ -107,6 +107,27 @@ def test_verdict_does_not_call_a_non_private_or_a_few_exposed_run_ok_and_names_r
     assert got["reversed"]["level"] == "ok" and "points the wrong way" in got["reversed"]["findings"][0]["text"]
 
 
+def test_an_auc_above_the_threshold_is_leakage_only_when_chance_would_not_give_it():
+    """AUC 0.65 from a few dozen scans a side is within chance (a small site's class mix alone can produce it):
+    the verdict says so and stays ok; the same AUC from thousands of scans is leakage."""
+    def verdict_for(n: int) -> dict:
+        from scipy.stats import norm
+
+        member = np.r_[np.ones(n), np.zeros(n)].astype(bool)
+        q = norm.ppf((np.arange(n) + 0.5) / n)  # evenly spread normal scores: AUC ~0.65 at every n, no luck
+        scores = np.r_[q + 0.545, q]
+        row = AttackRow("hospital-a", "dcr", "synthetic", scores, member, attack_metrics(scores, member),
+                        EpsilonBound(0.0, 0.95, "clopper_pearson", 1e-5), 0.9)
+        assert 0.6 <= row.metrics.auc <= 0.7 and row.metrics.top_rank_p_value > 0.05
+        return report_json(outcome(shift=0.0, dp=True, rows_override=[row]))["verdict"]
+
+    small, large = verdict_for(12), verdict_for(2000)
+    assert small["level"] == "ok" and "within chance" in small["findings"][0]["text"]
+    assert not small["findings"][0]["auc_significant"]
+    assert large["level"] == "leak" and large["findings"][0]["auc_significant"]
+    assert "within chance" not in large["findings"][0]["text"]
+
+
 def test_an_audit_that_tested_nothing_is_refused():
     with pytest.raises(AuditError, match="nothing was tested"):
         report_json(outcome(shift=0.0, dp=True, rows_override=[]))
