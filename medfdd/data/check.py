@@ -115,8 +115,7 @@ def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> 
         "entries": [q.to_json() for q in data.quarantine], "warnings": report.warnings})
     atomic_write_json(out / "split.json", {
         "site_id": cfg.site_id, "seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction, "split": cfg.data.split,
-        "created": stamp,
-        "privacy_unit": cfg.privacy.unit, "train_rows": data.rows[data.train].tolist(),
+        "created": stamp, "privacy_unit": cfg.privacy.unit, "train_rows": data.rows[data.train].tolist(),
         "holdout_rows": data.rows[data.holdout].tolist(), "unused_rows": data.rows[data.unused].tolist()})
     return path
 

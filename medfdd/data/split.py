@@ -39,8 +39,7 @@ def stable_split(patient_ids: list[str | None], paths: list[str], holdout_fracti
     Each patient's side depends on that patient alone, so for neighbouring manifests (one patient added or removed)
     the training sets differ by at most that patient's scans: a mechanism that is (epsilon, delta)-DP in its
     training set is then (epsilon, delta)-DP in the whole manifest (the training sets of neighbouring manifests
-    are neighbours). Each class holds out about `holdout_fraction` of its
-    patients (binomially, not exactly).
+    are neighbours). Each class holds out about `holdout_fraction` of its patients (binomially, not exactly).
     """
     side: dict[str, bool] = {}
     hold: list[int] = []
