@@ -6,10 +6,9 @@ no feature centring and no augmentation, 100 paid steps x 10 synthetic updates, 
 without augmentation (deliberately overfit). Measured on the 2-core CPU (seed 0): no-dp -> DCR AUC 0.95-0.99 per
 site, epsilon lower bound ~1 (Clopper-Pearson, 95 %), loss AUC ~0.7-0.9; epsilon 1 -> every AUC within noise of 0.5
 and every lower bound 0. The thresholds below leave room for other machines and still fail if the audit loses power.
-The sites use `data.split: stratified` (the same class mix on both sides): with ~50 patients a site, the AUC of a
-class-blind score varies more under the default stable split (measured: DCR 0.655 at epsilon 1 with 36 members
-against 57 non-members, p = 0.015 over patients: leakage epsilon 1 allows, up to AUC 0.73), too much for fixed
-thresholds at this size.
+The sites use `data.split: stratified` (the same class mix on both sides), the split these thresholds were measured
+on: with ~50 patients a site one run's DCR AUC swings widely with which patients are members (the default stable
+split gave 0.59-0.66 at epsilon 1, p = 0.015 over patients at 0.66; epsilon 1 allows up to 0.73).
 """
 
 from __future__ import annotations
