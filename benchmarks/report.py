@@ -240,8 +240,8 @@ def b3_section(r: dict) -> list[str]:
     about = {"worst-case": "This configuration is the worst case for leakage (tiny sites, ipc close to the records per "
                            "class, no augmentation), not a utility setting: under DP its global model is near chance.",
              "utility": "This configuration is a utility setting (sites of thousands of records, medfdd's "
-                        "distillation defaults: feature centring and augmentation, in training too), so the DP rows "
-                        "audit a model worth deploying."}[setting]
+                        "distillation defaults: feature centring and augmentation, in training too), so the rows "
+                        "audit models that learned the task (accuracy in the last column), not chance."}[setting]
     lines = [f"### B3 leakage, {r['dataset']}" + ("" if setting == "worst-case" else f", {setting} setting"), "",
              f"{_prov(r)}; {r['partition']['sites']} sites (Dirichlet alpha {r['partition']['alpha']:g}, at most "
              f"{r['partition']['max_per_class']} images per class, half of each site kept as the audit holdout), "
@@ -250,7 +250,7 @@ def b3_section(r: dict) -> list[str]:
              f"{r['canaries']} canaries (one-run audit), bounds at {100 * r['confidence']:.0f} % confidence. "
              f"Each cell is the worst case over the sites and the consortium. With about {typical} non-members per "
              f"site, TPR at 0.1 % FPR is {'the TPR at zero false positives' if typical < 1000 else 'resolved'}. "
-             f"{about}", "",
+             f"{about}" + (f" {r['note']}" if r.get("note") else ""), "",
              "| epsilon (per site) | attack | target | AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR | epsilon lower bound "
              "(method) | epsilon accounted | global accuracy % |", "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
