@@ -137,6 +137,10 @@ def synthetic_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], t
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def _p(p: float | None) -> str:
+    return "" if p is None else f" (p {p:.2g})"
+
+
 def _e(x) -> str:
     return html.escape(str(x))
 
@@ -165,7 +169,8 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
         out.append("<p class=\"muted\">Notes: " + "; ".join(_e(n) for n in outcome.notes) + "</p>")
 
     out += ["<h2>What each attack found</h2>",
-            "<p class=\"muted\">AUC 0.5 = guessing, 1 = perfect. TPR at FPR = share of used scans caught when only "
+            "<p class=\"muted\">AUC 0.5 = guessing, 1 = perfect; p = the chance of an AUC that high without any "
+            "leakage (one-sided test over patients). TPR at FPR = share of used scans caught when only "
             "0.1 % / 1 % of unused scans may be wrongly accused. The epsilon lower bound is what the attack proves "
             "at the stated confidence; under DP it must stay at or below the accounted epsilon. Only the canary test's "
             "one-run bound is rigorous (each canary is used with probability 1/2 in one run); the other rows' bounds "
@@ -181,7 +186,7 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
         kind = "rigorous" if r["epsilon_lower_bound_rigorous"] else "heuristic"
         out.append(
             f"<tr><td class=l>{_e(r['site'])}</td><td class=l>{_e(r['attack'])}</td><td class=l>{_e(r['target'])}</td>"
-            f"<td>{r['auc']:.3f}</td><td>{r['tpr_at_fpr_0.001']:.3f}</td><td>{r['tpr_at_fpr_0.01']:.3f}</td>"
+            f"<td>{r['auc']:.3f}{_p(r.get('auc_p_value'))}</td><td>{r['tpr_at_fpr_0.001']:.3f}</td><td>{r['tpr_at_fpr_0.01']:.3f}</td>"
             f"<td>{r['balanced_accuracy']:.3f}</td><td class=\"{'bad' if bad else ''}\">"
             f"{_f(r['epsilon_lower_bound'])} ({_e(r['epsilon_lower_bound_method'].replace('_', '-'))}, {kind}, "
             f"{100 * r['confidence']:.0f} %)</td><td>{_f(r['epsilon_accounted'])}</td><td>{r['n_members']}</td>"

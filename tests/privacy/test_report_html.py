@@ -119,7 +119,10 @@ def test_an_auc_above_the_threshold_is_leakage_only_when_chance_would_not_give_i
         row = AttackRow("hospital-a", "dcr", "synthetic", scores, member, attack_metrics(scores, member),
                         EpsilonBound(0.0, 0.95, "clopper_pearson", 1e-5), 0.9)
         assert 0.6 <= row.metrics.auc <= 0.7 and row.metrics.top_rank_p_value > 0.05
-        return report_json(outcome(shift=0.0, dp=True, rows_override=[row]))["verdict"]
+        o = outcome(shift=0.0, dp=True, rows_override=[row])
+        data = report_json(o)
+        assert f"{row.metrics.auc:.3f} (p {row.metrics.auc_p_value:.2g})" in render_html(o, data)
+        return data["verdict"]
 
     small, large = verdict_for(12), verdict_for(2000)
     assert small["level"] == "ok" and "within chance" in small["findings"][0]["text"]
