@@ -37,16 +37,16 @@ class CheckReport:
 
 def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
     out = []
-    empty = [c for c, k in data.class_counts().items() if k == 0]
+    counts, trained = data.class_counts(), data.class_counts(data.train)
+    empty = [c for c, k in counts.items() if k == 0]
     if empty:
         out.append(f"no usable record for class(es) {empty}: this site contributes nothing for them")
-    trained = data.class_counts(data.train)
-    held = [c for c, k in data.class_counts().items() if k > 0 and trained[c] == 0]
+    held = [c for c, k in counts.items() if k > 0 and trained[c] == 0]
     if held:
         out.append(f"every usable record of class(es) {held} is in the audit holdout ({cfg.data.split} split): this "
                    "site trains on nothing for them. Lower data.holdout_fraction, or use data.split: stratified "
                    "(exact per-class fractions, but it reshuffles patients when the manifest grows)")
-    if sum(1 for k in data.class_counts().values() if k > 0) == 1:
+    if sum(1 for k in counts.values() if k > 0) == 1:
         out.append("only one class at this site: fine for a consortium, but local-only models are meaningless")
     n_train = len(data.train)
     per_patient = Counter(data.patient_ids[i] for i in data.train.tolist() if data.patient_ids[i] is not None)
@@ -114,9 +114,10 @@ def write_site_reports(cfg: SiteConfig, data: SiteData, report: CheckReport) -> 
         "quarantined": report.n_quarantined, "by_reason": report.by_reason,
         "entries": [q.to_json() for q in data.quarantine], "warnings": report.warnings})
     atomic_write_json(out / "split.json", {
-        "site_id": cfg.site_id, "seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction, "split": cfg.data.split,
-        "created": stamp, "privacy_unit": cfg.privacy.unit, "train_rows": data.rows[data.train].tolist(),
-        "holdout_rows": data.rows[data.holdout].tolist(), "unused_rows": data.rows[data.unused].tolist()})
+        "site_id": cfg.site_id, "seed": cfg.seed, "holdout_fraction": cfg.data.holdout_fraction,
+        "split": cfg.data.split, "created": stamp, "privacy_unit": cfg.privacy.unit,
+        "train_rows": data.rows[data.train].tolist(), "holdout_rows": data.rows[data.holdout].tolist(),
+        "unused_rows": data.rows[data.unused].tolist()})
     return path
 
 

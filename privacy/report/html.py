@@ -186,7 +186,8 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
         kind = "rigorous" if r["epsilon_lower_bound_rigorous"] else "heuristic"
         out.append(
             f"<tr><td class=l>{_e(r['site'])}</td><td class=l>{_e(r['attack'])}</td><td class=l>{_e(r['target'])}</td>"
-            f"<td>{r['auc']:.3f}{_p(r.get('auc_p_value'))}</td><td>{r['tpr_at_fpr_0.001']:.3f}</td><td>{r['tpr_at_fpr_0.01']:.3f}</td>"
+            f"<td>{r['auc']:.3f}{_p(r.get('auc_p_value'))}</td><td>{r['tpr_at_fpr_0.001']:.3f}</td>"
+            f"<td>{r['tpr_at_fpr_0.01']:.3f}</td>"
             f"<td>{r['balanced_accuracy']:.3f}</td><td class=\"{'bad' if bad else ''}\">"
             f"{_f(r['epsilon_lower_bound'])} ({_e(r['epsilon_lower_bound_method'].replace('_', '-'))}, {kind}, "
             f"{100 * r['confidence']:.0f} %)</td><td>{_f(r['epsilon_accounted'])}</td><td>{r['n_members']}</td>"
