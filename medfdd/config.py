@@ -170,6 +170,11 @@ class AuditGate(_Strict):
     """Audit thresholds a site requires before its synthetic set is offered (`privacy.audit.gate.check_gate`)."""
 
     max_auc: float = Field(0.6, gt=0, le=1, description="largest membership-inference AUC allowed")
+    auc_significance: float | None = Field(None, gt=0, lt=1, description="when set, an AUC above max_auc fails "
+                                           "only if it is also significant: its p-value (the chance that scores "
+                                           "carrying no membership, compared patient by patient, reach that AUC) is "
+                                           "below this, e.g. 0.05; unset: every AUC above max_auc fails, which a "
+                                           "small site can do by chance")
     max_tpr_at_fpr_0_001: float | None = Field(None, ge=0, le=1, description="largest TPR at 0.1 % FPR allowed")
     max_tpr_at_fpr_0_01: float | None = Field(0.05, ge=0, le=1, description="largest TPR at 1 % FPR allowed")
     max_epsilon_lower_bound: float | None = Field(None, ge=0, description="largest empirical epsilon bound allowed")

@@ -108,6 +108,13 @@ def one_scan_per_patient(train: np.ndarray, patient_ids: list[str | None], paths
     return keep, np.setdiff1d(np.asarray(train, dtype=np.int64), keep)
 
 
+def split_units(patient_ids: list[str | None], rows: np.ndarray, scope: str = "") -> np.ndarray:
+    """The split's unit (its coin) for each record `rows[i]`: `scope` + its patient id; a record without one is its
+    own unit. Group ids for per-patient statistics (`privacy.audit.metrics.auc_p_value`)."""
+    return np.array([f"{scope}\0{patient_ids[i]}" if patient_ids[i] is not None else f"{scope}\0\0{i}"
+                     for i in np.asarray(rows).tolist()], dtype=object)
+
+
 MEMBERS_FILE = "members.json"  # at the site only: which records each released round trained on (as digests)
 
 

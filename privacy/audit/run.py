@@ -27,7 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medfdd.artifacts import load_model, load_synthetic
 from medfdd.config import load_site_config
 from medfdd.data.site_data import load_site_data
-from medfdd.data.split import MEMBERS_FILE, split_digest
+from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
 from medfdd.errors import MedfddError
 from medfdd.training import TrainSettings
 from privacy.accounting import PrivacyLedger, epsilon_for
@@ -173,12 +173,6 @@ def _row(site, attack, target, scores, member, *, groups, delta, eps, spec, deta
                      _bound(scores, member, delta=delta, spec=spec, seed=spec.seed), eps, details or {})
 
 
-def _patients(sid: str, data, pool: np.ndarray) -> np.ndarray:
-    """The split's unit for each pooled record: its site and patient (a record without a patient id is its own)."""
-    return np.array([f"{sid}\0{data.patient_ids[i]}" if data.patient_ids[i] is not None else f"{sid}\0\0{i}"
-                     for i in pool.tolist()], dtype=object)
-
-
 def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None) -> AuditOutcome:
     console = console or Console()
     run_dir = Path(run_dir).resolve()
@@ -235,7 +229,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             sites[sid] = SiteAudit(sid, dp, _inf(info.get("epsilon_budget")), eps_acc, delta,
                                    str(meta.get("accountant", "rdp")), ledger, syn.images, syn.labels,
                                    int(member.sum()), int((~member).sum()), str(meta.get("privacy_unit", "scan")))
-            groups = _patients(sid, data, pool)
+            groups = split_units(data.patient_ids, pool, sid)
             pools.append((x, y, member, delta, eps_acc, groups))
             common = {"groups": groups, "delta": delta, "eps": eps_acc, "spec": spec}
             if "loss" in spec.attacks and "global_model" in spec.targets:

@@ -33,3 +33,4 @@ def test_failing_gate_withholds_the_offer_and_a_passing_gate_lets_it_through(dig
         row = report["results"][0]
         assert row["attack"] == "dcr" and row["n_members"] > 0 and row["n_nonmembers"] > 0
         assert 0 <= row["auc"] <= 1 and row["epsilon_lower_bound"] <= row["epsilon_accounted"]
+        assert 0 < row["auc_p_value"] <= 1  # per patient, for gates that ask for significance
