@@ -194,3 +194,15 @@ def load_model(path: Path, expect: dict | None = None) -> ConvNet:
         raise ArtifactError(str(path), f"weights do not fit the declared architecture: {str(e)[:300]}",
                             "use the model file as the coordinator wrote it") from None
     return model.eval()
+
+
+def load_agreed_model(path: Path, *, in_channels: int, num_classes: int, spatial_size) -> ConvNet:
+    """A consortium's global model as a site accepts it: the agreed architecture (`load_model` with `expect`) and
+    finite weights; anything else is refused with an ArtifactError naming the file."""
+    model = load_model(path, expect={"in_channels": int(in_channels), "num_classes": int(num_classes),
+                                     "spatial_size": [int(s) for s in spatial_size]})
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise ArtifactError(str(path), f"weights hold NaN/Inf values ({', '.join(bad[:3])})",
+                            "the coordinator must send a finite model; nothing was done with this one")
+    return model

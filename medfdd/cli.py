@@ -15,6 +15,8 @@ EXAMPLES = {
     "site check": "medfdd site check consortium/site_configs/hospital-a.yaml",
     "site distill": "medfdd site distill consortium/site_configs/hospital-a.yaml --round 1",
     "site budget": "medfdd site budget consortium/site_configs/hospital-a.yaml",
+    "site evaluate": "medfdd site evaluate consortium/site_configs/hospital-a.yaml "
+                     "--model consortium/runs/coordinator/global_model.safetensors",
     "coordinator run": "medfdd coordinator run consortium/site_configs/coordinator.yaml",
 }
 
@@ -73,6 +75,17 @@ def _parser() -> argparse.ArgumentParser:
                          description="Read the site's privacy_ledger.json and print every charge with the epsilon "
                                      "spent after it (recomputed by the accountant) and what remains.")
     bu.add_argument("config", type=Path, help="site config YAML")
+
+    ev = site.add_parser("evaluate", help="score the consortium's global model on this site's own scans",
+                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site evaluate"],
+                         description="Load the site's scans as `site check` does, refuse a model that is not the "
+                                     "agreed architecture or holds NaN/Inf, and print accuracy, balanced accuracy, "
+                                     "macro AUC and per-class recall on the audit holdout (patients never used) and "
+                                     "on the training patients. Writes output/evaluation.json and evaluation.png "
+                                     "(confusion matrices); computed from real records, they stay at the site.")
+    ev.add_argument("config", type=Path, help="site config YAML")
+    ev.add_argument("--model", type=Path, required=True,
+                    help="global model (safetensors) from the coordinator's run folder or a broadcast")
     from medfdd.federation.flower import cli as flower_cli  # Flower deployment commands (no flwr import)
 
     flower_cli.add_site_parser(site)
@@ -130,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
             from medfdd.distill.site import print_budget
 
             print_budget(args.config, console=Console())
+        elif args.command == "site" and args.site_command == "evaluate":
+            from medfdd.site_evaluation import evaluate_at_site
+
+            evaluate_at_site(args.config, args.model, console=Console())
         elif args.command == "coordinator" and args.coordinator_command == "run":
             from medfdd.federation.inprocess import run_inprocess
 

@@ -5,6 +5,7 @@ SGD (momentum 0.9, weight decay 5e-4), learning rate divided by 10 at half the e
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,7 +87,10 @@ def classification_metrics(proba: np.ndarray, labels: np.ndarray, num_classes: i
     cm = confusion_matrix(labels, pred, labels=list(range(num_classes)))
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(cm.sum(1) > 0, np.diag(cm) / cm.sum(1), np.nan)
-    return {"accuracy": float((pred == labels).mean()), "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+    with warnings.catch_warnings():  # a site may lack classes the model predicts: recall averages present ones
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        balanced = float(balanced_accuracy_score(labels, pred))
+    return {"accuracy": float((pred == labels).mean()), "balanced_accuracy": balanced,
             "auc": auc, "per_class_recall": [None if np.isnan(r) else float(r) for r in recall],
             "confusion_matrix": cm.tolist(), "n": int(len(labels))}
 

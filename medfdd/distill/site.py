@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from safetensors.torch import load_file, save
 
-from medfdd.artifacts import ArtifactError, SyntheticSet, load_model, save_preview, save_synthetic, save_volumes_nifti
+from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.data.split import MEMBERS_FILE, split_digest
@@ -205,12 +205,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     matching_net = None
     shape = tuple(x.shape[1:])
     if global_model is not None:
-        matching_net = load_model(global_model, expect={"in_channels": shape[0], "num_classes": len(cfg.data.classes),
-                                                        "spatial_size": list(shape[1:])})
-        bad = [k for k, v in matching_net.state_dict().items() if v.is_floating_point() and not v.isfinite().all()]
-        if bad:
-            raise ArtifactError(str(global_model), f"weights hold NaN/Inf values ({', '.join(bad[:3])})",
-                                "the coordinator must broadcast a finite model; this round is not distilled")
+        matching_net = load_agreed_model(global_model, in_channels=shape[0], num_classes=len(cfg.data.classes),
+                                         spatial_size=shape[1:])
     start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
