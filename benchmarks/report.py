@@ -242,16 +242,21 @@ def b3_section(r: dict) -> list[str]:
              "utility": "This configuration is a utility setting (sites of thousands of records, medfdd's "
                         "distillation defaults: feature centring and augmentation, in training too), so the rows "
                         "audit models that learned the task (accuracy in the last column), not chance."}[setting]
-    lines = [f"### B3 leakage, {r['dataset']}" + ("" if setting == "worst-case" else f", {setting} setting"), "",
+    canaries = (f"{r['canaries']} canaries (one-run audit), " if "canary" in r.get("attacks", ["canary"])
+                else "no canaries, ")
+    lines = [f"### B3 leakage, {r['dataset']}" + ("" if setting == "worst-case" else f", {setting} setting")
+             + f": `{r['benchmark']}`", "",
              f"{_prov(r)}; {r['partition']['sites']} sites (Dirichlet alpha {r['partition']['alpha']:g}, at most "
              f"{r['partition']['max_per_class']} images per class, half of each site kept as the audit holdout), "
              f"DM ipc {d['ipc']}, {d['iterations']} paid steps of {d['batch_size']} records x {d['inner_steps']} "
              f"updates, global model {r['train']['epochs']} epochs; {shadows}"
-             f"{r['canaries']} canaries (one-run audit), bounds at {100 * r['confidence']:.0f} % confidence. "
+             f"{canaries}bounds at {100 * r['confidence']:.0f} % confidence. "
              f"Each cell is the worst case over the sites and the consortium. With about {typical} non-members per "
              f"site, TPR at 0.1 % FPR is {'the TPR at zero false positives' if typical < 1000 else 'resolved'}. "
-             f"{about}" + (f" {r['note']}" if r.get("note") else ""), "",
-             "| epsilon (per site) | attack | target | AUC | TPR @ 0.1 % FPR | TPR @ 1 % FPR | epsilon lower bound "
+             f"{about} (p): for files that record it, the chance that scores carrying no membership reach that AUC, "
+             "per patient (one-sided Mann-Whitney), for that one row; with many rows compare it with 0.05 / rows."
+             + (f" {r['note']}" if r.get("note") else ""), "",
+             "| epsilon (per site) | attack | target | AUC (p) | TPR @ 0.1 % FPR | TPR @ 1 % FPR | epsilon lower bound "
              "(method) | epsilon accounted | global accuracy % |", "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
         groups: dict[tuple[str, str], list[dict]] = {}
@@ -261,7 +266,9 @@ def b3_section(r: dict) -> list[str]:
         for (attack, target), xs in groups.items():
             lb = max(xs, key=lambda x: float(x["epsilon_lower_bound"]))
             accounted = max(float(x["epsilon_accounted"]) for x in xs)
-            lines.append(f"| {_eps(row['epsilon'])} | {attack} | {target} | {max(x['auc'] for x in xs):.3f} | "
+            top = max(xs, key=lambda x: x["auc"])
+            p = f" ({top['auc_p_value']:.2g})" if top.get("auc_p_value") is not None else ""
+            lines.append(f"| {_eps(row['epsilon'])} | {attack} | {target} | {top['auc']:.3f}{p} | "
                          f"{max(x['tpr_at_fpr_0.001'] for x in xs):.3f} | {max(x['tpr_at_fpr_0.01'] for x in xs):.3f} "
                          f"| {_eps(lb['epsilon_lower_bound'])} ({lb['epsilon_lower_bound_method'].replace('_', '-')}) "
                          f"| {_eps('inf' if math.isinf(accounted) else accounted)} | {acc_text} |")
