@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
                         description="Materialise three hospitals as DICOM and NIfTI files (non-IID), check each, run "
                                     "one in-process coordinator round (each site distills under DP at epsilon 1, the "
                                     "offers are validated and merged, the global model is trained and evaluated), "
-                                    "compare with centralized and local-only baselines, audit membership leakage and "
+                                    "compare with centralized and local-only baselines, let each hospital score the "
+                                    "global model on its own holdout, audit membership leakage and "
                                     "write the privacy officer's report. Ends with a summary table.")
     de.add_argument("--out", type=Path, default=Path("demo"), help="folder for the demo consortium (must be new)")
     de.add_argument("--iterations", type=int, default=10, help="paid DP steps per site")

@@ -2,8 +2,9 @@
 
 Three hospitals export real DICOM and NIfTI files (non-IID) -> each checks its data -> the coordinator runs one
 in-process round: each site distills under DP (epsilon 1), offers are validated and merged, the global model is
-trained and evaluated -> baselines on the same split (centralized non-private, local-only) -> membership-inference
-audit and report. The summary is read back from the run's own files (run.json, the ledgers, report.json).
+trained and evaluated -> baselines on the same split (centralized non-private, local-only) -> each hospital scores
+the global model on its own audit holdout -> membership-inference audit and report. The summary is read back from
+the run's own files (run.json, the ledgers, each site's evaluation.json, report.json).
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from medfdd.config import load_coordinator_config
+from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.data.check import check_site
 from medfdd.data.prepare import prepare_consortium
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.io import atomic_write_json
+from medfdd.site_evaluation import EVALUATION_FILE, evaluate_at_site
 
 # Small hospitals (~35 images per class): few paid DP steps, each reused for many updates (see README).
 SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
@@ -62,7 +64,13 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
                  "fedavg_bytes_per_site_per_round": 2 * fedavg_round_bytes}
     atomic_write_json(run_dir / "baselines.json", baselines)
 
-    console.rule("[bold]5. the privacy officer's audit (membership inference, canaries)")
+    console.rule("[bold]5. each hospital scores the global model on its own patients (stays at the site)")
+    for cfg_path in res.site_configs:
+        r = evaluate_at_site(cfg_path, run_dir / "global_model.safetensors", console=Console(quiet=True))
+        console.print(f"{r['site_id']}: accuracy {r['results']['holdout']['accuracy']:.3f} on its audit holdout"
+                      if "holdout" in r["results"] else f"{r['site_id']}: no audit holdout to score on")
+
+    console.rule("[bold]6. the privacy officer's audit (membership inference, canaries)")
     from privacy.audit.run import audit_run
     from privacy.audit.spec import AuditSpec
     from privacy.report.build import write_report
@@ -71,14 +79,17 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
     report_dir = out / "audit-report"
     write_report(audit_run(run_dir, spec, console=console), report_dir)
 
-    summary = summarize(run_dir, report_dir, checks=checks)
+    summary = summarize(run_dir, report_dir, checks=checks, site_outputs={
+        (c := load_site_config(p)).site_id: c.output_dir for p in res.site_configs})
     summary["seconds"] = time.perf_counter() - t0
     print_summary(summary, console)
     return summary
 
 
-def summarize(run_dir: Path, report_dir: Path, *, checks: dict | None = None) -> dict:
-    """Everything the summary shows, read from the run's own files."""
+def summarize(run_dir: Path, report_dir: Path, *, checks: dict | None = None,
+              site_outputs: dict[str, Path] | None = None) -> dict:
+    """Everything the summary shows, read from the run's own files (and each site's evaluation.json, when given its
+    output folder)."""
     run = json.loads((run_dir / "run.json").read_text())
     baselines = json.loads((run_dir / "baselines.json").read_text())
     report = json.loads((report_dir / "report.json").read_text())
@@ -89,6 +100,10 @@ def summarize(run_dir: Path, report_dir: Path, *, checks: dict | None = None) ->
         sites[sid] = {"epsilon_spent": _num(ledger["epsilon_spent"]), "epsilon_budget": _num(ledger["budget"]["epsilon"]),
                       "bytes_up": sum(r["bytes_up"].get(sid, 0) for r in run["rounds"]),
                       "accepted": sid in last["accepted"], **(checks or {}).get(sid, {})}
+        out = (site_outputs or {}).get(sid)
+        if out is not None and (out / EVALUATION_FILE).is_file():
+            holdout = json.loads((out / EVALUATION_FILE).read_text())["results"].get("holdout")
+            sites[sid]["holdout_accuracy"] = None if holdout is None else holdout["accuracy"]
     return {"run_dir": str(run_dir), "accuracy": run["final"]["accuracy"],
             "balanced_accuracy": run["final"]["balanced_accuracy"], "auc": run["final"]["auc"],
             "centralized_accuracy": baselines["centralized_accuracy"],
@@ -104,12 +119,14 @@ def _num(x) -> float:
 
 def print_summary(s: dict, console: Console) -> None:
     t = Table(title="medfdd demo: what each hospital spent and shared")
-    for col in ("site", "scans used", "quarantined", "epsilon spent / budget", "bytes sent", "FedAvg would send"):
+    for col in ("site", "scans used", "quarantined", "epsilon spent / budget", "bytes sent", "FedAvg would send",
+                "global model on its holdout"):
         t.add_column(col, justify="right")
     for sid, v in s["sites"].items():
+        acc = v.get("holdout_accuracy")
         t.add_row(sid, str(v.get("used", "-")), str(v.get("quarantined", "-")),
                   f"{v['epsilon_spent']:.3f} / {v['epsilon_budget']:g}", f"{v['bytes_up']:,}",
-                  f"{s['fedavg_bytes_per_site_per_round']:,} per round")
+                  f"{s['fedavg_bytes_per_site_per_round']:,} per round", "-" if acc is None else f"{acc:.3f}")
     console.print(t)
     u = Table(title="global model on the coordinator's test split")
     for col in ("model", "accuracy"):

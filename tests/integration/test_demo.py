@@ -26,6 +26,8 @@ def test_demo_summary_comes_from_the_runs_files(tmp_path):
         assert v["epsilon_spent"] == pytest.approx(ledger["epsilon_spent"]) and 0 < v["epsilon_spent"] <= 1.0
         assert v["bytes_up"] == run["rounds"][0]["bytes_up"][sid] > 0
         assert v["used"] > 0
+        evaluation = json.loads((tmp_path / "demo" / "runs" / sid / "evaluation.json").read_text())
+        assert v["holdout_accuracy"] == evaluation["results"]["holdout"]["accuracy"]
     baselines = json.loads((run_dir / "baselines.json").read_text())
     assert s["centralized_accuracy"] == baselines["centralized_accuracy"]
     # DICOM and NIfTI hospitals
