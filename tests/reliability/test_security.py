@@ -216,6 +216,7 @@ def _leaks(blobs: dict[str, list[bytes]], needles: list[str]) -> list[str]:
 
 
 def test_no_phi_in_artifacts_offers_run_directory_report_or_logs(phi_consortium):
+    from medfdd.site_evaluation import evaluate_at_site
     from privacy.audit.run import audit_run
     from privacy.audit.spec import AuditSpec
     from privacy.report.build import write_report
@@ -247,11 +248,17 @@ def test_no_phi_in_artifacts_offers_run_directory_report_or_logs(phi_consortium)
     report_dir = base / "audits" / "phi"
     write_report(outcome, report_dir)
 
+    eval_log = io.StringIO()
+    for s in sites:  # the site's own evaluation of the global model: it stays at the site, and holds no PHI either
+        evaluate_at_site(s, run_dir / "global_model.safetensors", console=Console(file=eval_log, width=200))
+    assert _leaks({"site evaluate console": [eval_log.getvalue().encode()]}, HEADER_NEEDLES) == []
+
     blobs: dict[str, list[bytes]] = {"distill + coordinator + audit log": [log.getvalue().encode()]}
     for sid, o in offers.items():
         blobs[f"offer {sid}"] = [json.dumps(o.meta, default=str).encode(), o.site_id.encode(),
                                  *(a.data for a in o.arrays.values()), *(k.encode() for k in o.arrays)]
-    released = ("synthetic.npz", "synthetic.json", "privacy_ledger.json", "synthetic_preview.png")
+    released = ("synthetic.npz", "synthetic.json", "privacy_ledger.json", "synthetic_preview.png", "evaluation.json",
+                "evaluation.png")
     for s in sites:
         out = base / "site-out" / yaml.safe_load(s.read_text())["site_id"]
         for name in released:
