@@ -2,9 +2,9 @@
 
 Three hospitals export real DICOM and NIfTI files (non-IID) -> each checks its data -> the coordinator runs one
 in-process round: each site distills under DP (epsilon 1), offers are validated and merged, the global model is
-trained and evaluated -> baselines on the same split (centralized non-private, local-only) -> each hospital scores
-the global model on its own audit holdout -> membership-inference audit and report. The summary is read back from
-the run's own files (run.json, the ledgers, each site's evaluation.json, report.json).
+trained and evaluated, and goes back to every hospital, which scores it on its own audit holdout -> baselines on
+the same split (centralized non-private, local-only) -> membership-inference audit and report. The summary is read
+back from the run's own files (run.json, the ledgers, each site's evaluation.json, report.json).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from medfdd.data.check import check_site
 from medfdd.data.prepare import prepare_consortium
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.io import atomic_write_json
-from medfdd.site_evaluation import EVALUATION_FILE, evaluate_at_site
+from medfdd.site_evaluation import EVALUATION_FILE
 
 # Small hospitals (~35 images per class): few paid DP steps, each reused for many updates (see README).
 SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
@@ -46,7 +46,8 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
         checks[report.site_id] = {"used": report.n_used, "quarantined": report.n_quarantined}
 
     console.rule(f"[bold]3. the coordinator runs a round: each site distills under DP (epsilon = {epsilon:g}), "
-                 "offers are validated, merged and the global model is trained")
+                 "offers are validated, merged and the global model is trained; each site gets it back and scores "
+                 "it on its own patients")
     run_dir = run_inprocess(res.coordinator_config, console=console)
 
     console.rule("[bold]4. baselines on the same split (they pool real records: for comparison only)")
@@ -64,13 +65,7 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
                  "fedavg_bytes_per_site_per_round": 2 * fedavg_round_bytes}
     atomic_write_json(run_dir / "baselines.json", baselines)
 
-    console.rule("[bold]5. each hospital scores the global model on its own patients (stays at the site)")
-    for cfg_path in res.site_configs:
-        r = evaluate_at_site(cfg_path, run_dir / "global_model.safetensors", console=Console(quiet=True))
-        console.print(f"{r['site_id']}: accuracy {r['results']['holdout']['accuracy']:.3f} on its audit holdout"
-                      if "holdout" in r["results"] else f"{r['site_id']}: no audit holdout to score on")
-
-    console.rule("[bold]6. the privacy officer's audit (membership inference, canaries)")
+    console.rule("[bold]5. the privacy officer's audit (membership inference, canaries)")
     from privacy.audit.run import audit_run
     from privacy.audit.spec import AuditSpec
     from privacy.report.build import write_report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -64,6 +66,23 @@ class SiteBuilder:
         path = self.base / "site.yaml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
+
+
+def assert_final_model_delivered(run_dir, site_paths: dict):
+    """After the last round exactly the sites of `site_paths` (site id -> config) hold the run's final model, scored
+    on their own scans, and run.json counts the bytes sent to each."""
+    from medfdd.config import load_site_config
+
+    run = json.loads((run_dir / "run.json").read_text())
+    final = (run_dir / "global_model.safetensors").read_bytes()
+    assert sorted(run["final_model_bytes_down"]) == sorted(site_paths)
+    for s in site_paths:
+        out = load_site_config(site_paths[s]).output_dir
+        assert (out / "global_model.safetensors").read_bytes() == final
+        assert run["final_model_bytes_down"][s] > len(final)
+        evaluation = json.loads((out / "evaluation.json").read_text())
+        assert evaluation["site_id"] == s and evaluation["results"]["holdout"]["n"] > 0
+        assert evaluation["model_sha256"] == hashlib.sha256(final).hexdigest()
 
 
 @pytest.fixture

@@ -137,6 +137,7 @@ class CoordinatorRun:
         self.bindings: dict[str, str] = {}  # engine sender -> site id (first contact binds)
         self.last_epsilon: dict[str, float] = {}
         self.current: _Round | None = None
+        self.final_bytes_down: dict[str, int] = {}  # the final model delivered to each site after the last round
         self.device = pick_device()
         self._test = None
 
@@ -293,6 +294,21 @@ class CoordinatorRun:
         self._print_round(self.history[-1])
         return self.history[-1]
 
+    # ---- after the last round: the final model goes back to the sites ----------------------------------------
+    def final_model(self) -> Broadcast | None:
+        """The final global model for the sites, or None while rounds remain. The same message as a broadcast; the
+        engine sends it with its delivery type (`medfdd.federation.site.receive_final_model`), so nothing is
+        distilled or paid for it."""
+        path = self.out / "global_model.safetensors"
+        if self.next_round is not None or not self.history or not path.is_file():
+            return None
+        return Broadcast(len(self.history), path.read_bytes())
+
+    def delivered(self, site: str, nbytes: int) -> None:
+        """Count the final model delivered to `site` (run.json: `final_model_bytes_down`)."""
+        self.final_bytes_down[site] = self.final_bytes_down.get(site, 0) + int(nbytes)
+        self._write_run_json(status="completed")
+
     # ---- files ------------------------------------------------------------------------------------------------
     def _write_round_files(self, rd: _Round, merged, model) -> None:
         rdir = self.out / "rounds" / f"round-{rd.round}"
@@ -344,7 +360,8 @@ class CoordinatorRun:
                           "epsilon_budget": self.spec.sites[s].epsilon if self.spec.sites[s].dp else math.inf,
                           "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp}
                       for s in self.expected_sites},
-            "rounds": self.history, "rounds_evaluated": len(done), "final": final}
+            "rounds": self.history, "rounds_evaluated": len(done), "final": final,
+            "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
         return atomic_write_json(self.out / "run.json", _json_safe(run))
 
     def _print_round(self, h: dict) -> None:

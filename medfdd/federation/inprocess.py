@@ -1,5 +1,5 @@
 """The embedded engine: every site of the coordinator config runs on this machine, in this process, through the
-same site (`make_offer`) and coordinator (`CoordinatorRun`) functions the Flower apps call."""
+same site (`make_offer`, `receive_final_model`) and coordinator (`CoordinatorRun`) functions the Flower apps call."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.console import Console
 from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
 from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
-from medfdd.federation.site import make_offer
+from medfdd.federation.site import make_offer, receive_final_model
 
 
 def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: bool = False) -> Path:
@@ -39,4 +39,21 @@ def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: b
                 continue
             run.receive(offer, sender=site_id)
         run.finish_round()
+    deliver_final_model(run, console)
     return run.close()
+
+
+def deliver_final_model(run: CoordinatorRun, console: Console) -> None:
+    """After the last round every site receives the final global model (`receive_final_model`): it scores the model
+    on its own scans and keeps it. A site that fails here is reported and the others still receive it."""
+    final = run.final_model()
+    if final is None:
+        return
+    console.rule("the final global model goes back to the sites")
+    for site_id, site_cfg in sorted(run.site_configs.items()):
+        try:
+            receive_final_model(site_cfg, final, console=console)
+        except Exception as e:  # noqa: BLE001 - one site's failure must not keep the model from the others
+            console.print(f"[red]{site_id} did not take the final model[/]: {type(e).__name__}: {e}")
+            continue
+        run.delivered(site_id, final.nbytes())

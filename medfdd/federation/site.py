@@ -1,4 +1,5 @@
-"""The site's side of a round, shared by every engine: take the broadcast, distill, return the allow-listed offer.
+"""The site's side of a round, shared by every engine: take the broadcast, distill, return the allow-listed offer;
+and after the last round, take the final global model.
 
 The only things that leave: the synthetic images and labels and the metadata of synthetic.json (invariant 5).
 A broadcast model is written inside the site's output folder and checked against the agreed architecture before use.
@@ -10,11 +11,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from medfdd.artifacts import load_synthetic
+from medfdd.artifacts import ArtifactError, load_synthetic
 from medfdd.config import load_site_config
 from medfdd.distill.site import distill_site
 from medfdd.federation.messages import Broadcast, SiteOffer, to_wire
 from medfdd.io import atomic_write_bytes
+from medfdd.site_evaluation import EVALUATION_FILE, GROUPS, evaluate_at_site
 
 
 def make_offer(site_config: Path, broadcast: Broadcast, *, console: Console | None = None,
@@ -33,3 +35,23 @@ def make_offer(site_config: Path, broadcast: Broadcast, *, console: Console | No
         gate_synthetic_set(cfg, syn, console=console)
     return SiteOffer(site_id=cfg.site_id, round=broadcast.round,
                      arrays={"images": to_wire(syn.images), "labels": to_wire(syn.labels)}, meta=dict(syn.meta))
+
+
+def receive_final_model(site_config: Path, final: Broadcast, *, console: Console | None = None) -> Path:
+    """The consortium's final global model, after the last round: scored on this site's own scans
+    (`site_evaluation.evaluate_at_site`, which refuses a model that is not the agreed architecture or holds NaN/Inf)
+    and only then kept as output/global_model.safetensors. Nothing is distilled, paid for or sent back."""
+    cfg = load_site_config(site_config)
+    if final.model is None:
+        raise ArtifactError(f"{cfg.site_id}: final model", "the coordinator sent no model",
+                            "the coordinator must send the run's global_model.safetensors")
+    received = atomic_write_bytes(cfg.output_dir / "received" / f"global-final-round-{final.round}.safetensors",
+                                  final.model)
+    report = evaluate_at_site(Path(site_config), received, console=Console(quiet=True))
+    kept = atomic_write_bytes(cfg.output_dir / "global_model.safetensors", final.model)
+    if console:
+        scores = ", ".join(f"{r['accuracy']:.3f} on its {GROUPS[g].split(' (')[0]}"
+                           for g, r in report["results"].items())
+        console.print(f"{cfg.site_id}: received the final global model ({scores}); kept at {kept}, scores in "
+                      f"{cfg.output_dir / EVALUATION_FILE}")
+    return kept

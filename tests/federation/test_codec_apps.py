@@ -111,3 +111,49 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
     # bytes down per SuperNode reached, under its registered site, its binding in this run, or its node id
     assert run.bytes_down == {s: Broadcast(2, b"m").nbytes() for s in
                               ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "node-5", "hospital-f")}
+
+
+def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monkeypatch, tmp_path):
+    seen = {}
+    monkeypatch.setattr("medfdd.federation.site.receive_final_model",
+                        lambda path, final, *, console=None: seen.update(path=path, final=final))
+    out = client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"final")),
+                                  {"site-config": str(tmp_path / "a.yaml")}, console=QUIET)
+    assert seen == {"path": tmp_path / "a.yaml", "final": Broadcast(3, b"final")}
+    assert list(out.keys()) == []  # the site's scores stay at the site
+
+    def refusing(path, final, **kw):
+        raise ValueError("model at /data/hospital-a/received/global-final-round-3.safetensors is not agreed")
+
+    monkeypatch.setattr("medfdd.federation.site.receive_final_model", refusing)
+    with pytest.raises(client_app.SiteTaskFailed) as e:
+        client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"x")), {"site-config": "/a.yaml"},
+                                console=QUIET)
+    assert str(e.value) == "ValueError at the site (details in the site's SuperNode log)"
+
+
+def test_server_sends_the_final_model_to_the_nodes_that_answered_the_last_round(monkeypatch):
+    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type, ttl:
+                        (dst_node_id, message_type, content) if ttl == 5.0 else None)
+    sent = {}
+
+    class Grid:
+        def get_nodes(self):
+            return [SimpleNamespace(node_id=1, name="hospital-a")]
+
+        def send_and_receive(self, msgs, timeout):
+            sent.update(nodes=[n for n, _, _ in msgs], types={t for _, t, _ in msgs},
+                        finals=[codec.records_to_broadcast(c) for _, _, c in msgs])
+            return [_reply(1, codec.empty_reply()), _reply(2, error="ArtifactError at the site")]
+
+    run = FakeRun({"2": "hospital-b"})
+    run.final_bytes_down = {}
+    run.final_model = lambda: Broadcast(2, b"final")
+    run.delivered = lambda site, nbytes: run.final_bytes_down.update({site: nbytes})
+    server_app.deliver_final_model(Grid(), run, {2, 1}, QUIET)
+    assert sent == {"nodes": [1, 2], "types": {client_app.FINAL_MESSAGE_TYPE},
+                    "finals": [Broadcast(2, b"final")] * 2}
+    assert run.final_bytes_down == {"hospital-a": Broadcast(2, b"final").nbytes()}  # b refused it: not counted
+    sent.clear()
+    server_app.deliver_final_model(Grid(), run, set(), QUIET)  # nobody answered the last round: nothing sent
+    assert sent == {}

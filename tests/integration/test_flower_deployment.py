@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import small_digits_consortium
+from conftest import assert_final_model_delivered, small_digits_consortium
 from rich.console import Console
 
 from medfdd.cli import main
@@ -155,6 +155,8 @@ def test_two_round_run_over_tls_with_supernode_auth_completes(deployment, flower
         ledger = json.loads((load_site_config(path).output_dir / "privacy_ledger.json").read_text())
         assert sorted(e["round"] for e in ledger["entries"]) == [1, 2]
         assert not (out / "sites" / s / "privacy_ledger.json").exists()
+    # after the last round every SuperNode received the final model, kept it and scored it at the site
+    assert_final_model_delivered(out, deployment.sites)
 
 
 def test_unregistered_supernode_is_refused(deployment, flower_run):
@@ -224,6 +226,9 @@ def test_a_site_that_never_answers_is_left_out_after_the_timeout(deployment, flo
     assert r["accepted"] == sorted(set(d.sites) - {silent})
     assert silent in {x["site_id"] for x in r["rejected"]}
     assert seconds >= SILENT_TIMEOUT_S
+    # the final model goes to the sites that answered the last round (a frozen one would cost another timeout)
+    assert_final_model_delivered(load_coordinator_config(cfg).output_dir,
+                                 {s: p for s, p in d.sites.items() if s != silent})
 
 
 def test_a_failed_run_makes_flower_run_exit_non_zero(deployment, capsys):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import yaml
+from conftest import assert_final_model_delivered
 from rich.console import Console
 
 from medfdd.artifacts import load_model, load_synthetic
@@ -67,6 +68,7 @@ def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_r
         # the copy in the run directory is the site's own ledger
         site_ledger = load_site_config(path).output_dir / "privacy_ledger.json"
         assert (out / "sites" / s / "privacy_ledger.json").read_bytes() == site_ledger.read_bytes()
+    assert_final_model_delivered(out, _sites(coord))
 
 
 def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_charges(digits_consortium):
@@ -115,6 +117,8 @@ def test_round_completes_without_a_failing_site_and_a_hostile_offer(digits_conso
     assert [(x["site_id"], x["reason"]) for x in r["rejected"]] == [(b, "site_failed")]
     assert "DistillError" in r["rejected"][0]["detail"] and "/" not in r["rejected"][0]["detail"]  # no paths
     assert run["status"] == "completed" and run["final"]["accuracy"] >= 0
+    # a site whose distillation failed still receives the consortium's final model
+    assert_final_model_delivered(load_coordinator_config(coord).output_dir, sites)
     # evidence merge: the global model trained with the weights derived from the sites' released class_evidence
     out = load_coordinator_config(coord).output_dir
     with np.load(out / "merged.npz", allow_pickle=False) as z:

@@ -1,4 +1,5 @@
-"""ClientApp run by a hospital's SuperNode: broadcast in, the site's allow-listed offer out, nothing else.
+"""ClientApp run by a hospital's SuperNode: broadcast in, the site's allow-listed offer out, nothing else; after the
+last round the final global model in (kept and scored at the site) and an empty reply out.
 
 The site config path comes from the SuperNode's node config (`--node-config 'site-config="/abs/site.yaml"'`,
 set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only the error's class
@@ -18,6 +19,7 @@ from medfdd.federation.flower import codec
 
 NODE_CONFIG_KEY = "site-config"
 MESSAGE_TYPE = "train.distill"
+FINAL_MESSAGE_TYPE = "evaluate.final_model"  # after the last round: the final global model, kept and scored locally
 log = logging.getLogger("medfdd.site")
 
 app = ClientApp()
@@ -39,11 +41,30 @@ def handle(content, node_config: dict, *, console: Console | None = None):
     """Broadcast records -> offer records for this site (the whole ClientApp, minus Flower's Message)."""
     from medfdd.federation.site import make_offer
 
-    try:
-        path = site_config_path(node_config)
+    def task():
         broadcast = codec.records_to_broadcast(content)
-        offer = make_offer(path, broadcast, console=console or Console(stderr=True))
+        offer = make_offer(site_config_path(node_config), broadcast, console=console or Console(stderr=True))
         return codec.offer_to_records(offer)
+
+    return _at_site(task)
+
+
+def handle_final(content, node_config: dict, *, console: Console | None = None):
+    """Final-model records -> an empty reply: the site scores and keeps the model; nothing about it goes back."""
+    from medfdd.federation.site import receive_final_model
+
+    def task():
+        final = codec.records_to_broadcast(content)
+        receive_final_model(site_config_path(node_config), final, console=console or Console(stderr=True))
+        return codec.empty_reply()
+
+    return _at_site(task)
+
+
+def _at_site(task):
+    """Run a site task; a failure leaves the site as its class name only (the details stay in the site's log)."""
+    try:
+        return task()
     except SiteTaskFailed:
         raise
     except Exception as e:  # the full error stays in the site's log; only its class name leaves
@@ -55,3 +76,8 @@ def handle(content, node_config: dict, *, console: Console | None = None):
 @app.train("distill")
 def distill(msg: Message, context: Context) -> Message:
     return Message(handle(msg.content, dict(context.node_config)), reply_to=msg)
+
+
+@app.evaluate("final_model")
+def final_model(msg: Message, context: Context) -> Message:
+    return Message(handle_final(msg.content, dict(context.node_config)), reply_to=msg)

@@ -5,6 +5,8 @@ What crosses the wire, and nothing else:
   {"safetensors": the global model's safetensors bytes as a 1-D uint8 array}.
 - site -> coordinator (`SiteOffer`): ConfigRecord "offer" {site-id, round, meta-json} and ArrayRecord "arrays"
   {"images", "labels"}.
+- after the last round, coordinator -> site: the final global model in the broadcast's records (message type
+  `evaluate.final_model`); the site replies with an empty record dict.
 
 Arrays travel as raw little-endian C-order bytes with stype `medfdd.raw-le` (never `numpy.ndarray`, whose decoder is
 `np.load`): the receiver checks record names, dtype, shape and byte count before anything is allocated
@@ -109,6 +111,11 @@ def records_to_broadcast(rd: RecordDict, *, max_model_bytes: int = MAX_MODEL_BYT
             raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
         model = w.data
     return Broadcast(round=round_, model=model)
+
+
+def empty_reply() -> RecordDict:
+    """A site's reply to the final model: nothing (its scores stay at the site)."""
+    return RecordDict()
 
 
 def offer_to_records(offer: SiteOffer) -> RecordDict:

@@ -3,7 +3,8 @@
 Per round: `CoordinatorRun.broadcast()` goes to every connected SuperNode; each reply is decoded to a `SiteOffer`
 and handed to `run.receive(offer, sender=str(node_id))` (an offer for another site than the one the node's key was
 registered for is rejected as spoofed first); nodes that did not answer within `site_timeout_s` (or
-answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. The coordinator config path
+answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. After the last round the
+final global model goes to the nodes that answered it (`evaluate.final_model`). The coordinator config path
 comes from the run config (`flwr run ... --run-config 'coordinator-config="/abs/coordinator.yaml"'`).
 """
 
@@ -19,7 +20,7 @@ from rich.console import Console
 from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
 from medfdd.federation.flower import codec
-from medfdd.federation.flower.client_app import MESSAGE_TYPE
+from medfdd.federation.flower.client_app import FINAL_MESSAGE_TYPE, MESSAGE_TYPE
 
 RUN_CONFIG_KEY = "coordinator-config"
 
@@ -53,7 +54,8 @@ def _label(run, sender: str, names: dict[int, str]) -> str:
     return names.get(int(sender)) or run.bindings.get(sender) or f"node-{sender}"
 
 
-def run_round(grid: Grid, run, console: Console) -> dict:
+def run_round(grid: Grid, run, console: Console) -> set[int]:
+    """One round over the connected SuperNodes; returns the nodes that answered (offer or error)."""
     broadcast = run.broadcast()
     nodes = sorted(grid.get_node_ids())
     names = registered_names(grid)
@@ -99,7 +101,27 @@ def run_round(grid: Grid, run, console: Console) -> dict:
             console.print(f"SuperNode {node} did not answer within {run.site_timeout_s:g} s")
     console.print(f"round {broadcast.round}: {len(answered)} of {len(nodes)} site(s) answered in "
                   f"{time.monotonic() - t0:.1f} s")
-    return run.finish_round()
+    run.finish_round()
+    return answered
+
+
+def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> None:
+    """After the last round, the final global model goes to the SuperNodes that answered that round (a silent one
+    would only cost another timeout); each keeps and scores it at the site and replies with nothing."""
+    final = run.final_model()
+    if final is None or not nodes:
+        return
+    names = registered_names(grid)
+    msgs = [Message(codec.broadcast_to_records(final), dst_node_id=n, message_type=FINAL_MESSAGE_TYPE,
+                    ttl=run.site_timeout_s) for n in sorted(nodes)]
+    replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
+    for reply in replies:
+        site = _label(run, str(reply.metadata.src_node_id), names)
+        if reply.has_error():
+            console.print(f"{site} did not take the final model: {reply.error.reason}")
+        else:
+            run.delivered(site, final.nbytes())
+    console.print(f"final global model delivered to {len(run.final_bytes_down)} of {len(nodes)} site(s)")
 
 
 def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path:
@@ -108,8 +130,10 @@ def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path
     console = console or Console(stderr=True)
     run = CoordinatorRun.open(config_path, engine="flower", console=console)
     wait_for_nodes(grid, len(run.expected_sites), run.site_timeout_s, console)
+    answered: set[int] = set()
     while run.next_round is not None:
-        run_round(grid, run, console)
+        answered = run_round(grid, run, console)
+    deliver_final_model(grid, run, answered, console)
     return run.close()
 
 
