@@ -207,6 +207,10 @@ def hostile_rows() -> list[list[str]]:
     rows += [[f"broadcast to a site: {what}", f"{error.__name__} ({text}); nothing charged, nothing released",
               _test(HOSTILE, "test_site_refuses_a_hostile_broadcast_before_charging", case)]
              for case, (what, _, _, error, text) in hostile.HOSTILE_BROADCASTS.items()]
+    rows += [[f"final model to a site: {hostile.HOSTILE_BROADCASTS[case][0]}",
+              f"{hostile.HOSTILE_BROADCASTS[case][3].__name__} ({hostile.HOSTILE_BROADCASTS[case][4]}); "
+              "nothing kept or scored", _test(HOSTILE, "test_site_refuses_a_hostile_final_model_and_keeps_nothing", case)]
+             for case in hostile.FINAL_MODEL_CASES]
     return rows + _refs("hostile")
 
 

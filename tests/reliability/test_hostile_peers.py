@@ -20,7 +20,7 @@ from safetensors.torch import save
 from medfdd.artifacts import ArtifactError, load_model, save_model
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.federation.messages import Broadcast
-from medfdd.federation.site import make_offer
+from medfdd.federation.site import make_offer, receive_final_model
 from medfdd.nets import ConvNet
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
@@ -125,6 +125,21 @@ def test_site_refuses_a_hostile_broadcast_before_charging(site, tmp_path, case):
     ledger = out / "privacy_ledger.json"
     assert not ledger.exists() or PrivacyLedger.load(ledger).entries == ()
     assert not (out / "synthetic.npz").exists()
+    assert not (tmp_path / MARKER).exists()
+
+
+FINAL_MODEL_CASES = [c for c, (_, _, _, error, _) in HOSTILE_BROADCASTS.items() if error is ArtifactError]
+
+
+@pytest.mark.parametrize("case", FINAL_MODEL_CASES)
+def test_site_refuses_a_hostile_final_model_and_keeps_nothing(site, tmp_path, case):
+    """After the last round the same payloads arrive as the final model: refused before it is kept or scored."""
+    _, payload, round_, error, text = HOSTILE_BROADCASTS[case]
+    out = load_site_config(site).output_dir
+    with pytest.raises(error) as e:
+        receive_final_model(site, Broadcast(round_, payload(tmp_path)), console=Console(quiet=True))
+    assert text in str(e.value) and "Fix:" in str(e.value)
+    assert not (out / "global_model.safetensors").exists() and not (out / "evaluation.json").exists()
     assert not (tmp_path / MARKER).exists()
 
 
