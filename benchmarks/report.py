@@ -164,7 +164,9 @@ def federated_headline(results: list[dict]) -> list[str]:
         splits.setdefault((p["sites"], p["alpha"], p["seed"], tuple(p["site_totals"])), []).extend(
             (r, row) for row in r["rows"])
     lines = ["### Headline: B1 federated, every run on each split", "",
-             "Bytes moved = synthetic sets (or model updates) up plus global models down, all sites. The last column "
+             "Bytes moved = synthetic sets (or model updates) up plus global models down, all sites; for every "
+             "method it leaves out the final model sent back to the sites after the last round (the same size for "
+             "all: run.json's `final_model_bytes_down`). The last column "
              "compares communication at equal accuracy: the bytes DP-FedAvg at the same epsilon moved until its "
              "accuracy first reached the lower of the two final accuracies, over the bytes our run moved until it did "
              "(where DP-FedAvg never reached our accuracy this compares at its final one, which understates the gap).",
