@@ -16,7 +16,7 @@ EXAMPLES = {
     "site distill": "medfdd site distill consortium/site_configs/hospital-a.yaml --round 1",
     "site budget": "medfdd site budget consortium/site_configs/hospital-a.yaml",
     "site evaluate": "medfdd site evaluate consortium/site_configs/hospital-a.yaml "
-                     "--model consortium/runs/coordinator/global_model.safetensors",
+                     "--model consortium/runs/hospital-a/global_model.safetensors",
     "coordinator run": "medfdd coordinator run consortium/site_configs/coordinator.yaml",
 }
 
@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
                                      "(confusion matrices); computed from real records, they stay at the site.")
     ev.add_argument("config", type=Path, help="site config YAML")
     ev.add_argument("--model", type=Path, required=True,
-                    help="global model (safetensors) from the coordinator's run folder or a broadcast")
+                    help="global model (safetensors): the one the coordinator sent back after the last round "
+                         "(output/global_model.safetensors) or any file of the agreed architecture")
     from medfdd.federation.flower import cli as flower_cli  # Flower deployment commands (no flwr import)
 
     flower_cli.add_site_parser(site)
