@@ -114,14 +114,15 @@ def _num(x) -> float:
 
 def print_summary(s: dict, console: Console) -> None:
     t = Table(title="medfdd demo: what each hospital spent and shared")
-    for col in ("site", "scans used", "quarantined", "epsilon spent / budget", "bytes sent", "FedAvg would send",
-                "global model on its holdout"):
+    t.add_column("site", no_wrap=True)  # the values below hold no spaces, so only the headers wrap at 80 columns
+    for col in ("scans used", "left out", "epsilon spent / budget", "bytes sent", "FedAvg per round",
+                "accuracy on own holdout"):
         t.add_column(col, justify="right")
     for sid, v in s["sites"].items():
         acc = v.get("holdout_accuracy")
         t.add_row(sid, str(v.get("used", "-")), str(v.get("quarantined", "-")),
-                  f"{v['epsilon_spent']:.3f} / {v['epsilon_budget']:g}", f"{v['bytes_up']:,}",
-                  f"{s['fedavg_bytes_per_site_per_round']:,} per round", "-" if acc is None else f"{acc:.3f}")
+                  f"{v['epsilon_spent']:.3f}/{v['epsilon_budget']:g}", f"{v['bytes_up']:,}",
+                  f"{s['fedavg_bytes_per_site_per_round']:,}", "-" if acc is None else f"{acc:.3f}")
     console.print(t)
     u = Table(title="global model on the coordinator's test split")
     for col in ("model", "accuracy"):
