@@ -144,13 +144,14 @@ def test_server_sends_the_final_model_to_the_nodes_that_answered_the_last_round(
         def send_and_receive(self, msgs, timeout):
             sent.update(nodes=[n for n, _, _ in msgs], types={t for _, t, _ in msgs},
                         finals=[codec.records_to_broadcast(c) for _, _, c in msgs])
-            return [_reply(1, codec.empty_reply()), _reply(2, error="ArtifactError at the site")]
+            return [_reply(1, codec.empty_reply()), _reply(2, error="ArtifactError at the site"),
+                    _reply(7, codec.empty_reply())]  # a reply from a node it was not sent to is not counted
 
     run = FakeRun({"2": "hospital-b"})
     run.final_bytes_down = {}
     run.final_model = lambda: Broadcast(2, b"final")
     run.delivered = lambda site, nbytes: run.final_bytes_down.update({site: nbytes})
-    server_app.deliver_final_model(Grid(), run, {2, 1}, QUIET)
+    server_app.deliver_final_model(Grid(), run, {2, 1, 9}, QUIET)  # node 9: no site (e.g. the SuperLink's own)
     assert sent == {"nodes": [1, 2], "types": {client_app.FINAL_MESSAGE_TYPE},
                     "finals": [Broadcast(2, b"final")] * 2}
     assert run.final_bytes_down == {"hospital-a": Broadcast(2, b"final").nbytes()}  # b refused it: not counted

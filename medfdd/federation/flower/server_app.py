@@ -109,19 +109,24 @@ def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> N
     """After the last round, the final global model goes to the SuperNodes that answered that round (a silent one
     would only cost another timeout); each keeps and scores it at the site and replies with nothing."""
     final = run.final_model()
-    if final is None or not nodes:
-        return
     names = registered_names(grid)
+    # only nodes known as a site (registered key or an offer in this run): a reply the SuperLink itself makes for
+    # an expired task carries its own node id, which is no site
+    targets = sorted(n for n in nodes if n in names or str(n) in run.bindings)
+    if final is None or not targets:
+        return
     msgs = [Message(codec.broadcast_to_records(final), dst_node_id=n, message_type=FINAL_MESSAGE_TYPE,
-                    ttl=run.site_timeout_s) for n in sorted(nodes)]
+                    ttl=run.site_timeout_s) for n in targets]
     replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
     for reply in replies:
+        if reply.metadata.src_node_id not in targets:
+            continue
         site = _label(run, str(reply.metadata.src_node_id), names)
         if reply.has_error():
             console.print(f"{site} did not take the final model: {reply.error.reason}")
         else:
             run.delivered(site, final.nbytes())
-    console.print(f"final global model delivered to {len(run.final_bytes_down)} of {len(nodes)} site(s)")
+    console.print(f"final global model delivered to {len(run.final_bytes_down)} of {len(targets)} site(s)")
 
 
 def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path:
