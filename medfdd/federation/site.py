@@ -16,7 +16,7 @@ from medfdd.config import load_site_config
 from medfdd.distill.site import distill_site
 from medfdd.federation.messages import Broadcast, SiteOffer, to_wire
 from medfdd.io import atomic_write_bytes
-from medfdd.site_evaluation import EVALUATION_FILE, GROUPS, evaluate_at_site
+from medfdd.site_evaluation import EVALUATION_FILE, evaluate_at_site
 
 
 def make_offer(site_config: Path, broadcast: Broadcast, *, console: Console | None = None,
@@ -50,8 +50,7 @@ def receive_final_model(site_config: Path, final: Broadcast, *, console: Console
     report = evaluate_at_site(Path(site_config), received, console=Console(quiet=True))
     kept = atomic_write_bytes(cfg.output_dir / "global_model.safetensors", final.model)
     if console:
-        scores = ", ".join(f"{r['accuracy']:.3f} on its {GROUPS[g].split(' (')[0]}"
-                           for g, r in report["results"].items())
+        scores = ", ".join(f"accuracy {r['accuracy']:.3f} on its {g} records" for g, r in report["results"].items())
         console.print(f"{cfg.site_id}: received the final global model ({scores}); kept at {kept}, scores in "
                       f"{cfg.output_dir / EVALUATION_FILE}")
     return kept
