@@ -71,46 +71,60 @@ class FakeRun:
         return {}
 
 
-def _reply(node, content=None, error=None):
-    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node), has_error=lambda: error is not None,
-                           error=SimpleNamespace(reason=error), content=content)
+SUPERLINK = 1  # the node id the SuperLink signs its own replies with (an expired task, a node gone away)
+
+
+def _task(content, dst_node_id, message_type, ttl):
+    """A stand-in for flwr's Message: the grid gives it an id when pushed; a task expires with the round."""
+    return SimpleNamespace(content=content, message_type=message_type, ttl=ttl,
+                           metadata=SimpleNamespace(dst_node_id=dst_node_id, message_id=f"task-{dst_node_id}"))
+
+
+def _reply(node, content=None, error=None, *, to=None, src=None):
+    """`node`'s reply to the task sent to `to` (default: its own), signed by `src` (default: `node`)."""
+    return SimpleNamespace(metadata=SimpleNamespace(src_node_id=src or node, reply_to_message_id=f"task-{to or node}"),
+                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content=content)
 
 
 def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
-    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type, ttl: (dst_node_id, content)
-                        if ttl == 5.0 else None)  # a task expires with the round
+    monkeypatch.setattr(server_app, "Message", _task)
     sent = {}
 
     class Grid:
         def get_node_ids(self):
-            return [5, 4, 3, 2, 1, 6]
+            return [5, 4, 3, 2, 11, 6, 7]
 
         def get_nodes(self):  # names the keys were registered under (`medfdd coordinator register --site`)
-            return [SimpleNamespace(node_id=1, name="hospital-a"), SimpleNamespace(node_id=6, name="hospital-f"),
+            return [SimpleNamespace(node_id=11, name="hospital-a"), SimpleNamespace(node_id=6, name="hospital-f"),
                     SimpleNamespace(node_id=2, name="")]
 
         def send_and_receive(self, msgs, timeout):
-            sent.update(nodes=[n for n, _ in msgs], timeout=timeout,
-                        rounds=[codec.records_to_broadcast(c).round for _, c in msgs])
+            sent.update(nodes=[m.metadata.dst_node_id for m in msgs], timeout=timeout, ttls={m.ttl for m in msgs},
+                        rounds=[codec.records_to_broadcast(m.content).round for m in msgs])
             bad = codec.offer_to_records(_offer("hospital-c", 2))
             bad["extra"] = bad.config_records["offer"]
-            return [_reply(1, codec.offer_to_records(_offer("hospital-a", 2))),
+            return [_reply(11, codec.offer_to_records(_offer("hospital-a", 2))),
                     _reply(2, error="BudgetExceeded at the site"),
                     _reply(3, bad),
-                    _reply(6, codec.offer_to_records(_offer("hospital-a", 2)))]  # hospital-f's key claims a
+                    _reply(6, codec.offer_to_records(_offer("hospital-a", 2))),  # hospital-f's key claims a
+                    # the SuperLink answers for tasks that expired: silence from those sites, not a site named
+                    # after the SuperLink's own node id
+                    _reply(SUPERLINK, error="message expired", to=4), _reply(SUPERLINK, error="node gone", to=5),
+                    _reply(7, codec.offer_to_records(_offer("hospital-g", 2)), to=99)]  # no task of this round
 
     run = FakeRun({"2": "hospital-b", "3": "hospital-c", "4": "hospital-d"})
-    server_app.run_round(Grid(), run, QUIET)
-    assert sent == {"nodes": [1, 2, 3, 4, 5, 6], "timeout": 5.0, "rounds": [2] * 6}
-    assert run.calls == [("receive", "hospital-a", "1"),
+    assert server_app.run_round(Grid(), run, QUIET) == {11, 2, 3, 6}
+    assert sent == {"nodes": [2, 3, 4, 5, 6, 7, 11], "timeout": 5.0, "ttls": {5.0}, "rounds": [2] * 7}
+    assert run.calls == [("receive", "hospital-a", "11"),
                          ("no_answer", "hospital-b", Reason.SITE_FAILED),
                          ("no_answer", "hospital-c", Reason.MALFORMED),
                          ("no_answer", "hospital-f", Reason.SPOOFED_SITE),  # named by its registered key
                          ("no_answer", "hospital-d", Reason.NO_ANSWER),  # bound earlier in this run, silent now
-                         ("finish",)]  # node 5 never answered in this run: finish_round names the silent site
+                         ("finish",)]  # nodes 5 and 7 never answered in this run: finish_round names silent sites
     # bytes down per SuperNode reached, under its registered site, its binding in this run, or its node id
     assert run.bytes_down == {s: Broadcast(2, b"m").nbytes() for s in
-                              ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "node-5", "hospital-f")}
+                              ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "node-5", "hospital-f",
+                               "node-7")}
 
 
 def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monkeypatch, tmp_path):
@@ -133,27 +147,27 @@ def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monke
 
 
 def test_server_sends_the_final_model_to_the_nodes_that_answered_the_last_round(monkeypatch):
-    monkeypatch.setattr(server_app, "Message", lambda content, dst_node_id, message_type, ttl:
-                        (dst_node_id, message_type, content) if ttl == 5.0 else None)
+    monkeypatch.setattr(server_app, "Message", _task)
     sent = {}
 
     class Grid:
         def get_nodes(self):
-            return [SimpleNamespace(node_id=1, name="hospital-a")]
+            return [SimpleNamespace(node_id=11, name="hospital-a")]
 
         def send_and_receive(self, msgs, timeout):
-            sent.update(nodes=[n for n, _, _ in msgs], types={t for _, t, _ in msgs},
-                        finals=[codec.records_to_broadcast(c) for _, _, c in msgs])
-            return [_reply(1, codec.empty_reply()), _reply(2, error="ArtifactError at the site"),
-                    _reply(7, codec.empty_reply())]  # a reply from a node it was not sent to is not counted
+            sent.update(nodes=[m.metadata.dst_node_id for m in msgs], types={m.message_type for m in msgs},
+                        ttls={m.ttl for m in msgs}, finals=[codec.records_to_broadcast(m.content) for m in msgs])
+            return [_reply(11, codec.empty_reply()), _reply(2, error="ArtifactError at the site"),
+                    _reply(3, error="message expired", src=SUPERLINK),  # the SuperLink's stand-in: not taken
+                    _reply(7, codec.empty_reply())]  # a reply to no task of this batch is not counted
 
-    run = FakeRun({"2": "hospital-b"})
+    run = FakeRun({"2": "hospital-b", "3": "hospital-c"})
     run.final_bytes_down = {}
     run.final_model = lambda: Broadcast(2, b"final")
     run.delivered = lambda site, nbytes: run.final_bytes_down.update({site: nbytes})
-    server_app.deliver_final_model(Grid(), run, {2, 1, 9}, QUIET)  # node 9: no site (e.g. the SuperLink's own)
-    assert sent == {"nodes": [1, 2], "types": {client_app.FINAL_MESSAGE_TYPE},
-                    "finals": [Broadcast(2, b"final")] * 2}
+    server_app.deliver_final_model(Grid(), run, {2, 3, 11, 9}, QUIET)  # node 9: known as no site
+    assert sent == {"nodes": [2, 3, 11], "types": {client_app.FINAL_MESSAGE_TYPE}, "ttls": {5.0},
+                    "finals": [Broadcast(2, b"final")] * 3}
     assert run.final_bytes_down == {"hospital-a": Broadcast(2, b"final").nbytes()}  # b refused it: not counted
     sent.clear()
     server_app.deliver_final_model(Grid(), run, set(), QUIET)  # nobody answered the last round: nothing sent

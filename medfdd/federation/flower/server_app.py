@@ -54,6 +54,25 @@ def _label(run, sender: str, names: dict[int, str]) -> str:
     return names.get(int(sender)) or run.bindings.get(sender) or f"node-{sender}"
 
 
+def replies_by_node(msgs: list[Message], replies: list[Message]) -> tuple[dict[int, Message], dict[int, str]]:
+    """Pair each reply with the node its task was sent to, by `reply_to_message_id` (ids are set when the grid
+    pushes `msgs`): (node -> the node's own reply, node -> why the SuperLink answered in its place). The SuperLink
+    itself replies for a task that expired or a node that went away (source: its own node id); that is silence from
+    the site, not an answer, and a reply to no task of this batch is ignored."""
+    sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+    answers: dict[int, Message] = {}
+    stand_ins: dict[int, str] = {}
+    for reply in replies:
+        node = sent_to.get(reply.metadata.reply_to_message_id)
+        if node is None:
+            continue
+        if reply.metadata.src_node_id == node:
+            answers[node] = reply
+        elif reply.has_error():
+            stand_ins[node] = reply.error.reason
+    return answers, stand_ins
+
+
 def run_round(grid: Grid, run, console: Console) -> set[int]:
     """One round over the connected SuperNodes; returns the nodes that answered (offer or error)."""
     broadcast = run.broadcast()
@@ -66,11 +85,8 @@ def run_round(grid: Grid, run, console: Console) -> set[int]:
     for n in nodes:  # per SuperNode reached: its registered site, the site it offered for before, or its node id
         run.sent(_label(run, str(n), names), broadcast.nbytes())
     t0 = time.monotonic()
-    replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
-    answered: set[int] = set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        answered.add(node)
+    answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
+    for node, reply in answers.items():
         sender = str(node)
         if reply.has_error():
             run.no_answer(_label(run, sender, names), f"site error: {reply.error.reason}", code=Reason.SITE_FAILED)
@@ -92,17 +108,18 @@ def run_round(grid: Grid, run, console: Console) -> set[int]:
             continue
         run.receive(offer, sender=sender)
     for node in nodes:
-        if node in answered:
+        if node in answers:
             continue
+        why = f"no answer within {run.site_timeout_s:g} s" + (f" ({stand_ins[node]})" if node in stand_ins else "")
         site = run.bindings.get(str(node))
         if site is not None:
-            run.no_answer(site, f"no answer within {run.site_timeout_s:g} s")
+            run.no_answer(site, why)
         else:  # never answered in this run: finish_round records the expected sites that stayed silent
-            console.print(f"SuperNode {node} did not answer within {run.site_timeout_s:g} s")
-    console.print(f"round {broadcast.round}: {len(answered)} of {len(nodes)} site(s) answered in "
+            console.print(f"SuperNode {node}: {why}")
+    console.print(f"round {broadcast.round}: {len(answers)} of {len(nodes)} site(s) answered in "
                   f"{time.monotonic() - t0:.1f} s")
     run.finish_round()
-    return answered
+    return set(answers)
 
 
 def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> None:
@@ -110,18 +127,16 @@ def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> N
     would only cost another timeout); each keeps and scores it at the site and replies with nothing."""
     final = run.final_model()
     names = registered_names(grid)
-    # only nodes known as a site (registered key or an offer in this run): a reply the SuperLink itself makes for
-    # an expired task carries its own node id, which is no site
-    targets = sorted(n for n in nodes if n in names or str(n) in run.bindings)
+    targets = sorted(n for n in nodes if n in names or str(n) in run.bindings)  # only nodes known as a site
     if final is None or not targets:
         return
     msgs = [Message(codec.broadcast_to_records(final), dst_node_id=n, message_type=FINAL_MESSAGE_TYPE,
                     ttl=run.site_timeout_s) for n in targets]
-    replies = list(grid.send_and_receive(msgs, timeout=run.site_timeout_s))
-    for reply in replies:
-        if reply.metadata.src_node_id not in targets:
-            continue
-        site = _label(run, str(reply.metadata.src_node_id), names)
+    answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
+    for node in stand_ins:
+        console.print(f"{_label(run, str(node), names)} did not take the final model: {stand_ins[node]}")
+    for node, reply in answers.items():
+        site = _label(run, str(node), names)
         if reply.has_error():
             console.print(f"{site} did not take the final model: {reply.error.reason}")
         else:
