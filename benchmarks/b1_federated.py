@@ -17,6 +17,7 @@ A run longer than one sitting (3 rounds at CPU scale take about 3 h per configur
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -176,7 +177,13 @@ def main() -> None:
                     help="also run these baselines (no name: all of centralized, local-only, subset, fedavg)")
     ap.add_argument("--baseline-eps", type=float, nargs="+", default=None,
                     help="FedAvg epsilons, inf = plain FedAvg (default: plain FedAvg and the finite --eps)")
-    ap.add_argument("--fedavg-rounds", type=int, default=3)
+    # FedAvg settings; several values per flag sweep their product (one row each; the comparison uses the best)
+    ap.add_argument("--fedavg-rounds", type=int, nargs="+", default=[3])
+    ap.add_argument("--fedavg-local-epochs", type=int, nargs="+", default=[1])
+    ap.add_argument("--fedavg-lr", type=float, nargs="+", default=[0.01], help="local SGD learning rate (momentum 0.9)")
+    ap.add_argument("--fedavg-batch", type=int, nargs="+", default=[64], help="local (expected, under DP) batch")
+    ap.add_argument("--fedavg-clip", type=float, nargs="+", default=[1.0], help="DP-SGD per-example clipping norm")
+    ap.add_argument("--fedavg-width", type=int, nargs="+", default=[128], help="ConvNet-3 width of the FedAvg model")
     ap.add_argument("--skip-dm", action="store_true", help="run only the chosen --baselines, no DM rows "
                     "(e.g. --skip-dm --baselines fedavg: FedAvg and DP-FedAvg only)")
     ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
@@ -256,11 +263,15 @@ def main() -> None:
               **_acc(random_subset(sites, test, K, settings, ipc=args.ipc, seed=0)), "seconds": time.perf_counter() - t})
     if "fedavg" in chosen_baselines:
         chosen = args.baseline_eps or [math.inf] + [e for e in args.eps if math.isfinite(e)]
-        for eps in [e if math.isfinite(e) else None for e in chosen]:
+        grid = itertools.product(args.fedavg_rounds, args.fedavg_local_epochs, args.fedavg_lr, args.fedavg_batch,
+                                 args.fedavg_clip, args.fedavg_width, [e if math.isfinite(e) else None for e in chosen])
+        for rounds, epochs, lr, batch, clip, width, eps in grid:
+            fed = {"local_epochs": epochs, "lr": lr, "batch_size": batch, "clip": clip, "width": width}
             t = time.perf_counter()
-            res = fedavg(sites, test, K, rounds=args.fedavg_rounds, local_epochs=1, epsilon=eps, seed=0)
+            res = fedavg(sites, test, K, rounds=rounds, epsilon=eps, seed=0, **fed)
             keep({"method": "FedAvg" if eps is None else "DP-FedAvg (Opacus DP-SGD)", "epsilon": eps or "inf",
-                  "rounds": args.fedavg_rounds, **_acc(res), "accuracy_per_round": res["accuracy_per_round"],
+                  "rounds": rounds, "fedavg_settings": fed, "noise_multiplier": res["noise_multiplier"],
+                  **_acc(res), "accuracy_per_round": res["accuracy_per_round"],
                   "bytes_up_total": res["bytes_up_total"], "bytes_down_total": res["bytes_down_total"],
                   "model_bytes": res["model_bytes"], "seconds": time.perf_counter() - t})
     out = write_result(name, {"dataset": "fashion-mnist (Debian dataset-fashion-mnist)",
