@@ -139,9 +139,9 @@ def equal_accuracy_bytes(ours: dict, dpfedavg: dict, sites: int) -> tuple[float,
     level = min(ours["accuracy_per_round"][-1], dpfedavg["accuracy_per_round"][-1])
     r_ours = next(i for i, a in enumerate(ours["accuracy_per_round"], 1) if a >= level)
     r_fed = next(i for i, a in enumerate(dpfedavg["accuracy_per_round"], 1) if a >= level)
-    model = dpfedavg["model_bytes"]
-    ours_bytes = ours["bytes_up_total"] // ours["rounds"] * r_ours + model * sites * (r_ours - 1)
-    return level, ours_bytes, 2 * model * sites * r_fed
+    down_per_round = ours.get("bytes_down_total", 0) // max(ours["rounds"] - 1, 1)  # global models, from round 2
+    ours_bytes = ours["bytes_up_total"] // ours["rounds"] * r_ours + down_per_round * (r_ours - 1)
+    return level, ours_bytes, 2 * dpfedavg["model_bytes"] * sites * r_fed
 
 
 def merge_study_section(r: dict) -> list[str]:
