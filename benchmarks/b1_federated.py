@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--fedavg-batch", type=int, nargs="+", default=[64], help="local (expected, under DP) batch")
     ap.add_argument("--fedavg-clip", type=float, nargs="+", default=[1.0], help="DP-SGD per-example clipping norm")
     ap.add_argument("--fedavg-width", type=int, nargs="+", default=[128], help="ConvNet-3 width of the FedAvg model")
+    ap.add_argument("--fedavg-seeds", type=int, nargs="+", default=[0], help="FedAvg training seeds (init, "
+                    "sampling, DP noise; the partition stays --seed's): several give its spread at one setting")
     ap.add_argument("--skip-dm", action="store_true", help="run only the chosen --baselines, no DM rows "
                     "(e.g. --skip-dm --baselines fedavg: FedAvg and DP-FedAvg only)")
     ap.add_argument("--merge", choices=["concat", "balanced", "evidence"], default="evidence",
@@ -264,13 +266,15 @@ def main() -> None:
     if "fedavg" in chosen_baselines:
         chosen = args.baseline_eps or [math.inf] + [e for e in args.eps if math.isfinite(e)]
         grid = itertools.product(args.fedavg_rounds, args.fedavg_local_epochs, args.fedavg_lr, args.fedavg_batch,
-                                 args.fedavg_clip, args.fedavg_width, [e if math.isfinite(e) else None for e in chosen])
-        for rounds, epochs, lr, batch, clip, width, eps in grid:
+                                 args.fedavg_clip, args.fedavg_width, [e if math.isfinite(e) else None for e in chosen],
+                                 args.fedavg_seeds)
+        for rounds, epochs, lr, batch, clip, width, eps, fed_seed in grid:
             fed = {"local_epochs": epochs, "lr": lr, "batch_size": batch, "clip": clip, "width": width}
             t = time.perf_counter()
-            res = fedavg(sites, test, K, rounds=rounds, epsilon=eps, seed=0, **fed)
+            res = fedavg(sites, test, K, rounds=rounds, epsilon=eps, seed=fed_seed, **fed)
             keep({"method": "FedAvg" if eps is None else "DP-FedAvg (Opacus DP-SGD)", "epsilon": eps or "inf",
-                  "rounds": rounds, "fedavg_settings": fed, "noise_multiplier": res["noise_multiplier"],
+                  "rounds": rounds, "fedavg_settings": fed, "fedavg_seed": fed_seed,
+                  "noise_multiplier": res["noise_multiplier"],
                   **_acc(res), "accuracy_per_round": res["accuracy_per_round"],
                   "bytes_up_total": res["bytes_up_total"], "bytes_down_total": res["bytes_down_total"],
                   "model_bytes": res["model_bytes"], "seconds": time.perf_counter() - t})
