@@ -69,6 +69,9 @@ class DataConfig(_Strict):
         "moves another; epsilon covers every patient in the manifest) | `stratified`: exact per-class fractions, "
         "reshuffled when patients are added")
     cache: bool = Field(True, description="cache preprocessed tensors under output/cache (invalidated on any change)")
+    cache_dir: Path | None = Field(None, description="folder of that cache instead, relative to the config file: "
+                                   "entries are keyed by the scan's bytes and the preprocessing settings, so runs "
+                                   "with other output folders can share one without re-decoding every scan")
     max_voxels: int = Field(2**27, ge=1, description="refuse images whose header announces more voxels than this")
 
     @field_validator("spatial_size")
@@ -212,6 +215,13 @@ class SiteConfig(_Strict):
     @property
     def output_dir(self) -> Path:
         return (self.base_dir / self.output).resolve()
+
+    @property
+    def cache_folder(self) -> Path:
+        """Where the preprocessing cache lives: `data.cache_dir`, else output/cache/preprocessed."""
+        if self.data.cache_dir is not None:
+            return (self.base_dir / self.data.cache_dir).resolve()
+        return self.output_dir / "cache" / "preprocessed"
 
 
 class TestSetConfig(_Strict):

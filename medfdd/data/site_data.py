@@ -52,7 +52,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     root = cfg.data_root
     entries, quarantine = read_manifest(root, cfg.data.manifest, cfg.data.classes)
     n_rows = len(entries) + len(quarantine)
-    cache = PreprocessCache(cfg.output_dir / "cache" / "preprocessed", cfg.data) if cfg.data.cache else None
+    cache = PreprocessCache(cfg.cache_folder, cfg.data) if cfg.data.cache else None
     transform = preprocess_transform(cfg.data)
     spatial = tuple(cfg.data.spatial_size)
     images = np.empty((len(entries), cfg.data.channels, *spatial), dtype=np.float32)

@@ -173,6 +173,25 @@ def test_cache_hits_and_invalidation(site_builder):
     assert fifth.labels[1] == 0 and fifth.cache_hits == 12
 
 
+def test_a_shared_cache_dir_serves_runs_with_other_output_folders(site_builder, tmp_path):
+    """data.cache_dir (relative to the config): a second output folder reads the first run's tensors; the entries
+    are still keyed by content, so a changed scan is decoded again there."""
+    s = _site(site_builder, cache_dir="shared-cache")
+    cfg_path = s.write()
+    first = load_site_data(load_site_config(cfg_path))
+    assert (first.cache_hits, first.cache_misses) == (0, 12)
+    assert len(list((tmp_path / "shared-cache").rglob("*.npy"))) == 12
+    assert not (load_site_config(cfg_path).output_dir / "cache").exists()
+    cfg_path.write_text(cfg_path.read_text().replace("output: out", "output: elsewhere"))
+    from medfdd.data.writers import write_dicom
+
+    write_dicom(s.root / "img0.dcm", np.tile(np.arange(20, dtype=np.uint8), (20, 1)), patient_id="P0", rng=s.rng)
+    second = load_site_data(load_site_config(cfg_path))
+    assert (second.cache_hits, second.cache_misses) == (11, 1)
+    np.testing.assert_array_equal(second.images[1:], first.images[1:])
+    assert not np.allclose(second.images[0], first.images[0])
+
+
 def test_corrupt_cache_entry_is_recomputed(site_builder):
     s = _site(site_builder, n=2)
     cfg = load_site_config(s.write())
