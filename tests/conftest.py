@@ -103,8 +103,12 @@ SMALL_TRAIN = {"epochs": 20, "width": 32, "batch_size": 256}
 
 
 def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed: int = 0, dp: bool = True,
-                            distill: dict | None = None, train: dict | None = None, **coordinator) -> Path:
-    """A digits consortium from `prepare` with CI-sized distillation and training; returns coordinator.yaml."""
+                            distill: dict | None = None, train: dict | None = None, cache_dir: Path | None = None,
+                            **coordinator) -> Path:
+    """A digits consortium from `prepare` with CI-sized distillation and training; returns coordinator.yaml.
+
+    `cache_dir`: the sites' preprocessing cache (`data.cache_dir`). `prepare` writes the same bytes for the same
+    seed and the cache is keyed by content, so tests that share one decode each scan through MONAI only once."""
     import yaml
     from rich.console import Console
 
@@ -117,6 +121,8 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update({**SMALL_DISTILL, **(distill or {})})
         cfg["privacy"]["rounds"] = rounds
+        if cache_dir is not None:
+            cfg["data"]["cache_dir"] = str(cache_dir)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     coord = yaml.safe_load(res.coordinator_config.read_text())
     coord["train"].update({**SMALL_TRAIN, **(train or {})})
@@ -138,7 +144,14 @@ def pin_noise_keys(site_configs) -> None:
         (out / KEY_FILENAME).write_bytes(bytes([0, i % 256]) * (KEY_BYTES // 2))
 
 
+@pytest.fixture(scope="session")
+def shared_preprocess_cache(tmp_path_factory) -> Path:
+    """One preprocessing cache per test process for the prepared digits consortia (see small_digits_consortium)."""
+    return tmp_path_factory.mktemp("preprocess-cache")
+
+
 @pytest.fixture
-def digits_consortium(tmp_path):
+def digits_consortium(tmp_path, shared_preprocess_cache):
     """Factory: `digits_consortium(**kw)` -> path of a small consortium's coordinator.yaml (see small_digits_consortium)."""
-    return lambda name="consortium", **kw: small_digits_consortium(tmp_path / name, **kw)
+    return lambda name="consortium", **kw: small_digits_consortium(
+        tmp_path / name, **{"cache_dir": shared_preprocess_cache, **kw})
