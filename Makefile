@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/medfdd demo --out demo
 
 test: install
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 lint: install
 	$(BIN)/ruff check medfdd privacy tests benchmarks

@@ -93,6 +93,14 @@ def site_builder(tmp_path):
     return make
 
 
+def pytest_collection_modifyitems(config, items):
+    """Modules marked `slow` (each minutes long) come first, so that `make test`'s two workers (`--dist loadfile
+    --no-loadscope-reorder`) start on the long files and finish together on the short ones: xdist's default
+    reorders files by their number of tests, which left the long files with few tests for the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order otherwise
+
+
 # Tests run small models in two workers on two cores: a second intra-op thread per worker only oversubscribes the
 # cores (OpenMP workers spin waiting for one; measured up to ~200x slower on a busy machine).
 torch.set_num_threads(1)

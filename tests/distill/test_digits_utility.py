@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 from conftest import pin_noise_keys
 from rich.console import Console
@@ -24,6 +25,8 @@ from medfdd.data.prepare import prepare_consortium
 from medfdd.data.site_data import load_site_data
 from medfdd.distill.site import distill_site
 from medfdd.training import TrainSettings, evaluate, train_classifier
+
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 FLOOR = 0.45
 SETTINGS = {"iterations": 10, "inner_steps": 10, "lr": 1.0, "width": 32, "ipc": 10}

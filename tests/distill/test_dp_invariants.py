@@ -28,6 +28,8 @@ from medfdd.errors import MedfddError
 from medfdd.nets import convnet_for
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 def released_vector(features, labels, k, clip, center=None, share=0.5):
     """The pre-noise release (all class blocks: sums and scaled counts) as one flat vector."""

@@ -9,6 +9,8 @@ from rich.console import Console
 
 from medfdd.demo import run_demo
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 
 def test_demo_summary_comes_from_the_runs_files(tmp_path):
     s = run_demo(tmp_path / "demo", iterations=2, train_epochs=5, train_width=16, baseline_epochs=2, shadows=2,

@@ -30,7 +30,7 @@ from medfdd.federation.flower import deploy
 from medfdd.federation.flower.pki import make_site_keys, make_tls
 from medfdd.federation.inprocess import run_inprocess
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 HOST = "127.0.0.1"
 SITE_TIMEOUT_S = 240.0
 SILENT_TIMEOUT_S = 45.0
@@ -96,9 +96,10 @@ class Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
+def deployment(tmp_path_factory, shared_preprocess_cache):
     base = tmp_path_factory.mktemp("flower")
-    coord = small_digits_consortium(base / "consortium", rounds=2, site_timeout_s=SITE_TIMEOUT_S)
+    coord = small_digits_consortium(base / "consortium", rounds=2, site_timeout_s=SITE_TIMEOUT_S,
+                                    cache_dir=shared_preprocess_cache)
     sites = {load_site_config(p).site_id: p for p in load_coordinator_config(coord).site_paths}
     d = Deployment(base)
     d.coord, d.sites = coord, sites

@@ -21,6 +21,8 @@ from medfdd.federation.messages import to_wire
 from medfdd.federation.site import make_offer
 from privacy.accounting import PrivacyLedger
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 QUIET = Console(quiet=True)
 
 

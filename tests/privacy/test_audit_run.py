@@ -29,6 +29,8 @@ from privacy.audit.run import CONSORTIUM, AuditError, audit_run
 from privacy.audit.spec import AuditSpec
 from privacy.report.build import report_json
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 DISTILL = {"ipc": 4, "iterations": 100, "inner_steps": 10, "augment": False, "center": False, "width": 32,
            "batch_size": 256}
 TRAIN = {"epochs": 300, "width": 32, "augment": False}

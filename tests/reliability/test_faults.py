@@ -35,6 +35,8 @@ from medfdd.federation.site import make_offer
 from medfdd.io import OutputWriteError
 from privacy.accounting import LedgerWriteError, PrivacyLedger
 
+pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
+
 EXE = Path(sys.executable).with_name("medfdd")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 DEADLINE_S = 180.0
