@@ -225,8 +225,9 @@ ANCHOR_PRIVATE = {10: {"NDPDC": 77.7, "Dosser": 80.1}, 50: {"NDPDC": 78.8, "Doss
 
 
 def _settings(row: dict) -> str:
-    inner = row.get("inner_steps", "?")
-    return f"real batch {row.get('batch_per_class', '?')}/class, {inner} update{'' if inner == 1 else 's'} per paid statistic"
+    inner, evals = row.get("inner_steps", "?"), len(row.get("accuracies", []))
+    return (f"real batch {row.get('batch_per_class', '?')}/class, {inner} update{'' if inner == 1 else 's'} per paid "
+            f"statistic, {evals} evaluation training{'' if evals == 1 else 's'}")
 
 
 def _headline_cells(central: list[dict], keep, describe) -> dict[tuple[int, float, str], dict]:
