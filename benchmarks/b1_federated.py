@@ -154,7 +154,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     alloc += f", ema {dcfg.ema:g}" if dcfg.ema != DistillConfig.model_fields["ema"].default else ""
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
-            "epsilon": "inf" if not dp else eps, "rounds": rounds,
+            "epsilon": "inf" if not dp else eps, "rounds": rounds, "dm_seed": seed,
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
@@ -194,6 +194,10 @@ def main() -> None:
     ap.add_argument("--allocation", choices=["uniform", "evidence"], default="evidence",
                     help="images per class at each site: ipc each, or shared by the noisy class counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dm-seed", type=int, default=None, help="seed of the private distillation (site init and DP "
+                    "noise use dm-seed + site index, merge and global training dm-seed + round; default --seed; the "
+                    "partition stays --seed's): a second draw on the same split, e.g. 1000, gives medfdd's spread over "
+                    "noise draws (keep it clear of 0-9 and 100+, the default run's and the evaluations' seeds)")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=None, help="results folder (default benchmarks/results)")
     ap.add_argument("--iterations", type=int, help="override the scale's DP steps per round")
@@ -243,7 +247,8 @@ def main() -> None:
     for rounds in [] if args.skip_dm or args.finalize else args.rounds:
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
-                              device=device, seed=args.seed, merge_strategy=args.merge,
+                              device=device, seed=args.seed if args.dm_seed is None else args.dm_seed,
+                              merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
                               save_merged=args.save_merged, resume=args.resume))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)

@@ -202,7 +202,8 @@ def federated_headline(results: list[dict]) -> list[str]:
             ratio, fed, source = "–", baselines.get(eps_value(row.get("epsilon"))), r["benchmark"]
             if row["method"].startswith("dp-dm"):
                 source += (f" ({r['scale']} scale, {r['iterations']} paid steps per round, batch "
-                           f"{r['batch_per_class']}/class)")
+                           f"{r['batch_per_class']}/class"
+                           + (f", distillation seed {row['dm_seed']}" if row.get("dm_seed", seed) != seed else "") + ")")
                 if fed is not None:
                     level, mine, theirs = equal_accuracy_bytes(row, fed, sites)
                     ratio = f"x{theirs / mine:.1f} (at {100 * level:.1f} %)"
