@@ -34,7 +34,7 @@ from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 from medfdd.artifacts import load_model, save_model  # noqa: E402
 from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, random_subset  # noqa: E402
 from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
-from medfdd.coordinator.merge import MergedSet, merge  # noqa: E402
+from medfdd.coordinator.merge import MergedSet, merge, union_of_rounds  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.data.partition import dirichlet_partition  # noqa: E402
 from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
@@ -84,7 +84,8 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
-                 allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False) -> dict:
+                 allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False,
+                 train_rounds: int = 1) -> dict:
     """With `resume`, site offers and global models already in `save_merged` (from a run of the same settings cut
     off by a time limit) are read back instead of recomputed: every site round is a function of its seeds, its
     previous release and the broadcast model, so the run continues exactly where it stopped (no new noise drawn
@@ -92,7 +93,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
-    global_model, per_round, bytes_up, spent, previous = None, [], 0, {}, {}
+    global_model, per_round, bytes_up, spent, previous, merged_sets = None, [], 0, {}, {}, []
     loaded = {"offers": 0, "models": 0}
     if save_merged is not None:
         save_merged.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,8 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
             bytes_up += x.nbytes + y.nbytes
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
-        weights = merged.training_weights
+        merged_sets.append(merged)
+        training = union_of_rounds(merged_sets[-train_rounds if train_rounds else 0:])  # as the coordinator's
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
             atomic_save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
                             labels=merged.labels, weights=merged.weights)
@@ -137,24 +139,27 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             global_model = load_model(model_file).to(device)
             loaded["models"] += 1
         else:
-            global_model = train_classifier(merged.images, merged.labels, K,
+            global_model = train_classifier(training.images, training.labels, K,
                                             TrainSettings(epochs=scale["eval_epochs"]), seed=seed + r, device=device,
-                                            weights=weights)
+                                            weights=training.training_weights)
             if model_file is not None:
                 save_model(model_file, global_model)
         per_round.append(evaluate(global_model, *test, K)["accuracy"])
         print(f"eps {eps:g} round {r}/{rounds}: accuracy {per_round[-1]:.4f} after {time.perf_counter() - t0:.0f} s",
               flush=True)  # a run cut off by a time limit still shows its finished rounds in the log
     distill_s = time.perf_counter() - t0
-    accs = [per_round[-1]] + [merged_accuracy(merged, test, epochs=scale["eval_epochs"], seed=FIRST_EXTRA_SEED + e,
+    accs = [per_round[-1]] + [merged_accuracy(training, test, epochs=scale["eval_epochs"], seed=FIRST_EXTRA_SEED + e,
                                               device=device) for e in range(evals - 1)]
     model_bytes = sum(p.numel() * p.element_size() for p in global_model.state_dict().values())
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
     alloc = ", evidence allocation" if dcfg.allocation == "evidence" else ""
     alloc += f", ema {dcfg.ema:g}" if dcfg.ema != DistillConfig.model_fields["ema"].default else ""
+    if train_rounds != 1:
+        alloc += f", global model on {'every round' if train_rounds == 0 else f'the last {train_rounds} rounds'}'s sets"
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
-            "epsilon": "inf" if not dp else eps, "rounds": rounds, "dm_seed": seed,
+            "epsilon": "inf" if not dp else eps, "rounds": rounds, "dm_seed": seed, "train_rounds": train_rounds,
+            "n_trained_on": int(len(training.labels)),
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
@@ -194,6 +199,8 @@ def main() -> None:
     ap.add_argument("--allocation", choices=["uniform", "evidence"], default="evidence",
                     help="images per class at each site: ipc each, or shared by the noisy class counts")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-rounds", type=int, default=1, help="the coordinator's `train_rounds`: each round's "
+                    "global model trains on the merged sets of the last N rounds (0 = all so far; post-processing)")
     ap.add_argument("--dm-seed", type=int, default=None, help="seed of the private distillation (site init and DP "
                     "noise use dm-seed + site index, merge and global training dm-seed + round; default --seed; the "
                     "partition stays --seed's): a second draw on the same split, e.g. 1000, gives medfdd's spread over "
@@ -250,7 +257,7 @@ def main() -> None:
                               device=device, seed=args.seed if args.dm_seed is None else args.dm_seed,
                               merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
-                              save_merged=args.save_merged, resume=args.resume))
+                              save_merged=args.save_merged, resume=args.resume, train_rounds=args.train_rounds))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
     if args.finalize:
         chosen_baselines = set()

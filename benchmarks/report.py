@@ -152,7 +152,7 @@ def merge_study_section(r: dict) -> list[str]:
              f"Offers `{r['offers']}` ({', '.join(r['sites'])}); global model {r['eval_epochs']} epochs. "
              f"{r.get('note', '')}", "", "| merge | accuracy % (mean ± sd) | evaluations |", "|---|---|---|"]
     for row in r["rows"]:
-        label = row["merge"] + (f" ^{row['evidence_power']:g}" if "evidence_power" in row else "")
+        label = row.get("label") or row["merge"] + (f" ^{row['evidence_power']:g}" if "evidence_power" in row else "")
         lines.append(f"| {label} | {100 * row['accuracy_mean']:.1f} ± {100 * row['accuracy_sd']:.1f} | "
                      f"{len(row['accuracies'])} |")
     return lines + [""]

@@ -102,3 +102,15 @@ def redistill(images: np.ndarray, labels: np.ndarray, cfg: CoordinatorConfig, *,
     out_y = state.labels.cpu().numpy().astype(np.int64)
     keep = np.isin(out_y, np.unique(labels))
     return out_x[keep], out_y[keep]
+
+
+def union_of_rounds(sets: list[MergedSet]) -> MergedSet:
+    """The merged sets of several rounds as one training set (each round's weights kept, renormalised to mean 1).
+    Every round's set is built from offers already released under DP, so training on their union is post-processing
+    (Dwork & Roth 2014, Prop. 2.1): it costs no privacy."""
+    if len(sets) == 1:
+        return sets[0]
+    weights = np.concatenate([s.weights for s in sets]).astype(np.float32)
+    return MergedSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]),
+                     weights * np.float32(len(weights) / weights.sum()),
+                     sorted({src for s in sets for src in s.sources}), note="; ".join(s.note for s in sets if s.note))

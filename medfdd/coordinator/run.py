@@ -32,7 +32,7 @@ from medfdd.config import (
     load_coordinator_config,
     load_site_config,
 )
-from medfdd.coordinator.merge import merge
+from medfdd.coordinator.merge import MergedSet, merge, union_of_rounds
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
 from medfdd.federation.messages import Broadcast, SiteOffer
@@ -257,13 +257,15 @@ class CoordinatorRun:
         merged = merge(list(rd.accepted.values()), self.cfg, num_classes=k, seed=self.cfg.seed + rd.round,
                        device=self.device)
         seconds["merge"] = time.perf_counter() - t
+        trained_on = self._training_rounds(rd.round)
+        training = union_of_rounds([self._round_set(r) for r in trained_on[:-1]] + [merged])
         t = time.perf_counter()
         tc = self.cfg.train
-        model = train_classifier(merged.images, merged.labels, k,
+        model = train_classifier(training.images, training.labels, k,
                                  TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, width=tc.width,
                                                augment=tc.augment),
                                  seed=self.cfg.seed + rd.round, device=self.device,
-                                 weights=merged.training_weights)
+                                 weights=training.training_weights)
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         metrics = None
@@ -280,6 +282,7 @@ class CoordinatorRun:
             "n_merged": int(len(merged.labels)), "class_counts": np.bincount(merged.labels, minlength=k).tolist(),
             "class_weight": np.bincount(merged.labels, weights=merged.weights, minlength=k).round(3).tolist(),
             **({"merge_note": merged.note} if merged.note else {}),
+            "trained_on_rounds": trained_on, "n_trained_on": int(len(training.labels)),
             "epsilon": {s: a.meta["epsilon"] for s, a in sorted(rd.accepted.items())},
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics,
             "per_site": {s: {"accepted": s in rd.accepted, "bytes_up": rd.bytes_up.get(s, 0),
@@ -293,6 +296,20 @@ class CoordinatorRun:
         self._write_run_json(status="completed" if self.next_round is None else "running")
         self._print_round(self.history[-1])
         return self.history[-1]
+
+    def _training_rounds(self, r: int) -> list[int]:
+        """The rounds whose merged sets round r's global model trains on (`train_rounds`), ending with r."""
+        n = self.cfg.train_rounds
+        return list(range(1 if n == 0 else max(1, r - n + 1), r + 1))
+
+    def _round_set(self, r: int) -> MergedSet:
+        """An earlier round's merged set, as this run wrote it (np.load without pickle)."""
+        path = self.out / "rounds" / f"round-{r}" / "merged.npz"
+        if not path.is_file():
+            raise CoordinatorError(str(path), f"round {r}'s merged set is missing (`train_rounds` needs it)",
+                                   "restore the run folder, or set `train_rounds: 1`")
+        with np.load(path, allow_pickle=False) as z:
+            return MergedSet(z["images"], z["labels"], z["weights"], [])
 
     # ---- after the last round: the final model goes back to the sites ----------------------------------------
     def final_model(self) -> Broadcast | None:
