@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -114,3 +115,9 @@ def union_of_rounds(sets: list[MergedSet]) -> MergedSet:
     return MergedSet(np.concatenate([s.images for s in sets]), np.concatenate([s.labels for s in sets]),
                      weights * np.float32(len(weights) / weights.sum()),
                      sorted({src for s in sets for src in s.sources}), note="; ".join(s.note for s in sets if s.note))
+
+
+def load_merged(path: Path) -> MergedSet:
+    """A merged set as the coordinator wrote it (`merged.npz`: images, labels, weights; np.load without pickle)."""
+    with np.load(path, allow_pickle=False) as z:
+        return MergedSet(z["images"], z["labels"], z["weights"], [])

@@ -32,7 +32,7 @@ from medfdd.config import (
     load_coordinator_config,
     load_site_config,
 )
-from medfdd.coordinator.merge import MergedSet, merge, union_of_rounds
+from medfdd.coordinator.merge import MergedSet, load_merged, merge, union_of_rounds
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
 from medfdd.federation.messages import Broadcast, SiteOffer
@@ -308,8 +308,7 @@ class CoordinatorRun:
         if not path.is_file():
             raise CoordinatorError(str(path), f"round {r}'s merged set is missing (`train_rounds` needs it)",
                                    "restore the run folder, or set `train_rounds: 1`")
-        with np.load(path, allow_pickle=False) as z:
-            return MergedSet(z["images"], z["labels"], z["weights"], [])
+        return load_merged(path)
 
     # ---- after the last round: the final model goes back to the sites ----------------------------------------
     def final_model(self) -> Broadcast | None:

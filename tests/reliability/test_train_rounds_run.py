@@ -13,14 +13,13 @@ from rich.console import Console
 from safetensors.numpy import load_file
 
 from medfdd.config import load_coordinator_config
-from medfdd.coordinator.merge import MergedSet, union_of_rounds
+from medfdd.coordinator.merge import MergedSet, load_merged, union_of_rounds
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.training import TrainSettings, train_classifier
 
 
 def _round_set(out, r: int) -> MergedSet:
-    with np.load(out / "rounds" / f"round-{r}" / "merged.npz", allow_pickle=False) as z:
-        return MergedSet(z["images"], z["labels"], z["weights"], [])
+    return load_merged(out / "rounds" / f"round-{r}" / "merged.npz")
 
 
 def _weights(cfg, s: MergedSet, seed: int) -> dict[str, np.ndarray]:
