@@ -333,7 +333,9 @@ class CoordinatorRun:
         for sid, acc in rd.accepted.items():  # what each site sent, as received
             site_dir = self.out / "sites" / sid
             meta = {k: v for k, v in acc.meta.items() if k != "medfdd_version"}
-            save_synthetic(site_dir, SyntheticSet(acc.images, acc.labels, meta))
+            released = SyntheticSet(acc.images, acc.labels, meta)
+            save_synthetic(rdir / "sites" / sid, released)  # every round's release stays (the audit's DCR target)
+            save_synthetic(site_dir, released)
             save_preview(site_dir / "synthetic_preview.png", acc.images, acc.labels, list(self.spec.classes),
                          title=f"{sid} round {rd.round} (as received)")
             ledger = self._site_ledger(sid)

@@ -2,7 +2,8 @@
 
 Runs at the site (it reads the real records): members = the site's training records, non-members = its audit
 holdout (`medfdd.data.site_data`). Targets: the final global model (`global_model.safetensors`) and the site's
-released synthetic set (`sites/<site>/synthetic.npz`). Shadow pipelines (LiRA) and the canary run rerun the site's
+released synthetic set (`sites/<site>/synthetic.npz`; DCR measures against the site's releases of every round,
+`rounds/round-R/sites/<site>/`, and the consortium's against every round's merged set). Shadow pipelines (LiRA) and the canary run rerun the site's
 distillation (its config, the run's per-round epsilon) and the coordinator's training (run.json's `config.train`)
 in memory; the other sites' released synthetic sets are merged in as the coordinator would (concatenation).
 Limitations: shadows replay one round (no FedDM matching against earlier global models).
@@ -160,6 +161,36 @@ def _check_members(cfg, data, sid: str, run: dict, notes: list[str]) -> None:
                          fix)
 
 
+def _released_images(run_dir: Path, run: dict, site: str | None) -> tuple[np.ndarray | None, list[int]]:
+    """Every image released over the run's rounds, the DCR target: `site`'s release of each round
+    (`rounds/round-R/sites/SITE/`), or for the consortium (site None) each round's merged set
+    (`rounds/round-R/merged.npz`). An earlier round's release is as public as the last one, and with warm starts
+    and `train_rounds` it can sit closer to a record. Empty when the run directory kept no round files."""
+    images, used = [], []
+    for r in sorted({int(h["round"]) for h in run.get("rounds") or [] if isinstance(h, dict) and "round" in h}):
+        rdir = run_dir / "rounds" / f"round-{r}"
+        if site is None and (rdir / "merged.npz").is_file():
+            with np.load(rdir / "merged.npz", allow_pickle=False) as z:
+                images.append(z["images"])
+        elif site is not None and (rdir / "sites" / site / "synthetic.npz").is_file():
+            images.append(load_synthetic(rdir / "sites" / site).images)
+        else:
+            continue
+        used.append(r)
+    return (np.concatenate(images) if images else None), used
+
+
+def _dcr_row(run_dir: Path, run: dict, site: str | None, latest: np.ndarray, x, member, **common) -> AttackRow:
+    """DCR of the records `x` against every image released over the rounds (the latest set when the run directory
+    kept no round files: older runs)."""
+    target, used = _released_images(run_dir, run, site)
+    if target is None:
+        target, used = latest, []
+    details = {"released_rounds": used or "latest only", "n_synthetic": int(len(target))}
+    return _row(CONSORTIUM if site is None else site, "dcr", "synthetic", dcr_attack(target, x), member,
+                details=details, **common)
+
+
 def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:
     try:
         return clopper_pearson_lower_bound(scores, member, delta=delta, confidence=spec.confidence, seed=seed)
@@ -235,7 +266,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             if "loss" in spec.attacks and "global_model" in spec.targets:
                 rows.append(_row(sid, "loss", "global_model", loss_attack(model, x, y), member, **common))
             if "dcr" in spec.attacks and "synthetic" in spec.targets:
-                rows.append(_row(sid, "dcr", "synthetic", dcr_attack(syn.images, x), member, **common))
+                rows.append(_dcr_row(run_dir, run, sid, syn.images, x, member, **common))
 
             others = [released[o] for o in sorted(released) if o != sid]
             context = (np.concatenate([o.images for o in others]), np.concatenate([o.labels for o in others])) \
@@ -295,7 +326,8 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
         merged = run_dir / "merged.npz"
         if "dcr" in spec.attacks and "synthetic" in spec.targets and merged.is_file():
             with np.load(merged, allow_pickle=False) as z:
-                rows.append(_row(CONSORTIUM, "dcr", "synthetic", dcr_attack(z["images"], x), member, **common))
+                latest = z["images"]
+            rows.append(_dcr_row(run_dir, run, None, latest, x, member, **common))
     rounds = run.get("rounds") or []
     info = {"name": run_dir.name, "engine": run.get("engine"), "status": run.get("status"),
             "medfdd_version": run.get("medfdd_version"), "seed": run.get("seed"), "rounds": len(rounds),

@@ -22,7 +22,7 @@ ATTACK_WORDS = {
     "loss": "loss threshold (does the global model fit the scan unusually well?)",
     "lira_online": "LiRA online (likelihood ratio against shadow pipelines that did and did not use the scan)",
     "lira_offline": "LiRA offline (compared with shadow pipelines that did not use the scan)",
-    "dcr": "distance to closest record (is a synthetic image a near-copy of the scan?)",
+    "dcr": "distance to closest record (is a synthetic image, of any round's release, a near-copy of the scan?)",
     "canary": "canary test (planted scans, each used with probability 1/2)",
 }
 TARGET_WORDS = {"global_model": "the global model", "synthetic": "the shared synthetic images"}

@@ -1,21 +1,28 @@
 """`train_rounds`: the coordinator trains round r's global model on the merged sets of the last rounds (released
 already: post-processing). The round-2 model of a run with `train_rounds: 0` is retrained here from the run's own
-files: it is the model of the union of rounds 1 and 2, not of round 2 alone, and no site paid more for it."""
+files: it is the model of the union of rounds 1 and 2, not of round 2 alone, and no site paid more for it. The
+audit's DCR measures against every round's release, since the model now draws on all of them."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 import torch
 from reliability_helpers import tiny_consortium
 from rich.console import Console
 from safetensors.numpy import load_file
 
-from medfdd.config import load_coordinator_config
+from medfdd.artifacts import load_synthetic
+from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.merge import MergedSet, load_merged, union_of_rounds
+from medfdd.data.site_data import load_site_data
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.training import TrainSettings, train_classifier
+from privacy.audit.run import CONSORTIUM, audit_run
+from privacy.audit.scores import dcr_scores
+from privacy.audit.spec import AuditSpec
 
 
 def _round_set(out, r: int) -> MergedSet:
@@ -34,9 +41,14 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_round_two_trains_on_both_rounds_sets_at_no_extra_charge(tmp_path):
-    coord = tiny_consortium(tmp_path / "c", sites=2, rounds=2, train_rounds=0)
+@pytest.fixture(scope="module")
+def coord(tmp_path_factory):
+    coord = tiny_consortium(tmp_path_factory.mktemp("train-rounds") / "c", sites=2, rounds=2, train_rounds=0)
     run_inprocess(coord, console=Console(quiet=True))
+    return coord
+
+
+def test_round_two_trains_on_both_rounds_sets_at_no_extra_charge(coord):
     cfg = load_coordinator_config(coord)
     out = cfg.output_dir
     run = json.loads((out / "run.json").read_text())
@@ -49,3 +61,25 @@ def test_round_two_trains_on_both_rounds_sets_at_no_extra_charge(tmp_path):
     assert not _same(_weights(cfg, _round_set(out, 2), cfg.seed + 2), saved)
     # the union costs nothing: every site stays within the epsilon 1 it declared (tiny_consortium's budget)
     assert all(eps <= 1.0 + 1e-9 for eps in run["rounds"][1]["epsilon"].values())
+
+
+def test_the_audits_dcr_measures_against_every_rounds_release(coord):
+    out = load_coordinator_config(coord).output_dir
+    run = json.loads((out / "run.json").read_text())
+    outcome = audit_run(out, AuditSpec(attacks=["dcr"], targets=["synthetic"]), console=Console(quiet=True))
+    rows = {r.site: r for r in outcome.rows}
+    assert sorted(rows) == sorted([*run["sites"], CONSORTIUM])
+    pools = []
+    for sid in sorted(run["sites"]):
+        releases = [load_synthetic(out / "rounds" / f"round-{r}" / "sites" / sid).images for r in (1, 2)]
+        latest = load_synthetic(out / "sites" / sid).images
+        assert np.array_equal(releases[1], latest)  # the round copy is what the site released
+        data = load_site_data(load_site_config(run["sites"][sid]["config"]))
+        x = data.images[np.r_[data.train, data.holdout]]
+        pools.append(x)
+        both, last_only = dcr_scores(x, np.concatenate(releases)), dcr_scores(x, latest)
+        assert np.allclose(rows[sid].scores, both)
+        assert np.any(both > last_only + 1e-6)  # round 1's release is nearer to some records: it matters
+        assert rows[sid].details == {"released_rounds": [1, 2], "n_synthetic": sum(map(len, releases))}
+    merged = np.concatenate([_round_set(out, r).images for r in (1, 2)])
+    assert np.allclose(rows[CONSORTIUM].scores, dcr_scores(np.concatenate(pools), merged))
