@@ -6,7 +6,7 @@ released synthetic set (`sites/<site>/synthetic.npz`; DCR measures against the s
 `rounds/round-R/sites/<site>/`, and the consortium's against every round's merged set). Shadow pipelines (LiRA) and the canary run rerun the site's
 distillation (its config, the run's per-round epsilon) and the coordinator's training (run.json's `config.train`)
 in memory; the other sites' released synthetic sets are merged in as the coordinator would (concatenation).
-Limitations: shadows replay one round (no FedDM matching against earlier global models).
+Limitations: shadows replay one round (no FedDM matching against earlier global models); a multi-round run's report says so.
 
 What comes out holds aggregate numbers, attack scores and the (already released) synthetic images only: no file
 path, header value or patient id (invariant 5). It is computed from real records without DP: it is for the site's
@@ -229,6 +229,11 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     sites: dict[str, SiteAudit] = {}
     rows: list[AttackRow] = []
     pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, np.ndarray]] = []
+    n_rounds = len(run.get("rounds") or [])
+    if n_rounds > 1 and (spec.lira or "canary" in spec.attacks):
+        notes.append(f"the run had {n_rounds} rounds; LiRA shadows and the canary run replay one round (one release "
+                     "at the per-round epsilon, the model trained on it and the other sites' last releases), so their "
+                     f"scores and bounds speak for one round's pipeline, not for the {n_rounds} together")
     # one rigorous canary test per site: Bonferroni, so that no site raises a false alarm with probability
     # above 1 - confidence however many sites are audited
     canary_confidence = 1 - (1 - spec.confidence) / max(1, len(wanted))

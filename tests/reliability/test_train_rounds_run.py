@@ -83,3 +83,12 @@ def test_the_audits_dcr_measures_against_every_rounds_release(coord):
         assert rows[sid].details == {"released_rounds": [1, 2], "n_synthetic": sum(map(len, releases))}
     merged = np.concatenate([_round_set(out, r).images for r in (1, 2)])
     assert np.allclose(rows[CONSORTIUM].scores, dcr_scores(np.concatenate(pools), merged))
+
+
+def test_the_audit_says_when_its_shadow_pipelines_replay_one_round_of_several(coord):
+    out = load_coordinator_config(coord).output_dir
+    quiet = Console(quiet=True)
+    dcr = audit_run(out, AuditSpec(attacks=["dcr"], targets=["synthetic"]), console=quiet)
+    assert not any("replay one round" in n for n in dcr.notes)  # DCR reads every round's release itself
+    canary = audit_run(out, AuditSpec(attacks=["canary"], canaries=4), console=quiet)
+    assert any("2 rounds" in n and "replay one round" in n for n in canary.notes)
