@@ -6,6 +6,7 @@ audit's DCR measures against every round's release, since the model now draws on
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.merge import MergedSet, load_merged, union_of_rounds
 from medfdd.data.site_data import load_site_data
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.io import atomic_save_npz
 from medfdd.training import TrainSettings, train_classifier
 from privacy.audit.run import CONSORTIUM, audit_run
 from privacy.audit.scores import dcr_scores
@@ -63,26 +65,42 @@ def test_round_two_trains_on_both_rounds_sets_at_no_extra_charge(coord):
     assert all(eps <= 1.0 + 1e-9 for eps in run["rounds"][1]["epsilon"].values())
 
 
-def test_the_audits_dcr_measures_against_every_rounds_release(coord):
-    out = load_coordinator_config(coord).output_dir
+def _plant(npz, record: np.ndarray) -> None:
+    """Put `record` in place of the first image of a written release (the other arrays unchanged)."""
+    with np.load(npz, allow_pickle=False) as z:
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["images"][0] = record
+    atomic_save_npz(npz, **arrays)
+
+
+def test_the_audits_dcr_measures_against_every_rounds_release(coord, tmp_path):
+    """On a copy of the run, a real record planted in round 1's releases (each site's and the merged set) is what
+    DCR finds for that record although the last round's release lies far from it: the audit reads every round."""
+    out = tmp_path / "run"
+    shutil.copytree(load_coordinator_config(coord).output_dir, out)
     run = json.loads((out / "run.json").read_text())
+    sids = sorted(run["sites"])
+    pools = {}
+    for sid in sids:
+        data = load_site_data(load_site_config(run["sites"][sid]["config"]))
+        pools[sid] = data.images[np.r_[data.train, data.holdout]]
+        _plant(out / "rounds" / "round-1" / "sites" / sid / "synthetic.npz", pools[sid][0])
+    _plant(out / "rounds" / "round-1" / "merged.npz", pools[sids[0]][0])
     outcome = audit_run(out, AuditSpec(attacks=["dcr"], targets=["synthetic"]), console=Console(quiet=True))
     rows = {r.site: r for r in outcome.rows}
-    assert sorted(rows) == sorted([*run["sites"], CONSORTIUM])
-    pools = []
-    for sid in sorted(run["sites"]):
+    assert sorted(rows) == sorted([*sids, CONSORTIUM])
+    for sid in sids:
         releases = [load_synthetic(out / "rounds" / f"round-{r}" / "sites" / sid).images for r in (1, 2)]
         latest = load_synthetic(out / "sites" / sid).images
         assert np.array_equal(releases[1], latest)  # the round copy is what the site released
-        data = load_site_data(load_site_config(run["sites"][sid]["config"]))
-        x = data.images[np.r_[data.train, data.holdout]]
-        pools.append(x)
-        both, last_only = dcr_scores(x, np.concatenate(releases)), dcr_scores(x, latest)
-        assert np.allclose(rows[sid].scores, both)
-        assert np.any(both > last_only + 1e-6)  # round 1's release is nearer to some records: it matters
+        last_only = dcr_scores(pools[sid], latest)
+        assert np.allclose(rows[sid].scores, dcr_scores(pools[sid], np.concatenate(releases)))
+        assert rows[sid].scores[0] == rows[sid].scores.max() > last_only[0] + 5  # distance 0: round 1 counted
         assert rows[sid].details == {"released_rounds": [1, 2], "n_synthetic": sum(map(len, releases))}
     merged = np.concatenate([_round_set(out, r).images for r in (1, 2)])
-    assert np.allclose(rows[CONSORTIUM].scores, dcr_scores(np.concatenate(pools), merged))
+    pool = np.concatenate([pools[sid] for sid in sids])
+    assert np.allclose(rows[CONSORTIUM].scores, dcr_scores(pool, merged))
+    assert rows[CONSORTIUM].scores[0] > dcr_scores(pool[:1], _round_set(out, 2).images)[0] + 5
 
 
 def test_the_audit_says_when_its_shadow_pipelines_replay_one_round_of_several(coord):
