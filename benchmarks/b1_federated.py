@@ -85,7 +85,7 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
                  allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False,
-                 train_rounds: int = 1) -> dict:
+                 train_rounds: int = 0) -> dict:
     """With `resume`, site offers and global models already in `save_merged` (from a run of the same settings cut
     off by a time limit) are read back instead of recomputed: every site round is a function of its seeds, its
     previous release and the broadcast model, so the run continues exactly where it stopped (no new noise drawn
@@ -154,7 +154,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     merge_label = f"{cfg.merge} merge" + (f" ^{cfg.evidence_power:g}" if cfg.merge == "evidence" else "")
     alloc = ", evidence allocation" if dcfg.allocation == "evidence" else ""
     alloc += f", ema {dcfg.ema:g}" if dcfg.ema != DistillConfig.model_fields["ema"].default else ""
-    if train_rounds != 1:
+    if rounds > 1 and train_rounds != 1:
         alloc += f", global model on {'every round' if train_rounds == 0 else f'the last {train_rounds} rounds'}'s sets"
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--allocation", choices=["uniform", "evidence"], default="evidence",
                     help="images per class at each site: ipc each, or shared by the noisy class counts")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--train-rounds", type=int, default=1, help="the coordinator's `train_rounds`: each round's "
+    ap.add_argument("--train-rounds", type=int, default=0, help="the coordinator's `train_rounds`: each round's "
                     "global model trains on the merged sets of the last N rounds (0 = all so far; post-processing)")
     ap.add_argument("--dm-seed", type=int, default=None, help="seed of the private distillation (site init and DP "
                     "noise use dm-seed + site index, merge and global training dm-seed + round; default --seed; the "

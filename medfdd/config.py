@@ -295,7 +295,7 @@ class CoordinatorConfig(_Strict):
                                   "(2 = inverse-variance pooling of DP class means, 0 = concat)")
     redistill: RedistillConfig = Field(default_factory=RedistillConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    train_rounds: int = Field(1, ge=0, description="the global model of round r trains on the merged sets of the "
+    train_rounds: int = Field(0, ge=0, description="the global model of round r trains on the merged sets of the "
                               "last `train_rounds` rounds (0 = every round so far); earlier rounds' sets are "
                               "already released, so this is post-processing and costs no privacy")
     test: TestSetConfig | None = Field(None, description="the coordinator's test split (metrics need it)")
