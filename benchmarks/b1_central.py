@@ -31,13 +31,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
+from common import COUNT_NOISE, RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.config import DistillConfig  # noqa: E402
 from medfdd.data.sources import load_fashion_mnist  # noqa: E402
 from medfdd.distill.base import Distiller, PrivacyPlan  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
-from privacy.accounting import calibrate_noise, epsilon_for  # noqa: E402
+from privacy.accounting import epsilon_for  # noqa: E402
 
 SCALES = {
     "cpu": {"iterations": 200, "batch_per_class": 64, "eval_epochs": 300, "inner_steps": 5, "schedule": "decoupled"},
@@ -84,14 +84,14 @@ def gpu_peak_mb(device) -> float | None:
 
 
 def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: dict, method: str, device,
-                   seed: int) -> tuple[Distiller, float, float, float, int]:
-    """(distiller, sigma, accounted epsilon, sample rate, steps) for one configuration."""
+                   seed: int, count_noise: float | None = COUNT_NOISE) -> tuple[Distiller, float, float, float, int]:
+    """(distiller, sigma, accounted epsilon incl. the record count, sample rate, steps) for one configuration."""
     steps = scale["iterations"]
     batch = scale["batch_per_class"] * 10
-    q = batch / n
     dp = math.isfinite(eps)
-    sigma = calibrate_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps=steps) if dp else 0.0
-    spent = epsilon_for([(sigma, q, steps)], delta=DELTA) if dp else math.inf
+    sigma, q, prior = honest_plan(n=n, batch=batch, epsilon=eps, delta=DELTA, steps_per_round=steps, rounds=1,
+                                  seed=seed, count_noise=count_noise)
+    spent = epsilon_for([*prior, (sigma, q, steps)], delta=DELTA) if dp else math.inf
     cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch,
                         inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"))
     distiller = distiller_class(method)(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
@@ -163,10 +163,12 @@ def profile(x, y, *, ipcs, scale: dict, method: str, device, seed: int, n: int) 
     return rows
 
 
-def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, method: str, device, seed: int) -> dict:
+def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, method: str, device, seed: int,
+            count_noise: float | None = COUNT_NOISE) -> dict:
     reset_peak(device)
     distiller, sigma, spent, q, steps = make_distiller(n=len(x), image_shape=tuple(x.shape[1:]), ipc=ipc, eps=eps,
-                                                       scale=scale, method=method, device=device, seed=seed)
+                                                       scale=scale, method=method, device=device, seed=seed,
+                                                       count_noise=count_noise)
     dp = math.isfinite(eps)
     xd, yd = torch.as_tensor(x).to(device), torch.as_tensor(y).to(device)
     flops = iteration_flops(distiller, xd, yd)  # one extra step on a throwaway state: no effect on the run
@@ -183,7 +185,7 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
         accs.append(evaluate(model, xt, yt, 10)["accuracy"])
     sync(device)
     row = {"method": method, "ipc": ipc, "epsilon": "inf" if not dp else eps, "epsilon_accounted":
-           "inf" if not dp else spent, "delta": DELTA, "noise_multiplier": sigma, "sample_rate": q, "iterations": steps,
+           "inf" if not dp else spent, "count_noise": count_noise if dp else None, "delta": DELTA, "noise_multiplier": sigma, "sample_rate": q, "iterations": steps,
            "batch_per_class": scale["batch_per_class"], "eval_epochs": scale["eval_epochs"],
            "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
            "accuracies": accs, "distill_seconds": distill_s, "seconds_per_iteration": distill_s / steps,
@@ -230,6 +232,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON (and partial JSONL) go")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="only time N DP steps per IPC (FLOPs, s/iteration, peak memory); no evaluation")
+    ap.add_argument("--count-noise", type=float, default=COUNT_NOISE, help="std of the DP record count the sample "
+                    "rate is derived from (the site default; 0 = n declared public, the pre-2026-12-06 benchmarks)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args()
     if args.threads:
@@ -252,7 +256,7 @@ def main() -> None:
     for ipc in args.ipc:
         for eps in args.eps:
             row = run_one(x, y, xt, yt, ipc=ipc, eps=eps, scale=scale, evals=args.evals, method=args.method,
-                          device=device, seed=args.seed)
+                          device=device, seed=args.seed, count_noise=args.count_noise or None)
             rows.append(row)
             with open(partial, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
+from common import COUNT_NOISE, RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.artifacts import load_model, save_model  # noqa: E402
 from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, random_subset  # noqa: E402
@@ -42,7 +42,7 @@ from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
 from medfdd.io import atomic_save_npz  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
-from privacy.accounting import calibrate_round_noise, epsilon_for  # noqa: E402
+from privacy.accounting import epsilon_for  # noqa: E402
 
 SCALES = {
     "cpu": {"max_per_class": None, "iterations": 100, "batch_per_class": 128, "inner_steps": 10, "eval_epochs": 300,
@@ -85,7 +85,7 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
                  allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False,
-                 train_rounds: int = 0) -> dict:
+                 train_rounds: int = 0, count_noise: float | None = COUNT_NOISE) -> dict:
     """With `resume`, site offers and global models already in `save_merged` (from a run of the same settings cut
     off by a time limit) are read back instead of recomputed: every site round is a function of its seeds, its
     previous release and the broadcast model, so the run continues exactly where it stopped (no new noise drawn
@@ -103,10 +103,9 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         for i, s in enumerate(sites):
             steps = scale["iterations"]
             batch = scale["batch_per_class"] * K
-            q = min(1.0, batch / len(s.y))
-            sigma = calibrate_round_noise(epsilon=eps, delta=DELTA, sample_rate=q, steps_per_round=steps,
-                                          rounds=rounds) if dp else 0.0
-            spent[s.site_id] = epsilon_for([(sigma, q, steps)] * r, delta=DELTA) if dp else math.inf
+            sigma, q, prior = honest_plan(n=len(s.y), batch=batch, epsilon=eps, delta=DELTA, steps_per_round=steps,
+                                          rounds=rounds, seed=seed + i, count_noise=count_noise)
+            spent[s.site_id] = epsilon_for([*prior, *[(sigma, q, steps)] * r], delta=DELTA) if dp else math.inf
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
                                  allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
             offer_file = None if save_merged is None else save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz"
@@ -158,7 +157,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
         alloc += f", global model on {'every round' if train_rounds == 0 else f'the last {train_rounds} rounds'}'s sets"
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
-            "epsilon": "inf" if not dp else eps, "rounds": rounds, "dm_seed": seed, "train_rounds": train_rounds,
+            "epsilon": "inf" if not dp else eps, "count_noise": count_noise if dp else None, "rounds": rounds, "dm_seed": seed, "train_rounds": train_rounds,
             "n_trained_on": int(len(training.labels)),
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
@@ -213,6 +212,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, help="moving-average decay of the released images (default: the config's)")
     ap.add_argument("--eval-epochs", type=int, help="override the scale's evaluation epochs")
     ap.add_argument("--max-per-class", type=int, help="override the scale's training images per class (0 = all)")
+    ap.add_argument("--count-noise", type=float, default=COUNT_NOISE, help="std of each site's DP record count its "
+                    "sample rate is derived from (the site default; 0 = n declared public, the pre-2026-12-06 runs)")
     ap.add_argument("--save-merged", type=Path,
                     help="also write each round's site offers, merged set (npz) and global model (safetensors) "
                          "into this folder")
@@ -257,7 +258,8 @@ def main() -> None:
                               device=device, seed=args.seed if args.dm_seed is None else args.dm_seed,
                               merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
-                              save_merged=args.save_merged, resume=args.resume, train_rounds=args.train_rounds))
+                              save_merged=args.save_merged, resume=args.resume, train_rounds=args.train_rounds,
+                              count_noise=args.count_noise or None))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
     if args.finalize:
         chosen_baselines = set()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import resource
@@ -12,7 +13,26 @@ from pathlib import Path
 
 import torch
 
+from medfdd.config import PrivacyConfig
+from medfdd.distill.record_count import noisy_count
+from privacy.accounting import calibrate_round_noise
+
 RESULTS = Path(__file__).parent / "results"
+COUNT_NOISE = PrivacyConfig.model_fields["count_noise"].default  # the site default: the sample rate reads a DP count
+
+
+def honest_plan(*, n: int, batch: int, epsilon: float, delta: float, steps_per_round: int, rounds: int, seed: int,
+                count_noise: float | None = COUNT_NOISE) -> tuple[float, float, list[tuple[float, float, int]]]:
+    """(sigma, sample rate, record-count charge) as a site with default privacy settings plans them: q = batch / n~
+    with n~ the DP record count (its Gaussian charge composed before calibrating), or batch / n when `count_noise` is
+    None (n declared public). epsilon inf: no noise, no count."""
+    if not math.isfinite(epsilon):
+        return 0.0, min(1.0, batch / n), []
+    prior = [(count_noise, 1.0, 1)] if count_noise else []
+    q = min(1.0, batch / (noisy_count(n, count_noise, seed) if count_noise else n))
+    sigma = calibrate_round_noise(epsilon=epsilon, delta=delta, sample_rate=q, steps_per_round=steps_per_round,
+                                  rounds=rounds, already_spent=prior)
+    return sigma, q, prior
 
 
 def machine() -> dict:

@@ -103,9 +103,10 @@ class PrivacyConfig(_Strict):
                                                                 "variables), both Opacus's")
     rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
     count_noise: float | None = Field(
-        None, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
-        "default sample rate batch_size / n is derived, paid once from the budget; unset: n counts as public and the "
-        "published sample rate discloses it (unused when distill.sample_rate is set)")
+        20.0, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
+        "default sample rate batch_size / n~ is derived, paid once from the budget (so the published sample rate "
+        "discloses only this DP estimate n~); null: n is declared public and the published sample rate discloses it "
+        "(unused when distill.sample_rate is set)")
     unit: PrivacyUnit = Field(
         "scan", description="what epsilon protects: `scan` (each scan; a patient with k training scans is protected "
         "only as a group of k) or `patient` (each training patient contributes one scan, chosen by a hash of the "
@@ -125,8 +126,8 @@ class DistillConfig(_Strict):
     iterations: int = Field(1000, ge=1, description="DP steps per round (each pays for one noisy statistic)")
     batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
     sample_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling probability fixed in advance "
-                                      "(`batch_size` is then unused); default batch_size / n, which discloses the "
-                                      "number n of training records through the published sample_rate")
+                                      "(`batch_size` is then unused); default batch_size / n~, with n~ the "
+                                      "site's DP record count (privacy.count_noise)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
     inner_steps: int | None = Field(None, ge=1, description="synthetic updates per paid noisy statistic "
                                     "(post-processing); default 5 for dm decoupled (measured best), else 1")

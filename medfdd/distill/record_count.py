@@ -35,6 +35,11 @@ def _stored(path: Path, sigma: float) -> int | None:
     return doc["n_estimate"] if ok and doc["n_estimate"] >= 1 else None
 
 
+def noisy_count(n: int, sigma: float, seed: int) -> int:
+    """round(n + N(0, sigma^2)) from the keyed stream of `seed`, at least 1 (the release itself; charge it first)."""
+    return max(1, int(round(n + np.random.default_rng([seed, _NOISE_STREAM]).normal(0.0, sigma))))
+
+
 def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed: int) -> int:
     """The site's DP estimate of `n` training records (at least 1), charged to `ledger` before it is computed.
 
@@ -50,8 +55,7 @@ def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed
     # the ledger may travel with the run directory: the secret-keyed seed keeps n from being brute-forced from this
     release = hashlib.blake2b(json.dumps([n, sigma, str(seed)]).encode(), digest_size=16).hexdigest()
     ledger.charge(Charge(sigma, 1.0, 1, round=COUNT_ROUND, purpose=COUNT_PURPOSE, release=release))  # write-ahead
-    noise = np.random.default_rng([seed, _NOISE_STREAM]).normal(0.0, sigma)
-    estimate = max(1, int(round(n + noise)))
+    estimate = noisy_count(n, sigma, seed)
     atomic_write_json(path, {"site_id": cfg.site_id, "n_estimate": estimate, "noise_std": sigma,
                              "note": "differentially private estimate of the training records (Gaussian mechanism); "
                                      "the true count is not stored"})

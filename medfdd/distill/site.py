@@ -73,18 +73,17 @@ def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
 def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool,
                  seed: int = 0) -> PrivacyPlan:
     """Noise for this round such that all planned rounds fit the budget, given what earlier rounds (and the record
-    count, when it was paid for) spent.
+    count) spent.
 
-    The sample rate is `distill.sample_rate` when set (it discloses nothing of n), else batch_size / n with n the
-    DP record count when `privacy.count_noise` is set (paid here, once, with noise keyed by `seed`), else the true
-    n, which the published sample rate then discloses.
+    The sample rate is `distill.sample_rate` when set (it discloses nothing of n), else batch_size / n~ with n~ the
+    DP record count (`privacy.count_noise`, on by default; paid here, once, with noise keyed by `seed`): the mechanism
+    that runs is then chosen by a charged release only, so the add/remove-one guarantee holds (DESIGN invariant 8).
+    With `count_noise: null` n counts as public and batch_size / n discloses it. The delta < 1/n check reads the
+    same public or DP count, never the raw n.
     """
     steps = cfg.distill.iterations
     if not dp:
         return PrivacyPlan(False, 0.0, cfg.distill.sample_rate_for(n_train), steps, cfg.distill.clip_norm)
-    if cfg.privacy.delta >= 1.0 / n_train:
-        raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
-                           f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
     paid = ledger.find_charge(round_, PURPOSE)
     if paid is not None:  # resumed or repeated round: same plan as was paid for
         return PrivacyPlan(True, paid.noise_multiplier, paid.sample_rate, paid.steps, cfg.distill.clip_norm)
@@ -93,8 +92,13 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
                              f"{cfg.privacy.rounds} round(s) the budget epsilon = {cfg.privacy.epsilon:g} was split "
                              f"over (spent so far {ledger.epsilon_spent:.4g})",
                              "plan more rounds before the first one (privacy.rounds) or agree a new budget")
-    private_n = cfg.privacy.count_noise and cfg.distill.sample_rate is None
-    q = cfg.distill.sample_rate_for(private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train)
+    private_n = cfg.privacy.count_noise is not None and cfg.distill.sample_rate is None
+    n = private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train
+    if cfg.privacy.delta >= 1.0 / n:
+        raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
+                           f"1/{n} (n = {'the DP estimate of the ' if private_n else ''}training records)",
+                           "set privacy.delta well below 1/n, e.g. 1e-5")
+    q = cfg.distill.sample_rate_for(n)
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
     sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,

@@ -333,21 +333,40 @@ def test_patient_unit_is_in_the_release_and_the_ledger_and_cannot_change_once_sp
     assert (cfg.output_dir / "synthetic.json").read_bytes() == released
 
 
-@pytest.mark.parametrize("sample_rate", [None, 0.05])
-def test_a_fixed_sample_rate_publishes_nothing_about_the_number_of_records(consortium, tmp_path, sample_rate):
-    """sample_rate and the noise calibrated from it are published: by default they reveal n = batch_size / q; with
-    `distill.sample_rate` set they are the same whatever the number of training records."""
-    from medfdd.distill.site import open_ledger, plan_privacy
+@pytest.mark.parametrize("setting", ["default", "public n", "fixed rate"])
+def test_the_published_sample_rate_discloses_n_only_when_paid_for_or_declared_public(consortium, tmp_path, setting):
+    """sample_rate and the noise calibrated from it are published (invariant 8). By default they come from the DP
+    record count n~ (charged first), never from n itself; `count_noise: null` declares n public (q = batch / n
+    discloses it); a fixed `distill.sample_rate` is the same whatever the number of training records."""
+    from medfdd.distill.record_count import COUNT_FILE, COUNT_PURPOSE
+    from medfdd.distill.site import plan_privacy
 
-    cfg = load_site_config(_site_config(consortium, tmp_path, batch_size=64, sample_rate=sample_rate))
-    plans = [plan_privacy(cfg, open_ledger(cfg, True), n_train=n, round_=1, dp=True) for n in (1000, 1001)]
-    if sample_rate is None:
-        assert [p.sample_rate for p in plans] == [64 / 1000, 64 / 1001]  # n = 64 / q: disclosed
+    path = _site_config(consortium, tmp_path, batch_size=64, sample_rate=0.05 if setting == "fixed rate" else None)
+    if setting == "public n":
+        path = _with_count_noise(path, None)
+    cfg = load_site_config(path)
+    assert (cfg.privacy.count_noise is None) == (setting == "public n")
+    plans, estimates, charges = [], [], []
+    for n in (1000, 1001):
+        (cfg.output_dir / COUNT_FILE).unlink(missing_ok=True)
+        ledger = PrivacyLedger.open(tmp_path / f"ledger-{setting}-{n}.json", site_id=cfg.site_id, epsilon=1.0,
+                                    delta=1e-5)
+        plans.append(plan_privacy(cfg, ledger, n_train=n, round_=1, dp=True, seed=n))
+        charges.append([e.purpose for e in ledger.entries])
+        if setting == "default":
+            estimates.append(json.loads((cfg.output_dir / COUNT_FILE).read_text())["n_estimate"])
+    if setting == "default":
+        assert charges == [[COUNT_PURPOSE]] * 2  # the count is paid before it sets q
+        assert [p.sample_rate for p in plans] == [64 / e for e in estimates]
+        assert [p.sample_rate for p in plans] != [64 / 1000, 64 / 1001]  # std 20 records: equal n~ = n is unlikely
+    elif setting == "public n":
+        assert [p.sample_rate for p in plans] == [64 / 1000, 64 / 1001]  # n = 64 / q: disclosed, as declared
+        assert charges == [[], []]
     else:
-        assert plans[0] == plans[1] and plans[0].sample_rate == sample_rate
+        assert plans[0] == plans[1] and plans[0].sample_rate == 0.05 and charges == [[], []]
 
 
-def _with_count_noise(path: Path, sigma: float = 10.0) -> Path:
+def _with_count_noise(path: Path, sigma: float | None = 10.0) -> Path:
     doc = yaml.safe_load(path.read_text())
     doc["privacy"]["count_noise"] = sigma
     path.write_text(yaml.safe_dump(doc))
