@@ -62,6 +62,18 @@ def test_split(full) -> tuple[np.ndarray, np.ndarray]:
     return (full.test_images / 255.0).astype(np.float32)[:, None], full.test_labels
 
 
+def fashion_sites(*, n_sites: int, alpha: float, seed: int, max_per_class: int | None = None
+                  ) -> tuple[list[SiteRecords], tuple[np.ndarray, np.ndarray]]:
+    """The B1 federated split: Fashion-MNIST's training records over `n_sites` sites by Dirichlet(alpha), and the 10k
+    test split."""
+    full = load_fashion_mnist()
+    src = cap_per_class(full, max_per_class, seed)  # the training pool; the test split stays 10k
+    x = (src.train_images / 255.0).astype(np.float32)[:, None]
+    part = dirichlet_partition(src.train_labels, n_sites=n_sites, alpha=alpha, seed=seed, n_classes=K)
+    sites = [SiteRecords(f"site-{i}", x[idx], src.train_labels[idx]) for i, idx in enumerate(part.site_indices)]
+    return sites, test_split(full)
+
+
 def read_offer(path: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
     """A site offer saved by an earlier run, or None when it is missing or torn (a run killed while writing it before
     the writes were atomic): then the site round is recomputed, with the same seeds the same release."""
@@ -94,6 +106,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
     global_model, per_round, bytes_up, spent, previous, merged_sets = None, [], 0, {}, {}, []
+    charges: dict[str, list] = {}  # per site: every charge (sigma, q, steps) a default site's ledger would hold
     loaded = {"offers": 0, "models": 0}
     if save_merged is not None:
         save_merged.mkdir(parents=True, exist_ok=True)
@@ -105,7 +118,8 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             batch = scale["batch_per_class"] * K
             sigma, q, prior = honest_plan(n=len(s.y), batch=batch, epsilon=eps, delta=DELTA, steps_per_round=steps,
                                           rounds=rounds, seed=seed + i, count_noise=count_noise)
-            spent[s.site_id] = epsilon_for([*prior, *[(sigma, q, steps)] * r], delta=DELTA) if dp else math.inf
+            charges[s.site_id] = [*prior, *[(sigma, q, steps)] * r] if dp else []
+            spent[s.site_id] = epsilon_for(charges[s.site_id], delta=DELTA) if dp else math.inf
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
                                  allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
             offer_file = None if save_merged is None else save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz"
@@ -160,6 +174,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             "epsilon": "inf" if not dp else eps, "count_noise": count_noise if dp else None, "rounds": rounds, "dm_seed": seed, "train_rounds": train_rounds,
             "n_trained_on": int(len(training.labels)),
             "epsilon_spent_per_site": {k: ("inf" if math.isinf(v) else v) for k, v in spent.items()},
+            "charges_per_site": charges,
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
             "bytes_up_total": bytes_up, "bytes_down_total": model_bytes * len(sites) * (rounds - 1),
@@ -231,12 +246,8 @@ def main() -> None:
             scale[key] = getattr(args, key)
     if scale["max_per_class"] == 0:
         scale["max_per_class"] = None
-    full = load_fashion_mnist()
-    src = cap_per_class(full, scale["max_per_class"], args.seed)  # the training pool; the test split stays 10k
-    x = (src.train_images / 255.0).astype(np.float32)[:, None]
-    test = test_split(full)
-    part = dirichlet_partition(src.train_labels, n_sites=args.sites, alpha=args.alpha, seed=args.seed, n_classes=K)
-    sites = [SiteRecords(f"site-{i}", x[idx], src.train_labels[idx]) for i, idx in enumerate(part.site_indices)]
+    sites, test = fashion_sites(n_sites=args.sites, alpha=args.alpha, seed=args.seed,
+                                max_per_class=scale["max_per_class"])
     device = pick_device()
     name = args.name or f"b1_federated_{args.scale}_alpha{args.alpha:g}"
     out_dir = args.out_dir or RESULTS
@@ -294,7 +305,7 @@ def main() -> None:
                   "model_bytes": res["model_bytes"], "seconds": time.perf_counter() - t})
     out = write_result(name, {"dataset": "fashion-mnist (Debian dataset-fashion-mnist)",
                               "partition": {"sites": args.sites, "alpha": args.alpha, "seed": args.seed,
-                                            "site_totals": part.site_totals.tolist()},
+                                            "site_totals": [len(s.y) for s in sites]},
                               "scale": args.scale, **scale, "delta": DELTA, "rows": rows,
                               **({"unfinished": args.finalize} if args.finalize else {}),
                               "peak_memory_mb": None if args.finalize else peak_memory_mb(),

@@ -23,7 +23,7 @@ from medfdd.config import CoordinatorConfig, load_site_config
 from medfdd.coordinator.run import consortium_of, load_test_set
 from medfdd.nets import ConvNet, convnet_for, quiet_backward_hooks
 from medfdd.training import TrainSettings, evaluate, train_classifier
-from privacy.accounting import calibrate_noise, epsilon_for
+from privacy.accounting import calibrate_round_noise, epsilon_for
 
 
 @dataclass
@@ -112,18 +112,26 @@ def poisson_loader_plan(n: int, batch_size: int) -> tuple[float, int]:
 
 def fedavg(sites: list[SiteRecords], test, k: int, *, rounds: int, local_epochs: int = 1, lr: float = 0.01,
            batch_size: int = 64, width: int = 128, epsilon: float | None = None, delta: float = 1e-5,
-           clip: float = 1.0, seed: int = 0) -> dict:
-    """FedAvg, or DP-FedAvg when `epsilon` is given (per-site budget over all rounds, Opacus-calibrated)."""
+           clip: float = 1.0, seed: int = 0, start: ConvNet | None = None,
+           already_spent: dict[str, list] | None = None) -> dict:
+    """FedAvg, or DP-FedAvg when `epsilon` is given (per-site budget over all rounds, Opacus-calibrated).
+
+    Hybrid (synthetic warm start, then DP fine-tuning): `start` is the initial global model (e.g. trained on the merged
+    synthetic sets) and `already_spent[site]` the site's earlier charges (sigma, q, steps); the fine-tuning noise is
+    calibrated so that they and all its rounds compose to `epsilon` (Opacus RDP; adaptive composition, Mironov 2017).
+    """
     shape = tuple(sites[0].x.shape[1:])
-    global_model = convnet_for(shape, k, width=width, seed=seed)
+    global_model = copy.deepcopy(start) if start is not None else convnet_for(shape, k, width=width, seed=seed)
     size = model_bytes(global_model)
     sigmas, spent = {}, {}
     for s in sites:
         q, per_epoch = poisson_loader_plan(len(s.y), batch_size)
         steps = rounds * local_epochs * per_epoch
+        prior = list((already_spent or {}).get(s.site_id, []))
         if epsilon is not None:
-            sigmas[s.site_id] = calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=q, steps=steps)
-            spent[s.site_id] = epsilon_for([(sigmas[s.site_id], q, steps)], delta=delta)
+            sigmas[s.site_id] = calibrate_round_noise(epsilon=epsilon, delta=delta, sample_rate=q,
+                                                      steps_per_round=steps, rounds=1, already_spent=prior)
+            spent[s.site_id] = epsilon_for([*prior, (sigmas[s.site_id], q, steps)], delta=delta)
         else:
             spent[s.site_id] = math.inf
     history = []
