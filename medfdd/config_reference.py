@@ -1,5 +1,5 @@
-"""The config reference tables of README.md, generated from the pydantic models (`make docs` rewrites them;
-a test fails when README.md and the models disagree)."""
+"""The config reference tables of docs/configuration.md, generated from the pydantic models (`make docs` rewrites
+them; a test fails when docs/configuration.md and the models disagree)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from medfdd.config import CoordinatorConfig, SiteConfig
+from medfdd.io import atomic_write_text
 
 TABLES = {"site": SiteConfig, "coordinator": CoordinatorConfig}
+DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
 LEAVES = {"intensity"}  # unions documented in their description
 
 
@@ -69,7 +71,7 @@ def _block(name: str) -> re.Pattern:
 
 
 def render(readme: str) -> str:
-    """README text with every generated table replaced by the models' current reference."""
+    """Markdown text with every generated table replaced by the models' current reference."""
     for name, model in TABLES.items():
         generated = table(model)
         readme = _block(name).sub(lambda m, t=generated: m.group(1) + t + m.group(3), readme)
@@ -77,8 +79,7 @@ def render(readme: str) -> str:
 
 
 def main() -> None:
-    path = Path(__file__).resolve().parent.parent / "README.md"
-    path.write_text(render(path.read_text()))
+    atomic_write_text(DOC, render(DOC.read_text()))
 
 
 if __name__ == "__main__":
