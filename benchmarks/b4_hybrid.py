@@ -23,17 +23,19 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from b1_federated import DELTA, K, fashion_sites, federated_dm  # noqa: E402
-from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
+from common import RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.baselines import fedavg  # noqa: E402
 from medfdd.coordinator.merge import MergedSet, union_of_rounds  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
+from privacy.accounting import epsilon_for  # noqa: E402
 
 
-def merged_rounds(folder: Path, eps: float, rounds: int) -> MergedSet:
-    """The union of every round's merged set that `federated_dm(save_merged=folder)` wrote (np.load, no pickle)."""
+def merged_rounds(folder: Path, eps: float, rounds: int, use: int | None = None) -> MergedSet:
+    """The union of the first `use` (default all) rounds' merged sets that `federated_dm(save_merged=folder)` wrote
+    for a plan of `rounds` rounds (np.load, no pickle)."""
     sets = []
-    for r in range(1, rounds + 1):
+    for r in range(1, (use or rounds) + 1):
         with np.load(folder / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", allow_pickle=False) as f:
             sets.append(MergedSet(f["images"], f["labels"], f["weights"], sources=[]))
     return union_of_rounds(sets)
@@ -57,7 +59,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.2, help="DP-FedAvg local SGD learning rate (momentum 0.9)")
     ap.add_argument("--batch", type=int, default=256, help="DP-FedAvg expected local batch")
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--save-merged", type=Path, required=True)
+    ap.add_argument("--save-merged", type=Path, help="where the distilled offers and merged sets go")
+    ap.add_argument("--from-run", type=Path, help="instead of distilling: a `b1_federated.py --save-merged` folder of "
+                    "a run at --eps planned over --from-rounds rounds (same split, --iterations, --batch-per-class, "
+                    "--dm-seed); the warm start uses its first --use-rounds rounds, the rest of the budget fine-tunes")
+    ap.add_argument("--from-rounds", type=int, default=3)
+    ap.add_argument("--use-rounds", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--name", default=None)
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -69,25 +76,44 @@ def main() -> None:
              "eval_epochs": args.start_epochs}
     rows = []
     name = args.name or f"b4_hybrid_cpu_alpha{args.alpha:g}_eps{args.eps:g}"
-    for share in args.share:
-        eps_distill = args.eps * (1 - share)
-        folder = args.save_merged / f"share{share:g}"
+    if args.from_run is not None:  # the earlier run's charges, recomputed as its sites planned them
+        args.share = [None]
+    elif args.save_merged is None:
+        ap.error("pass --save-merged (distil here) or --from-run (reuse a b1_federated run's rounds)")
+    for share in args.share:  # None: --from-run
         t0 = time.perf_counter()
-        dm = federated_dm(sites, test, ipc=10, eps=eps_distill, rounds=args.distill_rounds, scale=scale, evals=1,
-                          device=device, seed=dm_seed, merge_strategy="evidence", save_merged=folder,
-                          resume=args.resume)
-        merged = merged_rounds(folder, eps_distill, args.distill_rounds)
+        if args.from_run is not None:
+            eps_distill = args.eps
+            charges = {}
+            for i, s in enumerate(sites):
+                sigma, q, prior = honest_plan(n=len(s.y), batch=args.batch_per_class * K, epsilon=args.eps,
+                                              delta=DELTA, steps_per_round=args.iterations, rounds=args.from_rounds,
+                                              seed=dm_seed + i)
+                charges[s.site_id] = [*prior, *[(sigma, q, args.iterations)] * args.use_rounds]
+            merged = merged_rounds(args.from_run, args.eps, args.from_rounds, use=args.use_rounds)
+            dm = {"method": f"b1_federated run {args.from_run.name}: rounds 1-{args.use_rounds} of {args.from_rounds}",
+                  "rounds": args.use_rounds, "n_trained_on": int(len(merged.labels)), "dm_seed": dm_seed,
+                  "accuracy_per_round": None, "charges_per_site": charges,
+                  "bytes_up_total": int(merged.images.nbytes + merged.labels.nbytes)}
+        else:
+            eps_distill = args.eps * (1 - share)
+            folder = args.save_merged / f"share{share:g}"
+            dm = federated_dm(sites, test, ipc=10, eps=eps_distill, rounds=args.distill_rounds, scale=scale,
+                              evals=1, device=device, seed=dm_seed, merge_strategy="evidence", save_merged=folder,
+                              resume=args.resume)
+            merged = merged_rounds(folder, eps_distill, args.distill_rounds)
         start = train_classifier(merged.images, merged.labels, K,
                                  TrainSettings(epochs=args.start_epochs, width=args.width), seed=dm_seed,
                                  device=device, weights=merged.training_weights)
         start_acc = evaluate(start, *test, K)["accuracy"]
-        print(f"share {share:g}: distilled at eps {eps_distill:g}, warm start accuracy {start_acc:.4f}", flush=True)
+        print(f"warm start from {dm['method']}: accuracy {start_acc:.4f}", flush=True)
         for k_rounds in args.finetune_rounds:
             ft = fedavg(sites, test, K, rounds=k_rounds, lr=args.lr, batch_size=args.batch, width=args.width,
                         epsilon=args.eps, delta=DELTA, clip=args.clip, seed=dm_seed, start=start,
                         already_spent=dm["charges_per_site"])
             row = {"method": "hybrid (DP-DM warm start + DP-FedAvg)", "epsilon": args.eps, "share_finetune": share,
-                   "epsilon_distill_target": eps_distill, "distill": {k: dm[k] for k in (
+                   "epsilon_distill_target": eps_distill, "epsilon_distill_spent": {
+                       sid: epsilon_for(c, delta=DELTA) for sid, c in dm["charges_per_site"].items()}, "distill": {k: dm[k] for k in (
                        "method", "rounds", "accuracy_per_round", "n_trained_on", "bytes_up_total", "dm_seed")},
                    "warm_start_accuracy": start_acc, "finetune_rounds": k_rounds,
                    "fedavg_settings": {"lr": args.lr, "batch_size": args.batch, "clip": args.clip, "width": args.width},
