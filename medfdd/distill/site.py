@@ -5,9 +5,11 @@ planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if o
 resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
 in the ledger and does not pay twice; a crash may over-count, never under-count. (A resumed decoupled DM run
 recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.) Every random draw is
-keyed by the site's secret noise key (`noise_key.py`), and the ledger entry names the release it paid for (a digest
-of the records, settings, keyed seed, warm start and global model): rerunning a charged round with anything changed
-would publish new noise under the old charge and is refused.
+keyed by the site's secret noise key (`noise_key.py`), and the ledger entry names the release it paid for (keyed
+digests of the training records' content and labels, settings, keyed seed, device and precision, warm start and global
+model): rerunning a charged round with anything changed would publish the same noise on other data under the old
+charge and is refused, naming what changed (DESIGN invariant 9). A lost ledger is never a fresh budget: with the
+ledger missing, any file written only after a charge (`release_traces`) makes the run refuse (`LedgerMissing`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +32,21 @@ from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save
 from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.data.split import MEMBERS_FILE, split_digest
-from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
+from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
 from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
-from medfdd.distill.record_count import private_record_count
+from medfdd.distill.record_count import COUNT_FILE, private_record_count
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
 from medfdd.training import pick_device
-from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise, epsilon_for
+from privacy.accounting import (
+    BudgetExceeded,
+    Charge,
+    ChargeConflict,
+    PrivacyLedger,
+    calibrate_round_noise,
+    check_not_lost,
+    epsilon_for,
+)
 
 PURPOSE = "distill"
 
@@ -61,11 +72,27 @@ def distiller_class(method: str) -> type[Distiller]:
     return DistributionMatching
 
 
+# written at a site only after a charge is on its ledger (artifacts, members.json, the paid record count); the noise
+# key is not among them: it may be placed before a site's first run (a restored or shared key)
+RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "synthetic.nii.gz", MEMBERS_FILE,
+                 COUNT_FILE)
+
+
+def release_traces(cfg: SiteConfig) -> list[Path]:
+    """Paths whose presence shows that this output folder's ledger has charged before (existing or not): released
+    artifacts and the site's copies of them, resumable checkpoints, members.json, the paid record count."""
+    out = cfg.output_dir
+    return [out / name for name in RELEASE_FILES] + sorted((out / "checkpoints").glob("*round-*.safetensors"))
+
+
 def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
+    """The site's ledger; a missing one is created only where no earlier charge left a trace (`LedgerMissing`). It is
+    opened before the noise key is created, so a first run that stops in between leaves nothing that blocks a rerun."""
     path = cfg.output_dir / "privacy_ledger.json"
     try:
         return PrivacyLedger.open(path, site_id=cfg.site_id, epsilon=cfg.privacy.epsilon if dp else math.inf,
-                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, unit=cfg.privacy.unit)
+                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, unit=cfg.privacy.unit,
+                                  traces=release_traces(cfg))
     except OSError as e:  # the output folder cannot be created or locked (a file in the way, read-only, disk full)
         raise write_error(path, e) from e
 
@@ -108,20 +135,96 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     return PrivacyPlan(True, sigma, q, steps, cfg.distill.clip_norm)
 
 
-def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, rows: np.ndarray,
-                 start: WarmStart | None, global_model: Path | None) -> str:
-    """The release's identity: everything its noisy statistics and images depend on (the keyed seed covers the noise
-    key). Recorded with the ledger charge and in checkpoints; a resume must match it exactly."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), str(seed), round_,
-                         plan.__dict__], sort_keys=True, default=str).encode())
-    h.update(rows.tobytes())
-    if start is not None:
-        h.update(start.images.cpu().numpy().tobytes())
-        h.update(start.labels.cpu().numpy().tobytes())
-    if global_model is not None:
-        h.update(Path(global_model).read_bytes())
-    return h.hexdigest()
+# what a change of each part of a release fingerprint means (tags of `_fingerprint`, in its order)
+RELEASE_PARTS = {
+    "k": "the site's noise key or the config's seed",
+    "l": "the training records' labels (labels.csv)",
+    "c": "the training records' content (the scans' pixels, their number or order, or their preprocessing)",
+    "s": "the distill or data settings, or this round's privacy plan",
+    "r": "the device, precision or torch build",
+    "w": "the warm start (this site's release of the previous round)",
+    "g": "the global model",
+}
+
+
+def _runtime(cfg: SiteConfig, device: torch.device) -> dict:
+    """The resolved device and precision (as `Distiller` resolves `distill.precision`) and the torch build: the same
+    keyed seeds draw other noise, or round otherwise, on another of these."""
+    bf16 = fast_bf16(device)
+    precision = "bf16" if cfg.distill.precision == "bf16" or (cfg.distill.precision == "auto" and bf16) else "fp32"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    return {"device": str(device), "device_name": name, "bf16_capable": bf16, "precision": precision,
+            "torch": torch.__version__}
+
+
+def _tensor_chunks(t: torch.Tensor) -> tuple[bytes, memoryview]:
+    """dtype and shape, then the raw values (not copied: a site's training tensor may be large)."""
+    a = np.ascontiguousarray(t.detach().cpu().numpy())
+    return f"{a.dtype.str}{a.shape}".encode(), memoryview(a).cast("B")
+
+
+def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: torch.Tensor, y: torch.Tensor,
+                 runtime: dict, start: WarmStart | None, global_model: Path | None) -> str:
+    """The release's identity (DESIGN invariant 9): digests of everything its noisy statistics and images depend on,
+    the training tensors and labels exactly as the mechanism consumes them included. A 128-bit digest of all parts,
+    then an 8-hex tag per part (`RELEASE_PARTS`) that names what changed when a rerun is refused. Every digest is
+    keyed by the secret keyed seed: the ledger may travel, and a plain digest of the records would let anyone holding
+    candidate data sets test which one trained. Recorded with the ledger charge and in checkpoints."""
+    key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
+
+    def digest(*chunks: bytes | memoryview) -> bytes:
+        h = hashlib.blake2b(key=key, digest_size=16)
+        for chunk in chunks:
+            h.update(chunk)
+        return h.digest()
+
+    settings = [cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), round_, plan.__dict__]
+    parts = {
+        "k": digest(b"noise key"),
+        "l": digest(*_tensor_chunks(y)),
+        "c": digest(*_tensor_chunks(x)),
+        "s": digest(json.dumps(settings, sort_keys=True, default=str).encode()),
+        "r": digest(json.dumps(runtime, sort_keys=True).encode()),
+        "w": digest(*_tensor_chunks(start.images), *_tensor_chunks(start.labels)) if start else digest(b"none"),
+        "g": digest(b"model", Path(global_model).read_bytes()) if global_model is not None else digest(b"none"),
+    }
+    return digest(*parts.values()).hex() + ":" + ",".join(f"{t}={d.hex()[:8]}" for t, d in parts.items())
+
+
+def _changed(paid: str | None, release: str, runtime: dict) -> str:
+    """What differs between the release a round was charged for and this run's, from their per-part tags."""
+
+    def tags(fingerprint: str | None) -> dict[str, str] | None:
+        if not fingerprint or ":" not in fingerprint:
+            return None
+        return dict(p.split("=", 1) for p in fingerprint.split(":", 1)[1].split(",") if "=" in p)
+
+    before, now = tags(paid), tags(release)
+    if before is None or now is None:
+        return "an input (the charge was recorded without per-input digests, so which one cannot be told)"
+    if before.get("k") != now["k"]:  # every other digest is keyed by it: they cannot be compared
+        return RELEASE_PARTS["k"]
+    what = [RELEASE_PARTS[t] for t in now if before.get(t) != now[t]]
+    if RELEASE_PARTS["r"] in what:
+        what[what.index(RELEASE_PARTS["r"])] += (f" (now {runtime['device']}, {runtime['precision']}, "
+                                                 f"torch {runtime['torch']})")
+    return "; ".join(what) or "an input"
+
+
+def _check_paid_release(ledger: PrivacyLedger, round_: int, release: str, runtime: dict) -> None:
+    """One charge buys one release of one data set: a charged round reruns (resume, replay) only on exactly the inputs
+    it was charged for, since its keyed noise on other data would release their difference without noise."""
+    paid = ledger.find_charge(round_, PURPOSE)
+    if paid is None or paid.release == release:
+        return
+    raise ChargeConflict(
+        f"{ledger.path} (round {round_})",
+        f"round {round_} was already charged for a release, and this run would publish another one under that "
+        f"charge; changed since: {_changed(paid.release, release, runtime)}. The same keyed noise on different data "
+        "would release their difference without noise; nothing was released",
+        f"to resume or replay round {round_}, restore exactly the inputs it was charged for; to release the changed "
+        f"data, distill it as a new, paid round (--round {round_ + 1}, within privacy.rounds and the budget left), "
+        "or under a newly agreed budget in a new output folder")
 
 
 def _record_members(cfg: SiteConfig, round_: int, digest: dict) -> None:
@@ -215,7 +318,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp, seed=seed)
-    fingerprint = _fingerprint(cfg, plan, round_, seed, data.rows[train], start, global_model)
+    runtime = _runtime(cfg, device)
+    fingerprint = _fingerprint(cfg, plan, round_, seed, x, y, runtime, start, global_model)
+    _check_paid_release(ledger, round_, fingerprint, runtime)  # before anything is charged, computed or written
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
     ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp,
                          release=fingerprint))
@@ -230,6 +335,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     total = distiller.total_work
     if state:
         console.print(f"resuming round {round_} from step {state.iteration}/{total} (already paid for)")
+    elif ckpt_path.is_file():  # the charge matched this run's inputs: the checkpoint is stale (another version)
+        console.print(f"[yellow]ignoring {ckpt_path} (unreadable, or not of the inputs round {round_} was charged "
+                      "for): the round restarts from step 0, the same release under the same charge[/]")
     state = state or distiller.init_state()
     last = {"loss": float("nan")}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
@@ -293,6 +401,7 @@ def print_budget(config_path: Path, console: Console | None = None) -> dict:
     cfg = load_site_config(config_path)
     path = cfg.output_dir / "privacy_ledger.json"
     if not path.is_file():
+        check_not_lost(path, release_traces(cfg))  # a lost ledger is not "nothing spent"
         console.print(f"{cfg.site_id}: no ledger yet ({path}); budget epsilon = {cfg.privacy.epsilon:g}, "
                       f"delta = {cfg.privacy.delta:g}, nothing spent")
         return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": []}

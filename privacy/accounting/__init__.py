@@ -21,8 +21,10 @@ from .ledger import (
     LedgerCorrupt,
     LedgerEntry,
     LedgerMismatch,
+    LedgerMissing,
     LedgerWriteError,
     PrivacyLedger,
+    check_not_lost,
 )
 
 __all__ = [
@@ -39,10 +41,12 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerEntry",
     "LedgerMismatch",
+    "LedgerMissing",
     "LedgerWriteError",
     "PrivacyError",
     "PrivacyLedger",
     "calibrate_noise",
     "calibrate_round_noise",
+    "check_not_lost",
     "epsilon_for",
 ]

@@ -22,7 +22,9 @@ File format (JSON, never ``NaN``/``Infinity``; an infinite epsilon is written as
 ``release`` (optional) is the digest of what the charge paid for: one charge buys one release, so a (round, purpose)
 charged again with the same numbers but another release is a :class:`ChargeConflict`, not a free second release.
 ``budget.epsilon == "inf"`` is the ``--no-dp`` ledger: only it accepts non-DP charges (``dp: false``), which make
-``epsilon_spent`` ``"inf"``. A missing, truncated or inconsistent file is a typed error, never a reset to zero.
+``epsilon_spent`` ``"inf"``. A missing, truncated or inconsistent file is a typed error, never a reset to zero:
+:meth:`PrivacyLedger.open` creates an empty ledger only where no trace of an earlier charge is found
+(:class:`LedgerMissing`; DESIGN invariant 9).
 Concurrent writers are serialised by an advisory lock on ``privacy_ledger.json.lock`` next to the ledger.
 """
 
@@ -33,7 +35,7 @@ import fcntl
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
@@ -66,13 +68,20 @@ __all__ = [
     "LedgerCorrupt",
     "LedgerEntry",
     "LedgerMismatch",
+    "LedgerMissing",
     "LedgerWriteError",
     "PrivacyLedger",
+    "check_not_lost",
 ]
 
 
 class LedgerCorrupt(PrivacyError):
     """privacy_ledger.json is missing, unreadable, truncated or inconsistent; it is never silently reset."""
+
+
+class LedgerMissing(LedgerCorrupt):
+    """privacy_ledger.json is missing although files next to it show earlier charges or releases: a lost ledger is
+    never a fresh budget (an empty one would let the site spend its epsilon again)."""
 
 
 class LedgerMismatch(PrivacyError):
@@ -333,6 +342,27 @@ def _resolve(path: str | os.PathLike[str]) -> Path:
     return p if p.suffix == ".json" else p / LEDGER_FILENAME
 
 
+def check_not_lost(path: str | os.PathLike[str], traces: Iterable[str | os.PathLike[str]]) -> None:
+    """Raise :class:`LedgerMissing` when the ledger at ``path`` is missing but any of ``traces`` exists: files that
+    are only ever written after a charge was (released artifacts, checkpoints, a paid record count). A lost ledger is
+    never a fresh budget (DESIGN invariant 9)."""
+    file = _resolve(path)
+    if file.exists():
+        return
+    found = sorted(Path(t) for t in traces if Path(t).exists())
+    if found:
+        names = [str(t.relative_to(file.parent)) if t.is_relative_to(file.parent) else str(t) for t in found]
+        shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        raise LedgerMissing(
+            str(file),
+            f"the privacy ledger is missing, but its folder holds traces of earlier charges or releases ({shown}); "
+            "a new, empty ledger would count the budget from zero and pay for every round again",
+            f"restore {file.name} from the site's backup into {file.parent} (the ledger, not a new one, is the record "
+            "of what was spent; deleting the traces does not give the budget back); for a genuinely new site or a "
+            "newly agreed budget, point the site config's output at a new, empty folder",
+        )
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -362,12 +392,15 @@ class PrivacyLedger:
         delta: float,
         accountant: str = "rdp",
         unit: str = "scan",
+        traces: Iterable[str | os.PathLike[str]] = (),
     ) -> PrivacyLedger:
         """Load the ledger at ``path`` (a ``.json`` file, or a folder holding ``privacy_ledger.json``), or create an
-        empty one (written to disk at once). ``epsilon=math.inf`` is the --no-dp ledger.
+        empty one (written to disk at once). ``epsilon=math.inf`` is the --no-dp ledger. ``traces``: files that exist
+        only after a charge; an empty ledger is never created next to one of them (:func:`check_not_lost`).
 
         Raises :class:`LedgerMismatch` when the file exists for another site or budget, :class:`LedgerCorrupt`
-        when it cannot be trusted, :class:`InvalidPrivacyParameter` for a bad budget.
+        when it cannot be trusted, :class:`LedgerMissing` when it is missing but ``traces`` show it existed,
+        :class:`InvalidPrivacyParameter` for a bad budget.
         """
         where = "PrivacyLedger.open"
         budget = Budget(
@@ -387,6 +420,7 @@ class PrivacyLedger:
                 state = _read_state(file)
                 cls._check_matches(file, state, site_id=site_id, budget=budget)
             else:
+                check_not_lost(file, traces)
                 state = _State(site_id=site_id, budget=budget, entries=(), epsilon_spent=0.0)
                 try:
                     _atomic_write(file, _render(state))
@@ -492,7 +526,8 @@ class PrivacyLedger:
                         str(self._path),
                         f"round {charge.round} purpose {charge.purpose!r} was already charged for release "
                         f"{existing.release!r}; this run would publish another one ({charge.release!r}: different "
-                        "records, settings, seed, global model or noise key) under the same charge, unaccounted",
+                        "records, labels, settings, seed, device, precision, global model or noise key) under the "
+                        "same charge, unaccounted",
                         "rerun with exactly the inputs of the first release (restore the data, config and the site's "
                         "noise_key), or release the change as the next planned round (--round)",
                     )
