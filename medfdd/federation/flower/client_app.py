@@ -2,8 +2,9 @@
 last round the final global model in (kept and scored at the site) and an empty reply out.
 
 The site config path comes from the SuperNode's node config (`--node-config 'site-config="/abs/site.yaml"'`,
-set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only the error's class
-name is sent to the coordinator, since an exception message may name local files.
+set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only a code of
+`medfdd.federation.failures.FailureCode`, chosen by the phase that failed and never by the error, is sent to the
+coordinator: an error's class or message may name local files or reveal facts about the records.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from rich.console import Console
 
+from medfdd.federation.failures import FailureCode, SiteTaskFailed, failing_as, site_task
 from medfdd.federation.flower import codec
 
 NODE_CONFIG_KEY = "site-config"
@@ -25,15 +27,11 @@ log = logging.getLogger("medfdd.site")
 app = ClientApp()
 
 
-class SiteTaskFailed(Exception):
-    """Raised to Flower instead of the original error: its text is all that leaves the site."""
-
-
 def site_config_path(node_config: dict) -> Path:
     value = node_config.get(NODE_CONFIG_KEY)
     if not isinstance(value, str) or not value:
-        raise SiteTaskFailed(f"the SuperNode has no node config {NODE_CONFIG_KEY!r}; start it with "
-                             "`medfdd site join CONFIG ...`")
+        log.error("the SuperNode has no node config %r; start it with `medfdd site join CONFIG ...`", NODE_CONFIG_KEY)
+        raise SiteTaskFailed(FailureCode.NOT_CONFIGURED)
     return Path(value)
 
 
@@ -42,8 +40,10 @@ def handle(content, node_config: dict, *, console: Console | None = None):
     from medfdd.federation.site import make_offer
 
     def task():
-        broadcast = codec.records_to_broadcast(content)
-        offer = make_offer(site_config_path(node_config), broadcast, console=console or Console(stderr=True))
+        with failing_as(FailureCode.BAD_BROADCAST):
+            broadcast = codec.records_to_broadcast(content)
+        path = site_config_path(node_config)
+        offer = site_task(path, lambda: make_offer(path, broadcast, console=console or Console(stderr=True)))
         return codec.offer_to_records(offer)
 
     return _at_site(task)
@@ -54,23 +54,27 @@ def handle_final(content, node_config: dict, *, console: Console | None = None):
     from medfdd.federation.site import receive_final_model
 
     def task():
-        final = codec.records_to_broadcast(content)
-        receive_final_model(site_config_path(node_config), final, console=console or Console(stderr=True))
+        with failing_as(FailureCode.BAD_BROADCAST):
+            final = codec.records_to_broadcast(content)
+        path = site_config_path(node_config)
+        site_task(path, lambda: receive_final_model(path, final, console=console or Console(stderr=True)))
         return codec.empty_reply()
 
     return _at_site(task)
 
 
 def _at_site(task):
-    """Run a site task; a failure leaves the site as its class name only (the details stay in the site's log)."""
+    """Run a site task; a failure leaves the site as its code only (the details stay in the site's log)."""
     try:
         return task()
-    except SiteTaskFailed:
-        raise
-    except Exception as e:  # the full error stays in the site's log; only its class name leaves
-        log.exception("medfdd site task failed")
-        Console(stderr=True).print(f"[bold red]site task failed[/]: {e}", markup=True, highlight=False)
-        raise SiteTaskFailed(f"{type(e).__name__} at the site (details in the site's SuperNode log)") from None
+    except Exception as e:  # the full error stays in the site's log; only the code leaves
+        failed = e if isinstance(e, SiteTaskFailed) else SiteTaskFailed(FailureCode.SITE_FAILED)
+        cause = e.__cause__ if isinstance(e, SiteTaskFailed) else e
+        if cause is not None:
+            log.error("medfdd site task failed (%s)", failed.code, exc_info=cause)
+            Console(stderr=True).print(f"[bold red]site task failed[/] ({failed.code}): {cause}", markup=True,
+                                       highlight=False)
+        raise failed from None
 
 
 @app.train("distill")
