@@ -43,7 +43,7 @@ def site_round(run: CoordinatorRun, site_id: str, site_cfg: Path, b: Broadcast, 
         offer = site_task(site_cfg, lambda: make_offer(site_cfg, b, console=console, no_dp=no_dp))
     except SiteTaskFailed as e:  # one failing site must not stop the consortium's round
         _log_at_site(console, f"{site_id} failed", e)
-        run.no_answer(site_id, f"site error: {e.code} (details in the site's log)", code=Reason.SITE_FAILED)
+        run.no_answer(site_id, f"site error: {e.code}", code=Reason.SITE_FAILED)
         return
     run.receive(offer, sender=site_id)
 
