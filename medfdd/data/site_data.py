@@ -64,7 +64,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     (image, label) records change by at most one when one row is added or removed, except a second file of the
     same DICOM object with other bytes, which replaces the first when listed before it: for that case a group of 2.
     The same scan under two patients (or under a patient and in the pool without ids) stays two records, listed in
-    `shared_content`: its content is protected as a group of that size (`privacy.channels`).
+    `shared_content`: its content is protected as a group of that size (`privacy.report.channels`).
 
     `on_record(done, total)` is called after each row (progress bars).
     """

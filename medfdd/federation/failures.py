@@ -7,7 +7,7 @@ failed in, never by the exception: a phase before any record is read has its own
 coordinator's message or the site's configuration alone); anything raised after is `site-failed`, whatever it was,
 the audit gate's refusal included. The details stay in the site's own log. Both engines use this module (the
 in-process loop and the Flower ClientApp), so the same code crosses either transport; what it still reveals is
-listed in `privacy.channels`.
+listed in `privacy.report.channels`.
 """
 
 from __future__ import annotations

@@ -256,7 +256,7 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
 
 def outside_epsilon_section(scope: dict) -> list[str]:
     """What epsilon covers (the neighbouring relation per unit, the group cases) and the data-dependent channels
-    outside it, from report.json's `outside_epsilon` (`privacy.channels`)."""
+    outside it, from report.json's `outside_epsilon` (`privacy.report.channels`)."""
     out = ["<h2 id=\"outside-epsilon\">What epsilon covers, and what leaves outside it</h2><p>Epsilon protects "
            "each unit under the neighbouring relation of its <code>privacy.unit</code>:</p><ul>"]
     out += [f"<li><b>{_e(u)}</b>: {_e(w)}</li>" for u, w in scope["neighbouring"].items()]

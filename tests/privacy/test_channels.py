@@ -1,5 +1,5 @@
-"""Every data-dependent channel outside epsilon (privacy.channels) is listed in the audit report and in the privacy
-officer's guide, with the neighbouring relation and the unit (issue 36, item 6)."""
+"""Every data-dependent channel outside epsilon (privacy.report.channels) is listed in the audit report and in the
+privacy officer's guide, with the neighbouring relation and the unit (issue 36, item 6)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ from pathlib import Path
 
 from test_report_html import outcome
 
+from medfdd.config import PrivacyConfig
 from medfdd.federation.failures import FailureCode
-from privacy.channels import CHANNELS, GROUPS, HEADING, NEIGHBOURING, channels_markdown
+from privacy.accounting import PRIVACY_UNITS
 from privacy.report import write_report
+from privacy.report.channels import (
+    CHANNELS,
+    DEFAULT_UNIT,
+    FAILURE_CODES,
+    GROUPS,
+    HEADING,
+    NEIGHBOURING,
+    channels_markdown,
+)
 
 GUIDE = Path(__file__).resolve().parents[2] / "docs" / "privacy-officer.md"
 
@@ -39,3 +49,9 @@ def test_the_guide_section_is_the_rendered_list():
     assert all(f"| {c.name} |" in section for c in CHANNELS)
     failure = next(c for c in CHANNELS if c.name == "failure code")
     assert all(code.value in failure.size for code in FailureCode)  # the fixed set is named in full
+
+
+def test_the_list_names_the_codes_and_units_the_code_uses():
+    assert FAILURE_CODES == tuple(c.value for c in FailureCode)
+    assert DEFAULT_UNIT == PrivacyConfig.model_fields["unit"].default
+    assert set(NEIGHBOURING) == set(PRIVACY_UNITS)

@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from medfdd.config import PrivacyConfig
-from medfdd.federation.failures import FailureCode
-
 HEADING = "## What epsilon covers, and what leaves outside it"
+# the codes a failed site task may send (medfdd.federation.failures.FailureCode) and privacy.unit's default
+# (medfdd.config.PrivacyConfig), kept equal by tests: privacy/ never imports medfdd.federation
+FAILURE_CODES = ("bad-broadcast", "site-not-configured", "site-failed")
+DEFAULT_UNIT = "scan"
 
 NEIGHBOURING = {
     "scan": "add or remove one scan (one manifest row and its label)",
@@ -26,7 +27,7 @@ NEIGHBOURING = {
 }
 
 # the round outcomes the coordinator can see that depend on a site's records: an offer, `site-failed`, or silence
-DATA_DEPENDENT_OUTCOMES = ("offer", FailureCode.SITE_FAILED.value, "no answer within site_timeout_s")
+DATA_DEPENDENT_OUTCOMES = ("offer", "site-failed", "no answer within site_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,12 @@ CHANNELS: tuple[Channel, ...] = (
         "failure code",
         "whether the site task failed once its config loaded: reading records, distilling (e.g. delta >= 1/n, an "
         "empty training split), the audit gate, taking the final model",
-        f"one of {len(FailureCode)} fixed codes ({', '.join(c.value for c in FailureCode)}): at most "
-        f"log2({len(FailureCode)}) = {math.log2(len(FailureCode)):.2f} bits per round per site, of which only "
+        f"one of {len(FAILURE_CODES)} fixed codes ({', '.join(FAILURE_CODES)}): at most "
+        f"log2({len(FAILURE_CODES)}) = {math.log2(len(FAILURE_CODES)):.2f} bits per round per site, of which only "
         "`site-failed` depends on the records (1 bit, shared with the gate's)",
         "the code is chosen by the phase that failed, never by the error (medfdd.federation.failures); class and "
         "message stay in the site's log; run `medfdd site check` before joining so that data faults surface before "
-        "a round", math.log2(len(FailureCode))),
+        "a round", math.log2(len(FAILURE_CODES))),
     Channel(
         "whether a site answers",
         "the round's outcome as the coordinator sees it: " + ", ".join(DATA_DEPENDENT_OUTCOMES) + " (silence "
@@ -123,8 +124,8 @@ def channels_markdown() -> str:
            "Epsilon is the (epsilon, delta) differential-privacy guarantee of what a site releases (synthetic images, "
            "labels, noisy counts), accounted by Opacus in the site's ledger. It is stated for one neighbouring "
            "relation, set by `privacy.unit` (the unit epsilon protects):", ""]
-    default = PrivacyConfig.model_fields["unit"].default
-    out += [f"- `privacy.unit: {u}`{' (the default)' if u == default else ''}: {w}." for u, w in NEIGHBOURING.items()]
+    out += [f"- `privacy.unit: {u}`{' (the default)' if u == DEFAULT_UNIT else ''}: {w}."
+            for u, w in NEIGHBOURING.items()]
     out += ["", "Epsilon covers a larger group only at a larger price (k records: k x epsilon, k e^((k-1) epsilon) "
             "delta):", ""]
     out += [f"- {c}: {p}." for c, p in GROUPS]
