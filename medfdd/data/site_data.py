@@ -60,9 +60,9 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     `dedup_group`: the first row of a scan stays, a later copy is quarantined, and all copies when their labels
     differ. Which of a patient's rows survive is then a function of that patient's rows alone, so under
     `privacy.unit: patient` adding or removing a patient never changes another patient's records or chosen scan
-    (neighbouring manifests stay neighbours: a stable transformation, McSherry 2009). Under `privacy.unit: scan` the surviving
-    (image, label) records change by at most one when one row is added or removed, except a second file of the
-    same DICOM object with other bytes, which replaces the first when listed before it: for that case a group of 2.
+    (neighbouring manifests stay neighbours: a stable transformation, McSherry 2009). Under `privacy.unit: scan`
+    the surviving (image, label) records change by at most one when one row is added or removed, except a second
+    file of the same DICOM object with other bytes, which replaces the first when listed before it: a group of 2.
     The same scan under two patients (or under a patient and in the pool without ids) stays two records, listed in
     `shared_content`: its content is protected as a group of that size (`privacy.report.channels`).
 

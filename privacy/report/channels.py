@@ -93,7 +93,8 @@ CHANNELS: tuple[Channel, ...] = (
         "quarantine.json, split.json, members.json, audit_gate.json, evaluation.json and the audit report "
         "(report.json, report.html) are computed from real records without DP",
         "0 bits while they stay at the site; shared, each reveals counts (n_members, quarantined rows) and attack "
-        "scores exactly: unbounded", "keep them at the site; share at most the audit's verdict level (itself a few bits), not the files"),
+        "scores exactly: unbounded",
+        "keep them at the site; share at most the audit's verdict level (itself a few bits), not the files"),
 )
 
 GROUPS: tuple[tuple[str, str], ...] = (
