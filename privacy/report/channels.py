@@ -72,9 +72,11 @@ CHANNELS: tuple[Channel, ...] = (
         "with a sample rate fixed in the config the time grows with n; with the paid noisy count it is about "
         "batch_size whatever n), the audit gate (grows with n)",
         "a noisy continuous reading of n and of the manifest size, seen by the coordinator as each site's reply "
-        "time (run.json keeps only the round's total); not bounded in bits",
-        "pad the reply to a fixed time: start each round's turn at a fixed deadline or hold the offer until it "
-        "(not built in: a scheduler at the site); keep the preprocess cache warm; leave `audit_gate` unset"),
+        "time (run.json keeps only the round's total); not bounded in bits unless padded (then 1 bit per round: "
+        "whether the turn overran the pad)",
+        "pad it: `medfdd site join --reply-after S` holds every reply (offer or code) until S seconds after the "
+        "task arrived, so its time reveals only whether the turn took longer than S (keep S below the coordinator's "
+        "site_timeout_s and above the site's usual turn); in-process runs have one operator and no such channel"),
     Channel(
         "published sample rate",
         "synthetic.json and the ledger publish sample_rate; it is batch_size / n when n is not paid for "
@@ -135,5 +137,6 @@ def channels_markdown() -> str:
     out += [f"| {c.name} | {c.depends_on} | {c.size} | {c.mitigation} |" for c in CHANNELS]
     out += ["", f"Together, the round outcomes that depend on the records ({', '.join(DATA_DEPENDENT_OUTCOMES)}) carry "
             f"at most log2({len(DATA_DEPENDENT_OUTCOMES)}) = {math.log2(len(DATA_DEPENDENT_OUTCOMES)):.2f} bits per "
-            "round per site; timing is the one channel without a bound in bits.", ""]
+            "round per site; timing is the one channel without a bound in bits unless the site pads its replies "
+            "(`medfdd site join --reply-after`).", ""]
     return "\n".join(out)

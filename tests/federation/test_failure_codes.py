@@ -95,3 +95,59 @@ def test_a_data_dependent_site_error_crosses_the_transports_as_the_generic_code(
 def test_only_the_fixed_codes_are_read_from_a_site_error():
     assert code_in("<class 'x.SiteTaskFailed'>:<'site-not-configured'>") == "site-not-configured"
     assert code_in("DistillError: delta 0.5 is not below 1/4 at /data/PA-0042") == "unrecognised"
+
+
+class Clock:
+    """A stand-in for `time` in the ClientApp: the site task advances it; sleeping is recorded, not done."""
+
+    def __init__(self):
+        self.now, self.slept = 100.0, []
+
+    def monotonic(self):
+        return self.now
+
+    def sleep(self, s):
+        self.slept.append(s)
+        self.now += s
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_reply_after_holds_the_reply_whatever_the_outcome(site_builder, monkeypatch, fails):
+    """`medfdd site join --reply-after S`: an offer and a failure both leave S seconds after the task arrived, so
+    the reply's time no longer tells how long the site's turn took (the timing channel)."""
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    cfg_path = s.write()
+    clock = Clock()
+    monkeypatch.setattr(client_app, "time", clock)
+
+    def turn(path, broadcast, **kw):
+        clock.now += 3.0  # the site's turn takes 3 s
+        if fails:
+            raise ValueError("the training split is empty")
+        return SimpleNamespace()
+
+    monkeypatch.setattr("medfdd.federation.site.make_offer", turn)
+    monkeypatch.setattr(codec, "offer_to_records", lambda offer: "records")
+    node = {"site-config": str(cfg_path), "reply-after-s": 10}
+    if fails:
+        with pytest.raises(client_app.SiteTaskFailed, match="^site-failed$"):
+            client_app.handle(codec.broadcast_to_records(Broadcast(1)), node, console=QUIET)
+    else:
+        assert client_app.handle(codec.broadcast_to_records(Broadcast(1)), node, console=QUIET) == "records"
+    assert clock.slept == [7.0] and clock.now == 110.0
+    with pytest.raises(client_app.SiteTaskFailed, match="^site-not-configured$"):  # a bad pad fails loudly
+        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {**node, "reply-after-s": "soon"}, console=QUIET)
+
+
+def test_site_join_passes_the_pad_to_the_supernode(tmp_path):
+    from medfdd.federation.flower import deploy
+
+    (tmp_path / "a.yaml").write_text("site_id: a\n")
+    argv = deploy.supernode_argv(site_config=tmp_path / "a.yaml", superlink="127.0.0.1:9093",
+                                 security=deploy.Security(insecure=True), private_key=None, reply_after_s=3000)
+    from flwr.common.config import parse_config_args  # how the SuperNode reads its --node-config
+
+    node_config = parse_config_args([argv[argv.index("--node-config") + 1]])
+    assert node_config == {"site-config": str((tmp_path / "a.yaml").resolve()), "reply-after-s": 3000.0}
+    assert client_app.reply_after(node_config) == 3000.0 and client_app.reply_after({}) == 0.0

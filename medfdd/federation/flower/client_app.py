@@ -10,6 +10,8 @@ coordinator: an error's class or message may name local files or reveal facts ab
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 
 from flwr.app import Context, Message
@@ -20,6 +22,7 @@ from medfdd.federation.failures import FailureCode, SiteTaskFailed, failing_as, 
 from medfdd.federation.flower import codec
 
 NODE_CONFIG_KEY = "site-config"
+REPLY_AFTER_KEY = "reply-after-s"  # optional: hold every reply until this many seconds after the task arrived
 MESSAGE_TYPE = "train.distill"
 FINAL_MESSAGE_TYPE = "evaluate.final_model"  # after the last round: the final global model, kept and scored locally
 log = logging.getLogger("medfdd.site")
@@ -35,6 +38,16 @@ def site_config_path(node_config: dict) -> Path:
     return Path(value)
 
 
+def reply_after(node_config: dict) -> float:
+    """Seconds after a task's arrival before its reply may leave (node config `reply-after-s`, set by
+    `medfdd site join --reply-after`; 0 when unset)."""
+    value = node_config.get(REPLY_AFTER_KEY, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        log.error("node config %r = %r is not a number of seconds >= 0", REPLY_AFTER_KEY, value)
+        raise SiteTaskFailed(FailureCode.NOT_CONFIGURED)
+    return float(value)
+
+
 def handle(content, node_config: dict, *, console: Console | None = None):
     """Broadcast records -> offer records for this site (the whole ClientApp, minus Flower's Message)."""
     from medfdd.federation.site import make_offer
@@ -46,7 +59,7 @@ def handle(content, node_config: dict, *, console: Console | None = None):
         offer = site_task(path, lambda: make_offer(path, broadcast, console=console or Console(stderr=True)))
         return codec.offer_to_records(offer)
 
-    return _at_site(task)
+    return _at_site(task, node_config)
 
 
 def handle_final(content, node_config: dict, *, console: Console | None = None):
@@ -60,11 +73,15 @@ def handle_final(content, node_config: dict, *, console: Console | None = None):
         site_task(path, lambda: receive_final_model(path, final, console=console or Console(stderr=True)))
         return codec.empty_reply()
 
-    return _at_site(task)
+    return _at_site(task, node_config)
 
 
-def _at_site(task):
-    """Run a site task; a failure leaves the site as its code only (the details stay in the site's log)."""
+def _at_site(task, node_config: dict):
+    """Run a site task; a failure leaves the site as its code only (the details stay in the site's log). With
+    `reply-after-s` the reply, offer or code, is held until that long after the task arrived, so its time tells the
+    coordinator only whether the site's turn took longer (the timing channel, `privacy.report.channels`)."""
+    started = time.monotonic()
+    hold = reply_after(node_config)
     try:
         return task()
     except Exception as e:  # the full error stays in the site's log; only the code leaves
@@ -75,6 +92,8 @@ def _at_site(task):
             Console(stderr=True).print(f"[bold red]site task failed[/] ({failed.code}): {cause}", markup=True,
                                        highlight=False)
         raise failed from None
+    finally:
+        time.sleep(max(0.0, started + hold - time.monotonic()))
 
 
 @app.train("distill")
