@@ -56,6 +56,14 @@ def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
                    f"several scans (up to {max(several.values())}); such a patient is protected only as a group of "
                    "scans (up to that many times epsilon). Set privacy.unit: patient to protect every patient at "
                    "epsilon (one scan per training patient)")
+    if data.shared_content:
+        rows = "; ".join(", ".join(map(str, g)) for g in data.shared_content[:10])
+        more = f" and {len(data.shared_content) - 10} more" if len(data.shared_content) > 10 else ""
+        out.append(f"{len(data.shared_content)} scan(s) appear under more than one patient (or both with and without "
+                   f"a patient id): manifest rows {rows}{more}. Duplicates are only removed within one patient, so "
+                   "that the records of one patient never depend on another's: each copy is used as its own record, "
+                   f"and such a scan is protected only as a group of up to {max(map(len, data.shared_content))} "
+                   "records. If it is one scan exported twice, keep one row, under the right patient id")
     if cfg.privacy.dp and n_train and cfg.privacy.delta >= 1.0 / n_train:
         out.append(f"privacy.delta = {cfg.privacy.delta:g} is not below 1/n = 1/{n_train}: "
                    "use a delta well below 1/n (e.g. 1e-5) or distillation will refuse to run")

@@ -86,7 +86,10 @@ def read_manifest(root: Path, manifest_name: str, classes: list[str]) -> tuple[l
     class_index = {c: i for i, c in enumerate(classes)}
     entries: list[ManifestEntry] = []
     bad: list[QuarantineEntry] = []
-    first_row_of: dict[Path, tuple[int, str]] = {}
+    # (patient id, file) -> (first row, its label): rows are compared only within one patient (or the pool of rows
+    # without an id), so one patient's rows never decide another's (`site_data.load_site_data`)
+    first_row_of: dict[tuple[str | None, Path], tuple[int, str]] = {}
+    conflicted: set[tuple[str | None, Path]] = set()  # files listed twice by one patient under two labels
 
     for line, values in rows:
         values = values + [""] * (len(header) - len(values))
@@ -123,22 +126,23 @@ def read_manifest(root: Path, manifest_name: str, classes: list[str]) -> tuple[l
             bad.append(QuarantineEntry(line, path, Reason.MISSING_FILE, f"{where} does not exist",
                                        "restore the file or remove its row"))
             continue
-        if where in first_row_of:
-            first, first_label = first_row_of[where]
+        key = (pid or None, where)
+        if key in first_row_of:
+            first, first_label = first_row_of[key]
+            if first_label != label:
+                conflicted.add(key)
             detail = f"same file as row {first}" + ("" if first_label == label else
                                                      f" with a different label ({first_label!r} vs {label!r})")
             bad.append(QuarantineEntry(line, path, Reason.DUPLICATE_ROW, detail, "list each file once"))
             continue
-        first_row_of[where] = (line, label)
+        first_row_of[key] = (line, label)
         entries.append(ManifestEntry(line, path, where, class_index[label], pid or None))
 
     # a file listed with two different labels: the first row is ambiguous too
-    conflicted = {q.path for q in bad if q.reason == Reason.DUPLICATE_ROW and "different label" in q.detail}
     if conflicted:
-        conflict_files = {resolve_inside(root, p) for p in conflicted}
         keep = []
         for e in entries:
-            if e.file in conflict_files:
+            if (e.patient_id, e.file) in conflicted:
                 bad.append(QuarantineEntry(e.row, e.path, Reason.DUPLICATE_ROW,
                                            "listed again later with a different label",
                                            "keep one row with the correct label"))

@@ -32,6 +32,9 @@ class SiteData:
     unused: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     cache_hits: int = 0
     cache_misses: int = 0
+    # manifest rows of different de-duplication groups (patients) that hold the same scan (same bytes or the same
+    # DICOM object): each is used as its own record, so that scan's content is protected as a group of that size
+    shared_content: list[list[int]] = field(default_factory=list)
 
     def class_counts(self, subset: np.ndarray | None = None) -> dict[str, int]:
         lab = self.labels if subset is None else self.labels[subset]
@@ -44,8 +47,24 @@ def _cached_info(raw: dict) -> ScanInfo:
     return ScanInfo(**{**raw, "original_shape": tuple(raw["original_shape"]), "instances": tuple(raw["instances"])})
 
 
+def dedup_group(patient_id: str | None) -> str | None:
+    """The rows a row is compared with for duplicates: its patient's (one patient id), or the pool of rows without
+    a patient id (None)."""
+    return patient_id
+
+
 def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | None = None) -> SiteData:
     """Load every manifest row of a site; unusable rows are quarantined, never dropped silently.
+
+    Duplicates (the same bytes, or the same DICOM object by SOPInstanceUID) are looked for only within one
+    `dedup_group`: the first row of a scan stays, a later copy is quarantined, and all copies when their labels
+    differ. Which of a patient's rows survive is then a function of that patient's rows alone, so under
+    `privacy.unit: patient` adding or removing a patient never changes another patient's records or chosen scan
+    (neighbouring manifests stay neighbours: a stable transformation, McSherry 2009). Under `privacy.unit: scan`
+    the surviving (image, label) records change by at most one when one row is added or removed, except a second
+    file of the same DICOM object with other bytes, which replaces the first when listed before it: a group of 2.
+    The same scan under two patients (or under a patient and in the pool without ids) stays two records, listed in
+    `shared_content`: its content is protected as a group of that size (`privacy.report.channels`).
 
     `on_record(done, total)` is called after each row (progress bars).
     """
@@ -59,14 +78,17 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     kept: list[int] = []
     infos: list[ScanInfo] = []
     fingerprint = cache.fingerprint if cache else settings_fingerprint(cfg.data)
-    first_of: dict[str, int] = {}  # content key -> position in `kept` of the row that first held those bytes
-    first_instance: dict[str, int] = {}  # SOPInstanceUID digest -> position in `kept` of the row that held it
-    relabelled: set[int] = set()  # positions whose scan comes again later under another label
+    # Rows are compared for duplicates only within one de-duplication group: the rows of one patient (one
+    # patient_id), or the pool of rows without a patient id (`dedup_group`); see `load_site_data`'s docstring.
+    first_of: dict[tuple, int] = {}  # (group, content key) -> position in `kept` of the group's row that held it first
+    first_instance: dict[tuple, int] = {}  # (group, SOPInstanceUID digest) -> position in `kept` of the row holding it
+    any_of: dict[str, int] = {}  # content key -> a position in `kept` holding those bytes (any group): no reload
+    owners: dict[str, dict] = {}  # content key or instance digest -> {group: manifest row}, for `shared_content`
+    relabelled: set[int] = set()  # positions whose scan comes again later in its group under another label
     per_patient = cfg.privacy.unit == "patient"
 
     def duplicate(pos: int, e, what: str) -> RecordRejected:
-        """The same scan exported twice: one record counted twice by the accountant (and perhaps on both sides of
-        the split)."""
+        """The same scan exported twice in one group: one record counted twice by the accountant."""
         first = entries[kept[pos]]
         if first.label != e.label:
             relabelled.add(pos)
@@ -79,21 +101,28 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
                 raise RecordRejected(Reason.NO_PATIENT_ID, "privacy.unit is patient but this row has no patient_id",
                                      "add the patient_id column (the same id for all scans of a patient)")
             key = content_key(e.file, fingerprint, root)
-            if key in first_of:
-                raise duplicate(first_of[key], e, "same content")
-            cached = cache.get(key, _cached_info) if cache else None
-            if cached is not None and cached[0].shape == images.shape[1:]:
-                x, info = cached
+            group = dedup_group(e.patient_id)
+            if (group, key) in first_of:
+                raise duplicate(first_of[(group, key)], e, "same content")
+            if key in any_of:  # the same bytes in another group: a separate record, read once
+                x, info = images[any_of[key]], infos[any_of[key]]
             else:
-                x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
-                if cache:
-                    cache.put(key, x, asdict(info))
-            again = next((first_instance[d] for d in info.instances if d in first_instance), None)
+                cached = cache.get(key, _cached_info) if cache else None
+                if cached is not None and cached[0].shape == images.shape[1:]:
+                    x, info = cached
+                else:
+                    x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
+                    if cache:
+                        cache.put(key, x, asdict(info))
+            again = next((first_instance[(group, d)] for d in info.instances if (group, d) in first_instance), None)
             if again is not None:  # other bytes (re-encoded, re-anonymised), same DICOM object
                 raise duplicate(again, e, "same DICOM object (SOPInstanceUID)")
             images[len(kept)] = x
-            first_instance.update(dict.fromkeys(info.instances, len(kept)))
-            first_of[key] = len(kept)
+            first_instance.update(dict.fromkeys(((group, d) for d in info.instances), len(kept)))
+            first_of[(group, key)] = len(kept)
+            any_of.setdefault(key, len(kept))
+            for k in (key, *info.instances):
+                owners.setdefault(k, {}).setdefault(group, e.row)
             kept.append(i)
             infos.append(info)
         except RecordRejected as r:
@@ -119,6 +148,8 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         images[: len(keep)] = images[keep]
         kept, infos = [kept[p] for p in keep], [infos[p] for p in keep]
     used = [entries[i] for i in kept]
+    used_rows = {e.row for e in used}
+    shared = sorted({tuple(sorted(r for r in by.values() if r in used_rows)) for by in owners.values()})
     labels = np.array([e.label for e in used], dtype=np.int64)
     pids = [e.patient_id for e in used]
     paths = [e.path for e in used]
@@ -130,4 +161,5 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         classes=list(cfg.data.classes), images=images[: len(kept)], labels=labels,
         rows=np.array([e.row for e in used], dtype=np.int64), patient_ids=pids, infos=infos,
         train=train, holdout=holdout, n_rows=n_rows, quarantine=sorted(quarantine, key=lambda q: q.row),
-        cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0, unused=unused)
+        cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0, unused=unused,
+        shared_content=[list(g) for g in shared if len(g) > 1])

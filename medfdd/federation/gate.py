@@ -5,7 +5,9 @@ distance to the closest synthetic image (DCR) and checks AUC (with its per-patie
 significance), TPR at low FPR and a Clopper-Pearson epsilon lower bound (Jagielski et al. 2020) against its
 thresholds with `privacy.audit.gate.check_gate`. A failing set is not offered.
 The pass/fail decision is itself computed from real records without DP: it reveals at most one bit per round (whether
-the site offered), which the site accepts by enabling the gate. The gate's report stays at the site.
+the site offered), which the site accepts by enabling the gate; a failing gate reaches the coordinator as the same
+`site-failed` code as any other failure (`medfdd.federation.failures`; listed in `privacy.report.channels`).
+The gate's report stays at the site.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from pathlib import Path
 from medfdd import __version__
 from medfdd.io import atomic_write_json, atomic_write_text
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome
+from privacy.report.channels import outside_epsilon
 
 FORMAT_VERSION = 1
 AUC_LEAK = 0.6  # an AUC at or above this (and significant, `auc_p_value`) is called measurable leakage
@@ -205,6 +206,8 @@ def report_json(outcome: AuditOutcome) -> dict:
         "utility_per_round": outcome.round_metrics,
         "results": [row_json(r) for r in outcome.rows],
         "notes": outcome.notes,
+        # what epsilon covers, and the data-dependent channels outside it (privacy.report.channels)
+        "outside_epsilon": outside_epsilon([s.privacy_unit for s in outcome.sites.values()]),
     })
 
 

@@ -249,5 +249,22 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
         title = f"{sid}: {len(s.synthetic_labels)} images, epsilon {eps}"
         out.append(f'<img alt="synthetic images of {_e(sid)}" '
                    f'src="{synthetic_grid(s.synthetic_images, s.synthetic_labels, outcome.classes, title)}">')
+    out += outside_epsilon_section(data["outside_epsilon"])
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def outside_epsilon_section(scope: dict) -> list[str]:
+    """What epsilon covers (the neighbouring relation per unit, the group cases) and the data-dependent channels
+    outside it, from report.json's `outside_epsilon` (`privacy.report.channels`)."""
+    out = ["<h2 id=\"outside-epsilon\">What epsilon covers, and what leaves outside it</h2><p>Epsilon protects "
+           "each unit under the neighbouring relation of its <code>privacy.unit</code>:</p><ul>"]
+    out += [f"<li><b>{_e(u)}</b>: {_e(w)}</li>" for u, w in scope["neighbouring"].items()]
+    out.append("</ul><p class=\"muted\">Protected only as a group of records:</p><ul>")
+    out += [f"<li>{_e(g['case'])}: {_e(g['protection'])}</li>" for g in scope["groups"]]
+    out.append("</ul><table><tr><th class=l>channel outside epsilon</th><th class=l>depends on</th>"
+               "<th class=l>size</th><th class=l>mitigation</th></tr>")
+    out += [f"<tr><td class=l>{_e(c['name'])}</td><td class=l>{_e(c['depends_on'])}</td><td class=l>{_e(c['size'])}"
+            f"</td><td class=l>{_e(c['mitigation'])}</td></tr>" for c in scope["channels"]]
+    out.append("</table>")
+    return out

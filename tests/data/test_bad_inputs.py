@@ -98,7 +98,7 @@ def test_broken_files_are_quarantined_with_reasons(site_builder, tmp_path):
     write_dicom(outside, np.ones((4, 4), np.uint8), patient_id="X", rng=rng)
     os.symlink(outside, s.root / "escape.dcm")
     s.add("escape.dcm", "a")
-    s.add("ok/1.dcm", "b")  # duplicate row, same label
+    s.add("ok/1.dcm", "b", "P1")  # duplicate row of the same patient, same label
     s.add("", "a")
     (s.root / "notimage.txt").write_text("hello")
     s.add("notimage.txt", "a")
@@ -134,28 +134,30 @@ def test_conflicting_duplicate_labels_quarantine_both_rows(site_builder):
 
 
 def test_the_same_dicom_object_exported_twice_with_other_bytes_is_one_scan(site_builder):
-    """A re-encoded or re-anonymised copy keeps its SOPInstanceUID: counting it twice would give one scan two
-    records (twice the contribution the accountant assumes) and possibly put it on both sides of the split."""
+    """A re-encoded or re-anonymised copy keeps its SOPInstanceUID: counting it twice within one patient would give
+    one scan two records (twice the contribution the accountant assumes). Under another patient it stays a separate
+    record (one patient's rows never decide another's) and the check names it."""
     import pydicom
 
     s = site_builder()
     original = s.add_dicom("x.dcm", "a", patient_id="P1")
     s.add_dicom("y.dcm", "b", patient_id="P2")
-    for rel, label in (("copy_same_label.dcm", "a"), ("copy_other_label.dcm", "b")):
+    for rel, label, pid in (("copy_same_label.dcm", "a", "P1"), ("copy_other_label.dcm", "b", "P3"),
+                            ("copy_other_label_again.dcm", "a", "P3")):
         ds = pydicom.dcmread(original)
         ds.InstitutionName = f"re-export {rel}"  # other bytes, same object
         ds.save_as(s.root / rel, enforce_file_format=True)
-        s.add(rel, label, "P3")
+        s.add(rel, label, pid)
     cfg_path = s.write()
     report = check_site(cfg_path)
     q = quarantine(cfg_path)
-    assert report.n_used == 1  # only y.dcm: x.dcm's object is listed again under another label
+    assert report.n_used == 2  # x.dcm and y.dcm: P3 lists the object under two labels, P1 twice
     by_path = {e["path"]: e for e in q["entries"]}
-    assert set(by_path) == {"x.dcm", "copy_same_label.dcm", "copy_other_label.dcm"}
+    assert set(by_path) == {"copy_same_label.dcm", "copy_other_label.dcm", "copy_other_label_again.dcm"}
     assert all(e["reason"] == "duplicate_row" for e in by_path.values())
     assert "SOPInstanceUID" in by_path["copy_same_label.dcm"]["detail"] and "row 2" in by_path[
         "copy_same_label.dcm"]["detail"]
-    assert "different label" in by_path["copy_other_label.dcm"]["detail"]
+    assert "different label" in by_path["copy_other_label_again.dcm"]["detail"]
 
 
 def test_a_series_with_a_slice_exported_twice_is_inconsistent(site_builder):

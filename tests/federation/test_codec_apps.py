@@ -21,7 +21,15 @@ def _offer(site_id="hospital-a", round_=1) -> SiteOffer:
                              "labels": to_wire(np.array([0, 1], np.int64))})
 
 
-def test_client_handler_decodes_the_broadcast_and_returns_the_offer(monkeypatch, tmp_path):
+@pytest.fixture
+def site_yaml(site_builder):
+    """A site config that loads (the handlers load it before the site task runs)."""
+    s = site_builder()
+    s.add_dicom("x.dcm", "a")
+    return s.write()
+
+
+def test_client_handler_decodes_the_broadcast_and_returns_the_offer(monkeypatch, site_yaml):
     seen = {}
 
     def fake_make_offer(path, broadcast, *, console=None, no_dp=False):
@@ -30,22 +38,28 @@ def test_client_handler_decodes_the_broadcast_and_returns_the_offer(monkeypatch,
 
     monkeypatch.setattr("medfdd.federation.site.make_offer", fake_make_offer)
     out = client_app.handle(codec.broadcast_to_records(Broadcast(2, b"weights")),
-                            {"site-config": str(tmp_path / "a.yaml")}, console=QUIET)
-    assert seen == {"path": tmp_path / "a.yaml", "broadcast": Broadcast(2, b"weights")}
+                            {"site-config": str(site_yaml)}, console=QUIET)
+    assert seen == {"path": site_yaml, "broadcast": Broadcast(2, b"weights")}
     assert codec.records_to_offer(out).round == 2
 
 
-def test_client_errors_leave_the_site_as_a_class_name_only(monkeypatch, capsys):
+def test_client_errors_leave_the_site_as_a_code_only(monkeypatch, capsys, site_yaml):
     def failing(path, broadcast, **kw):
         raise ValueError("cannot read /data/hospital-a/PA-0042/scan.dcm (PatientName=DOE^JANE)")
 
     monkeypatch.setattr("medfdd.federation.site.make_offer", failing)
     with pytest.raises(client_app.SiteTaskFailed) as e:
-        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {"site-config": "/x.yaml"}, console=QUIET)
-    assert str(e.value) == "ValueError at the site (details in the site's SuperNode log)"
+        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {"site-config": str(site_yaml)}, console=QUIET)
+    assert str(e.value) == "site-failed"
     assert "PA-0042" in capsys.readouterr().err  # the full message stays in the site's own log
-    with pytest.raises(client_app.SiteTaskFailed, match="node config"):
-        client_app.handle(codec.broadcast_to_records(Broadcast(1)), {}, console=QUIET)
+    # failures before any record is read keep a code of their own: it depends on the message or the config only
+    for content, node_config, code in ((codec.broadcast_to_records(Broadcast(1)), {}, "site-not-configured"),
+                                       (codec.broadcast_to_records(Broadcast(1)), {"site-config": "/x.yaml"},
+                                        "site-not-configured"),
+                                       (codec.empty_reply(), {"site-config": str(site_yaml)}, "bad-broadcast")):
+        with pytest.raises(client_app.SiteTaskFailed) as e:
+            client_app.handle(content, node_config, console=QUIET)
+        assert str(e.value) == code
 
 
 class FakeRun:
@@ -127,13 +141,13 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
                                "node-7")}
 
 
-def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monkeypatch, tmp_path):
+def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monkeypatch, site_yaml):
     seen = {}
     monkeypatch.setattr("medfdd.federation.site.receive_final_model",
                         lambda path, final, *, console=None: seen.update(path=path, final=final))
     out = client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"final")),
-                                  {"site-config": str(tmp_path / "a.yaml")}, console=QUIET)
-    assert seen == {"path": tmp_path / "a.yaml", "final": Broadcast(3, b"final")}
+                                  {"site-config": str(site_yaml)}, console=QUIET)
+    assert seen == {"path": site_yaml, "final": Broadcast(3, b"final")}
     assert list(out.keys()) == []  # the site's scores stay at the site
 
     def refusing(path, final, **kw):
@@ -141,9 +155,9 @@ def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monke
 
     monkeypatch.setattr("medfdd.federation.site.receive_final_model", refusing)
     with pytest.raises(client_app.SiteTaskFailed) as e:
-        client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"x")), {"site-config": "/a.yaml"},
+        client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"x")), {"site-config": str(site_yaml)},
                                 console=QUIET)
-    assert str(e.value) == "ValueError at the site (details in the site's SuperNode log)"
+    assert str(e.value) == "site-failed"
 
 
 def test_server_sends_the_final_model_to_the_nodes_that_answered_the_last_round(monkeypatch):

@@ -31,6 +31,7 @@ FLOWER = "tests/integration/test_flower_deployment.py"
 PKI = "tests/federation/test_flower_pki.py"
 CODEC = "tests/federation/test_codec.py"
 APPS = "tests/federation/test_codec_apps.py"
+FAILURES = "tests/federation/test_failure_codes.py"
 
 # Kinds checked by a test of their own (no case table): (section, kind, outcome, "file::test").
 REFERENCES = [
@@ -72,8 +73,8 @@ REFERENCES = [
     ("fault", "coordinator object dropped with round 2 half received", "reopened run resumes round 2; no double "
      "charge; a finished run is not rerun", f"{INPROCESS}::test_killed_mid_round_resumes_after_the_last_finished_"
      "round_without_double_charges"),
-    ("fault", "a site fails (delta above 1/n) in an in-process round", "recorded `site_failed` with the reason; "
-     "the other sites are merged", f"{INPROCESS}::test_round_completes_without_a_failing_site_and_a_hostile_offer"),
+    ("fault", "a site fails (delta above 1/n) in an in-process round", "recorded `site_failed` with the code "
+     "`site-failed` only (no error class or text); the other sites are merged", f"{INPROCESS}::test_round_completes_without_a_failing_site_and_a_hostile_offer"),
     ("fault", "every offer of a round refused", "CoordinatorError, run.json status `failed`",
      f"{INPROCESS}::test_a_round_where_every_offer_is_refused_fails_loudly"),
     ("fault", "a Flower SuperNode that never answers", "left out after `site_timeout_s` as `no_answer`",
@@ -120,8 +121,11 @@ REFERENCES = [
      "each site creates (`output/noise_key`, mode 0600, never sent): same seed, different noise",
      f"{INVARIANTS}::test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed"),
     ("security", "insecure mode", "only with an explicit flag, and loud", f"{PKI}::test_insecure_mode_is_explicit_and_loud"),
-    ("security", "a site's error text on the Flower wire", "only the error's class name leaves the site",
-     f"{APPS}::test_client_errors_leave_the_site_as_a_class_name_only"),
+    ("security", "a site's error text on the Flower wire", "only a fixed code leaves the site (`site-failed` once "
+     "the site config loaded), never the error's class or text", f"{APPS}::test_client_errors_leave_the_site_as_a_code_only"),
+    ("security", "an error caused by the data (delta >= 1/n, empty training split)", "crosses the in-process and "
+     "the Flower path as `site-failed` only", f"{FAILURES}::test_a_data_dependent_site_error_crosses_the_transports_"
+     "as_the_generic_code"),
 ]
 
 

@@ -188,6 +188,7 @@ QUARANTINED_2D = {
     "nul\0name.dcm": ("manifest path holding a NUL character", lambda root, rel, rng: None, "unreadable"),
     "extra_field.dcm": ("manifest row with more fields than columns (unquoted comma)", extra_field, "unreadable"),
 }
+COPIED_PATIENT = {"copy.dcm": "P0", "relabelled_copy.dcm": "P1"}  # the patients of ok/0.dcm and ok/1.dcm
 QUARANTINED_3D = {
     "slice.dcm": ("2D image where the site expects 3D", two_d_in_3d, "wrong_dimensionality"),
     "4d.nii.gz": ("4D NIfTI where the site expects 3D", four_d_in_3d, "wrong_dimensionality"),
@@ -213,7 +214,7 @@ def test_more_broken_files_are_quarantined_with_their_reasons(site_builder, monk
         s.add_dicom(f"ok/{i}.dcm", "ab"[i % 2], patient_id=f"P{i}")
     for rel, (_, make, _) in QUARANTINED_2D.items():
         make(s.root, rel, rng)
-        s.add(rel, "a")
+        s.add(rel, "a", COPIED_PATIENT.get(rel, ""))  # a copy is a duplicate within its patient's rows only
     s.rows[-1].append("surplus")  # extra_field.dcm's row
     assert list(QUARANTINED_2D)[-1] == "extra_field.dcm"
     real_open = builtins.open

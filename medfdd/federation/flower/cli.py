@@ -14,6 +14,7 @@ them stops Flower.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 from pathlib import Path
@@ -115,6 +116,9 @@ def add_site_parser(site) -> None:
     jo.add_argument("--key", type=Path, help="this site's private key (from `medfdd federation keys`)")
     jo.add_argument("--port", type=int, default=9094,
                     help="local port of the SuperNode's own API (default 9094; one per SuperNode on a machine)")
+    jo.add_argument("--reply-after", type=float, metavar="SECONDS",
+                    help="hold every reply until SECONDS after the round's task arrived, so that its time reveals "
+                         "only whether the site's turn took longer (keep it below the coordinator's site_timeout_s)")
     _connection_args(jo)
 
 
@@ -222,7 +226,10 @@ def run_site_join(args, console: Console) -> int:
         raise deploy.FlowerDeployError(str(path), "the path contains a quote or backslash",
                                        "move the site config to a path without them")
     security = _security(args, console)
+    if args.reply_after is not None and not (math.isfinite(args.reply_after) and args.reply_after >= 0):
+        raise deploy.FlowerDeployError("--reply-after", f"{args.reply_after} is not a number of seconds >= 0",
+                                       "pass the seconds after which a round's reply may leave, e.g. 3000")
     argv = deploy.supernode_argv(site_config=path, superlink=args.superlink, security=security,
-                                 private_key=args.key, port=args.port)
+                                 private_key=args.key, port=args.port, reply_after_s=args.reply_after)
     console.print(f"site {cfg.site_id} joining {args.superlink}", highlight=False)
     return _exec(argv, deploy.flower_env(), console)

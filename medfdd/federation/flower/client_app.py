@@ -2,22 +2,27 @@
 last round the final global model in (kept and scored at the site) and an empty reply out.
 
 The site config path comes from the SuperNode's node config (`--node-config 'site-config="/abs/site.yaml"'`,
-set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only the error's class
-name is sent to the coordinator, since an exception message may name local files.
+set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only a code of
+`medfdd.federation.failures.FailureCode`, chosen by the phase that failed and never by the error, is sent to the
+coordinator: an error's class or message may name local files or reveal facts about the records.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from pathlib import Path
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from rich.console import Console
 
+from medfdd.federation.failures import FailureCode, SiteTaskFailed, failing_as, site_task
 from medfdd.federation.flower import codec
 
 NODE_CONFIG_KEY = "site-config"
+REPLY_AFTER_KEY = "reply-after-s"  # optional: hold every reply until this many seconds after the task arrived
 MESSAGE_TYPE = "train.distill"
 FINAL_MESSAGE_TYPE = "evaluate.final_model"  # after the last round: the final global model, kept and scored locally
 log = logging.getLogger("medfdd.site")
@@ -25,16 +30,22 @@ log = logging.getLogger("medfdd.site")
 app = ClientApp()
 
 
-class SiteTaskFailed(Exception):
-    """Raised to Flower instead of the original error: its text is all that leaves the site."""
-
-
 def site_config_path(node_config: dict) -> Path:
     value = node_config.get(NODE_CONFIG_KEY)
     if not isinstance(value, str) or not value:
-        raise SiteTaskFailed(f"the SuperNode has no node config {NODE_CONFIG_KEY!r}; start it with "
-                             "`medfdd site join CONFIG ...`")
+        log.error("the SuperNode has no node config %r; start it with `medfdd site join CONFIG ...`", NODE_CONFIG_KEY)
+        raise SiteTaskFailed(FailureCode.NOT_CONFIGURED)
     return Path(value)
+
+
+def reply_after(node_config: dict) -> float:
+    """Seconds after a task's arrival before its reply may leave (node config `reply-after-s`, set by
+    `medfdd site join --reply-after`; 0 when unset)."""
+    value = node_config.get(REPLY_AFTER_KEY, 0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        log.error("node config %r = %r is not a number of seconds >= 0", REPLY_AFTER_KEY, value)
+        raise SiteTaskFailed(FailureCode.NOT_CONFIGURED)
+    return float(value)
 
 
 def handle(content, node_config: dict, *, console: Console | None = None):
@@ -42,11 +53,13 @@ def handle(content, node_config: dict, *, console: Console | None = None):
     from medfdd.federation.site import make_offer
 
     def task():
-        broadcast = codec.records_to_broadcast(content)
-        offer = make_offer(site_config_path(node_config), broadcast, console=console or Console(stderr=True))
+        with failing_as(FailureCode.BAD_BROADCAST):
+            broadcast = codec.records_to_broadcast(content)
+        path = site_config_path(node_config)
+        offer = site_task(path, lambda: make_offer(path, broadcast, console=console or Console(stderr=True)))
         return codec.offer_to_records(offer)
 
-    return _at_site(task)
+    return _at_site(task, node_config)
 
 
 def handle_final(content, node_config: dict, *, console: Console | None = None):
@@ -54,23 +67,33 @@ def handle_final(content, node_config: dict, *, console: Console | None = None):
     from medfdd.federation.site import receive_final_model
 
     def task():
-        final = codec.records_to_broadcast(content)
-        receive_final_model(site_config_path(node_config), final, console=console or Console(stderr=True))
+        with failing_as(FailureCode.BAD_BROADCAST):
+            final = codec.records_to_broadcast(content)
+        path = site_config_path(node_config)
+        site_task(path, lambda: receive_final_model(path, final, console=console or Console(stderr=True)))
         return codec.empty_reply()
 
-    return _at_site(task)
+    return _at_site(task, node_config)
 
 
-def _at_site(task):
-    """Run a site task; a failure leaves the site as its class name only (the details stay in the site's log)."""
+def _at_site(task, node_config: dict):
+    """Run a site task; a failure leaves the site as its code only (the details stay in the site's log). With
+    `reply-after-s` the reply, offer or code, is held until that long after the task arrived, so its time tells the
+    coordinator only whether the site's turn took longer (the timing channel, `privacy.report.channels`)."""
+    started = time.monotonic()
+    hold = reply_after(node_config)
     try:
         return task()
-    except SiteTaskFailed:
-        raise
-    except Exception as e:  # the full error stays in the site's log; only its class name leaves
-        log.exception("medfdd site task failed")
-        Console(stderr=True).print(f"[bold red]site task failed[/]: {e}", markup=True, highlight=False)
-        raise SiteTaskFailed(f"{type(e).__name__} at the site (details in the site's SuperNode log)") from None
+    except Exception as e:  # the full error stays in the site's log; only the code leaves
+        failed = e if isinstance(e, SiteTaskFailed) else SiteTaskFailed(FailureCode.SITE_FAILED)
+        cause = e.__cause__ if isinstance(e, SiteTaskFailed) else e
+        if cause is not None:
+            log.error("medfdd site task failed (%s)", failed.code, exc_info=cause)
+            Console(stderr=True).print(f"[bold red]site task failed[/] ({failed.code}): {cause}", markup=True,
+                                       highlight=False)
+        raise failed from None
+    finally:
+        time.sleep(max(0.0, started + hold - time.monotonic()))
 
 
 @app.train("distill")

@@ -156,15 +156,18 @@ def superlink_argv(*, host: str = "0.0.0.0", port: int = DEFAULT_PORT, certs: Pa
 
 
 def supernode_argv(*, site_config: Path, superlink: str, security: Security, private_key: Path | None,
-                   port: int = 9094, max_wait_time: float | None = None) -> list[str]:
+                   port: int = 9094, max_wait_time: float | None = None, reply_after_s: float | None = None
+                   ) -> list[str]:
     """flower-supernode for one hospital: dials the SuperLink over TLS, authenticates with the site's private key and
-    passes the site config path to the ClientApp as node config `site-config`."""
+    passes the site config path to the ClientApp as node config `site-config` (and `reply-after-s`: the ClientApp
+    holds each reply until that many seconds after its task arrived)."""
     parse_address(superlink)
     site_config = Path(site_config).resolve()
     if not site_config.is_file():
         raise FlowerDeployError(str(site_config), "site config not found", "pass the site's YAML config")
     argv = [tool("flower-supernode"), "--superlink", superlink, "--port", str(port),
-            "--node-config", f'site-config="{site_config}"']
+            "--node-config", f'site-config="{site_config}"' + (
+                f" reply-after-s={float(reply_after_s)!r}" if reply_after_s is not None else "")]
     if security.insecure:
         argv.append("--insecure")
     else:

@@ -19,6 +19,7 @@ from rich.console import Console
 
 from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
+from medfdd.federation.failures import code_in
 from medfdd.federation.flower import codec
 from medfdd.federation.flower.client_app import FINAL_MESSAGE_TYPE, MESSAGE_TYPE
 
@@ -89,7 +90,8 @@ def run_round(grid: Grid, run, console: Console) -> set[int]:
     for node, reply in answers.items():
         sender = str(node)
         if reply.has_error():
-            run.no_answer(_label(run, sender, names), f"site error: {reply.error.reason}", code=Reason.SITE_FAILED)
+            run.no_answer(_label(run, sender, names), f"site error: {code_in(reply.error.reason)}",
+                          code=Reason.SITE_FAILED)
             continue
         try:
             offer = codec.records_to_offer(reply.content)
@@ -138,7 +140,7 @@ def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> N
     for node, reply in answers.items():
         site = _label(run, str(node), names)
         if reply.has_error():
-            console.print(f"{site} did not take the final model: {reply.error.reason}")
+            console.print(f"{site} did not take the final model: {code_in(reply.error.reason)}")
         else:
             run.delivered(site, final.nbytes())
     console.print(f"final global model delivered to {len(run.final_bytes_down)} of {len(targets)} site(s)")
