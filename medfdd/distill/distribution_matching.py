@@ -15,6 +15,11 @@ Two schedules (`distill.schedule`):
   average of the iterates (`distill.ema`), which averages the noise the updates follow.
 - `interleaved`: `inner_steps` updates right after each paid statistic, each statistic normalised by its own count.
 
+Under `privacy.noise_source: secure` the noise cannot be replayed: an interleaved run, and a decoupled run still
+paying its bank, resume soundly (what they kept was produced only by statistics drawn once; the rest are drawn
+afresh), while a decoupled run interrupted after its first update is refused (`SecureNoiseReplay`): its images follow
+a bank that is not stored, and a new bank would be a second release.
+
 `allocation: evidence` (decoupled only): once the bank is paid, the ipc x classes images are shared among the
 classes by the released class evidence before the first update, so a site spends its images on the classes whose
 noisy means are precise (noise on a class mean scales like 1 / its records) instead of on classes it hardly has.
@@ -30,6 +35,7 @@ import torch
 from medfdd.distill.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
+from medfdd.distill.noise_key import secure_replay_refused
 
 CHUNK = 256
 POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
@@ -92,7 +98,7 @@ class DistributionMatching(Distiller):
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
         return noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
-                                 noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"),
+                                 noise_multiplier=self.plan.noise_multiplier, generator=self.mechanism_rng(t, "noise"),
                                  center=center, count_share=count_share)
 
     def match(self, state: DistillState, net, target: torch.Tensor, usable: torch.Tensor, center,
@@ -132,7 +138,8 @@ class DistributionMatching(Distiller):
     def bank(self, x: torch.Tensor, y: torch.Tensor, init_images: torch.Tensor,
              on_paid: Callable[[int], None] | None = None) -> SignalBank:
         """Pay every planned noisy statistic (the noise of step t is seeded by t: a resumed run recomputes exactly
-        the same releases). Centres come from the initial synthetic images, which hold no real data."""
+        the same releases; under secure noise it draws a new bank, which is sound only while no update has used the
+        old one, see `run`). Centres come from the initial synthetic images, which hold no real data."""
         sums, counts, centers, families = [], [], [], []
         feature_scale = 0.0
         for t in range(self.plan.steps):
@@ -181,8 +188,12 @@ class DistributionMatching(Distiller):
         if not self.decoupled:
             return super().run(x, y, state, on_step)
         state = state or self.init_state()
-        x, y = x.to(self.device), y.to(self.device)
         steps = self.plan.steps
+        if self.secure and state.iteration > steps:  # the images already follow a bank that cannot be redrawn
+            raise secure_replay_refused(f"round {self.round}, update {state.iteration - steps} of {self.updates}",
+                                        "this decoupled run was interrupted after its bank of noisy statistics was "
+                                        "paid and used, and the bank is not stored")
+        x, y = x.to(self.device), y.to(self.device)
 
         def on_paid(t: int) -> None:
             if t >= state.iteration:  # a resumed run recomputes earlier statistics silently
