@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,7 @@ from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start
-from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
+from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create, secure_replay_refused
 from medfdd.distill.record_count import private_record_count
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
@@ -210,7 +210,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
+    paid_before = ledger.find_charge(round_, PURPOSE) is not None
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp, seed=seed)
+    plan = replace(plan, noise_source=cfg.privacy.noise_source)
     fingerprint = _fingerprint(cfg, plan, round_, seed, data.rows[train], start, global_model)
     # write-ahead: the whole planned round is paid for before the first noisy statistic is computed
     ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=round_, purpose=PURPOSE, dp=dp,
@@ -222,6 +224,10 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
     state = _load_checkpoint(ckpt_path, fingerprint, device)
+    if dp and plan.noise_source == "secure" and paid_before and state is None:
+        raise secure_replay_refused(f"{cfg.site_id}: round {round_}", "this round was charged by an earlier run and "
+                                    "has no checkpoint to continue from (it was released, or stopped before its first "
+                                    "checkpoint)")
     resumed_from = state.iteration if state else 0
     total = distiller.total_work
     if state:
