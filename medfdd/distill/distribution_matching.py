@@ -17,8 +17,9 @@ Two schedules (`distill.schedule`):
 
 Under `privacy.noise_source: secure` the noise cannot be replayed: an interleaved run, and a decoupled run still
 paying its bank, resume soundly (what they kept was produced only by statistics drawn once; the rest are drawn
-afresh), while a decoupled run interrupted after its first update is refused (`SecureNoiseReplay`): its images follow
-a bank that is not stored, and a new bank would be a second release.
+afresh). A decoupled run keeps its paid bank in the site-local `secure_store` (one safetensors file, tagged with the
+release) and resumes its updates from it; without that file it is refused (`SecureNoiseReplay`): its images follow
+that bank, and a new bank would be a second release.
 
 `allocation: evidence` (decoupled only): once the bank is paid, the ipc x classes images are shared among the
 classes by the released class evidence before the first update, so a site spends its images on the classes whose
@@ -27,15 +28,20 @@ noisy means are precise (noise on a class mean scales like 1 / its records) inst
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from medfdd.distill.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
 from medfdd.distill.noise_key import secure_replay_refused
+from medfdd.io import atomic_write_bytes
 
 CHUNK = 256
 POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
@@ -58,8 +64,33 @@ class SignalBank:
         usable = self.pooled_counts >= 1.0
         return self.sums[s] / (self.feature_scale * self.pooled_counts.clamp(min=1.0)).unsqueeze(1), usable
 
+    def save(self, path: Path, tag: str) -> None:
+        """Keep the bank at the site (safetensors, atomically), tagged with the release it belongs to."""
+        tensors = {"pooled_counts": self.pooled_counts.cpu().contiguous()}
+        tensors.update({f"sums.{s}": v.cpu().contiguous() for s, v in enumerate(self.sums)})
+        tensors.update({f"centers.{s}": c.cpu().contiguous() for s, c in enumerate(self.centers) if c is not None})
+        meta = {"tag": tag, "steps": str(len(self.sums)), "families": json.dumps(self.families),
+                "feature_scale": repr(self.feature_scale)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path, tag: str, steps: int, device: torch.device) -> SignalBank | None:
+        """The bank kept at `path` for release `tag` with `steps` statistics, or None (missing, unreadable, other)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("tag") != tag or meta.get("steps") != str(steps):
+                    return None
+                t = {k: f.get_tensor(k).to(device) for k in f.keys()}
+            return cls([t[f"sums.{s}"] for s in range(steps)], t["pooled_counts"],
+                       [t.get(f"centers.{s}") for s in range(steps)], json.loads(meta["families"]),
+                       float(meta["feature_scale"]))
+        except Exception:
+            return None
+
 
 class DistributionMatching(Distiller):
+    secure_store: tuple[Path, str] | None = None  # (file, release tag): where a secure-noise run keeps its paid bank
     @property
     def decoupled(self) -> bool:
         return self.cfg.schedule == "decoupled"
@@ -189,10 +220,13 @@ class DistributionMatching(Distiller):
             return super().run(x, y, state, on_step)
         state = state or self.init_state()
         steps = self.plan.steps
+        kept = None
         if self.secure and state.iteration > steps:  # the images already follow a bank that cannot be redrawn
-            raise secure_replay_refused(f"round {self.round}, update {state.iteration - steps} of {self.updates}",
-                                        "this decoupled run was interrupted after its bank of noisy statistics was "
-                                        "paid and used, and the bank is not stored")
+            kept = self.secure_store and SignalBank.load(*self.secure_store, steps, self.device)
+            if kept is None:
+                raise secure_replay_refused(f"round {self.round}, update {state.iteration - steps} of {self.updates}",
+                                            "this decoupled run was interrupted after its bank of noisy statistics "
+                                            "was paid and used, and that bank is not kept at the site")
         x, y = x.to(self.device), y.to(self.device)
 
         def on_paid(t: int) -> None:
@@ -201,7 +235,9 @@ class DistributionMatching(Distiller):
                 if on_step:
                     on_step(state, float("nan"))
 
-        bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
+        bank = kept if kept is not None else self.bank(x, y, self.init_state().images.detach(), on_paid)
+        if self.secure and kept is None and self.secure_store is not None:
+            bank.save(*self.secure_store)
         state.counts_sum = bank.pooled_counts * steps
         if self.cfg.allocation == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
             self.allocate(state)

@@ -223,6 +223,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=seed, round_=round_,
         device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
+    bank_path = ckpt_path.with_name(f"round-{round_}-bank.safetensors")  # secure noise: the paid bank, kept
+    distiller.secure_store = (bank_path, fingerprint)
     state = _load_checkpoint(ckpt_path, fingerprint, device)
     if dp and plan.noise_source == "secure" and paid_before and state is None:
         raise secure_replay_refused(f"{cfg.site_id}: round {round_}", "this round was charged by an earlier run and "
@@ -281,6 +283,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     if len(cfg.data.spatial_size) == 3:
         save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images)
     ckpt_path.unlink(missing_ok=True)
+    bank_path.unlink(missing_ok=True)
     console.print(f"[green]wrote[/] {npz} ({len(images)} images, {eps_text}, last loss {last['loss']:.4f})")
     return DistillOutcome(npz, meta, resumed_from)
 

@@ -13,7 +13,7 @@ from sklearn.datasets import load_digits
 from medfdd.config import DistillConfig, load_site_config
 from medfdd.distill import mechanism
 from medfdd.distill.base import PrivacyPlan
-from medfdd.distill.distribution_matching import DistributionMatching
+from medfdd.distill.distribution_matching import DistributionMatching, SignalBank
 from medfdd.distill.mechanism import SECURE, box_muller, noisy_class_stats, standard_normal, uniforms
 from medfdd.distill.noise_key import SecureNoiseReplay
 from medfdd.distill.record_count import COUNT_FILE, private_record_count
@@ -107,14 +107,16 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("schedule,stop_at,resumes", [("interleaved", 2, True), ("decoupled", 2, True),
-                                                      ("decoupled", 6, False)])
-def test_a_secure_run_resumes_only_where_nothing_kept_depends_on_lost_noise(schedule, stop_at, resumes):
+@pytest.mark.parametrize("schedule,stop_at", [("interleaved", 2), ("decoupled", 2), ("decoupled", 6)])
+def test_a_secure_run_resumes_only_where_nothing_kept_depends_on_lost_noise(schedule, stop_at, tmp_path):
     """Interleaved (and decoupled still paying its bank, 4 statistics): the state holds only what statistics drawn
-    once produced, so the run continues. Decoupled after its first update (6 > 4): the images follow a bank that is
-    gone, and a new bank would be a second release: refused before anything is drawn."""
+    once produced, so the run continues. Decoupled after its first update (6 > 4): the images follow the paid bank,
+    so the run continues from the bank it kept, and is refused (before anything is drawn) without it or with another
+    release's bank: a new bank would be a second release."""
     x, y = _digits()
+    store = (tmp_path / "bank.safetensors", "release-a")
     d = _dm(schedule, "secure")
+    d.secure_store = store
     state = d.init_state()
 
     def stop(st, _loss):
@@ -123,14 +125,32 @@ def test_a_secure_run_resumes_only_where_nothing_kept_depends_on_lost_noise(sche
 
     with pytest.raises(_Stop):
         d.run(x, y, state, on_step=stop)
+    before = (state.images.detach().clone(), state.iteration)
+    if stop_at > 4:
+        for other in (None, (store[0], "release-b"), (tmp_path / "missing.safetensors", store[1])):
+            resumed = _dm(schedule, "secure")
+            resumed.secure_store = other
+            with pytest.raises(SecureNoiseReplay, match="second release"):
+                resumed.run(x, y, state)
+            assert torch.equal(state.images.detach(), before[0]) and state.iteration == before[1]
     resumed = _dm(schedule, "secure")
-    if resumes:
-        assert resumed.run(x, y, state).iteration == resumed.total_work
-    else:
-        before = state.images.detach().clone()
-        with pytest.raises(SecureNoiseReplay, match="second release"):
-            resumed.run(x, y, state)
-        assert torch.equal(state.images.detach(), before) and state.iteration == stop_at
+    resumed.secure_store = store
+    assert resumed.run(x, y, state).iteration == resumed.total_work
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_a_kept_bank_comes_back_exactly(center, tmp_path):
+    x, y = _digits()
+    d = _dm("decoupled", "secure")
+    d.cfg = d.cfg.model_copy(update={"center": center})
+    bank = d.bank(x, y, d.init_state().images.detach())
+    bank.save(tmp_path / "bank.safetensors", "release-a")
+    back = SignalBank.load(tmp_path / "bank.safetensors", "release-a", 4, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(bank.sums, back.sums, strict=True))
+    assert torch.equal(bank.pooled_counts, back.pooled_counts) and bank.families == back.families
+    assert bank.feature_scale == back.feature_scale and (bank.centers[0] is None) == (not center)
+    assert all(a is b is None or torch.equal(a, b) for a, b in zip(bank.centers, back.centers, strict=True))
+    assert SignalBank.load(tmp_path / "bank.safetensors", "release-a", 5, torch.device("cpu")) is None
 
 
 # ------------------------------------------------------------------ the site runner
@@ -169,7 +189,8 @@ def test_a_released_secure_round_is_never_drawn_again(site_builder):
 
 def test_an_interrupted_secure_round_resumes_from_its_checkpoint_or_not_at_all(site_builder):
     """Interleaved: stopped at step 2, the round resumes from its checkpoint without a second charge. Decoupled,
-    stopped in its update phase: refused, and still refused with the checkpoint deleted (never a fresh draw)."""
+    stopped in its update phase: resumes from the bank it kept, refused without it; once released, refused even
+    with the artifact deleted (never a fresh draw)."""
     path, out = _secure_site(site_builder, schedule="interleaved")
     distill_site(path, console=_quiet(), stop_after=2)
     ledger = (out / "privacy_ledger.json").read_bytes()
@@ -178,12 +199,17 @@ def test_an_interrupted_secure_round_resumes_from_its_checkpoint_or_not_at_all(s
 
     path, out = _secure_site(site_builder, "out-decoupled", schedule="decoupled", inner_steps=2)
     distill_site(path, console=_quiet(), stop_after=6)  # 4 paid statistics, then 2 of 8 updates
-    with pytest.raises(SecureNoiseReplay, match="bank"):
+    bank = out / "checkpoints" / "round-1-bank.safetensors"
+    kept = bank.read_bytes()
+    bank.unlink()
+    with pytest.raises(SecureNoiseReplay, match="not kept"):
         distill_site(path, console=_quiet())
-    (out / "checkpoints" / "round-1.safetensors").unlink()
+    bank.write_bytes(kept)
+    assert distill_site(path, console=_quiet()).resumed_from == 6
+    assert (out / "synthetic.npz").is_file() and not bank.exists()
+    (out / "synthetic.npz").unlink()
     with pytest.raises(SecureNoiseReplay, match="no checkpoint"):
         distill_site(path, console=_quiet())
-    assert not (out / "synthetic.npz").exists()
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # a count noise of 1e5 costs ~0
