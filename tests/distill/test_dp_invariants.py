@@ -487,12 +487,12 @@ def test_an_evidence_allocated_warm_start_is_refitted_to_this_rounds_evidence():
                         allocation="evidence")
     labels = torch.tensor([0] * 11 + [3] * 9)  # last round's allocation
     previous = torch.arange(20, dtype=torch.float32).view(20, 1, 1, 1).expand(20, 1, 8, 8) / 20
-    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 0.3, 3, 1.0), num_classes=10, image_shape=(1, 8, 8),
+    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 1.0, 3, 1.0), num_classes=10, image_shape=(1, 8, 8),
                              seed=0, round_=2, start=WarmStart(previous, labels))
     x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(200) % 10  # now every class has 20 records
+    y = torch.arange(200) % 10  # now every class has 20 records (q = 1: the evidence is exactly 20 each)
     state = d.run(x, y)
-    counts = evidence_allocation(d.class_evidence(state), 0.3, 20)
+    counts = evidence_allocation(d.class_evidence(state), 1.0, 20)
     assert torch.bincount(state.labels, minlength=10).tolist() == counts == [2] * 10
     images = state.result()
     # lr 1e-12 moves a pixel by ~1e-8 at most (allclose's default atol would be a coin flip); the previous images
