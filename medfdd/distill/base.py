@@ -13,6 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -123,6 +124,9 @@ def fast_bf16(device: torch.device) -> bool:
 
 class Distiller(ABC):
     """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
+
+    secure_store: tuple[Path, str] | None = None  # (site-local file, release tag): where a secure-noise run keeps
+    # paid draws that a resume cannot redraw (decoupled DM: its bank); None: nothing kept, such a resume is refused
 
     def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
                  seed: int, round_: int = 1, device: torch.device | None = None,

@@ -90,7 +90,6 @@ class SignalBank:
 
 
 class DistributionMatching(Distiller):
-    secure_store: tuple[Path, str] | None = None  # (file, release tag): where a secure-noise run keeps its paid bank
     @property
     def decoupled(self) -> bool:
         return self.cfg.schedule == "decoupled"

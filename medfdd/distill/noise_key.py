@@ -9,7 +9,8 @@ without a second charge), while nobody without the key can regenerate the noise 
 The generators themselves are torch's (Mersenne Twister, 64-bit seeds per step and stream), not a cryptographic
 RNG: the same standard as Opacus without ``secure_mode``. ``privacy.noise_source: secure`` takes the Poisson samples
 and the Gaussian noise from the operating system's CSPRNG instead (``mechanism.SECURE``); those draws cannot be
-replayed, so a charged round runs at most once (``SecureNoiseReplay``).
+replayed, so a charged round is drawn at most once: it continues only from what it kept (checkpoint, bank), else
+it is refused (``SecureNoiseReplay``).
 """
 
 from __future__ import annotations

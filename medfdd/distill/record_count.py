@@ -7,8 +7,8 @@ changes n by one; Dwork & Roth 2014, Thm A.1), charged to the ledger as one step
 rate 1, and derives q = batch_size / n~. Choosing q from an earlier DP release is adaptive composition, which the
 accountant covers (Mironov 2017, Prop. 1). The estimate is paid once and reused by every round (post-processing).
 The noise is numpy's float64 normal (ziggurat over 64-bit draws with Marsaglia's tail method: not truncated at any
-float32 limit) from the keyed seed, or under `privacy.noise_source: secure` a float64 normal from OS randomness (`mechanism.SECURE`), which a lost
-`record_count.json` cannot replay once a round has used the estimate.
+float32 limit) from the keyed seed, or under `privacy.noise_source: secure` a float64 normal from OS randomness
+(`mechanism.SECURE`), which a lost `record_count.json` cannot replay once a round has used the estimate.
 """
 
 from __future__ import annotations
