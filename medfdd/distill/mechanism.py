@@ -79,7 +79,8 @@ class OSRandom:
     """The `secure` noise source (`privacy.noise_source: secure`): every uniform is read from the operating system's
     CSPRNG (`os.urandom`), so no seed, key or state can replay or predict a draw. It does not make floating-point
     sampling exact (Mironov 2012); like Opacus's `secure_mode`, each normal is the sum of 4 draws, halved, the
-    mitigation of floating-point attacks on Gaussian noise that Opacus cites (Holohan & Braghin 2021)."""
+    mitigation of floating-point attacks on Gaussian noise that Opacus cites (Holohan & Braghin 2021, arXiv
+    2107.10138, Sec. 5.1; Haney et al. 2022, arXiv 2112.05307)."""
 
     def __repr__(self) -> str:
         return "OSRandom()"
