@@ -25,8 +25,9 @@ from medfdd.nets import ConvNet
 NPZ_KEYS = ("images", "labels")
 META_KEYS = ("site_id", "round", "method", "ipc", "classes", "spatial_size", "channels", "epsilon", "epsilon_round",
              "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "clip_norm", "dp", "medfdd_version",
-             "class_evidence", "allocation", "privacy_unit")
+             "class_evidence", "allocation", "privacy_unit", "noise_source")
 # privacy_unit: what epsilon protects, `scan` or `patient` (absent in artifacts of medfdd before it: scan);
+# noise_source: `keyed` (the site's noise key) or `secure` (OS randomness; absent before it: keyed);
 # class_evidence: noisy counts / sample rate, post-processing of the paid release; allocation: `evidence` when the
 # images per class were shared by that evidence (absent otherwise)
 

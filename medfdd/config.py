@@ -111,6 +111,11 @@ class PrivacyConfig(_Strict):
         "scan", description="what epsilon protects: `scan` (each scan; a patient with k training scans is protected "
         "only as a group of k) or `patient` (each training patient contributes one scan, chosen by a hash of the "
         "patient's own rows; needs a patient_id on every manifest row, rows without one are quarantined)")
+    noise_source: Literal["keyed", "secure"] = Field(
+        "keyed", description="where the Gaussian noise and the Poisson samples come from: `keyed` (float64 draws "
+        "from torch generators keyed by the site's secret noise key: a resumed or repeated round replays them "
+        "exactly) or `secure` (53-bit uniforms from the operating system's CSPRNG, never reproducible: an interrupted "
+        "round resumes only from its checkpoint, and a finished round is never run again)")
 
     @field_validator("epsilon")
     @classmethod

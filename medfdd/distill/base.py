@@ -2,7 +2,9 @@
 
 Every step t draws its randomness (matching network, Poisson sample, augmentation, noise) from generators seeded
 by (seed, round, t, stream), so a run resumed from a checkpoint replays exactly what the uninterrupted run does.
-Under DP the synthetic images start from noise (never from real records).
+Under `noise_source: secure` the mechanism's own draws (Poisson sample and noise) come from the operating system
+instead (`mechanism.SECURE`) and are never replayed. Under DP the synthetic images start from noise (never from
+real records).
 """
 
 from __future__ import annotations
@@ -11,12 +13,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from medfdd.config import DistillConfig
 from medfdd.distill.augment import FAMILIES, augment
+from medfdd.distill.mechanism import SECURE, Rng, uniforms
 from medfdd.nets import ConvNet, convnet_for
 
 STREAMS = {"net": 0, "sample": 1, "augment_real": 2, "augment_syn": 3, "noise": 4, "init": 5, "pick": 6}
@@ -31,6 +35,7 @@ class PrivacyPlan:
     sample_rate: float
     steps: int
     clip_norm: float
+    noise_source: str = "keyed"  # `privacy.noise_source`: "keyed" or "secure" (the sample and noise from the OS)
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ def fast_bf16(device: torch.device) -> bool:
 class Distiller(ABC):
     """Template: subclasses implement `step` (one paid noisy statistic + `inner_steps` synthetic updates)."""
 
+    secure_store: tuple[Path, str] | None = None  # (site-local file, release tag): where a secure-noise run keeps
+    # paid draws that a resume cannot redraw (decoupled DM: its bank); None: nothing kept, such a resume is refused
+
     def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
                  seed: int, round_: int = 1, device: torch.device | None = None,
                  matching_net: ConvNet | None = None, start: WarmStart | None = None):
@@ -152,6 +160,15 @@ class Distiller(ABC):
     def g(self, t: int, stream: str) -> torch.Generator:
         return generator(self.seed, self.round, t, stream)
 
+    @property
+    def secure(self) -> bool:
+        return self.plan.noise_source == "secure"
+
+    def mechanism_rng(self, t: int, stream: str) -> Rng:
+        """The source of step t's Poisson sample ("sample") or Gaussian noise ("noise"): its keyed generator, or
+        the operating system's CSPRNG under `noise_source: secure`."""
+        return SECURE if self.secure else self.g(t, stream)
+
     def init_state(self) -> DistillState:
         """Noise initialisation (invariant 2): N(0.5, 0.2^2) clipped to [0, 1]; no real pixel is used. A warm start
         (rounds >= 2) begins from the site's own previous release instead: DP output, so post-processing that
@@ -182,8 +199,9 @@ class Distiller(ABC):
         return net.eval()
 
     def poisson_sample(self, n: int, t: int) -> torch.Tensor:
-        """Indices of a Poisson sample: each record independently with probability sample_rate."""
-        mask = torch.rand(n, generator=self.g(t, "sample")) < self.plan.sample_rate
+        """Indices of a Poisson sample: each record independently with probability sample_rate (a float64 uniform
+        below q: a float32 one would realise a rate up to 2^-24 away from the q that was accounted)."""
+        mask = uniforms(n, self.mechanism_rng(t, "sample")) < self.plan.sample_rate
         return mask.nonzero().squeeze(1)
 
     def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

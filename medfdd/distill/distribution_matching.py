@@ -15,6 +15,12 @@ Two schedules (`distill.schedule`):
   average of the iterates (`distill.ema`), which averages the noise the updates follow.
 - `interleaved`: `inner_steps` updates right after each paid statistic, each statistic normalised by its own count.
 
+Under `privacy.noise_source: secure` the noise cannot be replayed: an interleaved run, and a decoupled run still
+paying its bank, resume soundly (what they kept was produced only by statistics drawn once; the rest are drawn
+afresh). A decoupled run keeps its paid bank in the site-local `secure_store` (one safetensors file, tagged with the
+release) and resumes its updates from it; without that file it is refused (`SecureNoiseReplay`): its images follow
+that bank, and a new bank would be a second release.
+
 `allocation: evidence` (decoupled only): once the bank is paid, the ipc x classes images are shared among the
 classes by the released class evidence before the first update, so a site spends its images on the classes whose
 noisy means are precise (noise on a class mean scales like 1 / its records) instead of on classes it hardly has.
@@ -22,14 +28,20 @@ noisy means are precise (noise on a class mean scales like 1 / its records) inst
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save
 
 from medfdd.distill.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
+from medfdd.distill.noise_key import secure_replay_refused
+from medfdd.io import atomic_write_bytes
 
 CHUNK = 256
 POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
@@ -51,6 +63,30 @@ class SignalBank:
         expected count, both released values, so this is post-processing."""
         usable = self.pooled_counts >= 1.0
         return self.sums[s] / (self.feature_scale * self.pooled_counts.clamp(min=1.0)).unsqueeze(1), usable
+
+    def save(self, path: Path, tag: str) -> None:
+        """Keep the bank at the site (safetensors, atomically), tagged with the release it belongs to."""
+        tensors = {"pooled_counts": self.pooled_counts.cpu().contiguous()}
+        tensors.update({f"sums.{s}": v.cpu().contiguous() for s, v in enumerate(self.sums)})
+        tensors.update({f"centers.{s}": c.cpu().contiguous() for s, c in enumerate(self.centers) if c is not None})
+        meta = {"tag": tag, "steps": str(len(self.sums)), "families": json.dumps(self.families),
+                "feature_scale": repr(self.feature_scale)}
+        atomic_write_bytes(path, save(tensors, metadata=meta))
+
+    @classmethod
+    def load(cls, path: Path, tag: str, steps: int, device: torch.device) -> SignalBank | None:
+        """The bank kept at `path` for release `tag` with `steps` statistics, or None (missing, unreadable, other)."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("tag") != tag or meta.get("steps") != str(steps):
+                    return None
+                t = {k: f.get_tensor(k).to(device) for k in f.keys()}
+            return cls([t[f"sums.{s}"] for s in range(steps)], t["pooled_counts"],
+                       [t.get(f"centers.{s}") for s in range(steps)], json.loads(meta["families"]),
+                       float(meta["feature_scale"]))
+        except Exception:
+            return None
 
 
 class DistributionMatching(Distiller):
@@ -92,7 +128,7 @@ class DistributionMatching(Distiller):
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
         return noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
-                                 noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"),
+                                 noise_multiplier=self.plan.noise_multiplier, generator=self.mechanism_rng(t, "noise"),
                                  center=center, count_share=count_share)
 
     def match(self, state: DistillState, net, target: torch.Tensor, usable: torch.Tensor, center,
@@ -132,7 +168,8 @@ class DistributionMatching(Distiller):
     def bank(self, x: torch.Tensor, y: torch.Tensor, init_images: torch.Tensor,
              on_paid: Callable[[int], None] | None = None) -> SignalBank:
         """Pay every planned noisy statistic (the noise of step t is seeded by t: a resumed run recomputes exactly
-        the same releases). Centres come from the initial synthetic images, which hold no real data."""
+        the same releases; under secure noise it draws a new bank, which is sound only while no update has used the
+        old one, see `run`). Centres come from the initial synthetic images, which hold no real data."""
         sums, counts, centers, families = [], [], [], []
         feature_scale = 0.0
         for t in range(self.plan.steps):
@@ -181,8 +218,15 @@ class DistributionMatching(Distiller):
         if not self.decoupled:
             return super().run(x, y, state, on_step)
         state = state or self.init_state()
-        x, y = x.to(self.device), y.to(self.device)
         steps = self.plan.steps
+        kept = None
+        if self.secure and state.iteration > steps:  # the images already follow a bank that cannot be redrawn
+            kept = self.secure_store and SignalBank.load(*self.secure_store, steps, self.device)
+            if kept is None:
+                raise secure_replay_refused(f"round {self.round}, update {state.iteration - steps} of {self.updates}",
+                                            "this decoupled run was interrupted after its bank of noisy statistics "
+                                            "was paid and used, and that bank is not kept at the site")
+        x, y = x.to(self.device), y.to(self.device)
 
         def on_paid(t: int) -> None:
             if t >= state.iteration:  # a resumed run recomputes earlier statistics silently
@@ -190,7 +234,9 @@ class DistributionMatching(Distiller):
                 if on_step:
                     on_step(state, float("nan"))
 
-        bank = self.bank(x, y, self.init_state().images.detach(), on_paid)
+        bank = kept if kept is not None else self.bank(x, y, self.init_state().images.detach(), on_paid)
+        if self.secure and kept is None and self.secure_store is not None:
+            bank.save(*self.secure_store)
         state.counts_sum = bank.pooled_counts * steps
         if self.cfg.allocation == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
             self.allocate(state)

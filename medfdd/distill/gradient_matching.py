@@ -35,7 +35,7 @@ from opacus import GradSampleModule
 from torch import nn
 
 from medfdd.distill.base import Distiller, DistillState
-from medfdd.distill.mechanism import NoisyClassStats, noisy_class_stats
+from medfdd.distill.mechanism import NoisyClassStats, Rng, noisy_class_stats
 from medfdd.nets import quiet_backward_hooks
 
 GRAD_SAMPLE_FLOATS = 2**24  # per-example gradient floats held by Opacus per chunk (64 MB in fp32)
@@ -84,7 +84,7 @@ def per_example_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c
 
 
 def class_gradient_stats(net: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, *, clip_norm: float,
-                         noise_multiplier: float, generator: torch.Generator | None,
+                         noise_multiplier: float, generator: Rng,
                          chunk: int | None = None) -> NoisyClassStats:
     """The released statistic of one step for the (already sampled and augmented) records x, y: per-class noisy sums
     of unit-normalised per-example gradients scaled to c_feat, plus private counts (noise_multiplier 0 = exact)."""
@@ -132,7 +132,7 @@ class GradientMatching(Distiller):
         idx = self.poisson_sample(len(x), t).to(x.device)
         xb = self.augment(x[idx], self.g(t, "augment_real"))
         return class_gradient_stats(net, xb, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
-                                    noise_multiplier=self.plan.noise_multiplier, generator=self.g(t, "noise"))
+                                    noise_multiplier=self.plan.noise_multiplier, generator=self.mechanism_rng(t, "noise"))
 
     def step(self, state: DistillState, x: torch.Tensor, y: torch.Tensor, t: int) -> float:
         net = trainable_copy(self.network(t))

@@ -7,7 +7,10 @@ operating system (``secrets.token_bytes``) once, at ``output/noise_key`` (mode 0
 the distiller's generators are seeded by a digest of (key, seed): a rerun at the same site replays exactly (resume
 without a second charge), while nobody without the key can regenerate the noise or the Poisson samples.
 The generators themselves are torch's (Mersenne Twister, 64-bit seeds per step and stream), not a cryptographic
-RNG: the same standard as Opacus without ``secure_mode``.
+RNG: the same standard as Opacus without ``secure_mode``. ``privacy.noise_source: secure`` takes the Poisson samples
+and the Gaussian noise from the operating system's CSPRNG instead (``mechanism.SECURE``); those draws cannot be
+replayed, so a charged round is drawn at most once: it continues only from what it kept (checkpoint, bank), else
+it is refused (``SecureNoiseReplay``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,22 @@ KEY_BYTES = 32
 
 class NoiseKeyError(MedfddError):
     """The site's noise key exists but is not a key (wrong size, unreadable)."""
+
+
+class SecureNoiseReplay(MedfddError):
+    """A release under `noise_source: secure` would be drawn a second time under the charge of the first: its noise
+    comes from OS randomness, so unlike keyed noise it cannot be replayed, and a second draw is a second release."""
+
+
+NEXT_ROUND = ("leave this round as it is (its charge stays spent) and run the next round, a new release paid from the "
+              "budget (plan it with privacy.rounds); keyed noise (privacy.noise_source: keyed) lets an interrupted "
+              "round resume at any step")
+
+
+def secure_replay_refused(where: str, what: str, fix: str = NEXT_ROUND) -> SecureNoiseReplay:
+    """The error for a charged secure-noise release that cannot continue; `what`: why its draws are gone."""
+    return SecureNoiseReplay(where, f"{what}; under privacy.noise_source: secure its noise cannot be replayed, and "
+                             "new noise under the same charge would be a second release nobody paid for", fix)
 
 
 def load_or_create(path: Path) -> bytes:

@@ -6,6 +6,9 @@ n~ = round(n + N(0, s^2)) instead, through the Gaussian mechanism with sensitivi
 changes n by one; Dwork & Roth 2014, Thm A.1), charged to the ledger as one step of noise multiplier s at sampling
 rate 1, and derives q = batch_size / n~. Choosing q from an earlier DP release is adaptive composition, which the
 accountant covers (Mironov 2017, Prop. 1). The estimate is paid once and reused by every round (post-processing).
+The noise is numpy's float64 normal (ziggurat over 64-bit draws with Marsaglia's tail method: not truncated at any
+float32 limit) from the keyed seed, or under `privacy.noise_source: secure` a float64 normal from OS randomness
+(`mechanism.SECURE`), which a lost `record_count.json` cannot replay once a round has used the estimate.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from medfdd.config import SiteConfig
+from medfdd.distill.mechanism import SECURE, standard_normal
+from medfdd.distill.noise_key import secure_replay_refused
 from medfdd.io import atomic_write_json
 from privacy.accounting import Charge, PrivacyLedger
 
@@ -45,6 +50,8 @@ def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed
 
     Reused from `record_count.json` once paid. A lost file is recomputed from the same keyed noise and the same
     charge; if the records changed meanwhile, the ledger refuses the second, different release (ChargeConflict).
+    Under secure noise a lost file is redrawn only while no other charge exists (the lost draw was never used), and
+    refused (SecureNoiseReplay) once a round's sample rate may have published it.
     """
     sigma = float(cfg.privacy.count_noise)
     path = cfg.output_dir / COUNT_FILE
@@ -52,10 +59,16 @@ def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed
         stored = _stored(path, sigma)
         if stored is not None:
             return stored
+        if cfg.privacy.noise_source == "secure" and any(e.purpose != COUNT_PURPOSE for e in ledger.entries):
+            raise secure_replay_refused(str(path), "the paid record count is missing or unreadable although a "
+                                        "round already used it", "restore record_count.json from the site's backup")
     # the ledger may travel with the run directory: the secret-keyed seed keeps n from being brute-forced from this
     release = hashlib.blake2b(json.dumps([n, sigma, str(seed)]).encode(), digest_size=16).hexdigest()
     ledger.charge(Charge(sigma, 1.0, 1, round=COUNT_ROUND, purpose=COUNT_PURPOSE, release=release))  # write-ahead
-    estimate = noisy_count(n, sigma, seed)
+    if cfg.privacy.noise_source == "secure":
+        estimate = max(1, int(round(n + sigma * float(standard_normal((1,), SECURE)[0]))))
+    else:
+        estimate = noisy_count(n, sigma, seed)
     atomic_write_json(path, {"site_id": cfg.site_id, "n_estimate": estimate, "noise_std": sigma,
                              "note": "differentially private estimate of the training records (Gaussian mechanism); "
                                      "the true count is not stored"})

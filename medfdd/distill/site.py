@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import platform
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from medfdd.config import SiteConfig, load_site_config
 from medfdd.data.check import load_with_progress
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
-from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
+from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create, secure_replay_refused
 from medfdd.distill.record_count import COUNT_FILE, private_record_count
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
@@ -105,12 +105,16 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     The sample rate is `distill.sample_rate` when set (it discloses nothing of n), else batch_size / n~ with n~ the
     DP record count (`privacy.count_noise`, on by default; paid here, once, with noise keyed by `seed`): the mechanism
     that runs is then chosen by a charged release only, so the add/remove-one guarantee holds (DESIGN invariant 8).
-    With `count_noise: null` n counts as public and batch_size / n discloses it. The delta < 1/n check reads the
-    same public or DP count, never the raw n.
+    With `count_noise: null` n counts as public and batch_size / n discloses it. A delta not below 1/n is refused
+    before anything is charged (a data-dependent refusal: it leaves the site only as the generic `site-failed` code,
+    one of the channels the privacy officer's guide lists).
     """
     steps = cfg.distill.iterations
     if not dp:
         return PrivacyPlan(False, 0.0, cfg.distill.sample_rate_for(n_train), steps, cfg.distill.clip_norm)
+    if cfg.privacy.delta >= 1.0 / n_train:  # refused before any charge; leaves only as the site-failed code
+        raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
+                           f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
     paid = ledger.find_charge(round_, PURPOSE)
     if paid is not None:  # resumed or repeated round: same plan as was paid for
         return PrivacyPlan(True, paid.noise_multiplier, paid.sample_rate, paid.steps, cfg.distill.clip_norm)
@@ -121,10 +125,6 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
                              "plan more rounds before the first one (privacy.rounds) or agree a new budget")
     private_n = cfg.privacy.count_noise is not None and cfg.distill.sample_rate is None
     n = private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train
-    if cfg.privacy.delta >= 1.0 / n:
-        raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
-                           f"1/{n} (n = {'the DP estimate of the ' if private_n else ''}training records)",
-                           "set privacy.delta well below 1/n, e.g. 1e-5")
     q = cfg.distill.sample_rate_for(n)
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
@@ -317,7 +317,9 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     start = _previous_release(cfg, round_, shape, console)
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
+    paid_before = ledger.find_charge(round_, PURPOSE) is not None
     plan = plan_privacy(cfg, ledger, n_train=len(train), round_=round_, dp=dp, seed=seed)
+    plan = replace(plan, noise_source=cfg.privacy.noise_source)
     runtime = _runtime(cfg, device)
     fingerprint = _fingerprint(cfg, plan, round_, seed, x, y, runtime, start, global_model)
     _check_paid_release(ledger, round_, fingerprint, runtime)  # before anything is charged, computed or written
@@ -330,7 +332,13 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=seed, round_=round_,
         device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
+    bank_path = ckpt_path.with_name(f"round-{round_}-bank.safetensors")  # secure noise: the paid bank, kept
+    distiller.secure_store = (bank_path, fingerprint)
     state = _load_checkpoint(ckpt_path, fingerprint, device)
+    if dp and plan.noise_source == "secure" and paid_before and state is None:
+        raise secure_replay_refused(f"{cfg.site_id}: round {round_}", "this round was charged by an earlier run and "
+                                    "has no checkpoint to continue from (it was released, or stopped before its first "
+                                    "checkpoint)")
     resumed_from = state.iteration if state else 0
     total = distiller.total_work
     if state:
@@ -371,7 +379,8 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
             "channels": cfg.data.channels, "epsilon": eps_spent, "epsilon_round": round_eps,
             "delta": cfg.privacy.delta, "accountant": cfg.privacy.accountant,
             "noise_multiplier": plan.noise_multiplier, "sample_rate": plan.sample_rate, "steps": plan.steps,
-            "clip_norm": plan.clip_norm, "dp": dp, "privacy_unit": cfg.privacy.unit}
+            "clip_norm": plan.clip_norm, "dp": dp, "privacy_unit": cfg.privacy.unit,
+            "noise_source": plan.noise_source}
     evidence = distiller.class_evidence(state)
     if evidence is not None:
         meta["class_evidence"] = evidence
@@ -387,6 +396,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
     if len(cfg.data.spatial_size) == 3:
         save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images)
     ckpt_path.unlink(missing_ok=True)
+    bank_path.unlink(missing_ok=True)
     console.print(f"[green]wrote[/] {npz} ({len(images)} images, {eps_text}, last loss {last['loss']:.4f})")
     return DistillOutcome(npz, meta, resumed_from)
 

@@ -300,8 +300,12 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
         assert sorted(z.files) == ["images", "labels"]
     assert (cfg.output_dir / "synthetic_preview.png").stat().st_size > 1000
     ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
-    (entry,) = ledger["entries"]
+    count, entry = ledger["entries"]  # the default DP record count (paid first), then the round
+    assert (count["purpose"], count["sample_rate"], count["steps"]) == ("record-count", 1.0, 1)
+    n_estimate = json.loads((cfg.output_dir / "record_count.json").read_text())["n_estimate"]
+    assert entry["sample_rate"] == pytest.approx(min(1.0, cfg.distill.batch_size / n_estimate))
     acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(dp_accounting.GaussianDpEvent(count["noise_multiplier"]))
     event = dp_accounting.PoissonSampledDpEvent(entry["sample_rate"],
                                                 dp_accounting.GaussianDpEvent(entry["noise_multiplier"]))
     acc.compose(dp_accounting.SelfComposedDpEvent(event, entry["steps"]))
@@ -506,12 +510,12 @@ def test_an_evidence_allocated_warm_start_is_refitted_to_this_rounds_evidence():
                         allocation="evidence")
     labels = torch.tensor([0] * 11 + [3] * 9)  # last round's allocation
     previous = torch.arange(20, dtype=torch.float32).view(20, 1, 1, 1).expand(20, 1, 8, 8) / 20
-    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 0.3, 3, 1.0), num_classes=10, image_shape=(1, 8, 8),
+    d = DistributionMatching(cfg, PrivacyPlan(False, 0.0, 1.0, 3, 1.0), num_classes=10, image_shape=(1, 8, 8),
                              seed=0, round_=2, start=WarmStart(previous, labels))
     x = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(200) % 10  # now every class has 20 records
+    y = torch.arange(200) % 10  # now every class has 20 records (q = 1: the evidence is exactly 20 each)
     state = d.run(x, y)
-    counts = evidence_allocation(d.class_evidence(state), 0.3, 20)
+    counts = evidence_allocation(d.class_evidence(state), 1.0, 20)
     assert torch.bincount(state.labels, minlength=10).tolist() == counts == [2] * 10
     images = state.result()
     # lr 1e-12 moves a pixel by ~1e-8 at most (allclose's default atol would be a coin flip); the previous images

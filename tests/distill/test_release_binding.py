@@ -92,7 +92,8 @@ def test_an_unchanged_rerun_resumes_and_replays_without_a_second_charge(site):
     first = snapshot(site)
     distill_site(site, console=quiet())  # a replay of the charged round: the same release, byte for byte
     assert snapshot(site) == first
-    (entry,) = PrivacyLedger.load(load_site_config(site).output_dir).entries
+    count, entry = PrivacyLedger.load(load_site_config(site).output_dir).entries  # the DP record count, round 1
+    assert (count.purpose, entry.purpose) == ("record-count", "distill")
     assert entry.release.count(",") == 6  # per-input tags: what changed can be named
 
 
