@@ -73,11 +73,12 @@ def run_audit_command(args, console: Console | None = None) -> int:
     outcome = audit_run(args.run_dir, spec, console=console)
     js, html = write_report(outcome, args.out)
     table = Table(title=f"audit of {outcome.run['name']}")
-    for col in ("site", "attack", "target", "AUC", "TPR@0.1%", "TPR@1%", "eps lower bound", "eps accounted"):
+    for col in ("site", "attack", "target", "AUC", "TPR@0.1%", "TPR@1%", "eps lower bound", "largest certifiable",
+                "eps accounted"):
         table.add_column(col, justify="right")
     for r in outcome.rows:
         table.add_row(r.site, r.attack, r.target, f"{r.metrics.auc:.3f}", f"{r.metrics.tpr_at_fpr_0_001:.3f}",
-                      f"{r.metrics.tpr_at_fpr_0_01:.3f}", f"{r.bound.value:.3g}",
+                      f"{r.metrics.tpr_at_fpr_0_01:.3f}", f"{r.bound.value:.3g}", f"{r.bound.max_certifiable:.3g}",
                       "inf" if math.isinf(r.epsilon_accounted) else f"{r.epsilon_accounted:.3g}")
     console.print(table)
     from privacy.report.build import verdict
