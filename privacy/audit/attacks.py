@@ -3,7 +3,9 @@
 - loss threshold (Yeom et al., CSF 2018): the target model's negative loss.
 - distance to closest record, DCR: how closely the released synthetic set reproduces the record.
 - LiRA (Carlini et al., "Membership Inference Attacks From First Principles", S&P 2022): shadow pipelines are run
-  on random halves of the audit pool (the whole distill + train pipeline, `privacy.audit.pipeline`); per record,
+  on random halves of the audit pool (the whole distill + train pipeline, `privacy.audit.pipeline`, replaying the
+  audited release's mechanism: its noise multiplier, sample rate and steps, not ones recalibrated for half the
+  pool, which would be another mechanism than the one audited); per record,
   Gaussians are fitted to its statistic in the shadows that trained on it (IN) and those that did not (OUT).
   Online: log N(t; mu_in, s_in) - log N(t; mu_out, s_out). Offline (OUT shadows only): -log P[Z > t], Z ~ N(mu_out,
   s_out), the one-sided test of their Sec. VI-C. Fixed variance: one pooled standard deviation for all records.
@@ -51,6 +53,7 @@ def balanced_halves(n_records: int, n_shadows: int, seed: int) -> np.ndarray:
 class ShadowStats:
     in_mask: np.ndarray  # [K, N]
     stats: dict[str, np.ndarray]  # target -> [K, N]
+    mechanisms: list[tuple[float, float, int]]  # per shadow: the (noise multiplier, sample rate, steps) it ran
 
 
 def run_shadows(images: np.ndarray, labels: np.ndarray, settings: PipelineSettings, *, n_shadows: int, seed: int,
@@ -59,15 +62,17 @@ def run_shadows(images: np.ndarray, labels: np.ndarray, settings: PipelineSettin
     """Rerun the pipeline on `n_shadows` random halves of the pool and record every record's statistic."""
     in_mask = balanced_halves(len(images), n_shadows, seed)
     out = {t: np.zeros((n_shadows, len(images))) for t in targets}
+    mechanisms = []
     for k in range(n_shadows):
         idx = np.flatnonzero(in_mask[k])
         res = run_pipeline(images[idx], labels[idx], settings, seed=seed * 1000 + 17 + k, context=context,
                            train_model="global_model" in targets)
+        mechanisms.append((res.noise_multiplier, res.sample_rate, res.steps))
         for t in targets:
             out[t][k] = target_statistic(t, res, images, labels)
         if on_shadow:
             on_shadow(k + 1)
-    return ShadowStats(in_mask, out)
+    return ShadowStats(in_mask, out, mechanisms)
 
 
 def _fit(stats_: np.ndarray, mask: np.ndarray, fixed_variance: bool) -> tuple[np.ndarray, np.ndarray]:

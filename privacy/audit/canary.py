@@ -4,7 +4,9 @@ m canaries (records of the site's audit holdout, which the audited run never saw
 label, a stronger, out-of-distribution canary) are each added to the training records independently with
 probability 1/2; the pipeline runs once; every canary is scored against the released artifact. The guesses give the
 one-run epsilon lower bound (`metrics.one_run_lower_bound`) and, reading each canary as a trial, a Clopper-Pearson
-bound (Jagielski et al. 2020). The run's own accounted epsilon (Opacus, for this run's sample rate) sits next to them.
+bound (Jagielski et al. 2020). The run replays the audited release's mechanism (`PipelineSettings.mechanism`: its
+noise multiplier, sample rate and steps, whatever the m/2 added canaries do to the record count); its accounted
+epsilon (Opacus) sits next to the bounds, and each bound carries its power (`max_certifiable`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class CanaryOutcome:
     epsilon_accounted: float
     kind: str
     target: str
+    mechanism: tuple[float, float, int] = (0.0, 0.0, 0)  # (noise multiplier, sample rate, steps) the run used
 
 
 def canary_audit(train_images: np.ndarray, train_labels: np.ndarray, canary_images: np.ndarray,
@@ -49,4 +52,5 @@ def canary_audit(train_images: np.ndarray, train_labels: np.ndarray, canary_imag
         one_run=one_run_lower_bound(scores, included, delta=delta, confidence=confidence) if both_sides else None,
         clopper_pearson=clopper_pearson_lower_bound(scores, included, delta=delta, confidence=confidence, seed=seed)
         if both_sides else None,
-        epsilon_accounted=out.epsilon_accounted, kind=kind, target=target)
+        epsilon_accounted=out.epsilon_accounted, kind=kind, target=target,
+        mechanism=(out.noise_multiplier, out.sample_rate, out.steps))

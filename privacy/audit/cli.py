@@ -32,10 +32,20 @@ def add_audit_parser(sub) -> None:
     au.add_argument("--attacks", nargs="+", choices=ATTACKS, help="attacks to run (overrides the spec)")
     au.add_argument("--targets", nargs="+", choices=["global_model", "synthetic"], help="targets (overrides the spec)")
     au.add_argument("--shadows", type=int, help="shadow pipelines for LiRA (overrides the spec)")
-    au.add_argument("--canaries", type=int, help="canaries for the one-run audit (overrides the spec)")
+    au.add_argument("--canaries", type=_canaries, help="canaries for the one-run audit, a number or 'auto' (enough "
+                                                      "for the site's epsilon; overrides the spec)")
     au.add_argument("--fixed-variance", action="store_true", default=None, help="LiRA with one pooled variance")
     au.add_argument("--sites", nargs="+", help="site ids to audit (default: all with a local config)")
     au.add_argument("--seed", type=int, help="audit seed (overrides the spec)")
+
+
+def _canaries(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a number nor 'auto'") from None
 
 
 QUICK_ATTACKS = ("loss", "dcr", "canary")  # no shadow pipelines: minutes, not hours, on a CPU
@@ -63,11 +73,12 @@ def run_audit_command(args, console: Console | None = None) -> int:
     outcome = audit_run(args.run_dir, spec, console=console)
     js, html = write_report(outcome, args.out)
     table = Table(title=f"audit of {outcome.run['name']}")
-    for col in ("site", "attack", "target", "AUC", "TPR@0.1%", "TPR@1%", "eps lower bound", "eps accounted"):
+    for col in ("site", "attack", "target", "AUC", "TPR@0.1%", "TPR@1%", "eps lower bound", "largest certifiable",
+                "eps accounted"):
         table.add_column(col, justify="right")
     for r in outcome.rows:
         table.add_row(r.site, r.attack, r.target, f"{r.metrics.auc:.3f}", f"{r.metrics.tpr_at_fpr_0_001:.3f}",
-                      f"{r.metrics.tpr_at_fpr_0_01:.3f}", f"{r.bound.value:.3g}",
+                      f"{r.metrics.tpr_at_fpr_0_01:.3f}", f"{r.bound.value:.3g}", f"{r.bound.max_certifiable:.3g}",
                       "inf" if math.isinf(r.epsilon_accounted) else f"{r.epsilon_accounted:.3g}")
     console.print(table)
     from privacy.report.build import verdict

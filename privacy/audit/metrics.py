@@ -13,7 +13,11 @@ pipeline trained on) and 0 for non-members (the audit holdout).
 - Clopper-Pearson epsilon lower bound (Jagielski, Ullman & Oprea, "Auditing Differentially Private Machine
   Learning: How Private is Private SGD?", NeurIPS 2020): an (epsilon, delta)-DP mechanism forces every test to obey
   FPR + e^eps FNR >= 1 - delta and FNR + e^eps FPR >= 1 - delta, so exact binomial upper bounds on FPR and FNR
-  give a lower bound on epsilon.
+  give a lower bound on epsilon. One trial per unit of the split's coin (the patient): a patient's score is the
+  max over its scans.
+- Power: every bound comes with the largest value it could have shown, the bound a perfect attack would give with
+  the same trials (`max_certifiable`). A bound of 0 from an audit whose power is below the accounted epsilon says
+  nothing about whether the budget holds.
 - One-run bound (Steinke, Nasr & Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023, Theorem 5.2
   and its Algorithm for the p-value, Appendix D): m canaries each included with probability 1/2, the auditor guesses
   r of them and gets v right; under (eps, delta)-DP,
@@ -104,20 +108,31 @@ def auc_p_value(scores, is_member, groups=None) -> float:
     (otherwise a patient with several scans counts as several independent trials and p comes out too small)."""
     s, m = _check_scores(scores, is_member)
     if groups is not None:
-        g = np.asarray(groups, dtype=object).ravel()
-        if len(g) != len(s):
-            raise AuditInputError("privacy.audit.metrics.auc_p_value", f"{len(s)} scores but {len(g)} group ids",
-                                  "pass one group id per score")
-        _, inverse = np.unique(g.astype(str), return_inverse=True)
-        count = np.bincount(inverse)
-        member_count = np.bincount(inverse, weights=m)
-        if np.any((member_count > 0) & (member_count < count)):
-            raise AuditInputError("privacy.audit.metrics.auc_p_value", "a group has members and non-members",
-                                  "group by the unit the split assigned (the patient)")
-        s, m = np.bincount(inverse, weights=s) / count, member_count > 0
+        s, m = per_unit(s, m, groups, reduce="mean", where="privacy.audit.metrics.auc_p_value")
         if m.all() or not m.any():
             return 1.0
     return float(stats.mannwhitneyu(s[m], s[~m], alternative="greater").pvalue)
+
+
+def per_unit(scores, is_member, groups, *, reduce: str = "max", where: str = "privacy.audit.metrics"
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """(score, membership) per unit of `groups` (the patient, the split's coin): one trial per unit. `reduce`: max
+    (a patient is exposed when any of its scans is) or mean. A unit with both members and non-members is refused."""
+    s, m = _check_scores(scores, is_member)
+    g = np.asarray(groups, dtype=object).ravel()
+    if len(g) != len(s):
+        raise AuditInputError(where, f"{len(s)} scores but {len(g)} group ids", "pass one group id per score")
+    _, inverse = np.unique(g.astype(str), return_inverse=True)
+    count = np.bincount(inverse)
+    member_count = np.bincount(inverse, weights=m)
+    if np.any((member_count > 0) & (member_count < count)):
+        raise AuditInputError(where, "a group has members and non-members",
+                              "group by the unit the split assigned (the patient)")
+    if reduce == "mean":
+        return np.bincount(inverse, weights=s) / count, member_count > 0
+    out = np.full(len(count), -np.inf)
+    np.maximum.at(out, inverse, s)
+    return out, member_count > 0
 
 
 # ------------------------------------------------------------------------------------------ Clopper-Pearson
@@ -159,6 +174,7 @@ class EpsilonBound:
     method: str  # "clopper_pearson" | "one_run"
     delta: float
     details: dict = field(default_factory=dict)
+    max_certifiable: float = 0.0  # the power: the bound a perfect attack would show with the same trials
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -174,13 +190,29 @@ def clopper_pearson_epsilon(fp: int, n_neg: int, fn: int, n_pos: int, *, delta: 
     return epsilon_from_error_rates(fpr_hi, fnr_hi, delta=delta)
 
 
+def clopper_pearson_power(n_pos: int, n_neg: int, *, delta: float, confidence: float = DEFAULT_CONFIDENCE) -> float:
+    """The largest Clopper-Pearson bound `n_pos` member and `n_neg` non-member trials can show: a perfect test (no
+    error on either side). Below the accounted epsilon, such an audit cannot detect a breach of the budget."""
+    if n_pos < 1 or n_neg < 1:
+        return 0.0
+    return clopper_pearson_epsilon(0, n_neg, 0, n_pos, delta=delta, confidence=confidence)
+
+
 def clopper_pearson_lower_bound(scores, is_member, *, delta: float, confidence: float = DEFAULT_CONFIDENCE,
-                                seed: int = 0) -> EpsilonBound:
+                                seed: int = 0, groups=None) -> EpsilonBound:
     """Jagielski et al. (2020) style bound for a fixed attack: the threshold is chosen on a random half of the
-    records (the one whose point estimate of epsilon is largest) and the Clopper-Pearson bound is computed on the
-    other half, so the choice does not inflate the bound. Treats records as independent trials (Jagielski et al.
-    train one model per trial); for a single training run, the one-run bound is the rigorous one."""
+    trials (the one whose point estimate of epsilon is largest) and the Clopper-Pearson bound is computed on the
+    other half, so the choice does not inflate the bound.
+
+    `groups` (patient ids): the split tosses one coin per patient, so a patient is one trial, scored by the max over
+    its scans (it is exposed when any of its scans is; a mean would dilute one memorised scan among the others).
+    Counting scans as trials would inflate the number of trials and so the confidence. The trials still come from
+    one run (Jagielski et al. train one model per trial): for a single run, the one-run bound is the rigorous one."""
     s, m = _check_scores(scores, is_member)
+    unit = "record"
+    if groups is not None:
+        s, m = per_unit(s, m, groups, where="privacy.audit.metrics.clopper_pearson_lower_bound")
+        unit = "patient"
     rng = np.random.default_rng(seed)
     pick = np.zeros(len(s), dtype=bool)
     for cls in (True, False):  # stratified halves
@@ -198,13 +230,17 @@ def clopper_pearson_lower_bound(scores, is_member, *, delta: float, confidence: 
             if est > best_est:
                 best_thr, best_est = float(thr), est
     n_pos, n_neg = int(ev_m.sum()), int((~ev_m).sum())
+    trials = {"unit": unit, "trials_members": int(m.sum()), "trials_nonmembers": int((~m).sum())}
+    power = clopper_pearson_power(n_pos, n_neg, delta=delta, confidence=confidence)
     if n_pos == 0 or n_neg == 0 or not math.isfinite(best_thr):
-        return EpsilonBound(0.0, confidence, "clopper_pearson", delta, {"reason": "too few records to split"})
+        return EpsilonBound(0.0, confidence, "clopper_pearson", delta, {"reason": "too few records to split",
+                                                                         **trials}, power)
     fp = int(((ev_s >= best_thr) & ~ev_m).sum())
     fn = int(((ev_s < best_thr) & ev_m).sum())
     value = clopper_pearson_epsilon(fp, n_neg, fn, n_pos, delta=delta, confidence=confidence)
     return EpsilonBound(value, confidence, "clopper_pearson", delta,
-                        {"threshold": best_thr, "fp": fp, "n_nonmembers": n_neg, "fn": fn, "n_members": n_pos})
+                        {"threshold": best_thr, "fp": fp, "n_nonmembers": n_neg, "fn": fn, "n_members": n_pos,
+                         **trials}, power)
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -248,18 +284,55 @@ def one_run_epsilon(m: int, r: int, v: int, *, delta: float, confidence: float =
     return lo
 
 
+GUESS_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.5)
+
+
+def _guess_sizes(m: int, guess_fractions: tuple[float, ...]) -> list[int]:
+    return sorted({max(1, int(round(f * m / 2))) for f in guess_fractions if 0 < f <= 1})
+
+
+def one_run_power(m: int, *, delta: float, confidence: float = DEFAULT_CONFIDENCE,
+                  guess_fractions: tuple[float, ...] = GUESS_FRACTIONS) -> float:
+    """The largest one-run bound m canaries can show (a perfect attack: every guess right, r = v = 2k, with
+    the same guess sizes and Bonferroni split as `one_run_lower_bound`). E.g. at 95 %: m = 32 -> ~1.10,
+    m = 64 -> ~1.86 (Steinke et al. 2023, Fig. 1: the one-run bound saturates with m)."""
+    ks = _guess_sizes(m, guess_fractions)
+    per_test = 1 - (1 - confidence) / len(ks)
+    return max(one_run_epsilon(m, 2 * k, 2 * k, delta=delta, confidence=per_test) for k in ks if 2 * k <= m)
+
+
+def canaries_for(epsilon: float, available: int, *, delta: float, confidence: float = DEFAULT_CONFIDENCE,
+                 margin: float = 1.5, smallest: int = 32) -> int:
+    """Canaries to plant for a site of accounted `epsilon`: the smallest m on a doubling grid (from `smallest`)
+    whose power reaches `margin` x epsilon, so that a strong, imperfect attack could still show a breach; all
+    `available` when none of them does (or without DP: epsilon infinite)."""
+    m = min(smallest, available)
+    while m < available and not one_run_power(m, delta=delta, confidence=confidence) >= margin * epsilon:
+        m = min(2 * m, available)
+    return m
+
+
 def one_run_lower_bound(scores, included, *, delta: float, confidence: float = DEFAULT_CONFIDENCE,
-                        guess_fractions: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)) -> EpsilonBound:
+                        guess_fractions: tuple[float, ...] = GUESS_FRACTIONS) -> EpsilonBound:
     """One-run audit (Steinke et al. 2023, Algorithm 1): guess "in" for the k highest-scoring canaries and "out"
     for the k lowest, abstain on the rest; v = correct guesses of r = 2k. Several k are tried (fractions of m) and
-    the confidence is split between them (Bonferroni), so the reported maximum keeps its stated confidence."""
+    the confidence is split between them (Bonferroni), so the reported maximum keeps its stated confidence.
+    `max_certifiable`: the same procedure with a perfect attack on the same draw of included canaries."""
     s, inc = np.asarray(scores, dtype=np.float64).ravel(), np.asarray(included).astype(bool).ravel()
     if len(s) != len(inc) or len(s) < 2 or not np.all(np.isfinite(s)):
         raise AuditInputError("privacy.audit.metrics.one_run_lower_bound", f"{len(s)} scores, {len(inc)} inclusion "
                               "flags (need equal lengths >= 2, finite scores)", "score every canary once")
+    best = _one_run(s, inc, delta=delta, confidence=confidence, guess_fractions=guess_fractions)
+    perfect = _one_run(inc.astype(np.float64), inc, delta=delta, confidence=confidence,
+                       guess_fractions=guess_fractions)
+    return EpsilonBound(best.value, confidence, "one_run", delta, best.details, perfect.value)
+
+
+def _one_run(s: np.ndarray, inc: np.ndarray, *, delta: float, confidence: float,
+             guess_fractions: tuple[float, ...]) -> EpsilonBound:
     m = len(s)
     order = np.argsort(-s, kind="stable")
-    ks = sorted({max(1, int(round(f * m / 2))) for f in guess_fractions if 0 < f <= 1})
+    ks = _guess_sizes(m, guess_fractions)
     per_test = 1 - (1 - confidence) / len(ks)
     best = EpsilonBound(0.0, confidence, "one_run", delta, {"m": m, "r": 0, "v": 0})
     for k in ks:
@@ -281,19 +354,24 @@ class AttackMetrics:
     tpr_at_fpr_0_001: float
     tpr_at_fpr_0_01: float
     balanced_accuracy: float
-    n_members: int
+    n_members: int  # trials: patients when the split's units are given (`groups`), else scored records
     n_nonmembers: int
     top_rank_members: int = 0  # members scored above every non-member (`top_rank_test`)
     top_rank_p_value: float = 1.0  # chance of that many under no leakage
     auc_p_value: float = 1.0  # chance of an AUC this high under no leakage (`auc_p_value`)
+    n_member_scans: int = 0  # scored records (ROC, AUC, TPR are over these)
+    n_nonmember_scans: int = 0
 
 
 def attack_metrics(scores, is_member, groups=None) -> AttackMetrics:
-    """`groups`: the unit of the split's coin per score (patient ids), for `auc_p_value`."""
+    """`groups`: the unit of the split's coin per score (patient ids): `auc_p_value` and the trial counts
+    (n_members, n_nonmembers) are per unit; the ROC is over records."""
     s, m = _check_scores(scores, is_member)
     fpr, tpr, _ = roc(s, m)
     x, p = top_rank_test(s, m)
+    units = m if groups is None else per_unit(s, m, groups, where="privacy.audit.metrics.attack_metrics")[1]
     return AttackMetrics(auc=auc(s, m), tpr_at_fpr_0_001=tpr_at_fpr(fpr, tpr, 0.001),
                          tpr_at_fpr_0_01=tpr_at_fpr(fpr, tpr, 0.01), balanced_accuracy=balanced_accuracy(fpr, tpr),
-                         n_members=int(m.sum()), n_nonmembers=int((~m).sum()), top_rank_members=x,
-                         top_rank_p_value=p, auc_p_value=auc_p_value(s, m, groups))
+                         n_members=int(units.sum()), n_nonmembers=int((~units).sum()), top_rank_members=x,
+                         top_rank_p_value=p, auc_p_value=auc_p_value(s, m, groups), n_member_scans=int(m.sum()),
+                         n_nonmember_scans=int((~m).sum()))

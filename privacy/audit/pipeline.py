@@ -1,10 +1,13 @@
 """The audited pipeline, rerun in memory at the site: distill a record set (DP or not) and train a classifier on
 the synthetic set (plus, optionally, the other sites' released synthetic sets, as the coordinator would).
 
-Shadow pipelines (LiRA) and canary runs call this with the same settings as the audited run. Nothing is charged to
-the site's ledger and nothing leaves the site: these runs exist only to measure the audited one. Under DP the noise
-is calibrated by Opacus (`privacy.accounting.calibrate_noise`) to the run's per-round epsilon for *this* record
-set's sample rate, exactly as the site runner would calibrate it.
+Shadow pipelines (LiRA) and canary runs call this with the audited release's own mechanism (`mechanism`: the
+noise multiplier, sample rate and steps of its ledger charge, not recalibrated for the shadow's record set), its
+round's seed stream, warm start (the site's previous release) and matching network (the broadcast global model): the
+shadows then differ from the audited run only in their records and noise draws. Nothing is charged to the site's
+ledger and nothing leaves the site: these runs exist only to measure the audited one. Without `mechanism` (unit
+tests) the noise is calibrated by Opacus (`privacy.accounting.calibrate_noise`) to `epsilon` at this record set's
+sample rate.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from medfdd.config import DistillConfig
-from medfdd.distill.base import PrivacyPlan
+from medfdd.distill.base import PrivacyPlan, WarmStart
 from medfdd.nets import ConvNet
 from medfdd.training import TrainSettings, train_classifier
 from privacy.accounting import calibrate_noise, epsilon_for
@@ -32,6 +35,10 @@ class PipelineSettings:
     epsilon: float  # per-round budget; math.inf = non-private (--no-dp)
     delta: float
     accountant: str = "rdp"
+    mechanism: PrivacyPlan | None = None  # the audited release's (sigma, q, steps, clip), replayed as is
+    round_: int = 1  # the audited round (its seed stream)
+    matching_net: ConvNet | None = None  # the model broadcast for that round (rounds >= 2, FedDM)
+    start: WarmStart | None = None  # the site's previous release, when that round warm-started from it
 
     @property
     def dp(self) -> bool:
@@ -46,9 +53,14 @@ class PipelineOutput:
     epsilon_accounted: float  # what Opacus accounts for this run (inf without DP)
     noise_multiplier: float
     sample_rate: float
+    steps: int = 0
 
 
 def privacy_plan(settings: PipelineSettings, n_records: int) -> PrivacyPlan:
+    """The replayed mechanism when given (whatever `n_records`: the audited site published its q), else a plan
+    calibrated for `n_records` as a fresh site would."""
+    if settings.mechanism is not None:
+        return settings.mechanism
     cfg = settings.distill
     q = cfg.sample_rate_for(n_records)  # as the site runner samples
     if not settings.dp:
@@ -69,7 +81,7 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
     plan = privacy_plan(settings, len(images))
     distiller = distiller_class(settings.distill.method)(
         settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
-        device=device)
+        round_=settings.round_, device=device, matching_net=settings.matching_net, start=settings.start)
     state = distiller.run(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
     syn_x = state.result().cpu().numpy().astype(np.float32)
     syn_y = state.labels.cpu().numpy().astype(np.int64)
@@ -81,4 +93,4 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
         model = train_classifier(x, y, settings.num_classes, settings.train, seed=seed, device=device)
     eps = (epsilon_for([(plan.noise_multiplier, plan.sample_rate, plan.steps)], delta=settings.delta,
                        accountant=settings.accountant) if plan.dp else math.inf)
-    return PipelineOutput(syn_x, syn_y, model, eps, plan.noise_multiplier, plan.sample_rate)
+    return PipelineOutput(syn_x, syn_y, model, eps, plan.noise_multiplier, plan.sample_rate, plan.steps)

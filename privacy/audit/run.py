@@ -3,10 +3,16 @@
 Runs at the site (it reads the real records): members = the site's training records, non-members = its audit
 holdout (`medfdd.data.site_data`). Targets: the final global model (`global_model.safetensors`) and the site's
 released synthetic set (`sites/<site>/synthetic.npz`; DCR measures against the site's releases of every round,
-`rounds/round-R/sites/<site>/`, and the consortium's against every round's merged set). Shadow pipelines (LiRA) and the canary run rerun the site's
-distillation (its config, the run's per-round epsilon) and the coordinator's training (run.json's `config.train`)
-in memory; the other sites' released synthetic sets are merged in as the coordinator would (concatenation).
-Limitations: shadows replay one round (no FedDM matching against earlier global models); a multi-round run's report says so.
+`rounds/round-R/sites/<site>/`, and the consortium's against every round's merged set). Shadow pipelines (LiRA) and
+the canary run replay the site's mechanism of its last released round R (`replayed_mechanism`): the noise multiplier,
+sample rate and steps of that round's ledger charge (checked against synthetic.json), so a shadow differs from the
+audited run only in its records and noise; under `privacy.count_noise` the sample rate is the published outcome of
+the paid record count, taken as the attacker sees it. From round 2 on they also start from the site's round R-1
+release (warm start) and match against round R-1's global model, both public. The coordinator's training (run.json's
+`config.train`) is rerun in memory on the shadow's release, the other sites' round R releases (concatenation) and the
+earlier merged sets the final model trained on (`train_rounds`). Not replayed: the record-count release itself (its
+noisy n is not attacked), earlier rounds (taken as released: the bounds speak for round R given them; a multi-round
+run's report says so) and the merge's weights.
 
 What comes out holds aggregate numbers, attack scores and the (already released) synthetic images only: no file
 path, header value or patient id (invariant 5). It is computed from real records without DP: it is for the site's
@@ -25,11 +31,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from medfdd.artifacts import load_model, load_synthetic
-from medfdd.config import load_site_config
+from medfdd.artifacts import load_agreed_model, load_model, load_synthetic
+from medfdd.config import DistillConfig, load_site_config
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
+from medfdd.distill.base import PrivacyPlan, WarmStart, check_warm_start
+from medfdd.distill.record_count import COUNT_PURPOSE, COUNT_ROUND
 from medfdd.errors import MedfddError
+from medfdd.nets import ConvNet
 from medfdd.training import TrainSettings
 from privacy.accounting import PrivacyLedger, epsilon_for
 from privacy.audit.attacks import dcr_attack, lira_scores, loss_attack, run_shadows, target_statistic
@@ -39,12 +48,15 @@ from privacy.audit.metrics import (
     AuditInputError,
     EpsilonBound,
     attack_metrics,
+    canaries_for,
     clopper_pearson_lower_bound,
 )
 from privacy.audit.pipeline import PipelineOutput, PipelineSettings
 from privacy.audit.spec import AuditSpec
 
 CONSORTIUM = "consortium"
+DISTILL_PURPOSE = "distill"  # the site runner's ledger purpose of a distillation round (medfdd.distill.site)
+AUTO_CANARIES_MAX = 1024  # `canaries: auto` without DP: this many at most (the one-run bound saturates, ~4.6)
 
 
 class AuditError(MedfddError):
@@ -191,17 +203,106 @@ def _dcr_row(run_dir: Path, run: dict, site: str | None, latest: np.ndarray, x, 
                 details=details, **common)
 
 
-def _bound(scores, member, *, delta, spec, seed) -> EpsilonBound:
+@dataclass(frozen=True)
+class Replay:
+    """What the shadow and canary pipelines replay of a site's audited release (round `round_`)."""
+
+    plan: PrivacyPlan
+    round_: int
+    matching_net: ConvNet | None
+    start: WarmStart | None
+    details: dict
+
+
+def _same(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+
+
+def replayed_mechanism(run_dir: Path, sid: str, meta: dict, distill: DistillConfig, *, num_classes: int,
+                       shape: tuple[int, ...]) -> Replay:
+    """The mechanism of `sid`'s last release: its ledger charge for (round, "distill") (noise multiplier, sample
+    rate, steps), which must agree with the release's synthetic.json; from round 2 on the site's previous release
+    (with `distill.warm_start`) and the previous round's global model, as the site runner used them."""
+    rnd = int(meta.get("round", 1))
+    path = run_dir / "sites" / sid / "privacy_ledger.json"
+    ledger = PrivacyLedger.load(path) if path.is_file() else None
+    entry = ledger.find_charge(rnd, DISTILL_PURPOSE) if ledger is not None else None
+    published = [meta.get(k) for k in ("noise_multiplier", "sample_rate", "steps")]
+    if entry is not None:
+        mech, source = (entry.noise_multiplier, entry.sample_rate, entry.steps), "ledger"
+        if None not in published and not all(_same(a, b) for a, b in zip(mech, published, strict=True)):
+            raise AuditError(f"{sid}: {path}", f"round {rnd}'s ledger charge (noise multiplier, sample rate, steps) "
+                             f"= {mech} is not what its synthetic.json says ({tuple(published)})",
+                             "audit the run directory together with the ledger of the site that released it")
+    elif None not in published:
+        mech, source = (float(published[0]), float(published[1]), int(published[2])), "synthetic.json"
+    else:
+        raise AuditError(f"{sid}: {path}", f"no ledger charge for round {rnd} and synthetic.json lacks the "
+                         "mechanism (noise_multiplier, sample_rate, steps)", "audit a run written by this medfdd "
+                         "version, with the site's ledger in the run directory")
+    dp = bool(meta.get("dp", True)) and mech[0] > 0
+    clip = float(meta.get("clip_norm", distill.clip_norm))
+    plan = PrivacyPlan(dp, float(mech[0]), float(mech[1]), int(mech[2]), clip)
+    count = ledger.find_charge(COUNT_ROUND, COUNT_PURPOSE) if ledger is not None else None
+    prev = run_dir / "rounds" / f"round-{rnd - 1}"
+    net = start = None
+    if rnd > 1 and (prev / "global_model.safetensors").is_file():
+        net = load_agreed_model(prev / "global_model.safetensors", in_channels=shape[0], num_classes=num_classes,
+                                spatial_size=shape[1:])
+    if rnd > 1 and distill.warm_start and (prev / "sites" / sid / "synthetic.npz").is_file():
+        earlier = load_synthetic(prev / "sites" / sid)
+        start = WarmStart(torch.from_numpy(earlier.images).float(), torch.from_numpy(earlier.labels).long())
+        try:
+            check_warm_start(start, distill, num_classes, shape)
+        except ValueError:
+            start = None  # the site runner starts from noise then too
+    details = {"round": rnd, "source": source, "noise_multiplier": plan.noise_multiplier,
+               "sample_rate": plan.sample_rate, "steps": plan.steps, "clip_norm": plan.clip_norm,
+               "warm_start": start is not None, "broadcast_model": net is not None,
+               "record_count": ({"noise_multiplier": count.noise_multiplier, "replayed": "its published outcome "
+                                 "(the sample rate)"} if count is not None else None)}
+    return Replay(plan, rnd, net, start, details)
+
+
+def _bound(scores, member, *, delta, spec, seed, groups=None) -> EpsilonBound:
     try:
-        return clopper_pearson_lower_bound(scores, member, delta=delta, confidence=spec.confidence, seed=seed)
+        return clopper_pearson_lower_bound(scores, member, delta=delta, confidence=spec.confidence, seed=seed,
+                                           groups=groups)
     except AuditInputError as e:
         return EpsilonBound(0.0, spec.confidence, "clopper_pearson", delta, {"reason": e.problem})
 
 
 def _row(site, attack, target, scores, member, *, groups, delta, eps, spec, details=None) -> AttackRow:
+    """A member/holdout row: metrics over scans, the Clopper-Pearson bound over patients (`groups`)."""
     return AttackRow(site, attack, target, np.asarray(scores, dtype=np.float64), member.astype(bool),
                      attack_metrics(scores, member, groups),
-                     _bound(scores, member, delta=delta, spec=spec, seed=spec.seed), eps, details or {})
+                     _bound(scores, member, delta=delta, spec=spec, seed=spec.seed, groups=groups), eps,
+                     details or {})
+
+
+def _training_context(run_dir: Path, run: dict, sid: str, released: dict, rnd: int
+                      ) -> tuple[np.ndarray, np.ndarray] | None:
+    """What the coordinator trained the final model on besides `sid`'s last release: the other sites' releases of
+    that round and the merged sets of the earlier rounds in its `train_rounds` window (released, public)."""
+    n = int(run["config"].get("train_rounds", 1))  # runs before the option trained on the last round only
+    parts = [(released[o].images, released[o].labels) for o in sorted(released) if o != sid]
+    for r in range(1 if n == 0 else max(1, rnd - n + 1), rnd):
+        path = run_dir / "rounds" / f"round-{r}" / "merged.npz"
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                parts.append((z["images"], z["labels"]))
+    if not parts:
+        return None
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _canaries(spec: AuditSpec, holdout: int, eps_round: float, delta: float, confidence: float) -> int:
+    """m: the spec's number (capped by the holdout) or, with `canaries: auto`, enough for the round's epsilon
+    (`metrics.canaries_for`; without DP as many as the holdout gives, up to AUTO_CANARIES_MAX)."""
+    if spec.canaries != "auto":
+        return min(int(spec.canaries), holdout)
+    available = holdout if math.isfinite(eps_round) else min(holdout, AUTO_CANARIES_MAX)
+    return canaries_for(eps_round, available, delta=delta, confidence=confidence)
 
 
 def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None) -> AuditOutcome:
@@ -231,9 +332,10 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, np.ndarray]] = []
     n_rounds = len(run.get("rounds") or [])
     if n_rounds > 1 and (spec.lira or "canary" in spec.attacks):
-        notes.append(f"the run had {n_rounds} rounds; LiRA shadows and the canary run replay one round (one release "
-                     "at the per-round epsilon, the model trained on it and the other sites' last releases), so their "
-                     f"scores and bounds speak for one round's pipeline, not for the {n_rounds} together")
+        notes.append(f"the run had {n_rounds} rounds; LiRA shadows and the canary run replay one round, the last "
+                     "(its ledger's noise multiplier, sample rate and steps, from the site's previous release and the "
+                     "broadcast model, with the earlier rounds' releases as they were), so their scores and bounds "
+                     f"speak for the last round's release given the earlier ones, not for the {n_rounds} together")
     # one rigorous canary test per site: Bonferroni, so that no site raises a false alarm with probability
     # above 1 - confidence however many sites are audited
     canary_confidence = 1 - (1 - spec.confidence) / max(1, len(wanted))
@@ -273,11 +375,13 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             if "dcr" in spec.attacks and "synthetic" in spec.targets:
                 rows.append(_dcr_row(run_dir, run, sid, syn.images, x, member, **common))
 
-            others = [released[o] for o in sorted(released) if o != sid]
-            context = (np.concatenate([o.images for o in others]), np.concatenate([o.labels for o in others])) \
-                if others else None
+            replay = replayed_mechanism(run_dir, sid, meta, cfg.distill, num_classes=k,
+                                        shape=tuple(data.images.shape[1:]))
+            context = _training_context(run_dir, run, sid, released, replay.round_)
             eps_round = _inf(meta.get("epsilon_round", meta.get("epsilon"))) if dp else math.inf
-            settings = PipelineSettings(cfg.distill, train, k, eps_round, delta, str(meta.get("accountant", "rdp")))
+            settings = PipelineSettings(cfg.distill, train, k, eps_round, delta, str(meta.get("accountant", "rdp")),
+                                        mechanism=replay.plan, round_=replay.round_, matching_net=replay.matching_net,
+                                        start=replay.start)
             if spec.lira:
                 targets = tuple(t for t in ("global_model", "synthetic") if t in spec.targets)
                 task = bar.add_task(f"{sid}: {spec.shadows} shadow pipelines (LiRA)", total=spec.shadows)
@@ -291,8 +395,10 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                         scores = lira_scores(tstat, shadows.stats[t], shadows.in_mask, online=attack == "lira_online",
                                              fixed_variance=spec.fixed_variance)
                         rows.append(_row(sid, attack, t, scores, member, **common,
-                                         details={"shadows": spec.shadows, "fixed_variance": spec.fixed_variance}))
-            m = min(spec.canaries, len(data.holdout))
+                                         details={"shadows": spec.shadows, "fixed_variance": spec.fixed_variance,
+                                                  "replayed": replay.details,
+                                                  "shadow_mechanisms": sorted(set(shadows.mechanisms))}))
+            m = _canaries(spec, len(data.holdout), eps_round, delta, canary_confidence)
             if "canary" in spec.attacks and m < 2:
                 notes.append(f"{sid}: {len(data.holdout)} holdout record(s), too few canaries for the one-run audit")
             elif "canary" in spec.attacks:
@@ -311,7 +417,13 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                         c.one_run, c.epsilon_accounted,
                         {"canaries": m, "kind": c.kind, "one_run": c.one_run.to_json(),
                          "clopper_pearson": c.clopper_pearson.to_json(),
-                         "epsilon_lower_bound_clopper_pearson": c.clopper_pearson.value}))
+                         "epsilon_lower_bound_clopper_pearson": c.clopper_pearson.value,
+                         "replayed": replay.details, "canary_mechanism": list(c.mechanism)}))
+                    if math.isfinite(c.epsilon_accounted) and c.one_run.max_certifiable <= c.epsilon_accounted:
+                        notes.append(f"{sid}: the canary audit ({m} canaries) could certify at most epsilon "
+                                     f"{c.one_run.max_certifiable:.2f}, not above the {c.epsilon_accounted:.3g} "
+                                     "accounted for the round it replays: it lacks the power to detect a breach "
+                                     "of the budget (more canaries need a larger audit holdout)")
     if not sites:
         raise AuditError(str(run_dir), "no site could be audited here: " + "; ".join(notes),
                          "run the audit where the sites' configs and data are")

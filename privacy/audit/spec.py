@@ -6,7 +6,7 @@ Validated like the site configs (pydantic v2, unknown keys are errors naming the
     targets: [global_model, synthetic]
     shadows: 8
     fixed_variance: false
-    canaries: 64
+    canaries: auto                # or a number m; auto: enough for the site's epsilon (capped by its holdout)
     canary_kind: holdout          # holdout | mislabeled
     canary_target: synthetic      # synthetic | global_model
     confidence: 0.95
@@ -38,7 +38,9 @@ class AuditSpec(BaseModel):
                                   description="global_model (loss, LiRA) and/or synthetic (DCR, LiRA on DCR)")
     shadows: int = Field(8, ge=2, le=1024, description="shadow pipelines for LiRA (>= 16 where affordable)")
     fixed_variance: bool = Field(False, description="LiRA with one pooled variance (better with few shadows)")
-    canaries: int = Field(64, ge=4, description="canaries m (capped by the site's holdout size)")
+    canaries: int | Literal["auto"] = Field(
+        "auto", description="canaries m (capped by the site's holdout size); auto: the fewest whose one-run bound "
+        "could reach 1.5 x the round's epsilon (`metrics.canaries_for`), the whole holdout when none could")
     canary_kind: Literal["holdout", "mislabeled"] = "holdout"
     canary_target: Target = "synthetic"
     confidence: float = Field(0.95, gt=0.5, lt=1, description="confidence of the epsilon lower bounds")
@@ -53,6 +55,13 @@ class AuditSpec(BaseModel):
         dup = sorted({a for a in v if v.count(a) > 1})
         if dup:
             raise ValueError(f"listed twice: {dup}")
+        return v
+
+    @field_validator("canaries")
+    @classmethod
+    def _enough_canaries(cls, v: int | str) -> int | str:
+        if v != "auto" and v < 4:
+            raise ValueError(f"{v} canaries: need at least 4 (or auto)")
         return v
 
     @model_validator(mode="after")

@@ -1,7 +1,9 @@
 """report.json (the contract of shared/DESIGN.md) and the plain-words verdict, from an `AuditOutcome`.
 
 Per attack row: site, attack, target, auc, tpr_at_fpr_0.001, tpr_at_fpr_0.01, balanced_accuracy,
-epsilon_lower_bound (+ method, confidence), epsilon_accounted, n_members, n_nonmembers. Infinite epsilons are
+epsilon_lower_bound (+ method, confidence), max_certifiable_epsilon (the largest bound the row could have shown: a
+perfect attack on the same trials), epsilon_accounted, n_members, n_nonmembers (trials: patients for member/holdout
+rows, canaries for the canary row; n_member_scans, n_nonmember_scans count the scored scans). Infinite epsilons are
 written as the string "inf" (as in the ledger). No file path, header value or patient id is ever written.
 """
 
@@ -41,10 +43,12 @@ def row_json(r: AttackRow) -> dict:
         "auc": r.metrics.auc, "tpr_at_fpr_0.001": r.metrics.tpr_at_fpr_0_001,
         "tpr_at_fpr_0.01": r.metrics.tpr_at_fpr_0_01, "balanced_accuracy": r.metrics.balanced_accuracy,
         "epsilon_lower_bound": _num(r.bound.value), "epsilon_lower_bound_method": r.bound.method,
+        "max_certifiable_epsilon": _num(r.bound.max_certifiable),
         "confidence": r.bound.confidence, "epsilon_accounted": _num(r.epsilon_accounted),
         "epsilon_lower_bound_rigorous": r.bound.method == "one_run",
         "top_rank_members": r.metrics.top_rank_members, "top_rank_p_value": r.metrics.top_rank_p_value,
         "auc_p_value": r.metrics.auc_p_value, "n_members": r.metrics.n_members, "n_nonmembers": r.metrics.n_nonmembers,
+        "n_member_scans": r.metrics.n_member_scans, "n_nonmember_scans": r.metrics.n_nonmember_scans,
         "details": _clean(r.details),
     }
 
@@ -72,6 +76,9 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     violation: a *rigorous* bound (the one-run canary audit, Steinke et al. 2023) exceeds the epsilon accounted for
     the run it audited. The member/holdout bounds of one run are heuristic (records are not independent trials, a
     patient may have several scans): above the accounted epsilon they call for the canary audit, not an alarm.
+    power: each bound comes with the largest value it could have shown (`max_certifiable`). When no row could
+    certify more than the accounted epsilon (always, without DP) the audit could not have detected a breach of the
+    budget, and the text says what it could and could not have detected instead of reading as reassurance.
     leak: an AUC of at least AUC_LEAK that chance would not give (one-sided Mann-Whitney test over patients, the
     split's unit; the attacks' direction is fixed in advance: higher score = member), a top-rank test (both
     significant after a Bonferroni split over the rows), or any bound above 0. With a dozen patients a side an AUC
@@ -93,6 +100,8 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
     auc_hit = any(r.metrics.auc_p_value < alpha for r in high)
     leak = auc_hit or top_hit or best_lb.bound.value > 0
     level = "violation" if violating else "leak" if leak else "ok"
+    power = max(rows, key=lambda r: r.bound.max_certifiable)
+    underpowered = not dp or power.bound.max_certifiable <= eps_accounted + TOL
     who = "The consortium as a whole" if site == CONSORTIUM else site
     per = f" per {unit}" if unit else ""  # what epsilon protects: each scan, or each patient (privacy.unit)
     budget_words = ("NON-PRIVATE run, no differential privacy (epsilon = ∞)" if not dp else
@@ -105,7 +114,7 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
             f"attacker would correctly pick out {100 * tpr:.0f} % of the used ones. ")
     if high and not auc_hit:
         n = min(strongest.metrics.n_members, strongest.metrics.n_nonmembers)
-        text += (f"With {n} scans on the smaller side, an AUC of {strongest.metrics.auc:.2f} is within chance "
+        text += (f"With {n} patients on the smaller side, an AUC of {strongest.metrics.auc:.2f} is within chance "
                  f"(p = {strongest.metrics.auc_p_value:.2g} that guessing does as well; significant would be below "
                  f"{alpha:.2g}). ")
     for r in reversed_rows:
@@ -134,18 +143,47 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
                  f"the accounted epsilon {h.epsilon_accounted:.3g}. That bound treats the scans of one run as "
                  "independent trials, which they are not (a patient can have several scans), so it is not proof of a "
                  "bug: run the canary audit (`--attacks canary`), whose bound is rigorous, before sharing again.")
-    elif dp:
+    elif dp and not underpowered:
         text += f"This is consistent with the accounted epsilon {eps_accounted:.3g}."
-    else:
+    elif not dp:
         text += ("Without differential privacy nothing limits this leakage: such a run is a baseline or positive "
-                 "control only and must never be shared." if leak else
-                 "Without differential privacy there is no guarantee, even if these attacks found little.")
-    return {"site": site, "level": level, "text": text, "max_auc": strongest.metrics.auc,
+                 "control only and must never be shared. " if leak else
+                 "Without differential privacy there is no guarantee, even if these attacks found little. ")
+    text += _power_words(rows, dp=dp, eps_accounted=eps_accounted)
+    return {"site": site, "level": level, "text": text.rstrip(), "max_auc": strongest.metrics.auc,
             "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": _num(lb.value),
             "epsilon_lower_bound_rigorous": lb.method == "one_run", "min_top_rank_p_value": top.metrics.top_rank_p_value,
             "auc_significant": auc_hit,
             "heuristic_bound_above_accounted": bool(heuristic_over),
+            "max_certifiable_epsilon": _num(power.bound.max_certifiable),
+            "max_certifiable_epsilon_rigorous": _num(max((r.bound.max_certifiable for r in rows
+                                                          if r.bound.method == "one_run"), default=0.0)),
+            "underpowered": underpowered,
             "epsilon_accounted": _num(eps_accounted), "dp": dp}
+
+
+def _power_words(rows: list[AttackRow], *, dp: bool, eps_accounted: float) -> str:
+    """What the audit could and could not have detected: its power (the bound a perfect attack would show) next to
+    the accounted epsilon."""
+    best = max(rows, key=lambda r: r.bound.max_certifiable)
+    x = best.bound.max_certifiable
+    rig = [r for r in rows if r.bound.method == "one_run"]
+    rig_x = max((r.bound.max_certifiable for r in rig), default=None)
+    what = (f"at most epsilon {x:.2f} (the {ATTACK_WORDS[best.attack].split(' (')[0]}, with a perfect attack on its "
+            f"{best.metrics.n_members} + {best.metrics.n_nonmembers} trials"
+            + (f"; the rigorous canary test at most {rig_x:.2f}" if rig and rig_x < x else "") + ")")
+    if not dp:
+        return (f"This audit could certify {what}. The run has no budget (epsilon = ∞): leakage beyond epsilon "
+                f"{x:.2f} could not show up in these bounds at all, so a low bound does not mean little leaks.")
+    if x <= eps_accounted + TOL:
+        return (f"This audit could certify {what}; the accounted epsilon is {eps_accounted:.3g}. It could not have "
+                "detected a breach of the budget: it neither confirms nor rules out that the budget holds, and a "
+                f"bound of 0 is no reassurance. Plant more canaries (`canaries: auto`, a larger audit holdout) or "
+                "audit with more patients.")
+    if rig and rig_x <= eps_accounted + TOL:
+        return (f"This audit could certify {what}: only the heuristic rows could exceed the accounted epsilon "
+                f"{eps_accounted:.3g}; the rigorous canary test could not have detected a breach of the budget.")
+    return f"This audit could certify {what}, above the accounted epsilon: a breach of the budget was detectable."
 
 
 def verdict(outcome: AuditOutcome) -> dict:
@@ -167,6 +205,9 @@ def verdict(outcome: AuditOutcome) -> dict:
     levels = {f["level"] for f in findings}
     level = "violation" if "violation" in levels else "leak" if "leak" in levels else "ok"
     any_nondp = any(not s.dp for s in outcome.sites.values())
+    weak = [f for f in findings if f["underpowered"]]
+    underpowered = bool(weak)
+    weakest = min((_inf(f["max_certifiable_epsilon"]) for f in weak or findings), default=0.0)
     headline = {
         "violation": "PRIVACY GUARANTEE VIOLATED: a rigorous audit measured more leakage than the privacy budget "
                      "allows.",
@@ -175,10 +216,14 @@ def verdict(outcome: AuditOutcome) -> dict:
                  "Some leakage was measured, and a heuristic bound exceeds the accounted epsilon: run the rigorous "
                  "canary audit before sharing again." if any(f["heuristic_bound_above_accounted"] for f in findings)
                  else "Some leakage was measured, but it stays within what the privacy budget allows."),
-        "ok": ("No measurable leakage by these attacks, but the run is NON-PRIVATE: nothing guarantees it, and it "
-               "must never be shared." if any_nondp else
+        "ok": ("No leakage proved by these attacks, but the run is NON-PRIVATE: nothing guarantees it, this audit "
+               f"could certify at most epsilon {weakest:.2f} and so cannot rule leakage out; it must never be shared."
+               if any_nondp else
+               f"No leakage proved, but this audit could not have detected a breach of the privacy budget: it could "
+               f"certify at most epsilon {weakest:.2f}, not above the accounted epsilon. Not a reassurance: plant more "
+               "canaries or audit more patients." if underpowered else
                "No measurable leakage: the attacks could not tell used from unused scans better than chance, "
-               "consistent with the privacy budget."),
+               "consistent with the privacy budget, which this audit had the power to test."),
     }[level]
     n_m = sum(s.n_members for s in outcome.sites.values())
     n_n = sum(s.n_nonmembers for s in outcome.sites.values())
@@ -187,7 +232,12 @@ def verdict(outcome: AuditOutcome) -> dict:
               f"'{outcome.run['name']}' could tell which patients' scans were used. {n_m} scans used for training "
               f"and {n_n} scans kept aside at the sites (never used) were scored by: "
               + "; ".join(ATTACK_WORDS[a] for a in attacks) + ".")
-    return {"level": level, "headline": headline, "tested": tested, "findings": findings}
+    return {"level": level, "headline": headline, "tested": tested, "findings": findings,
+            "underpowered": underpowered, "max_certifiable_epsilon": _num(weakest)}
+
+
+def _inf(x) -> float:
+    return math.inf if x == "inf" else float(x)
 
 
 def report_json(outcome: AuditOutcome) -> dict:

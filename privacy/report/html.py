@@ -151,6 +151,12 @@ def _f(x, digits=3) -> str:
     return f"{x:.{digits}g}" if isinstance(x, float) else _e(x)
 
 
+def _detects(r: dict) -> bool:
+    """Whether the row could have shown a bound above the accounted epsilon (never without DP)."""
+    acc, power = r["epsilon_accounted"], r["max_certifiable_epsilon"]
+    return acc != "inf" and (power == "inf" or power > acc + 1e-9)
+
+
 def render_html(outcome: AuditOutcome, data: dict) -> str:
     v = data["verdict"]
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
@@ -174,10 +180,13 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
             "0.1 % / 1 % of unused scans may be wrongly accused. The epsilon lower bound is what the attack proves "
             "at the stated confidence; under DP it must stay at or below the accounted epsilon. Only the canary test's "
             "one-run bound is rigorous (each canary is used with probability 1/2 in one run); the other rows' bounds "
-            "treat the scans of one run as independent trials and are heuristic.</p>",
+            "treat the patients of one run as independent trials and are heuristic. The largest certifiable bound is "
+            "what the row could have shown with a perfect attack on the same trials: where it is not above the "
+            "accounted epsilon, the row could not have detected a breach of the budget, and a bound of 0 is no "
+            "reassurance. Members and non-members count trials (patients; canaries for the canary row).</p>",
             "<table><tr><th class=l>site</th><th class=l>attack</th><th class=l>target</th><th>AUC</th>"
             "<th>TPR @ 0.1 % FPR</th><th>TPR @ 1 % FPR</th><th>balanced acc.</th><th>epsilon lower bound</th>"
-            "<th>epsilon accounted</th><th>members</th><th>non-members</th></tr>"]
+            "<th>largest certifiable</th><th>epsilon accounted</th><th>members</th><th>non-members</th></tr>"]
     for r in data["results"]:
         over = (r["epsilon_accounted"] != "inf" and r["epsilon_lower_bound"] != "inf"
                 and r["epsilon_lower_bound"] > r["epsilon_accounted"] + 1e-9) or \
@@ -190,7 +199,8 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
             f"<td>{r['tpr_at_fpr_0.01']:.3f}</td>"
             f"<td>{r['balanced_accuracy']:.3f}</td><td class=\"{'bad' if bad else ''}\">"
             f"{_f(r['epsilon_lower_bound'])} ({_e(r['epsilon_lower_bound_method'].replace('_', '-'))}, {kind}, "
-            f"{100 * r['confidence']:.0f} %)</td><td>{_f(r['epsilon_accounted'])}</td><td>{r['n_members']}</td>"
+            f"{100 * r['confidence']:.0f} %)</td><td class=\"{'' if _detects(r) else 'bad'}\">"
+            f"{_f(r['max_certifiable_epsilon'])}</td><td>{_f(r['epsilon_accounted'])}</td><td>{r['n_members']}</td>"
             f"<td>{r['n_nonmembers']}</td></tr>")
     out.append("</table>")
 

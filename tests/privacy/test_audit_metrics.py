@@ -160,3 +160,57 @@ def test_top_rank_test_catches_a_few_exposed_records_the_auc_misses():
     # most of them)
     ps = [attack_metrics(rng.normal(size=1000), member).top_rank_p_value for _ in range(200)]
     assert np.mean(np.array(ps) < 0.05) <= 0.1
+
+
+def test_clopper_pearson_rows_count_a_patient_once():
+    """The split tosses one coin per patient: a patient with k scans is one trial (scored by the max over its
+    scans). Copying every patient's scan k times must leave the bound and its trial counts unchanged; counted per
+    scan, the copies would pass for independent trials and inflate the bound."""
+    rng = np.random.default_rng(0)
+    n = 60
+    member = np.r_[np.ones(n), np.zeros(n)].astype(bool)
+    scores = rng.normal(size=2 * n) + 2.5 * member
+    patients = np.array([f"P{i}" for i in range(2 * n)], dtype=object)
+    k = 3
+    one = clopper_pearson_lower_bound(scores, member, delta=1e-5, groups=patients)
+    many = clopper_pearson_lower_bound(np.repeat(scores, k), np.repeat(member, k), delta=1e-5,
+                                       groups=np.repeat(patients, k))
+    assert many.value == one.value > 0 and many.max_certifiable == one.max_certifiable
+    assert (many.details["trials_members"], many.details["trials_nonmembers"], many.details["unit"]) == (n, n,
+                                                                                                         "patient")
+    per_scan = clopper_pearson_lower_bound(np.repeat(scores, k), np.repeat(member, k), delta=1e-5)
+    assert per_scan.details["trials_members"] == k * n and per_scan.max_certifiable > one.max_certifiable
+    m = attack_metrics(np.repeat(scores, k), np.repeat(member, k), np.repeat(patients, k))
+    assert (m.n_members, m.n_nonmembers, m.n_member_scans, m.n_nonmember_scans) == (n, n, k * n, k * n)
+    # a patient's score is the max over its scans: one exposed scan exposes the patient
+    from privacy.audit.metrics import per_unit
+
+    s, mem = per_unit([0.1, 9.0, 0.2, 0.3], [1, 1, 0, 0], ["A", "A", "B", "B"])
+    assert list(s) == [9.0, 0.3] and list(mem) == [True, False]
+
+
+def test_every_bound_reports_the_largest_value_it_could_have_shown():
+    from privacy.audit.metrics import canaries_for, clopper_pearson_power, one_run_power
+
+    # the one-run audit saturates with m (Steinke et al. 2023): 32 canaries certify at most ~1.10, 64 ~1.86
+    assert one_run_power(32, delta=1e-5) == pytest.approx(1.10, abs=0.01)
+    assert one_run_power(64, delta=1e-5) == pytest.approx(1.86, abs=0.01)
+    assert one_run_power(256, delta=1e-5) > one_run_power(64, delta=1e-5)
+    # power of one run: a perfect attack on the same draw of included canaries; a real attack shows no more
+    rng = np.random.default_rng(2)
+    included = rng.random(64) < 0.5
+    noisy = one_run_lower_bound(rng.normal(size=64) + included, included, delta=1e-5)
+    perfect = one_run_lower_bound(included.astype(float), included, delta=1e-5)
+    assert noisy.max_certifiable == perfect.max_certifiable == perfect.value >= noisy.value
+    assert perfect.max_certifiable == pytest.approx(one_run_power(64, delta=1e-5), abs=0.3)
+    # Clopper-Pearson: the bound of a perfect test on the evaluated half's trials
+    member = np.r_[np.ones(200), np.zeros(200)].astype(bool)
+    sep = clopper_pearson_lower_bound(member + np.arange(400) * 1e-4, member, delta=1e-5)
+    assert sep.value == pytest.approx(sep.max_certifiable) and sep.max_certifiable == pytest.approx(
+        clopper_pearson_power(100, 100, delta=1e-5))
+    assert clopper_pearson_power(5, 5, delta=1e-5) < 1 < clopper_pearson_power(100, 100, delta=1e-5)
+    # sizing m for a site's epsilon: the fewest canaries whose power reaches 1.5 x epsilon, else all there are
+    assert canaries_for(1.0, 1000, delta=1e-5) == 64
+    assert canaries_for(0.5, 1000, delta=1e-5) == 32
+    assert canaries_for(8.0, 300, delta=1e-5) == 300
+    assert canaries_for(math.inf, 50, delta=1e-5) == 50

@@ -82,6 +82,11 @@ def test_power_nodp_leaks_and_eps1_does_not(runs):
     assert all(r.bound.value == 0 for r in dp.rows if r.site == CONSORTIUM)
     assert report_json(nodp)["verdict"]["level"] == "leak"
     assert report_json(dp)["verdict"]["level"] == "ok"
+    # every bound sits below the largest it could have shown; without DP the verdict says what it could not detect
+    for r in [*nodp.rows, *dp.rows]:
+        assert 0 <= r.bound.value <= r.bound.max_certifiable + 1e-9, r
+    v = report_json(nodp)["verdict"]
+    assert v["underpowered"] and all("could certify at most epsilon" in f["text"] for f in v["findings"])
 
 
 def test_cli_canary_audit_consistent_under_dp_and_gate(runs, tmp_path):

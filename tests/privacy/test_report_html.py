@@ -171,3 +171,33 @@ def test_the_report_says_what_epsilon_protects():
     assert "epsilon = 1 per scan" in text["hospital-a"] and "epsilon = 1 per patient" in text["hospital-b"]
     page = render_html(o, rep)
     assert "protects each" in page and "<td>patient</td>" in page
+
+
+def test_a_verdict_never_reassures_when_the_audit_could_not_have_detected_leakage():
+    """Every row carries the largest bound it could have shown (a perfect attack on its trials); where that is not
+    above the accounted epsilon, or there is no epsilon (--no-dp), the verdict says what the audit could and could
+    not have detected instead of "No measurable leakage"."""
+    quiet_nodp = report_json(outcome(shift=0.0, dp=False))
+    v = quiet_nodp["verdict"]
+    assert v["level"] == "ok" and v["underpowered"] and "No measurable leakage" not in v["headline"]
+    assert "could certify at most epsilon" in v["headline"] and "cannot rule leakage out" in v["headline"]
+    assert all(f["underpowered"] and "could certify at most epsilon" in f["text"] for f in v["findings"])
+    # per row: the power in report.json and in the page's attack table
+    o = outcome(shift=0.0, dp=True, eps=1.0, rows_override=[
+        _row(sid, "dcr", "synthetic", 0.0, 1.0, np.random.default_rng(5), n=10) for sid in ("hospital-a",
+                                                                                        "hospital-b")])
+    data = report_json(o)
+    for r, row in zip(data["results"], o.rows, strict=True):
+        assert r["max_certifiable_epsilon"] == row.bound.max_certifiable < 1.0
+    v = data["verdict"]
+    assert v["level"] == "ok" and v["underpowered"] and v["max_certifiable_epsilon"] < 1.0
+    assert "could not have detected a breach" in v["headline"] and "consistent" not in v["headline"]
+    text = v["findings"][0]["text"]
+    assert "the accounted epsilon is 1" in text and "no reassurance" in text and "consistent" not in text
+    page = render_html(o, data)
+    assert "largest certifiable" in page and f"<td class=\"bad\">{data['results'][0]['max_certifiable_epsilon']:.3g}" \
+        in page
+    # enough trials: the same quiet attacks could have shown a breach, and only then is the verdict consistent
+    powered = report_json(outcome(shift=0.0, dp=True))["verdict"]
+    assert not powered["underpowered"] and "had the power" in powered["headline"]
+    assert "a breach of the budget was detectable" in powered["findings"][0]["text"]
