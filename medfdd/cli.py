@@ -64,8 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     _verbosity(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    pr = sub.add_parser("prepare", parents=[common], help="materialise a non-IID consortium of site folders from a labelled source",
-                        formatter_class=fmt, epilog="example:\n  " + EXAMPLES["prepare"],
+    pr = sub.add_parser("prepare", help="materialise a non-IID consortium of site folders from a labelled source",
+                        formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["prepare"],
                         description="Write K hospital folders of real DICOM or NIfTI files (+ labels.csv), a test "
                                     "split and the site and coordinator configs; classes are split by Dirichlet(alpha).")
     pr.add_argument("--source", choices=["digits", "fashion-mnist", "medmnist"], required=True)
@@ -87,8 +87,8 @@ def _parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="commands a hospital site operator runs").add_subparsers(
         dest="site_command", required=True, metavar="SITE_COMMAND")
-    ck = site.add_parser("check", parents=[common], help="load and validate every scan; write quarantine.json",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site check"],
+    ck = site.add_parser("check", help="load and validate every scan; write quarantine.json",
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site check"],
                          description="Load every manifest row through MONAI, preprocess it, report per-class and "
                                      "per-status counts and write quarantine.json (every unused file and why). Exits "
                                      "non-zero only if the config is invalid or nothing usable remains.")
@@ -96,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     _json_flag(ck)
     ck.set_defaults(handler=_site_check, output_of=_site_output)
 
-    di = site.add_parser("distill", parents=[common], help="distill the site's training split into a small synthetic set under DP",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site distill"],
+    di = site.add_parser("distill", help="distill the site's training split into a small synthetic set under DP",
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site distill"],
                          description="Charge the site's privacy ledger for the planned steps (write-ahead), distill "
                                      "(DP distribution or gradient matching) and write synthetic.npz, synthetic.json "
                                      "and a preview grid under the config's output folder. An interrupted run "
@@ -110,16 +110,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="NON-PRIVATE run for baselines and positive controls (recorded as epsilon = inf)")
     di.set_defaults(handler=_site_distill, output_of=_site_output)
 
-    bu = site.add_parser("budget", parents=[common], help="print the privacy budget spent and remaining, per round",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site budget"],
+    bu = site.add_parser("budget", help="print the privacy budget spent and remaining, per round",
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site budget"],
                          description="Read the site's privacy_ledger.json and print every charge with the epsilon "
                                      "spent after it (recomputed by the accountant) and what remains.")
     bu.add_argument("config", type=Path, help="site config YAML")
     _json_flag(bu)
     bu.set_defaults(handler=_site_budget, output_of=_site_output)
 
-    ev = site.add_parser("evaluate", parents=[common], help="score the consortium's global model on this site's own scans",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site evaluate"],
+    ev = site.add_parser("evaluate", help="score the consortium's global model on this site's own scans",
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site evaluate"],
                          description="Load the site's scans as `site check` does, refuse a model that is not the "
                                      "agreed architecture or holds NaN/Inf, and print accuracy, balanced accuracy, "
                                      "macro AUC and per-class recall on the audit holdout (patients never used) and "
@@ -138,8 +138,8 @@ def _parser() -> argparse.ArgumentParser:
 
     coord = sub.add_parser("coordinator", help="commands the consortium's coordinator runs").add_subparsers(
         dest="coordinator_command", required=True, metavar="COORDINATOR_COMMAND")
-    cr = coord.add_parser("run", parents=[common], help="run every round in-process: all sites of the config on this machine",
-                          formatter_class=fmt, epilog="example:\n  " + EXAMPLES["coordinator run"],
+    cr = coord.add_parser("run", help="run every round in-process: all sites of the config on this machine",
+                          formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["coordinator run"],
                           description="For each round: broadcast the global model, let every listed site distill "
                                       "(through the same code a Flower SuperNode runs), validate each offer (rejected "
                                       "ones are logged with their reason), merge, train and evaluate the global "
@@ -162,8 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     add_audit_parser(sub)
     sub.choices["audit"].set_defaults(handler=_audit, output_of=lambda args: args.out)
 
-    de = sub.add_parser("demo", parents=[common], help="the whole story on bundled data (sklearn digits) in a few minutes",
-                        formatter_class=fmt, epilog="example:\n  medfdd demo --out demo",
+    de = sub.add_parser("demo", help="the whole story on bundled data (sklearn digits) in a few minutes",
+                        formatter_class=fmt, parents=[common], epilog="example:\n  medfdd demo --out demo",
                         description="Materialise three hospitals as DICOM and NIfTI files (non-IID), check each, run "
                                     "one in-process coordinator round (each site distills under DP at epsilon 1, the "
                                     "offers are validated and merged, the global model is trained and evaluated), "

@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -326,7 +326,7 @@ M = TypeVar("M", bound=BaseModel)
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The config models an annotation can hold (through Optional, unions, Annotated, list and dict)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    if get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
@@ -349,7 +349,7 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str, st
         guess = f" (did you mean '{close[0]}'?)" if close else ""
         return key, "unknown key" + guess, "correct its spelling or remove it (see docs/configuration.md)"
     if kind == "missing":
-        return key, "required key is missing", "add it (see the site config reference in README.md)"
+        return key, "required key is missing", "add it (see docs/configuration.md)"
     return key, f"{msg} (got {got!r})", "set a value that satisfies the constraint"
 
 
@@ -381,7 +381,8 @@ def load_yaml(path: Path) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = str(path) if mark is None else f"{path}, line {mark.line + 1}, column {mark.column + 1}"
         problem = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
-        raise ConfigError(where, f"not valid YAML ({problem})".replace("\n", " "), "fix the YAML syntax there") from None
+        problem = problem.replace("\n", " ")
+        raise ConfigError(where, f"not valid YAML ({problem})", "fix the YAML syntax there") from None
 
 
 def load_site_config(path: Path | str) -> SiteConfig:
