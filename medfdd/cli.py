@@ -1,13 +1,25 @@
-"""The `medfdd` command line: prepare, site {check,distill,budget}, coordinator run, audit, demo."""
+"""The `medfdd` command line: prepare, site {check,distill,budget,evaluate}, coordinator run, audit, demo.
+
+Habits: `--version`; `-q/-v`; `--json` (the result alone on stdout, messages on stderr) where a script wants the
+result; exit codes from `medfdd.exit_codes` (docs/troubleshooting.md); Ctrl-C exits 130 with a resume hint; messages
+are not hard-wrapped when the output is not a terminal; each run that has an output folder leaves what it printed
+in `<output>/logs/<command>-<UTC time>.log`.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from rich.console import Console
+from rich.control import Control
 
+from medfdd import __version__, exit_codes
 from medfdd.errors import MedfddError
 
 EXAMPLES = {
@@ -21,16 +33,39 @@ EXAMPLES = {
 }
 
 
+RESUME = {"site distill": "rerun the same command: it resumes from its last checkpoint without paying twice",
+          "coordinator run": "rerun the same command: it resumes after its last finished round"}
+WIDE = 200  # columns when the output is not a terminal (a file, a pipe, CI): lines are not hard-wrapped
+
+
+def _verbosity(p: argparse.ArgumentParser, default) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true", default=default,
+                   help="print only errors (and the --json result); the run's log file still gets everything")
+    g.add_argument("-v", "--verbose", action="store_true", default=default,
+                   help="more detail: errors come with their traceback")
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true",
+                   help="print the result as JSON on stdout (and nothing else there; messages go to stderr)")
+
+
 def _parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     p = argparse.ArgumentParser(
         prog="medfdd", formatter_class=fmt,
         description="Federated dataset distillation for hospitals under differential privacy.",
-        epilog="example:\n  " + "\n  ".join(EXAMPLES.values()))
+        epilog="example:\n  " + "\n  ".join(EXAMPLES.values()) + "\n\nexit codes: 0 done, 1 privacy violation "
+               "found by `medfdd audit`, 2 usage error, 3 error, 130 interrupted (docs/troubleshooting.md)")
+    p.add_argument("--version", action="version", version=f"medfdd {__version__}")
+    _verbosity(p, default=False)
+    common = argparse.ArgumentParser(add_help=False)  # -q/-v also after the command (kept if given before it)
+    _verbosity(common, default=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     pr = sub.add_parser("prepare", help="materialise a non-IID consortium of site folders from a labelled source",
-                        formatter_class=fmt, epilog="example:\n  " + EXAMPLES["prepare"],
+                        formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["prepare"],
                         description="Write K hospital folders of real DICOM or NIfTI files (+ labels.csv), a test "
                                     "split and the site and coordinator configs; classes are split by Dirichlet(alpha).")
     pr.add_argument("--source", choices=["digits", "fashion-mnist", "medmnist"], required=True)
@@ -48,36 +83,43 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--method", choices=["dm", "gm"], default="dm")
     pr.add_argument("--no-dp", action="store_true", help="non-private configs (baselines and positive controls only)")
     pr.add_argument("--max-per-class", type=int, default=None, help="cap the training images taken per class")
+    pr.set_defaults(handler=_prepare, output_of=lambda args: args.out, fresh_output=True)
 
     site = sub.add_parser("site", help="commands a hospital site operator runs").add_subparsers(
         dest="site_command", required=True, metavar="SITE_COMMAND")
     ck = site.add_parser("check", help="load and validate every scan; write quarantine.json",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site check"],
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site check"],
                          description="Load every manifest row through MONAI, preprocess it, report per-class and "
                                      "per-status counts and write quarantine.json (every unused file and why). Exits "
                                      "non-zero only if the config is invalid or nothing usable remains.")
     ck.add_argument("config", type=Path, help="site config YAML")
+    _json_flag(ck)
+    ck.set_defaults(handler=_site_check, output_of=_site_output)
 
     di = site.add_parser("distill", help="distill the site's training split into a small synthetic set under DP",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site distill"],
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site distill"],
                          description="Charge the site's privacy ledger for the planned steps (write-ahead), distill "
                                      "(DP distribution or gradient matching) and write synthetic.npz, synthetic.json "
                                      "and a preview grid under the config's output folder. An interrupted run "
                                      "resumes from its checkpoint without paying twice.")
     di.add_argument("config", type=Path, help="site config YAML")
-    di.add_argument("--round", type=int, default=1, dest="round_", help="federated round (1 = one-shot)")
+    di.add_argument("--round", type=int, default=1, dest="round_", metavar="ROUND",
+                    help="federated round (1 = one-shot)")
     di.add_argument("--global-model", type=Path, help="broadcast global model (safetensors) to match against")
     di.add_argument("--no-dp", action="store_true",
                     help="NON-PRIVATE run for baselines and positive controls (recorded as epsilon = inf)")
+    di.set_defaults(handler=_site_distill, output_of=_site_output)
 
     bu = site.add_parser("budget", help="print the privacy budget spent and remaining, per round",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site budget"],
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site budget"],
                          description="Read the site's privacy_ledger.json and print every charge with the epsilon "
                                      "spent after it (recomputed by the accountant) and what remains.")
     bu.add_argument("config", type=Path, help="site config YAML")
+    _json_flag(bu)
+    bu.set_defaults(handler=_site_budget, output_of=_site_output)
 
     ev = site.add_parser("evaluate", help="score the consortium's global model on this site's own scans",
-                         formatter_class=fmt, epilog="example:\n  " + EXAMPLES["site evaluate"],
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site evaluate"],
                          description="Load the site's scans as `site check` does, refuse a model that is not the "
                                      "agreed architecture or holds NaN/Inf, and print accuracy, balanced accuracy, "
                                      "macro AUC and per-class recall on the audit holdout (patients never used) and "
@@ -87,14 +129,17 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", type=Path, required=True,
                     help="global model (safetensors): the one the coordinator sent back after the last round "
                          "(output/global_model.safetensors) or any file of the agreed architecture")
+    _json_flag(ev)
+    ev.set_defaults(handler=_site_evaluate, output_of=_site_output)
     from medfdd.federation.flower import cli as flower_cli  # Flower deployment commands (no flwr import)
 
     flower_cli.add_site_parser(site)
+    site.choices["join"].set_defaults(handler=_flower_site_join)
 
     coord = sub.add_parser("coordinator", help="commands the consortium's coordinator runs").add_subparsers(
         dest="coordinator_command", required=True, metavar="COORDINATOR_COMMAND")
     cr = coord.add_parser("run", help="run every round in-process: all sites of the config on this machine",
-                          formatter_class=fmt, epilog="example:\n  " + EXAMPLES["coordinator run"],
+                          formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["coordinator run"],
                           description="For each round: broadcast the global model, let every listed site distill "
                                       "(through the same code a Flower SuperNode runs), validate each offer (rejected "
                                       "ones are logged with their reason), merge, train and evaluate the global "
@@ -104,15 +149,21 @@ def _parser() -> argparse.ArgumentParser:
     cr.add_argument("config", type=Path, help="coordinator config YAML")
     cr.add_argument("--no-dp", action="store_true",
                     help="NON-PRIVATE run of every site for baselines and positive controls (epsilon = inf)")
+    _json_flag(cr)
+    cr.set_defaults(handler=_coordinator_run, output_of=_coordinator_output)
     flower_cli.add_coordinator_parsers(coord)
+    for name in ("superlink", "register", "flower-run"):
+        coord.choices[name].set_defaults(handler=_flower_coordinator)
     flower_cli.add_federation_parser(sub)
+    sub.choices["federation"].set_defaults(handler=_flower_federation)
 
     from privacy.audit.cli import add_audit_parser
 
     add_audit_parser(sub)
+    sub.choices["audit"].set_defaults(handler=_audit, output_of=lambda args: args.out)
 
     de = sub.add_parser("demo", help="the whole story on bundled data (sklearn digits) in a few minutes",
-                        formatter_class=fmt, epilog="example:\n  medfdd demo --out demo",
+                        formatter_class=fmt, parents=[common], epilog="example:\n  medfdd demo --out demo",
                         description="Materialise three hospitals as DICOM and NIfTI files (non-IID), check each, run "
                                     "one in-process coordinator round (each site distills under DP at epsilon 1, the "
                                     "offers are validated and merged, the global model is trained and evaluated), "
@@ -121,62 +172,171 @@ def _parser() -> argparse.ArgumentParser:
                                     "write the privacy officer's report. Ends with a summary table.")
     de.add_argument("--out", type=Path, default=Path("demo"), help="folder for the demo consortium (must be new)")
     de.add_argument("--iterations", type=int, default=10, help="paid DP steps per site")
+    de.set_defaults(handler=_demo, output_of=lambda args: args.out, fresh_output=True)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    console = Console(stderr=True)
+# ------------------------------------------------------------------ handlers: (args, out, err) -> exit code or None
+
+
+def _emit(args, result) -> None:
+    """With --json, the result is the only thing on stdout (infinite epsilons as the strings "inf")."""
+    if getattr(args, "json", False):
+        from medfdd.coordinator.run import _json_safe
+
+        sys.stdout.write(json.dumps(_json_safe(result), indent=2, allow_nan=False, default=str) + "\n")
+        sys.stdout.flush()
+
+
+def _prepare(args, out: Console, err: Console) -> None:
+    from medfdd.data.prepare import prepare_from_args
+
+    prepare_from_args(args, console=out)
+
+
+def _site_check(args, out: Console, err: Console) -> None:
+    from medfdd.data.check import check_site
+
+    _emit(args, dataclasses.asdict(check_site(args.config, console=out)))
+
+
+def _site_distill(args, out: Console, err: Console) -> None:
+    from medfdd.distill.site import distill_site
+
+    distill_site(args.config, round_=args.round_, global_model=args.global_model, no_dp=args.no_dp, console=out)
+
+
+def _site_budget(args, out: Console, err: Console) -> None:
+    from medfdd.distill.site import print_budget
+
+    _emit(args, print_budget(args.config, console=out))
+
+
+def _site_evaluate(args, out: Console, err: Console) -> None:
+    from medfdd.site_evaluation import evaluate_at_site
+
+    _emit(args, evaluate_at_site(args.config, args.model, console=out))
+
+
+def _coordinator_run(args, out: Console, err: Console) -> None:
+    from medfdd.federation.inprocess import run_inprocess
+
+    run_dir = run_inprocess(args.config, console=out, no_dp=args.no_dp)
+    _emit(args, json.loads((run_dir / "run.json").read_text(encoding="utf-8")))
+
+
+def _flower_site_join(args, out: Console, err: Console) -> int:
+    from medfdd.federation.flower.cli import run_site_join
+
+    return run_site_join(args, err)
+
+
+def _flower_coordinator(args, out: Console, err: Console) -> int:
+    from medfdd.federation.flower.cli import run_coordinator_command
+
+    return run_coordinator_command(args, err)
+
+
+def _flower_federation(args, out: Console, err: Console) -> int:
+    from medfdd.federation.flower.cli import run_federation_command
+
+    return run_federation_command(args, err)
+
+
+def _audit(args, out: Console, err: Console) -> int:
+    from privacy.audit.cli import run_audit_command
+
+    return run_audit_command(args, console=out)
+
+
+def _demo(args, out: Console, err: Console) -> None:
+    from medfdd.demo import run_demo
+
+    run_demo(args.out, iterations=args.iterations, console=out)
+
+
+def _site_output(args) -> Path:
+    from medfdd.config import load_site_config
+
+    return load_site_config(args.config).output_dir
+
+
+def _coordinator_output(args) -> Path:
+    from medfdd.config import load_coordinator_config
+
+    return load_coordinator_config(args.config).output_dir
+
+
+# ------------------------------------------------------------------ consoles, log file, exit codes
+
+
+class _TeeConsole(Console):
+    """A console that also copies what it prints to the run's log console (not the live progress redraws)."""
+
+    def __init__(self, log: Console, **kwargs):
+        super().__init__(**kwargs)
+        self._log = log
+
+    def print(self, *objects, **kwargs) -> None:
+        super().print(*objects, **kwargs)
+        if not objects or not all(isinstance(o, Control) for o in objects):
+            self._log.print(*objects, **kwargs)
+
+
+def _console(file, *, quiet: bool, log: Console) -> Console:
+    tty = file.isatty()
+    return _TeeConsole(log, file=file, quiet=quiet, soft_wrap=not tty, width=None if tty else WIDE)
+
+
+def _output_folder(args) -> Path | None:
     try:
-        if args.command == "prepare":
-            from medfdd.data.prepare import prepare_from_args
+        return Path(args.output_of(args)) if hasattr(args, "output_of") else None
+    except (MedfddError, OSError):
+        return None  # the command reports the problem itself
 
-            prepare_from_args(args, console=Console())
-        elif args.command == "site" and args.site_command == "check":
-            from medfdd.data.check import check_site
 
-            check_site(args.config, console=Console())
-        elif args.command == "site" and args.site_command == "distill":
-            from medfdd.distill.site import distill_site
+def _write_log(log: Console, folder: Path, name: str, started: datetime, err: Console) -> None:
+    from medfdd.io import atomic_write_text
 
-            distill_site(args.config, round_=args.round_, global_model=args.global_model, no_dp=args.no_dp,
-                         console=Console())
-        elif args.command == "site" and args.site_command == "budget":
-            from medfdd.distill.site import print_budget
+    path = folder / "logs" / f"{name}-{started:%Y%m%dT%H%M%S}.{started.microsecond:06d}Z.log"
+    try:
+        atomic_write_text(path, log.file.getvalue(), durable=False)
+    except (MedfddError, OSError) as e:
+        err.print(f"[yellow]warning[/]: no log file written ({e})", highlight=False)
 
-            print_budget(args.config, console=Console())
-        elif args.command == "site" and args.site_command == "evaluate":
-            from medfdd.site_evaluation import evaluate_at_site
 
-            evaluate_at_site(args.config, args.model, console=Console())
-        elif args.command == "coordinator" and args.coordinator_command == "run":
-            from medfdd.federation.inprocess import run_inprocess
-
-            run_inprocess(args.config, console=Console(), no_dp=args.no_dp)
-        elif args.command == "site" and args.site_command == "join":
-            from medfdd.federation.flower.cli import run_site_join
-
-            return run_site_join(args, console)
-        elif args.command == "coordinator" and args.coordinator_command in ("superlink", "register", "flower-run"):
-            from medfdd.federation.flower.cli import run_coordinator_command
-
-            return run_coordinator_command(args, console)
-        elif args.command == "federation":
-            from medfdd.federation.flower.cli import run_federation_command
-
-            return run_federation_command(args, console)
-        elif args.command == "audit":
-            from privacy.audit.cli import run_audit_command
-
-            return run_audit_command(args, console=Console())
-        elif args.command == "demo":
-            from medfdd.demo import run_demo
-
-            run_demo(args.out, iterations=args.iterations, console=Console())
-        return 0
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)  # a usage error exits with exit_codes.USAGE (argparse's 2)
+    command = " ".join(x for x in (args.command, getattr(args, "site_command", None),
+                                   getattr(args, "coordinator_command", None)) if x)
+    log = Console(file=io.StringIO(), width=WIDE, soft_wrap=True, color_system=None, force_terminal=False,
+                  force_jupyter=False, force_interactive=False)
+    as_json = getattr(args, "json", False)
+    out = _console(sys.stderr if as_json else sys.stdout, quiet=args.quiet, log=log)
+    err = _console(sys.stderr, quiet=False, log=log)
+    started = datetime.now(UTC)
+    folder = _output_folder(args)
+    existed = folder is not None and folder.is_dir()
+    code = exit_codes.RUNTIME_ERROR
+    try:
+        code = args.handler(args, out, err) or exit_codes.OK
+    except KeyboardInterrupt:
+        err.print(f"[yellow]interrupted[/]: {RESUME.get(command, 'nothing was finished; rerun the same command')}",
+                  highlight=False)
+        code = exit_codes.INTERRUPTED
     except MedfddError as e:
-        console.print(f"[bold red]error[/]: {e}", markup=True, highlight=False)
-        return 2
+        if args.verbose:
+            err.print_exception()
+        err.print(f"[bold red]error[/]: {e}", highlight=False)
+    except Exception:  # a bug: show where
+        err.print_exception()
+        err.print("[bold red]internal error[/]: this is a bug; please report it with the traceback above")
+    finally:
+        # a command that needs a new output folder (prepare, demo) must not leave a log in one it failed to fill
+        if folder is not None and folder.is_dir() and (existed or code == exit_codes.OK
+                                                       or not getattr(args, "fresh_output", False)):
+            _write_log(log, folder, command.replace(" ", "-"), started, err)
+    return code
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Relative paths in a config file are resolved against the directory holding that 
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -328,13 +329,32 @@ class CoordinatorConfig(_Strict):
 M = TypeVar("M", bound=BaseModel)
 
 
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The config models an annotation can hold (through Optional, unions, Annotated, list and dict)."""
+    if get_origin(annotation) is None and isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys allowed where `loc` points (its last part is the offending key)."""
+    models = [model]
+    for part in loc[:-1]:
+        inner = [m for m in models if isinstance(part, str) and part in m.model_fields]
+        # a field name steps into its models; a union tag, dict key or list index stays on the same models
+        models = [x for m in inner for x in _models_in(m.model_fields[part].annotation)] if inner else models
+    return sorted({k for m in models for k in m.model_fields if k != "base_dir"})
+
+
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str, str]:
     key = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in {"minmax", "percentile", "ct_window"}))
     kind, msg, got = err["type"], err["msg"], err.get("input")
     if kind == "extra_forbidden":
-        return key, "unknown key", "remove it or correct its spelling (see the site config reference in README.md)"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _valid_keys(model, tuple(err["loc"])), n=1)
+        guess = f" (did you mean '{close[0]}'?)" if close else ""
+        return key, "unknown key" + guess, "correct its spelling or remove it (see docs/configuration.md)"
     if kind == "missing":
-        return key, "required key is missing", "add it (see the site config reference in README.md)"
+        return key, "required key is missing", "add it (see docs/configuration.md)"
     return key, f"{msg} (got {got!r})", "set a value that satisfies the constraint"
 
 
@@ -363,7 +383,11 @@ def load_yaml(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), f"not UTF-8 text ({e.reason} at byte {e.start})", "save the file as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(str(path), f"not valid YAML: {e}".replace("\n", " "), "fix the YAML syntax") from None
+        mark = getattr(e, "problem_mark", None)
+        where = str(path) if mark is None else f"{path}, line {mark.line + 1}, column {mark.column + 1}"
+        problem = " ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        problem = problem.replace("\n", " ")
+        raise ConfigError(where, f"not valid YAML ({problem})", "fix the YAML syntax there") from None
 
 
 def load_site_config(path: Path | str) -> SiteConfig:

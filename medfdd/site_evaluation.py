@@ -72,10 +72,10 @@ def evaluate_at_site(config_path: Path, model_path: Path, *, console: Console | 
     """Score `model_path` on the site's holdout and training patients; write output/evaluation.json and .png."""
     console = console or Console()
     cfg = load_site_config(config_path)
+    # the model is checked (exists, safetensors, agreed architecture, finite) before any scan is read
+    model = load_agreed_model(model_path, in_channels=cfg.data.channels, num_classes=len(cfg.data.classes),
+                              spatial_size=cfg.data.spatial_size).to(pick_device(cfg.device))
     data = load_with_progress(cfg, console)
-    shape = data.images.shape[1:]
-    model = load_agreed_model(model_path, in_channels=shape[0], num_classes=len(data.classes),
-                              spatial_size=shape[1:]).to(pick_device(cfg.device))
     groups = {"holdout": data.holdout, "training": np.union1d(data.train, data.unused)}
     results = {g: evaluate(model, data.images[idx], data.labels[idx], len(data.classes))
                for g, idx in groups.items() if len(idx)}

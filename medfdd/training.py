@@ -6,6 +6,7 @@ SGD (momentum 0.9, weight decay 5e-4), learning rate divided by 10 at half the e
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,8 +35,10 @@ def pick_device(setting: str = "auto") -> torch.device:
 
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: TrainSettings, *,
-                     seed: int, device: torch.device | None = None, weights: np.ndarray | None = None) -> ConvNet:
-    """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example."""
+                     seed: int, device: torch.device | None = None, weights: np.ndarray | None = None,
+                     on_epoch: Callable[[int], None] | None = None) -> ConvNet:
+    """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example;
+    `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model)."""
     device = device or pick_device()
     x = torch.as_tensor(images, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
@@ -46,7 +49,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
     g = torch.Generator().manual_seed(seed)
     families = FAMILIES + (("flip",) if settings.flip else ())
     model.train()
-    for _ in range(settings.epochs):
+    for epoch in range(settings.epochs):
         order = torch.randperm(len(x), generator=g).to(device)
         for start in range(0, len(x), settings.batch_size):
             idx = order[start:start + settings.batch_size]
@@ -59,6 +62,8 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
             loss.backward()
             opt.step()
         sched.step()
+        if on_epoch is not None:
+            on_epoch(epoch + 1)
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from medfdd import __version__
@@ -261,11 +262,15 @@ class CoordinatorRun:
         training = union_of_rounds([self._round_set(r) for r in trained_on[:-1]] + [merged])
         t = time.perf_counter()
         tc = self.cfg.train
-        model = train_classifier(training.images, training.labels, k,
-                                 TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size, width=tc.width,
-                                               augment=tc.augment),
-                                 seed=self.cfg.seed + rd.round, device=self.device,
-                                 weights=training.training_weights)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), console=self.console) as bar:
+            task = bar.add_task(f"round {rd.round}: training the global model (epochs)", total=tc.epochs)
+            model = train_classifier(training.images, training.labels, k,
+                                     TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size,
+                                                   width=tc.width, augment=tc.augment),
+                                     seed=self.cfg.seed + rd.round, device=self.device,
+                                     weights=training.training_weights,
+                                     on_epoch=lambda done: bar.update(task, completed=done))
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
         metrics = None

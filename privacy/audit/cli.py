@@ -89,4 +89,6 @@ def run_audit_command(args, console: Console | None = None) -> int:
     for n in outcome.notes:
         console.print(f"[yellow]note[/]: {n}")
     console.print(f"wrote {js} and {html}")
-    return 1 if v["level"] == "violation" else 0
+    from medfdd.exit_codes import OK, PRIVACY_VIOLATION
+
+    return PRIVACY_VIOLATION if v["level"] == "violation" else OK

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from medfdd import exit_codes
 from medfdd.cli import main
 from medfdd.config import load_site_config
 from medfdd.data.check import check_site
@@ -235,7 +236,7 @@ def test_nothing_usable_exits_nonzero_but_writes_the_report(site_builder, capsys
     with pytest.raises(NoUsableDataError):
         check_site(cfg)
     assert quarantine(cfg)["quarantined"] == 1
-    assert main(["site", "check", str(cfg)]) == 2
+    assert main(["site", "check", str(cfg)]) == exit_codes.RUNTIME_ERROR
     err = capsys.readouterr().err
     assert "none of the 1 manifest rows is usable" in err and "Traceback" not in err
 
@@ -316,6 +317,6 @@ def test_config_errors_name_file_key_and_fix(site_builder, tmp_path):
     cfg.write_text("site_id: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_site_config(cfg)
-    assert main(["site", "check", str(cfg)]) == 2
+    assert main(["site", "check", str(cfg)]) == exit_codes.RUNTIME_ERROR
     with pytest.raises(ConfigError, match="config file not found"):
         load_site_config(tmp_path / "nope.yaml")

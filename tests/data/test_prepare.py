@@ -364,6 +364,7 @@ def test_refuses_foreign_folder_and_replaces_earlier_consortium(tmp_path):
 
 
 def test_cli_prepare(tmp_path, capsys):
+    from medfdd import exit_codes
     from medfdd.cli import main
 
     out = tmp_path / "cli"
@@ -378,7 +379,7 @@ def test_cli_prepare(tmp_path, capsys):
     assert (cfg.distill.method, cfg.distill.ipc, cfg.distill.iterations, cfg.seed) == ("gm", 5, 9, 2)
     assert sum(len(read_manifest(out / s)) for s in ("hospital-a", "hospital-b")) == 120
     assert main(["prepare", "--source", "digits", "--sites", "2", "--alpha", "-1", "--format", "dicom",
-                 "--out", str(tmp_path / "bad")]) == 2
+                 "--out", str(tmp_path / "bad")]) == exit_codes.RUNTIME_ERROR
     assert "--alpha" in capsys.readouterr().err
 
 

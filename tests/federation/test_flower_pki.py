@@ -10,6 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 
+from medfdd import exit_codes
 from medfdd.cli import main
 from medfdd.federation.flower import deploy
 from medfdd.federation.flower.pki import PkiError, check_public_key, make_site_keys, make_tls
@@ -66,7 +67,7 @@ def test_cli_writes_certs_and_keys(tmp_path, capsys):
     assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("10.1.2.3")]
     assert main(["federation", "keys", "--out", str(tmp_path / "keys"), "--site", "hospital-b"]) == 0
     assert (tmp_path / "keys" / "hospital-b.pub").is_file()
-    assert main(["federation", "keys", "--out", str(tmp_path / "keys"), "--site", "hospital-b"]) == 2
+    assert main(["federation", "keys", "--out", str(tmp_path / "keys"), "--site", "hospital-b"]) == exit_codes.RUNTIME_ERROR
 
 
 def test_process_arguments_are_secure_by_default(tmp_path):
@@ -124,7 +125,7 @@ def test_insecure_mode_is_explicit_and_loud(tmp_path):
     with pytest.raises(deploy.FlowerDeployError, match="CA certificate"):  # no silent fallback to insecure
         flower_cli._security(Namespace(insecure=False, root_certificates=None), quiet)
     assert "INSECURE" not in quiet.export_text()
-    assert main(["coordinator", "superlink", "--port", "9093"]) == 2  # neither --certs nor --insecure
+    assert main(["coordinator", "superlink", "--port", "9093"]) == exit_codes.RUNTIME_ERROR  # neither --certs nor --insecure
 
 
 def test_register_needs_a_valid_site_id_for_the_key(tmp_path, monkeypatch):
@@ -134,5 +135,5 @@ def test_register_needs_a_valid_site_id_for_the_key(tmp_path, monkeypatch):
     bare = tmp_path / "bare.pub"
     bare.write_text(" ".join(keys.public_key.read_text().split()[:2]) + "\n")  # no comment: no site id
     args = ["--superlink", "127.0.0.1:1", "--root-certificates", str(files.ca_cert)]
-    assert main(["coordinator", "register", str(bare), *args]) == 2
-    assert main(["coordinator", "register", str(bare), "--site", "../x", *args]) == 2
+    assert main(["coordinator", "register", str(bare), *args]) == exit_codes.RUNTIME_ERROR
+    assert main(["coordinator", "register", str(bare), "--site", "../x", *args]) == exit_codes.RUNTIME_ERROR

@@ -31,11 +31,18 @@ def _sites(coord_path):
     return {load_site_config(p).site_id: p for p in cfg.site_paths}
 
 
-def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_round(digits_consortium):
+def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_round(digits_consortium, capsys):
     coord = digits_consortium(rounds=2)
-    assert main(["coordinator", "run", str(coord)]) == 0
+    assert main(["coordinator", "run", str(coord), "--json"]) == 0
     out = load_coordinator_config(coord).output_dir
     run = json.loads((out / "run.json").read_text())
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == run  # --json: the result alone on stdout, the messages on stderr
+    epochs = load_coordinator_config(coord).train.epochs
+    for r in (1, 2):  # the training progress bar of each round, finished
+        assert f"round {r}: training the global model (epochs)" in printed.err
+    assert printed.err.count(f"{epochs}/{epochs}") >= 2
+    assert any("run directory:" in p.read_text() for p in (out / "logs").glob("coordinator-run-*.log"))
     assert run["status"] == "completed" and run["engine"] == "inprocess"
     assert [r["round"] for r in run["rounds"]] == [1, 2]
     sites = sorted(_sites(coord))

@@ -24,6 +24,7 @@ import yaml
 from reliability_helpers import tiny_consortium
 from rich.console import Console
 
+from medfdd import exit_codes
 from medfdd.artifacts import load_synthetic
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
@@ -330,7 +331,7 @@ def test_a_file_where_the_output_folder_should_be_is_a_typed_error(prepared, tmp
         cfg = yaml.safe_load(path.read_text())
         cfg["data"]["cache"] = cache
         path.write_text(yaml.safe_dump(cfg))
-        assert main(["site", "distill", str(path)]) == 2
+        assert main(["site", "distill", str(path)]) == exit_codes.RUNTIME_ERROR
         err = capsys.readouterr().err
         assert "Traceback" not in err and str(blocker) in err.replace("\n", "") and "in the way" in err
         assert "training split is empty" not in err  # not blamed on the scans
