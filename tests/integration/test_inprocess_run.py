@@ -71,7 +71,9 @@ def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_r
     load_model(out / "global_model.safetensors", expect={"num_classes": 10, "spatial_size": [16, 16]})
     for s, path in _sites(coord).items():
         ledger = PrivacyLedger.load(out / "sites" / s / "privacy_ledger.json")
-        assert sorted(e.round for e in ledger.entries) == [1, 2]  # one charge per round
+        # one charge per round, and the DP record count (paid once, before round 1)
+        assert sorted((e.round, e.purpose) for e in ledger.entries) == [(1, "distill"), (1, "record-count"),
+                                                                        (2, "distill")]
         assert ledger.epsilon_spent <= 1.0 + 1e-9
         assert json.loads((out / "sites" / s / "synthetic.json").read_text())["round"] == 2
         # the copy in the run directory is the site's own ledger
@@ -105,7 +107,7 @@ def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_c
     assert run_json["status"] == "completed" and len(run_json["rounds"]) == 2
     for p in sites.values():  # the site asked twice for round 2 paid once
         ledger = PrivacyLedger.load(load_site_config(p).output_dir / "privacy_ledger.json")
-        assert sorted(e.round for e in ledger.entries) == [1, 2]
+        assert sorted(e.round for e in ledger.entries if e.purpose == "distill") == [1, 2]
     # a finished run is not run again
     again = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
     assert again.next_round is None
