@@ -140,16 +140,17 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
 
 
 def pin_noise_keys(site_configs) -> None:
-    """Write a fixed noise key into each site's output folder before its first run. The key is otherwise random per
-    site (it keys the DP noise and sampling), so a test whose assertion is statistical (a utility floor, audit power)
-    would see new noise on every run."""
+    """Install a fixed noise key in each site's output folder before its first run (`provision_noise_key`: the empty
+    ledger first, as a site restoring its key does). The key is otherwise random per site (it keys the DP noise and
+    sampling), so a test whose assertion is statistical (a utility floor, audit power) would see new noise on every
+    run."""
     from medfdd.config import load_site_config
-    from medfdd.distill.noise_key import KEY_BYTES, KEY_FILENAME
+    from medfdd.distill.noise_key import KEY_BYTES
+    from medfdd.distill.site import provision_noise_key
 
     for i, path in enumerate(site_configs):
-        out = load_site_config(path).output_dir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / KEY_FILENAME).write_bytes(bytes([0, i % 256]) * (KEY_BYTES // 2))
+        cfg = load_site_config(path)
+        provision_noise_key(cfg, bytes([0, i % 256]) * (KEY_BYTES // 2), dp=cfg.privacy.dp)
 
 
 @pytest.fixture(scope="session")

@@ -72,22 +72,34 @@ def distiller_class(method: str) -> type[Distiller]:
     return DistributionMatching
 
 
-# written at a site only after a charge is on its ledger (artifacts, members.json, the paid record count); the noise
-# key is not among them: it may be placed before a site's first run (a restored or shared key)
+# written at a site only after a charge is on its ledger (artifacts, members.json, the paid record count)
 RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "synthetic.nii.gz", MEMBERS_FILE,
                  COUNT_FILE)
 
 
 def release_traces(cfg: SiteConfig) -> list[Path]:
     """Paths whose presence shows that this output folder's ledger has charged before (existing or not): released
-    artifacts and the site's copies of them, resumable checkpoints, members.json, the paid record count."""
+    artifacts and the site's copies of them, resumable checkpoints, members.json, the paid record count, and the
+    noise key (created only after the ledger exists: a key without a ledger means the ledger was lost, or a key was
+    copied into a folder whose ledger it does not belong to; either way its noise may already have been spent)."""
     out = cfg.output_dir
-    return [out / name for name in RELEASE_FILES] + sorted((out / "checkpoints").glob("*round-*.safetensors"))
+    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)]
+            + sorted((out / "checkpoints").glob("*round-*.safetensors")))
+
+
+def provision_noise_key(cfg: SiteConfig, key: bytes, *, dp: bool = True) -> Path:
+    """Install a site's noise key from a backup or a key store into a NEW output folder: the (empty) ledger is
+    created first, so the key belongs to this ledger from the start (a key found without its ledger is refused)."""
+    open_ledger(cfg, dp)
+    path = cfg.output_dir / KEY_FILENAME
+    atomic_write_bytes(path, key)
+    path.chmod(0o600)
+    return path
 
 
 def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
     """The site's ledger; a missing one is created only where no earlier charge left a trace (`LedgerMissing`). It is
-    opened before the noise key is created, so a first run that stops in between leaves nothing that blocks a rerun."""
+    opened before the noise key is created, so a first run that stops in between leaves a ledger with its key."""
     path = cfg.output_dir / "privacy_ledger.json"
     try:
         return PrivacyLedger.open(path, site_id=cfg.site_id, epsilon=cfg.privacy.epsilon if dp else math.inf,

@@ -540,7 +540,7 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     assert ledger2["entries"] == ledger["entries"]  # no second charge
     # the resumed artifact equals an uninterrupted run's at the same site (the same noise key)
     path2 = _site_config(consortium, tmp_path / "b", iterations=20)
-    _copy_noise_key(cfg.output_dir, load_site_config(path2).output_dir)
+    _copy_noise_key(cfg.output_dir, path2)
     straight = distill_site(path2, console=quiet())
     a = load_synthetic(cfg.output_dir).images
     b = load_synthetic(load_site_config(path2).output_dir).images
@@ -550,9 +550,10 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     assert len(resumed.meta["class_evidence"]) == len(cfg.data.classes)
 
 
-def _copy_noise_key(src: Path, dst: Path) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / KEY_FILENAME).write_bytes((src / KEY_FILENAME).read_bytes())
+def _copy_noise_key(src: Path, dst_config: Path) -> None:
+    from medfdd.distill.site import provision_noise_key
+
+    provision_noise_key(load_site_config(dst_config), (src / KEY_FILENAME).read_bytes())
 
 
 def test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed(consortium, tmp_path):
@@ -563,7 +564,7 @@ def test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed(consortium, 
         path = _site_config(consortium, tmp_path / name, iterations=5)
         out = load_site_config(path).output_dir
         if name == "same-key-as-one":
-            _copy_noise_key(outs[0], out)
+            _copy_noise_key(outs[0], path)
         distill_site(path, console=quiet())
         outs.append(out)
     keys = [(o / KEY_FILENAME).read_bytes() for o in outs]

@@ -20,7 +20,8 @@ from medfdd.data.manifest import read_manifest
 from medfdd.data.site_data import load_site_data
 from medfdd.distill import site as site_runner
 from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import distill_site
+from medfdd.distill.site import distill_site, provision_noise_key
+from medfdd.exit_codes import RUNTIME_ERROR
 from privacy.accounting import ChargeConflict, LedgerMissing, PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -112,7 +113,7 @@ def test_relabelling_a_training_scan_in_place_is_refused(site, capsys):
     assert "content" not in e.value.problem and "--round 2" in e.value.fix
     assert snapshot(site) == before  # nothing released, nothing charged
     rc, text = cli(capsys, "site", "distill", str(site))
-    assert rc == 2 and "training records' labels" in text and "new, paid round" in text
+    assert rc == RUNTIME_ERROR and "training records' labels" in text and "new, paid round" in text
     assert snapshot(site) == before
 
 
@@ -165,20 +166,31 @@ def test_a_deleted_ledger_next_to_released_artifacts_is_refused(site, capsys):
     assert {f: b for f, b in snapshot(site).items() if f != "privacy_ledger.json"} == {
         f: b for f, b in before.items() if f != "privacy_ledger.json"}
     rc, text = cli(capsys, "site", "budget", str(site))
-    assert rc == 2 and "nothing spent" not in text and "ledger is missing" in text
+    assert rc == RUNTIME_ERROR and "nothing spent" not in text and "ledger is missing" in text
     (out / "privacy_ledger.json").write_bytes(ledger)  # restored from the backup: the same site again
     distill_site(site, console=quiet())
     assert snapshot(site) == before
 
 
-def test_only_charge_traces_block_a_missing_ledger_so_a_stopped_first_run_cannot_brick_a_site(site, capsys):
-    out = load_site_config(site).output_dir
+def test_a_key_without_its_ledger_is_refused_and_a_provisioned_key_is_not(site, capsys):
+    """A noise key found without a ledger (the ledger deleted next to it, or a key copied into a folder it does not
+    belong to) may already have been spent: refused. A key installed the supported way (`provision_noise_key`: the
+    empty ledger first) starts a fresh budget."""
+    cfg = load_site_config(site)
+    out = cfg.output_dir
     out.mkdir(parents=True)
-    (out / KEY_FILENAME).write_bytes(bytes(range(32)))  # a key but no charge yet (placed, or a first run stopped)
+    (out / KEY_FILENAME).write_bytes(bytes(range(32)))
+    rc, text = cli(capsys, "site", "budget", str(site))
+    assert rc == RUNTIME_ERROR and "nothing spent" not in text and "ledger is missing" in text and KEY_FILENAME in text
+    with pytest.raises(LedgerMissing, match=KEY_FILENAME):
+        distill_site(site, console=quiet())
+    assert not (out / "privacy_ledger.json").exists()
+    (out / KEY_FILENAME).unlink()
+    provision_noise_key(cfg, bytes(range(32)))
     rc, text = cli(capsys, "site", "budget", str(site))
     assert rc == 0 and "nothing spent" in text
     distill_site(site, console=quiet())
-    assert PrivacyLedger.load(out).epsilon_spent > 0
+    assert PrivacyLedger.load(out).epsilon_spent > 0 and (out / KEY_FILENAME).read_bytes() == bytes(range(32))
 
 
 def test_the_ledger_refuses_to_start_empty_next_to_a_trace(tmp_path):

@@ -26,6 +26,7 @@ from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.run import consortium_of
 from medfdd.distill.noise_key import KEY_FILENAME
+from medfdd.distill.site import provision_noise_key
 from medfdd.federation.flower import deploy
 from medfdd.federation.flower.pki import make_site_keys, make_tls
 from medfdd.federation.inprocess import run_inprocess
@@ -186,8 +187,7 @@ def test_flower_and_inprocess_runs_give_the_same_merged_set_and_accuracy(deploym
         cfg["output"] = cfg["output"].replace("../runs/", "../runs-inprocess/")
         (inproc_dir / path.name).write_text(yaml.safe_dump(cfg, sort_keys=False))
         key = load_site_config(path).output_dir / KEY_FILENAME
-        (load_site_config(inproc_dir / path.name).output_dir).mkdir(parents=True)
-        (load_site_config(inproc_dir / path.name).output_dir / KEY_FILENAME).write_bytes(key.read_bytes())
+        provision_noise_key(load_site_config(inproc_dir / path.name), key.read_bytes())
     coord = yaml.safe_load(d.coord.read_text())
     coord["output"] = "../runs-inprocess/coordinator"
     (inproc_dir / d.coord.name).write_text(yaml.safe_dump(coord, sort_keys=False))

@@ -30,7 +30,7 @@ from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.run import CoordinatorRun
 from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import distill_site
+from medfdd.distill.site import distill_site, provision_noise_key
 from medfdd.federation.inprocess import run_inprocess
 from medfdd.federation.site import make_offer
 from medfdd.io import OutputWriteError
@@ -114,7 +114,8 @@ def uninterrupted(prepared, tmp_path_factory):
 
 # moment -> (what is polled, description of the state when killed)
 SITE_KILLS = {
-    "after the ledger charge": (lambda out: len(_entries(out / "privacy_ledger.json")) == 1,
+    "after the ledger charge": (lambda out: [e["purpose"] for e in _entries(out / "privacy_ledger.json")
+                                             ].count("distill") == 1,
                                 "the ledger entry is on disk, no step has been checkpointed"),
     "mid-run after a checkpoint": (lambda out: (out / "checkpoints" / "round-1.safetensors").is_file(),
                                    "a resumable checkpoint exists, the artifact does not"),
@@ -131,8 +132,7 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
     path = site_config(prepared, tmp_path)
     out = load_site_config(path).output_dir
     straight_syn, straight_ledger, key = uninterrupted
-    out.mkdir(parents=True)
-    (out / KEY_FILENAME).write_bytes(key)  # the same site: the same secret noise key
+    provision_noise_key(load_site_config(path), key)  # the same site: the same secret noise key
     rc = kill_when([str(EXE), "site", "distill", str(path)], lambda: ready(out), log=tmp_path / "distill.log")
     assert rc == -signal.SIGKILL
 
