@@ -52,7 +52,7 @@ REFERENCES = [
     ("input", "Latin-1 (non-UTF-8) manifest", "ManifestError: not UTF-8 (offset), fix with iconv",
      f"{BAD_INPUTS}::test_non_utf8_manifest"),
     ("input", "missing manifest", "ManifestError: manifest not found", f"{BAD_INPUTS}::test_missing_manifest"),
-    ("input", "every row unusable", "NoUsableDataError, `site check` exits 2, quarantine.json still written",
+    ("input", "every row unusable", "NoUsableDataError, `site check` exits 3, quarantine.json still written",
      f"{BAD_INPUTS}::test_nothing_usable_exits_nonzero_but_writes_the_report"),
     ("input", "mixed 2D and 3D scans in one 2D site", "the 3D one quarantined `wrong_dimensionality`",
      f"{BAD_INPUTS}::test_mixed_2d_3d_site"),
@@ -252,7 +252,7 @@ def render() -> str:
         f"{len(security)} security checks.**",
         "",
         "Typed errors are `medfdd.errors.MedfddError` subclasses whose message names the file or key, the problem "
-        "and the fix (`<where>: <problem>. Fix: <fix>`); the CLI prints them without a traceback and exits 2. "
+        "and the fix (`<where>: <problem>. Fix: <fix>`); the CLI prints them without a traceback and exits 3 (exit codes: [troubleshooting](troubleshooting.md#exit-codes)). "
         "Quarantined rows are listed in the site's `quarantine.json` with reason, detail and fix, and "
         "used + quarantined = manifest rows.",
         "",
