@@ -188,16 +188,17 @@ class AuditGate(_Strict):
 
 
 class SiteEvaluateConfig(_Strict):
-    """`site evaluate`: the site's own models next to the global one (trained on its training scans only, they and
-    their scores never leave the site; the audit holdout is only scored). One fixed recipe, chosen without any
-    holdout (benchmarks/site_finetune.py), for both: `train_classifier` at the global model's width."""
+    """`site evaluate`: the site's own models next to the global one, both trained on its training patients only
+    (they and their scores never leave the site; the audit holdout is only scored) with one fixed recipe at the global
+    model's width, chosen without any holdout: a fine-tuning learning rate (below the from-scratch 0.01, as in
+    transfer learning, Yosinski et al. 2014) measured on small digits sites (benchmarks/site_finetune.py)."""
 
     finetune: bool = Field(True, description="also fine-tune the global model on this site's training scans "
                            "(kept as output/fine_tuned_model.safetensors) and train a local-only model from scratch "
                            "with the same recipe, and score all three")
-    epochs: int = Field(30, ge=1, description="training epochs of both site models (learning rate divided by 10 at "
+    epochs: int = Field(50, ge=1, description="training epochs of both site models (learning rate divided by 10 at "
                         "half of them)")
-    lr: float = Field(0.01, gt=0, description="SGD learning rate of both site models (momentum 0.9)")
+    lr: float = Field(0.003, gt=0, description="SGD learning rate of both site models (momentum 0.9)")
     batch_size: int = Field(64, ge=1, description="training batch size of both site models")
     augment: bool = Field(True, description="differentiable augmentation (DSA) while training them")
 

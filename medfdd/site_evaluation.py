@@ -150,19 +150,19 @@ def evaluate_at_site(config_path: Path, model_path: Path, *, console: Console | 
 
 def _print(console: Console, site_id: str, report: dict) -> None:
     models = report["models"]
-    t = Table(title=f"{site_id}: the models on this site's scans")
-    for col in ("model", "records", "n", "accuracy", "balanced accuracy", "macro AUC"):
+    several = len(models) > 1
+    t = Table(title=f"{site_id}: " + ("the models" if several else "the global model") + " on this site's scans")
+    for col in ("model",) * several + ("records", "n", "accuracy", "balanced accuracy", "macro AUC"):
         t.add_column(col, justify="left" if col in ("model", "records") else "right")
     for m in models.values():
         for g, r in m["results"].items():
-            t.add_row(m["label"], GROUPS[g], str(r["n"]), f"{r['accuracy']:.3f}", f"{r['balanced_accuracy']:.3f}",
-                      "-" if r["auc"] is None else f"{r['auc']:.3f}")
+            t.add_row(*(m["label"],) * several, GROUPS[g], str(r["n"]), f"{r['accuracy']:.3f}",
+                      f"{r['balanced_accuracy']:.3f}", "-" if r["auc"] is None else f"{r['auc']:.3f}")
     console.print(t)
     # one model: a column per group; several: a column per model on the holdout (the honest estimate)
     shown = "holdout" if "holdout" in report["results"] else "training"
-    cols = ([("global", g, g) for g in report["results"]] if len(models) == 1
-            else [(name, shown, name) for name in models])
-    recall = Table(title="recall per class" + ("" if len(models) == 1 else f" ({GROUPS[shown]})"))
+    cols = [(name, shown, name) for name in models] if several else [("global", g, g) for g in report["results"]]
+    recall = Table(title="recall per class" + (f" ({GROUPS[shown]})" if several else ""))
     recall.add_column("class")
     for _, _, header in cols:
         recall.add_column(header, justify="right")
