@@ -196,7 +196,7 @@ class SiteEvaluateConfig(_Strict):
     finetune: bool = Field(True, description="also fine-tune the global model on this site's training scans "
                            "(kept as output/fine_tuned_model.safetensors) and train a local-only model from scratch "
                            "with the same recipe, and score all three")
-    epochs: int = Field(50, ge=1, description="training epochs of both site models (learning rate divided by 10 at "
+    epochs: int = Field(100, ge=1, description="training epochs of both site models (learning rate divided by 10 at "
                         "half of them)")
     lr: float = Field(0.003, gt=0, description="SGD learning rate of both site models (momentum 0.9)")
     batch_size: int = Field(64, ge=1, description="training batch size of both site models")
