@@ -10,7 +10,7 @@ without DP, so `output/evaluation.json` and `output/evaluation.png` stay at the 
 
 With `evaluate.finetune` (the default) the site also trains its own two models on its training patients only, with
 one fixed recipe (`SiteEvaluateConfig`, chosen in benchmarks/site_finetune.py without any holdout): the global model
-fine-tuned (kept as `output/fine_tuned_model.safetensors`, the model a small hospital would deploy) and a local-only
+fine-tuned (kept as `output/fine_tuned_model.safetensors`, the candidate a small hospital deploys) and a local-only
 model from scratch at the same width (what the site would have without the consortium). Both are scored next to the
 global model on the same groups. Nothing leaves the site, so this costs no privacy; neither model nor its scores is
 ever offered (the offer is the allow-listed synthetic set only, invariant 5), and the holdout stays an honest estimate
