@@ -193,6 +193,22 @@ class AuditGate(_Strict):
                                              "lira_online | lira_offline | dcr | canary (default: all in the report)")
 
 
+class SiteEvaluateConfig(_Strict):
+    """`site evaluate`: the site's own models next to the global one, both trained on its training patients only
+    (they and their scores never leave the site; the audit holdout is only scored) with one fixed recipe at the global
+    model's width, chosen without any holdout: a fine-tuning learning rate (below the from-scratch 0.01, as in
+    transfer learning, Yosinski et al. 2014) measured on small digits sites (benchmarks/site_finetune.py)."""
+
+    finetune: bool = Field(True, description="also fine-tune the global model on this site's training scans "
+                           "(kept as output/fine_tuned_model.safetensors) and train a local-only model from scratch "
+                           "with the same recipe, and score all three")
+    epochs: int = Field(100, ge=1, description="training epochs of both site models (learning rate divided by 10 at "
+                        "half of them)")
+    lr: float = Field(0.003, gt=0, description="SGD learning rate of both site models (momentum 0.9)")
+    batch_size: int = Field(64, ge=1, description="training batch size of both site models")
+    augment: bool = Field(True, description="differentiable augmentation (DSA) while training them")
+
+
 class SiteConfig(_Strict):
     site_id: str = Field(pattern=SITE_ID_PATTERN, description="your site's name in the consortium (letters, digits, "
                                                             "`_.-`)")
@@ -204,6 +220,7 @@ class SiteConfig(_Strict):
     seed: int = Field(0, ge=0, description="seeds the split, and the distillation together with the site's secret "
                       "`output/noise_key` (created on the first run)")
     audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
+    evaluate: SiteEvaluateConfig = Field(default_factory=SiteEvaluateConfig)
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
 
     @field_validator("audit_gate")

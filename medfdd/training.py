@@ -5,6 +5,7 @@ SGD (momentum 0.9, weight decay 5e-4), learning rate divided by 10 at half the e
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,14 +37,16 @@ def pick_device(setting: str = "auto") -> torch.device:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: TrainSettings, *,
                      seed: int, device: torch.device | None = None, weights: np.ndarray | None = None,
-                     on_epoch: Callable[[int], None] | None = None) -> ConvNet:
+                     on_epoch: Callable[[int], None] | None = None, init: ConvNet | None = None) -> ConvNet:
     """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example;
-    `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model)."""
+    `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model). `init`: start
+    from a copy of this model (fine-tuning; `settings.width` is then unused) instead of a fresh seeded one."""
     device = device or pick_device()
     x = torch.as_tensor(images, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
-    model = convnet_for(tuple(x.shape[1:]), num_classes, width=settings.width, seed=seed).to(device)
+    model = (convnet_for(tuple(x.shape[1:]), num_classes, width=settings.width, seed=seed) if init is None
+             else copy.deepcopy(init)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[settings.epochs // 2], gamma=0.1)
     g = torch.Generator().manual_seed(seed)

@@ -129,6 +129,7 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update({**SMALL_DISTILL, **(distill or {})})
         cfg["privacy"]["rounds"] = rounds
+        cfg["evaluate"] = {"finetune": False}  # the site's own models cost minutes: tests/integration/test_site_finetune.py
         if cache_dir is not None:
             cfg["data"]["cache_dir"] = str(cache_dir)
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
