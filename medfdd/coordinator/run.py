@@ -513,7 +513,9 @@ class CoordinatorRun:
             "classes": list(self.spec.classes), "spatial_size": list(self.spec.spatial_size), "seed": self.cfg.seed,
             "sites": {s: {"config": str(self.site_configs[s]) if s in self.site_configs else None,
                           "epsilon_budget": self.spec.sites[s].epsilon if self.spec.sites[s].dp else math.inf,
-                          "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp}
+                          "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp,
+                          # composed over every accepted release (count, distillation and fine-tuning rounds)
+                          "epsilon_spent": self.last_epsilon.get(s)}
                       for s in self.expected_sites},
             "rounds": self.history, "rounds_evaluated": len(done), "final": final, "finetune": finetune,
             "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
