@@ -62,14 +62,19 @@ def model_bytes(seed: int = 0, width: int = 16) -> bytes:
 
 
 @pytest.fixture
-def one_site(digits_consortium):
+def two_sites(digits_consortium):
     coord = digits_consortium(name="ft-site", sites=2)
     paths = hybrid_sites(coord)
-    return coord, paths[sorted(paths)[0]]
+    return [paths[s] for s in sorted(paths)]
+
+
+@pytest.fixture
+def one_site(two_sites):
+    return two_sites[0]
 
 
 def test_a_round_is_charged_before_its_first_noisy_step_and_replays_without_a_second_charge(one_site, monkeypatch):
-    _, path = one_site
+    path = one_site
     cfg = load_site_config(path)
     task = FinetuneRound(1, model_bytes(), dict(RECIPE))
     ledger_path = cfg.output_dir / "privacy_ledger.json"
@@ -107,7 +112,7 @@ def test_a_round_is_charged_before_its_first_noisy_step_and_replays_without_a_se
 
 
 def test_a_changed_or_unplanned_round_is_refused(one_site):
-    _, path = one_site
+    path = one_site
     ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     ledger_path = load_site_config(path).output_dir / "privacy_ledger.json"
     before = PrivacyLedger.load(ledger_path).entries
@@ -120,6 +125,26 @@ def test_a_changed_or_unplanned_round_is_refused(one_site):
     with pytest.raises(BudgetExceeded, match="finetune_rounds"):  # the site planned 2
         ft_site.finetune_site(path, FinetuneRound(3, model_bytes(), dict(RECIPE)), console=QUIET)
     assert PrivacyLedger.load(ledger_path).entries == before
+
+
+def test_a_non_private_round_is_recorded_as_epsilon_inf_and_accepted_only_from_a_declared_non_private_site(
+        two_sites, tmp_path):
+    path = two_sites[1]
+    update = ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET, no_dp=True)
+    assert update.meta["epsilon"] == "inf" and update.meta["noise_multiplier"] == 0.0
+    (entry,) = PrivacyLedger.load(load_site_config(path).output_dir / "privacy_ledger.json").entries
+    assert (entry.purpose, entry.dp) == (ft_site.PURPOSE, False)
+    sid = update.site_id
+    spec = ConsortiumConfig(classes=[str(c) for c in range(10)], spatial_size=[16, 16],
+                            sites={sid: SiteBudget(dp=False)})
+    reference = convnet_for((1, 16, 16), 10, width=16, seed=0)
+    recipe = FinetuneConfig(**RECIPE)
+    accepted = validate_update(update, spec, reference=reference, recipe=recipe, received=tmp_path / "u.st")
+    assert math.isinf(accepted.meta["epsilon"])
+    private = spec.model_copy(update={"sites": {sid: SiteBudget(dp=True, epsilon=1.0)}})
+    with pytest.raises(OfferRejected) as e:
+        validate_update(update, private, reference=reference, recipe=recipe, received=tmp_path / "u.st")
+    assert e.value.reason == Reason.NOT_PRIVATE
 
 
 def test_noise_and_sampling_are_float64_draws_of_the_keyed_generator():
