@@ -50,19 +50,19 @@ def plan_finetune(cfg: SiteConfig, ledger: PrivacyLedger, recipe: FinetuneConfig
         q = min(1.0, recipe.batch_size / n_train)
         return DPSGDPlan(0.0, q, recipe.local_epochs * math.ceil(n_train / recipe.batch_size), recipe.clip_norm,
                          q * n_train)
-    private_n = cfg.privacy.count_noise is not None
-    n = private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train
-    q = min(1.0, recipe.batch_size / n)
-    steps = recipe.local_epochs * math.ceil(n / recipe.batch_size)
     paid = ledger.find_charge(round_, PURPOSE)
-    if paid is not None:  # a repeated or resumed round: the noise it paid for
-        return DPSGDPlan(paid.noise_multiplier, q, steps, recipe.clip_norm, q * n)
-    if round_ > cfg.privacy.finetune_rounds:
+    if paid is None and round_ > cfg.privacy.finetune_rounds:  # refused before anything (the count) is paid
         raise BudgetExceeded(f"{cfg.site_id}: privacy.finetune_rounds", f"fine-tuning round {round_} is beyond the "
                              f"planned {cfg.privacy.finetune_rounds} (spent so far {ledger.epsilon_spent:.4g} of "
                              f"epsilon = {cfg.privacy.epsilon:g})",
                              "plan the fine-tuning rounds before the first distillation round (privacy.finetune_share "
                              "and privacy.finetune_rounds), or agree a new budget")
+    private_n = cfg.privacy.count_noise is not None
+    n = private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train
+    q = min(1.0, recipe.batch_size / n)
+    steps = recipe.local_epochs * math.ceil(n / recipe.batch_size)
+    if paid is not None:  # a repeated or resumed round: the noise it paid for
+        return DPSGDPlan(paid.noise_multiplier, q, steps, recipe.clip_norm, q * n)
     if cfg.privacy.delta >= 1.0 / n:
         raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = 1/{n} "
                            f"(n = {'the DP estimate of the ' if private_n else ''}training records)",

@@ -125,6 +125,15 @@ def test_a_changed_or_unplanned_round_is_refused(one_site):
     with pytest.raises(BudgetExceeded, match="finetune_rounds"):  # the site planned 2
         ft_site.finetune_site(path, FinetuneRound(3, model_bytes(), dict(RECIPE)), console=QUIET)
     assert PrivacyLedger.load(ledger_path).entries == before
+    # a site that kept nothing for fine-tuning refuses before anything, even its record count, is paid
+    doc = yaml.safe_load(path.read_text())
+    doc["privacy"].update(finetune_share=0.0, finetune_rounds=0)
+    doc["output"] = "out-unplanned"
+    unplanned = path.with_name("unplanned.yaml")
+    unplanned.write_text(yaml.safe_dump(doc))
+    with pytest.raises(BudgetExceeded, match="finetune_rounds"):
+        ft_site.finetune_site(unplanned, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
+    assert PrivacyLedger.load(load_site_config(unplanned).output_dir / "privacy_ledger.json").entries == ()
 
 
 def test_a_non_private_round_is_recorded_as_epsilon_inf_and_accepted_only_from_a_declared_non_private_site(
