@@ -196,9 +196,9 @@ class CoordinatorRun:
         self.finetune_history = state.get("finetune", [])
         done = len(self.history)
         if self.complete:
-            self.console.print(f"run in {self.out} is already complete ({done} round(s)"
-                               f"{f', {len(self.finetune_history)} fine-tuning round(s)' if self.finetune_history else ''}"
-                               "); use a new `output` to run again")
+            tuned = f", {len(self.finetune_history)} fine-tuning round(s)" if self.finetune_history else ""
+            self.console.print(f"run in {self.out} is already complete ({done} round(s){tuned}); use a new `output` "
+                               "to run again")
         elif self.finetune_history:
             self.console.print(f"resuming {self.out} after fine-tuning round {len(self.finetune_history)} of "
                                f"{self.cfg.finetune.rounds}")
@@ -278,8 +278,9 @@ class CoordinatorRun:
         if self.current is None:
             raise CoordinatorError("coordinator", "no round is open", "call broadcast() or finetune_task() first")
         if finetune is not None and self.current.finetune != finetune:
-            raise CoordinatorError("coordinator", f"the open round is a {'fine-tuning' if self.current.finetune else 'distillation'} "
-                                   "round", "receive offers in distillation rounds and updates in fine-tuning rounds")
+            kind = "fine-tuning" if self.current.finetune else "distillation"
+            raise CoordinatorError("coordinator", f"the open round is a {kind} round",
+                                   "receive offers in distillation rounds and updates in fine-tuning rounds")
         return self.current
 
     def finish_round(self) -> dict:

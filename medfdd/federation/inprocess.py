@@ -18,8 +18,9 @@ from medfdd.finetune.site import finetune_site
 
 
 def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: bool = False) -> Path:
-    """Run all planned rounds (distillation, then hybrid mode's fine-tuning rounds); a site that fails is left out of its round (recorded as `site_failed` with its
-    `FailureCode` only; the details stay on the console, which is the site's), and the others go on."""
+    """Run all planned rounds (distillation, then hybrid mode's fine-tuning rounds); a site that fails is left out of
+    its round (recorded as `site_failed` with its `FailureCode` only; the details stay on the console, which is the
+    site's), and the others go on."""
     console = console or Console()
     run = CoordinatorRun.open(Path(config_path), engine="inprocess", console=console, no_dp=no_dp)
     if not run.site_configs:

@@ -124,7 +124,8 @@ def test_server_finetune_round_maps_models_errors_spoofs_and_silence_to_the_core
     assert sent["types"] == {client_app.FINETUNE_MESSAGE_TYPE}
     assert sent["tasks"] == [FinetuneRound(1, b"warm start", dict(RECIPE))] * 5
     assert run.calls == [("receive", "hospital-a", "11"), ("no_answer", "hospital-b", Reason.SITE_FAILED),
-                         ("no_answer", "hospital-c", Reason.MALFORMED), ("no_answer", "hospital-f", Reason.SPOOFED_SITE),
+                         ("no_answer", "hospital-c", Reason.MALFORMED),
+                         ("no_answer", "hospital-f", Reason.SPOOFED_SITE),  # named by its registered key
                          ("no_answer", "hospital-d", Reason.NO_ANSWER), ("finish",)]
     assert run.bytes_down["hospital-a"] == FinetuneRound(1, b"warm start", dict(RECIPE)).nbytes()
 
