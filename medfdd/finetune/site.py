@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from medfdd.federation.messages import UPDATE_META, FinetuneRound, LocalUpdate
 from medfdd.finetune.dpsgd import DPSGDPlan, dp_sgd
 from medfdd.io import atomic_write_bytes
 from medfdd.training import pick_device
-from privacy.accounting import BudgetExceeded, Charge, PrivacyLedger, calibrate_round_noise
+from privacy.accounting import BudgetExceeded, Charge, ChargeConflict, PrivacyLedger, calibrate_round_noise
 
 PURPOSE = "finetune"
 
@@ -75,17 +76,66 @@ def plan_finetune(cfg: SiteConfig, ledger: PrivacyLedger, recipe: FinetuneConfig
     return DPSGDPlan(sigma, q, steps, recipe.clip_norm, q * n)
 
 
+# what a change of each part of a fine-tuning release fingerprint means (tags of `release_fingerprint`, in its order)
+RELEASE_PARTS = {
+    "k": "the site's noise key or the config's seed",
+    "l": "the training records' labels (labels.csv)",
+    "c": "the training records' content (the scans' pixels, their number or order, or their preprocessing)",
+    "s": "the coordinator's recipe or this round's privacy plan",
+    "r": "the device or torch build",
+    "g": "the model received to fine-tune",
+}
+
+
 def release_fingerprint(*, seed: int, round_: int, recipe: FinetuneConfig, plan: DPSGDPlan, device: torch.device,
                         x: np.ndarray, y: np.ndarray, model: bytes) -> str:
-    """What a fine-tuning charge pays for: the keyed seed (so the digest of the records is keyed too), round, recipe,
-    plan, device and torch build, the training records' content and labels, and the received model's bytes."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(json.dumps([str(seed), round_, recipe.model_dump(mode="json"), plan.__dict__, str(device),
-                         torch.__version__], sort_keys=True).encode())
-    for part in (np.ascontiguousarray(x).tobytes(), np.ascontiguousarray(y).tobytes(), model):
-        h.update(len(part).to_bytes(8, "little"))
-        h.update(part)
-    return h.hexdigest()
+    """What a fine-tuning charge pays for (DESIGN invariant 9), as the distillation's fingerprint: a digest of all
+    parts, then an 8-hex tag per part (`RELEASE_PARTS`), every digest keyed by the secret keyed seed (the ledger may
+    travel; a plain digest of the records would let anyone test candidate data sets)."""
+    key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
+
+    def digest(*chunks: bytes) -> bytes:
+        h = hashlib.blake2b(key=key, digest_size=16)
+        for chunk in chunks:
+            h.update(chunk)
+        return h.digest()
+
+    def array(a: np.ndarray) -> tuple[bytes, bytes]:
+        a = np.ascontiguousarray(a)
+        return f"{a.dtype.str}{a.shape}".encode(), a.tobytes()
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+    parts = {
+        "k": digest(b"noise key"),
+        "l": digest(*array(y)),
+        "c": digest(*array(x)),
+        "s": digest(json.dumps([round_, recipe.model_dump(mode="json"), plan.__dict__], sort_keys=True).encode()),
+        "r": digest(json.dumps([str(device), name, torch.__version__]).encode()),
+        "g": digest(b"model", model),
+    }
+    return digest(*parts.values()).hex() + ":" + ",".join(f"{t}={d.hex()[:8]}" for t, d in parts.items())
+
+
+def _check_paid_release(ledger: PrivacyLedger, round_: int, release: str) -> None:
+    """A charged fine-tuning round reruns only on exactly the inputs it was charged for: its keyed noise on other
+    inputs would publish their difference without noise. Names what changed (ChargeConflict), before any charge."""
+    paid = ledger.find_charge(round_, PURPOSE)
+    if paid is None or paid.release == release:
+        return
+
+    def tags(fingerprint: str | None) -> dict[str, str]:
+        tail = (fingerprint or "").partition(":")[2]
+        return dict(p.split("=", 1) for p in tail.split(",") if "=" in p)
+
+    before, now = tags(paid.release), tags(release)
+    changed = [RELEASE_PARTS["k"]] if before.get("k") != now["k"] else \
+        [RELEASE_PARTS[t] for t in now if before.get(t) != now[t]]
+    raise ChargeConflict(f"{ledger.path} (fine-tuning round {round_})",
+                         f"fine-tuning round {round_} was already charged for a release, and this run would publish "
+                         f"another one under that charge; changed since: {'; '.join(changed) or 'an input'}. "
+                         "Nothing was released",
+                         f"to resume or replay fine-tuning round {round_}, restore exactly the inputs it was charged "
+                         "for; anything else is a new round (within privacy.finetune_rounds and the budget left)")
 
 
 def finetune_site(site_config: Path, task: FinetuneRound, *, console: Console | None = None,
@@ -111,6 +161,7 @@ def finetune_site(site_config: Path, task: FinetuneRound, *, console: Console | 
     plan = plan_finetune(cfg, ledger, recipe, round_=task.round, n_train=len(y), seed=seed, dp=dp)
     release = release_fingerprint(seed=seed, round_=task.round, recipe=recipe, plan=plan, device=device, x=x, y=y,
                                   model=task.model)
+    _check_paid_release(ledger, task.round, release)
     # write-ahead: the whole round is on the ledger before the first noisy step
     ledger.charge(Charge(plan.noise_multiplier, plan.sample_rate, plan.steps, round=task.round, purpose=PURPOSE,
                          dp=dp, release=release))

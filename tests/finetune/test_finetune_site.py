@@ -116,10 +116,20 @@ def test_a_changed_or_unplanned_round_is_refused(one_site):
     ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     ledger_path = load_site_config(path).output_dir / "privacy_ledger.json"
     before = PrivacyLedger.load(ledger_path).entries
-    with pytest.raises(ChargeConflict):  # another model under round 1's charge
+    with pytest.raises(ChargeConflict, match="changed since: the model received to fine-tune"):
         ft_site.finetune_site(path, FinetuneRound(1, model_bytes(seed=1), dict(RECIPE)), console=QUIET)
-    with pytest.raises(ChargeConflict):  # another recipe: other steps and sample rate
+    with pytest.raises(ChargeConflict, match="changed since: the coordinator's recipe"):  # other steps and rate
+        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), {**RECIPE, "lr": 0.1}), console=QUIET)
+    with pytest.raises(ChargeConflict):
         ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), {**RECIPE, "batch_size": 32}), console=QUIET)
+    cfg = load_site_config(path)  # the same round on relabelled records (every label moved to the next class)
+    manifest = cfg.data_root / cfg.data.manifest
+    head, *rows = manifest.read_text().splitlines()
+    classes = cfg.data.classes
+    moved = [[p, classes[(classes.index(c) + 1) % len(classes)], pid] for p, c, pid in (r.split(",") for r in rows)]
+    manifest.write_text("\n".join([head, *(",".join(r) for r in moved)]) + "\n")
+    with pytest.raises(ChargeConflict, match="labels"):
+        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     with pytest.raises(ConfigError, match="lr"):
         ft_site.finetune_site(path, FinetuneRound(2, model_bytes(), {**RECIPE, "lr": -1}), console=QUIET)
     with pytest.raises(BudgetExceeded, match="finetune_rounds"):  # the site planned 2
