@@ -118,12 +118,26 @@ class PrivacyConfig(_Strict):
         "exactly) or `secure` (53-bit uniforms from the operating system's CSPRNG, never reproducible: an interrupted "
         "round resumes only from its checkpoint, and a finished round is never run again)")
 
+    finetune_share: float = Field(
+        0.0, ge=0, lt=1, description="hybrid mode: fraction of epsilon kept for DP fine-tuning after the "
+        "distillation rounds (the distillation calibrates to (1 - share) x epsilon; the fine-tuning rounds to what "
+        "is left of epsilon given every earlier charge); 0 = off")
+    finetune_rounds: int = Field(0, ge=0, description="hybrid mode: planned DP fine-tuning rounds (the coordinator's "
+                                 "`finetune.rounds`); a round beyond them is refused")
+
     @field_validator("epsilon")
     @classmethod
     def _finite(cls, v: float) -> float:
         if math.isnan(v):
             raise ValueError("epsilon must be a number")
         return v
+
+    @model_validator(mode="after")
+    def _finetune_plan(self) -> PrivacyConfig:
+        if (self.finetune_share > 0) != (self.finetune_rounds > 0):
+            raise ValueError("privacy.finetune_share and privacy.finetune_rounds go together: set both (hybrid "
+                             "mode) or neither")
+        return self
 
 
 class DistillConfig(_Strict):
@@ -264,6 +278,19 @@ class TrainConfig(_Strict):
     augment: bool = Field(True, description="differentiable augmentation (DSA) during training")
 
 
+class FinetuneConfig(_Strict):
+    """Hybrid mode: DP-FedAvg rounds after the last distillation round, from the trained global model (the recipe every
+    site runs; McMahan et al. 2018 with DP-SGD of Abadi et al. 2016 at each site)."""
+
+    rounds: int = Field(0, ge=0, description="DP fine-tuning rounds after the distillation rounds (0 = off); each "
+                        "site must plan at least as many (`privacy.finetune_rounds`)")
+    local_epochs: int = Field(1, ge=1, description="local DP-SGD epochs per round (steps = epochs x ceil(n~ / "
+                              "batch_size), n~ the site's DP record count)")
+    lr: float = Field(0.2, gt=0, description="local SGD learning rate (momentum 0.9)")
+    batch_size: int = Field(256, ge=1, description="expected local batch (Poisson sample rate batch_size / n~)")
+    clip_norm: float = Field(1.0, gt=0, description="L2 bound on each record's gradient")
+
+
 class SiteBudget(_Strict):
     """What a site declared to the consortium: its privacy budget (offers above it are rejected)."""
 
@@ -322,6 +349,8 @@ class CoordinatorConfig(_Strict):
     train_rounds: int = Field(0, ge=0, description="the global model of round r trains on the merged sets of the "
                               "last `train_rounds` rounds (0 = every round so far); earlier rounds' sets are "
                               "already released, so this is post-processing and costs no privacy")
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig, description="hybrid mode: DP-FedAvg "
+                                     "fine-tuning rounds after the last distillation round (`rounds: 0` = off)")
     test: TestSetConfig | None = Field(None, description="the coordinator's test split (metrics need it)")
     site_timeout_s: float = Field(3600.0, gt=0, description="a site silent this long is left out of the round")
     output: Path = Field(description="run directory, relative to the config file")

@@ -2,6 +2,10 @@
 
 Per round: broadcast (the global model from round 2, FedDM-style) -> receive offers (validated; rejects logged with a
 reason, the round goes on) -> merge -> train the global ConvNet-3 -> evaluate on the test split -> checkpoint.
+Hybrid mode (`finetune.rounds` > 0): after the last distillation round, DP fine-tuning rounds start from the trained
+global model (kept as warm_start_model.safetensors): send the model and recipe -> receive each site's local DP-SGD
+model (validated like offers) -> average them weighted by n~ (`average.py`) -> evaluate -> checkpoint; the last
+average is the run's global model.
 `run.json` is rewritten atomically after every round; a killed coordinator resumes after the last finished round.
 """
 
@@ -20,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfdd import __version__
-from medfdd.artifacts import SyntheticSet, save_model, save_preview, save_synthetic
+from medfdd.artifacts import SyntheticSet, load_model, save_model, save_preview, save_synthetic
 from medfdd.config import (
     ConsortiumConfig,
     CoordinatorConfig,
@@ -33,10 +37,11 @@ from medfdd.config import (
     load_coordinator_config,
     load_site_config,
 )
+from medfdd.coordinator.average import AcceptedUpdate, average, validate_update
 from medfdd.coordinator.merge import MergedSet, load_merged, merge, union_of_rounds
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
-from medfdd.federation.messages import Broadcast, SiteOffer
+from medfdd.federation.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer
 from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 
@@ -120,6 +125,7 @@ class _Round:
     bytes_up: dict[str, int] = field(default_factory=dict)
     bytes_down: dict[str, int] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    finetune: bool = False  # a hybrid-mode fine-tuning round (accepted holds AcceptedUpdate)
 
 
 class CoordinatorRun:
@@ -139,6 +145,8 @@ class CoordinatorRun:
         self.last_epsilon: dict[str, float] = {}
         self.current: _Round | None = None
         self.final_bytes_down: dict[str, int] = {}  # the final model delivered to each site after the last round
+        self.finetune_history: list[dict] = []  # hybrid mode: one entry per finished fine-tuning round
+        self._reference = None  # the model sent in the open fine-tuning round (the shapes updates must have)
         self.device = pick_device()
         self._test = None
 
@@ -153,8 +161,24 @@ class CoordinatorRun:
             spec = spec.model_copy(update={"sites": {s: b.model_copy(update={"dp": False})
                                                      for s, b in spec.sites.items()}})
         run = cls(cfg, spec, paths, engine=engine, console=console or Console())
+        run._check_finetune_plans()
         run._resume()
         return run
+
+    def _check_finetune_plans(self) -> None:
+        """Hybrid mode: every in-process DP site must have planned at least `finetune.rounds` fine-tuning rounds
+        (its budget was split for them before its first release); the coordinator knows no plan under Flower."""
+        k = self.cfg.finetune.rounds
+        for sid, path in sorted(self.site_configs.items()):
+            planned = load_site_config(path).privacy.finetune_rounds
+            if k > planned and self.spec.sites[sid].dp:
+                raise CoordinatorError(f"{path}: privacy.finetune_rounds", f"site {sid!r} planned {planned} "
+                                       f"fine-tuning round(s), the coordinator's `finetune.rounds` asks for {k}",
+                                       "agree the number before the first round: set privacy.finetune_share and "
+                                       f"privacy.finetune_rounds >= {k} at every site, or lower finetune.rounds")
+            if k == 0 and planned:
+                self.console.print(f"[yellow]{sid} keeps part of its budget for {planned} fine-tuning round(s) "
+                                   "(privacy.finetune_share) but `finetune.rounds` is 0: that part stays unspent[/]")
 
     def _resume(self) -> None:
         ckpt = self.out / "checkpoint.json"
@@ -170,10 +194,15 @@ class CoordinatorRun:
         self.history = state["history"]
         self.bindings = state["bindings"]
         self.last_epsilon = {k: float(v) for k, v in state["last_epsilon"].items()}
+        self.finetune_history = state.get("finetune", [])
         done = len(self.history)
-        if self.next_round is None:
-            self.console.print(f"run in {self.out} is already complete ({done} round(s)); use a new `output` to "
-                               "run again")
+        if self.complete:
+            tuned = f", {len(self.finetune_history)} fine-tuning round(s)" if self.finetune_history else ""
+            self.console.print(f"run in {self.out} is already complete ({done} round(s){tuned}); use a new `output` "
+                               "to run again")
+        elif self.finetune_history:
+            self.console.print(f"resuming {self.out} after fine-tuning round {len(self.finetune_history)} of "
+                               f"{self.cfg.finetune.rounds}")
         elif done:
             self.console.print(f"resuming {self.out} after round {done} of {self.rounds}")
 
@@ -181,6 +210,16 @@ class CoordinatorRun:
     def next_round(self) -> int | None:
         r = len(self.history) + 1
         return r if r <= self.rounds else None
+
+    @property
+    def next_finetune_round(self) -> int | None:
+        """Hybrid mode: the next fine-tuning round, once every distillation round is done (None: none left)."""
+        k = len(self.finetune_history) + 1
+        return k if self.next_round is None and k <= self.cfg.finetune.rounds else None
+
+    @property
+    def complete(self) -> bool:
+        return self.next_round is None and self.next_finetune_round is None
 
     # ---- one round --------------------------------------------------------------------------------------------
     def broadcast(self) -> Broadcast:
@@ -202,7 +241,7 @@ class CoordinatorRun:
 
     def receive(self, offer: SiteOffer, *, sender: str) -> bool:
         """Validate and keep an offer; a rejected one is logged with its reason and the round goes on."""
-        rd = self._round()
+        rd = self._round(finetune=False)
         sid = str(offer.site_id)
         try:
             try:
@@ -236,13 +275,17 @@ class CoordinatorRun:
         rd.rejected.append({"site_id": site, "sender": None, "reason": code.value, "detail": reason})
         self.console.print(f"[yellow]no offer[/] from {site!r} (round {rd.round}): {reason}")
 
-    def _round(self) -> _Round:
+    def _round(self, finetune: bool | None = None) -> _Round:
         if self.current is None:
-            raise CoordinatorError("coordinator", "no round is open", "call broadcast() first")
+            raise CoordinatorError("coordinator", "no round is open", "call broadcast() or finetune_task() first")
+        if finetune is not None and self.current.finetune != finetune:
+            kind = "fine-tuning" if self.current.finetune else "distillation"
+            raise CoordinatorError("coordinator", f"the open round is a {kind} round",
+                                   "receive offers in distillation rounds and updates in fine-tuning rounds")
         return self.current
 
     def finish_round(self) -> dict:
-        rd = self._round()
+        rd = self._round(finetune=False)
         seconds = {"sites": time.perf_counter() - rd.started}
         silent = [s for s in self.expected_sites if s not in rd.accepted
                   and not any(x["site_id"] == s for x in rd.rejected)]
@@ -298,9 +341,95 @@ class CoordinatorRun:
                          for s in self.expected_sites}})
         self.current = None
         self._checkpoint()
-        self._write_run_json(status="completed" if self.next_round is None else "running")
+        self._write_run_json(status="completed" if self.complete else "running")
         self._print_round(self.history[-1])
         return self.history[-1]
+
+    # ---- hybrid mode: DP fine-tuning rounds after the last distillation round ------------------------------------
+    def finetune_task(self) -> FinetuneRound:
+        """Open the next fine-tuning round: the model to fine-tune (round 1: the last distillation round's global
+        model, also kept as warm_start_model.safetensors; later: the previous round's average) and the recipe."""
+        k = self.next_finetune_round
+        if k is None:
+            raise CoordinatorError(str(self.out), "no fine-tuning round is due (distillation rounds remain, or all "
+                                   "fine-tuning rounds are done)", "finish the distillation rounds first")
+        src = self._finetune_model_path(k - 1)
+        if k == 1:
+            atomic_write_bytes(self.out / "warm_start_model.safetensors", src.read_bytes())
+        self._reference = load_model(src)
+        self.current = _Round(k, finetune=True)
+        return FinetuneRound(k, src.read_bytes(), self.cfg.finetune.model_dump(mode="json"))
+
+    def _finetune_model_path(self, k: int) -> Path:
+        """The model after fine-tuning round k (k = 0: the warm start, the last distillation round's model)."""
+        if k == 0:
+            return self.out / "rounds" / f"round-{self.rounds}" / "global_model.safetensors"
+        return self.out / "finetune" / f"round-{k}" / "global_model.safetensors"
+
+    def receive_update(self, update: LocalUpdate, *, sender: str) -> bool:
+        """Validate and keep a site's fine-tuned model; a rejected one is logged with its reason, the round goes on."""
+        rd = self._round(finetune=True)
+        sid = str(update.site_id)
+        try:
+            try:
+                check_identity(update, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
+                               round_=rd.round)
+            except OfferRejected as e:
+                who = f"{sid} from {sender}" if e.reason in (Reason.UNKNOWN_SITE, Reason.SPOOFED_SITE) else sid
+                rd.bytes_up[who] = rd.bytes_up.get(who, 0) + update.nbytes()
+                raise
+            rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + update.nbytes()
+            received = self.out / "finetune" / f"round-{rd.round}" / "sites" / f"{sid}.safetensors"
+            accepted = validate_update(update, self.spec, reference=self._reference, recipe=self.cfg.finetune,
+                                       received=received, previous_epsilon=self.last_epsilon.get(sid))
+        except OfferRejected as e:
+            rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
+            self.console.print(f"[yellow]rejected[/] update from {sid!r} (fine-tuning round {rd.round}): "
+                               f"{e.reason.value}: {e.detail}")
+            return False
+        self.bindings.setdefault(sender, sid)
+        rd.accepted[sid] = accepted
+        return True
+
+    def finish_finetune_round(self) -> dict:
+        """Average the accepted models (weighted by n~), evaluate, write the round's files and checkpoint."""
+        rd = self._round(finetune=True)
+        seconds = {"sites": time.perf_counter() - rd.started}
+        for s in self.expected_sites:
+            if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
+                self.no_answer(s, "no update received this round")
+        if not rd.accepted:
+            self._write_run_json(status="failed")
+            raise CoordinatorError(f"fine-tuning round {rd.round}", "no site returned a usable model (rejected: "
+                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
+                                   "see the reasons above; fix the sites and resume the run")
+        updates: dict[str, AcceptedUpdate] = rd.accepted
+        model = average(list(updates.values()), self._reference)
+        t = time.perf_counter()
+        metrics = None
+        if self._test is None:
+            self._test = load_test_set(self.cfg, self.spec, self.out)
+        if self._test is not None:
+            metrics = evaluate(model.to(self.device), self._test[0], self._test[1], len(self.spec.classes))
+        seconds["evaluate"] = time.perf_counter() - t
+        save_model(self._finetune_model_path(rd.round), model)
+        save_model(self.out / "global_model.safetensors", model)
+        for sid in updates:
+            self.last_epsilon[sid] = updates[sid].meta["epsilon"]
+            ledger = self._site_ledger(sid)
+            if ledger is not None:  # the run's copy of the site's ledger, with its fine-tuning charges
+                atomic_write_bytes(self.out / "sites" / sid / "privacy_ledger.json", ledger.read_bytes())
+        per = {key: {s: u.meta[key] for s, u in sorted(updates.items())}
+               for key in ("epsilon", "noise_multiplier", "sample_rate", "steps")}
+        self.finetune_history.append({
+            "round": rd.round, "accepted": sorted(updates), "rejected": rd.rejected, **per,
+            "weights": {s: u.weight for s, u in sorted(updates.items())},
+            "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics})
+        self.current = self._reference = None
+        self._checkpoint()
+        self._write_run_json(status="completed" if self.complete else "running")
+        self._print_finetune_round(self.finetune_history[-1])
+        return self.finetune_history[-1]
 
     def _training_rounds(self, r: int) -> list[int]:
         """The rounds whose merged sets round r's global model trains on (`train_rounds`), ending with r."""
@@ -321,7 +450,7 @@ class CoordinatorRun:
         engine sends it with its delivery type (`medfdd.federation.site.receive_final_model`), so nothing is
         distilled or paid for it."""
         path = self.out / "global_model.safetensors"
-        if self.next_round is not None or not self.history or not path.is_file():
+        if not self.complete or not self.history or not path.is_file():
             return None
         return Broadcast(len(self.history), path.read_bytes())
 
@@ -364,26 +493,37 @@ class CoordinatorRun:
     def _checkpoint(self) -> None:
         atomic_write_json(self.out / "checkpoint.json", _json_safe({
             "fingerprint": self.fingerprint, "history": self.history, "bindings": self.bindings,
-            "last_epsilon": self.last_epsilon}))
+            "last_epsilon": self.last_epsilon, "finetune": self.finetune_history}))
 
     def _write_run_json(self, status: str) -> Path:
         done = [h for h in self.history if h.get("metrics") is not None]
         last = self.history[-1] if self.history else None
-        up = sum(sum(h["bytes_up"].values()) for h in self.history)
-        down = sum(sum(h["bytes_down"].values()) for h in self.history)
+        up = sum(sum(h["bytes_up"].values()) for h in self.history + self.finetune_history)
+        down = sum(sum(h["bytes_down"].values()) for h in self.history + self.finetune_history)
         final = None
         if last is not None:
-            final = {**(last["metrics"] or {}), "round": last["round"], "bytes_up_total": up, "bytes_down_total": down,
-                     "bytes_up": up, "bytes_down": down, "n_merged": last["n_merged"]}  # totals over sites and rounds
+            tuned = self.finetune_history[-1] if self.finetune_history else None  # hybrid: the fine-tuned model
+            metrics = last["metrics"] if tuned is None else tuned["metrics"]
+            final = {**(metrics or {}), "round": last["round"], "bytes_up_total": up, "bytes_down_total": down,
+                     "bytes_up": up, "bytes_down": down, "n_merged": last["n_merged"],  # totals over sites and rounds
+                     **({"finetune_round": tuned["round"]} if tuned else {})}
+        finetune = None
+        if self.cfg.finetune.rounds:
+            finetune = {"recipe": self.cfg.finetune.model_dump(mode="json"), "rounds": self.finetune_history,
+                        "warm_start": {"model": "warm_start_model.safetensors", "round": self.rounds,
+                                       "metrics": self.history[self.rounds - 1]["metrics"]
+                                       if len(self.history) >= self.rounds else None}}
         run = {
             "medfdd_version": __version__, "engine": self.engine, "status": status,
             "config": json.loads(self.cfg.model_dump_json()), "consortium": json.loads(self.spec.model_dump_json()),
             "classes": list(self.spec.classes), "spatial_size": list(self.spec.spatial_size), "seed": self.cfg.seed,
             "sites": {s: {"config": str(self.site_configs[s]) if s in self.site_configs else None,
                           "epsilon_budget": self.spec.sites[s].epsilon if self.spec.sites[s].dp else math.inf,
-                          "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp}
+                          "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp,
+                          # composed over every accepted release (count, distillation and fine-tuning rounds)
+                          "epsilon_spent": self.last_epsilon.get(s)}
                       for s in self.expected_sites},
-            "rounds": self.history, "rounds_evaluated": len(done), "final": final,
+            "rounds": self.history, "rounds_evaluated": len(done), "final": final, "finetune": finetune,
             "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
         return atomic_write_json(self.out / "run.json", _json_safe(run))
 
@@ -404,6 +544,26 @@ class CoordinatorRun:
         m = h["metrics"]
         if m:
             self.console.print(f"global model: accuracy {m['accuracy']:.3f}, balanced accuracy "
+                               f"{m['balanced_accuracy']:.3f}, macro AUC {m['auc']:.3f} on {m['n']} test images")
+
+    def _print_finetune_round(self, h: dict) -> None:
+        t = Table(title=f"fine-tuning round {h['round']} of {self.cfg.finetune.rounds}: {len(h['accepted'])} of "
+                        f"{len(self.expected_sites)} site(s) accepted")
+        for col in ("site", "status", "epsilon", "sigma", "q", "steps", "KiB up", "KiB down"):
+            t.add_column(col, justify="right")
+        rejected = {x["site_id"]: x["reason"] for x in h["rejected"]}
+        for s in self.expected_sites:
+            ok = s in h["accepted"]
+            eps = h["epsilon"].get(s)
+            t.add_row(s, "accepted" if ok else f"[yellow]{rejected.get(s, 'missing')}[/]",
+                      "-" if eps is None else ("inf" if not math.isfinite(eps) else f"{eps:.3g}"),
+                      f"{h['noise_multiplier'][s]:.3g}" if ok else "-", f"{h['sample_rate'][s]:.3g}" if ok else "-",
+                      str(h["steps"][s]) if ok else "-", f"{h['bytes_up'].get(s, 0) / 1024:.1f}",
+                      f"{h['bytes_down'].get(s, 0) / 1024:.1f}")
+        self.console.print(t)
+        m = h["metrics"]
+        if m:
+            self.console.print(f"fine-tuned global model: accuracy {m['accuracy']:.3f}, balanced accuracy "
                                f"{m['balanced_accuracy']:.3f}, macro AUC {m['auc']:.3f} on {m['n']} test images")
 
     def close(self) -> Path:

@@ -140,7 +140,9 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     q = cfg.distill.sample_rate_for(n)
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
-    sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon, delta=cfg.privacy.delta, sample_rate=q,
+    # hybrid mode keeps `privacy.finetune_share` of epsilon for the DP fine-tuning rounds (medfdd.finetune.site)
+    sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon * (1 - cfg.privacy.finetune_share),
+                                  delta=cfg.privacy.delta, sample_rate=q,
                                   steps_per_round=steps, rounds=remaining_rounds,
                                   already_spent=earlier,
                                   accountant=cfg.privacy.accountant)

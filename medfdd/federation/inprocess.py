@@ -12,13 +12,15 @@ from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
 from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
 from medfdd.federation.failures import SiteTaskFailed, site_task
-from medfdd.federation.messages import Broadcast
+from medfdd.federation.messages import Broadcast, FinetuneRound
 from medfdd.federation.site import make_offer, receive_final_model
+from medfdd.finetune.site import finetune_site
 
 
 def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: bool = False) -> Path:
-    """Run all planned rounds; a site that fails is left out of its round (recorded as `site_failed` with its
-    `FailureCode` only; the details stay on the console, which is the site's), and the others go on."""
+    """Run all planned rounds (distillation, then hybrid mode's fine-tuning rounds); a site that fails is left out of
+    its round (recorded as `site_failed` with its `FailureCode` only; the details stay on the console, which is the
+    site's), and the others go on."""
     console = console or Console()
     run = CoordinatorRun.open(Path(config_path), engine="inprocess", console=console, no_dp=no_dp)
     if not run.site_configs:
@@ -30,6 +32,12 @@ def run_inprocess(config_path: Path, *, console: Console | None = None, no_dp: b
         for site_id, site_cfg in sorted(run.site_configs.items()):
             site_round(run, site_id, site_cfg, b, console=console, no_dp=no_dp)
         run.finish_round()
+    while run.next_finetune_round is not None:  # hybrid mode: DP fine-tuning from the trained global model
+        task = run.finetune_task()
+        console.rule(f"fine-tuning round {task.round} of {run.cfg.finetune.rounds}")
+        for site_id, site_cfg in sorted(run.site_configs.items()):
+            site_finetune_round(run, site_id, site_cfg, task, console=console, no_dp=no_dp)
+        run.finish_finetune_round()
     deliver_final_model(run, console)
     return run.close()
 
@@ -46,6 +54,20 @@ def site_round(run: CoordinatorRun, site_id: str, site_cfg: Path, b: Broadcast, 
         run.no_answer(site_id, f"site error: {e.code}", code=Reason.SITE_FAILED)
         return
     run.receive(offer, sender=site_id)
+
+
+def site_finetune_round(run: CoordinatorRun, site_id: str, site_cfg: Path, task: FinetuneRound, *,
+                        console: Console, no_dp: bool = False) -> None:
+    """One site's turn in a fine-tuning round: its model goes to `run.receive_update`; a failure reaches the
+    coordinator as its `FailureCode` only, as in `site_round`."""
+    run.sent(site_id, task.nbytes())
+    try:
+        update = site_task(site_cfg, lambda: finetune_site(site_cfg, task, console=console, no_dp=no_dp))
+    except SiteTaskFailed as e:
+        _log_at_site(console, f"{site_id} failed", e)
+        run.no_answer(site_id, f"site error: {e.code}", code=Reason.SITE_FAILED)
+        return
+    run.receive_update(update, sender=site_id)
 
 
 def _log_at_site(console: Console, what: str, e: SiteTaskFailed) -> None:

@@ -84,3 +84,33 @@ class Broadcast:
 
     def nbytes(self) -> int:
         return len(self.model or b"") + _meta_bytes({"round": self.round})
+
+
+@dataclass
+class FinetuneRound:
+    """Hybrid mode, coordinator -> site: DP fine-tuning round `round` (1-based, after the distillation rounds) of the
+    global model (safetensors bytes) with the consortium's recipe (`CoordinatorConfig.finetune` as a dict)."""
+
+    round: int
+    model: bytes
+    recipe: dict
+
+    def nbytes(self) -> int:
+        return len(self.model) + _meta_bytes({"round": self.round, "recipe": self.recipe})
+
+
+UPDATE_META = ("site_id", "round", "epsilon", "noise_multiplier", "sample_rate", "steps")  # a LocalUpdate's allow-list
+
+
+@dataclass
+class LocalUpdate:
+    """Hybrid mode, site -> coordinator: the site's locally DP-fine-tuned model (safetensors bytes) and allow-listed
+    metadata (`UPDATE_META`)."""
+
+    site_id: str
+    round: int
+    model: bytes
+    meta: dict = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return len(self.model) + _meta_bytes(self.meta)

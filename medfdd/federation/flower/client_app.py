@@ -1,5 +1,6 @@
-"""ClientApp run by a hospital's SuperNode: broadcast in, the site's allow-listed offer out, nothing else; after the
-last round the final global model in (kept and scored at the site) and an empty reply out.
+"""ClientApp run by a hospital's SuperNode: broadcast in, the site's allow-listed offer out, nothing else; in hybrid
+mode, a fine-tuning task in and the site's DP-fine-tuned model out; after the last round the final global model in
+(kept and scored at the site) and an empty reply out.
 
 The site config path comes from the SuperNode's node config (`--node-config 'site-config="/abs/site.yaml"'`,
 set by `medfdd site join`). A failure is logged in full at the site (the SuperNode's log); only a code of
@@ -25,6 +26,7 @@ NODE_CONFIG_KEY = "site-config"
 REPLY_AFTER_KEY = "reply-after-s"  # optional: hold every reply until this many seconds after the task arrived
 MESSAGE_TYPE = "train.distill"
 FINAL_MESSAGE_TYPE = "evaluate.final_model"  # after the last round: the final global model, kept and scored locally
+FINETUNE_MESSAGE_TYPE = "train.finetune"  # hybrid mode: a DP fine-tuning round of the global model
 log = logging.getLogger("medfdd.site")
 
 app = ClientApp()
@@ -76,6 +78,20 @@ def handle_final(content, node_config: dict, *, console: Console | None = None):
     return _at_site(task, node_config)
 
 
+def handle_finetune(content, node_config: dict, *, console: Console | None = None):
+    """Hybrid mode: fine-tuning task records -> this site's locally DP-fine-tuned model (`finetune_site`)."""
+    from medfdd.finetune.site import finetune_site
+
+    def task():
+        with failing_as(FailureCode.BAD_BROADCAST):
+            ft = codec.records_to_finetune(content)
+        path = site_config_path(node_config)
+        update = site_task(path, lambda: finetune_site(path, ft, console=console or Console(stderr=True)))
+        return codec.update_to_records(update)
+
+    return _at_site(task, node_config)
+
+
 def _at_site(task, node_config: dict):
     """Run a site task; a failure leaves the site as its code only (the details stay in the site's log). With
     `reply-after-s` the reply, offer or code, is held until that long after the task arrived, so its time tells the
@@ -104,3 +120,8 @@ def distill(msg: Message, context: Context) -> Message:
 @app.evaluate("final_model")
 def final_model(msg: Message, context: Context) -> Message:
     return Message(handle_final(msg.content, dict(context.node_config)), reply_to=msg)
+
+
+@app.train("finetune")
+def finetune(msg: Message, context: Context) -> Message:
+    return Message(handle_finetune(msg.content, dict(context.node_config)), reply_to=msg)

@@ -8,6 +8,10 @@ What crosses the wire, and nothing else:
 - after the last round, coordinator -> site: the final global model in the broadcast's records (message type
   `evaluate.final_model`); the site replies with an empty record dict.
 
+- hybrid mode, coordinator -> site (`FinetuneRound`, message type `train.finetune`): ConfigRecord "finetune"
+  {round, recipe-json} and ArrayRecord "model"; site -> coordinator (`LocalUpdate`): ConfigRecord "update"
+  {site-id, round, meta-json} and ArrayRecord "model" (the local model's safetensors bytes).
+
 Arrays travel as raw little-endian C-order bytes with stype `medfdd.raw-le` (never `numpy.ndarray`, whose decoder is
 `np.load`): the receiver checks record names, dtype, shape and byte count before anything is allocated
 (`from_wire`). Unknown records or keys are refused: the payload is an allow-list on the wire too.
@@ -21,13 +25,15 @@ import math
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from medfdd.errors import MedfddError
-from medfdd.federation.messages import Broadcast, SiteOffer, WireArray
+from medfdd.federation.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer, WireArray
 
 WIRE_STYPE = "medfdd.raw-le"
 BROADCAST = "broadcast"
 MODEL = "model"
 MODEL_KEY = "safetensors"
 OFFER = "offer"
+FINETUNE = "finetune"
+UPDATE = "update"
 ARRAYS = "arrays"
 ARRAY_KEYS = ("images", "labels")
 MAX_META_CHARS = 64 * 1024
@@ -171,3 +177,69 @@ def content_nbytes(rd: RecordDict) -> int:
     except Exception:  # noqa: BLE001 - a count of hostile bytes must not fail; what was counted so far stands
         pass
     return total
+
+
+# ---- hybrid mode: fine-tuning rounds --------------------------------------------------------------------------------
+def _model_record(model: bytes) -> ArrayRecord:
+    model = bytes(model)
+    return ArrayRecord({MODEL_KEY: Array(dtype="uint8", shape=(len(model),), stype=WIRE_STYPE, data=model)})
+
+
+def _model_bytes(rd: RecordDict, where: str, max_model_bytes: int) -> bytes:
+    """The safetensors bytes of the "model" record (checked as `records_to_broadcast` checks them)."""
+    if MODEL not in rd.array_records:
+        raise _fail(f"{where}: {MODEL}", "missing, or not an array record")
+    rec = rd.array_records[MODEL]
+    if list(rec.keys()) != [MODEL_KEY]:
+        raise _fail(f"{where}: {MODEL}", f"keys {sorted(rec.keys())}, expected [{MODEL_KEY!r}]")
+    w = array_to_wire(rec[MODEL_KEY], where=f"{where}: {MODEL}")
+    if w.dtype != "uint8" or len(w.shape) != 1 or w.shape[0] != len(w.data):
+        raise _fail(f"{where}: {MODEL}", f"dtype {w.dtype} shape {w.shape} with {len(w.data)} bytes, expected "
+                    "1-D uint8 matching its byte count")
+    if len(w.data) > max_model_bytes:
+        raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
+    return w.data
+
+
+def _json_object(text: str, where: str) -> dict:
+    if len(text) > MAX_META_CHARS:
+        raise _fail(where, f"{len(text)} characters, more than {MAX_META_CHARS}")
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:
+        raise _fail(where, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise _fail(where, f"a JSON {type(value).__name__}, expected an object")
+    return value
+
+
+def finetune_to_records(task: FinetuneRound) -> RecordDict:
+    return RecordDict({FINETUNE: ConfigRecord({"round": int(task.round),
+                                               "recipe-json": json.dumps(task.recipe, sort_keys=True)}),
+                       MODEL: _model_record(task.model)})
+
+
+def records_to_finetune(rd: RecordDict, *, max_model_bytes: int = MAX_MODEL_BYTES) -> FinetuneRound:
+    where = "fine-tuning task from the coordinator"
+    _only(rd, {FINETUNE, MODEL}, where)
+    head = _config(rd, FINETUNE, {"round": int, "recipe-json": str}, where)
+    if head["round"] < 1:
+        raise _fail(f"{where}: round", f"{head['round']} is not a round number (>= 1)")
+    return FinetuneRound(head["round"], _model_bytes(rd, where, max_model_bytes),
+                         _json_object(head["recipe-json"], f"{where}: recipe-json"))
+
+
+def update_to_records(update: LocalUpdate) -> RecordDict:
+    return RecordDict({UPDATE: ConfigRecord({"site-id": str(update.site_id), "round": int(update.round),
+                                             "meta-json": json.dumps(update.meta, sort_keys=True, allow_nan=True)}),
+                       MODEL: _model_record(update.model)})
+
+
+def records_to_update(rd: RecordDict, *, max_model_bytes: int = MAX_MODEL_BYTES) -> LocalUpdate:
+    """A site's fine-tuned model, still as bytes: the coordinator's `receive_update` validates and loads it."""
+    where = "fine-tuned model from a site"
+    _only(rd, {UPDATE, MODEL}, where)
+    head = _config(rd, UPDATE, {"site-id": str, "round": int, "meta-json": str}, where)
+    where = f"fine-tuned model from {head['site-id']!r}"
+    meta = _json_object(head["meta-json"], f"{where}: meta-json")
+    return LocalUpdate(head["site-id"], head["round"], _model_bytes(rd, where, max_model_bytes), meta)

@@ -3,7 +3,9 @@
 Per round: `CoordinatorRun.broadcast()` goes to every connected SuperNode; each reply is decoded to a `SiteOffer`
 and handed to `run.receive(offer, sender=str(node_id))` (an offer for another site than the one the node's key was
 registered for is rejected as spoofed first); nodes that did not answer within `site_timeout_s` (or
-answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. After the last round the
+answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. Hybrid mode: then the
+fine-tuning rounds, the same way (`run_finetune_round`: `run.finetune_task()` out, `run.receive_update` per model,
+`run.finish_finetune_round()`). After the last round the
 final global model goes to the nodes that answered it (`evaluate.final_model`). The coordinator config path
 comes from the run config (`flwr run ... --run-config 'coordinator-config="/abs/coordinator.yaml"'`).
 """
@@ -21,7 +23,7 @@ from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
 from medfdd.federation.failures import code_in
 from medfdd.federation.flower import codec
-from medfdd.federation.flower.client_app import FINAL_MESSAGE_TYPE, MESSAGE_TYPE
+from medfdd.federation.flower.client_app import FINAL_MESSAGE_TYPE, FINETUNE_MESSAGE_TYPE, MESSAGE_TYPE
 
 RUN_CONFIG_KEY = "coordinator-config"
 
@@ -124,6 +126,47 @@ def run_round(grid: Grid, run, console: Console) -> set[int]:
     return set(answers)
 
 
+def run_finetune_round(grid: Grid, run, console: Console) -> set[int]:
+    """Hybrid mode: one DP fine-tuning round over the connected SuperNodes (`run.finetune_task()` out, each site's
+    model to `run.receive_update`); returns the nodes that answered (model or error)."""
+    task = run.finetune_task()
+    nodes = sorted(grid.get_node_ids())
+    names = registered_names(grid)
+    msgs = [Message(codec.finetune_to_records(task), dst_node_id=n, message_type=FINETUNE_MESSAGE_TYPE,
+                    ttl=run.site_timeout_s) for n in nodes]
+    for n in nodes:
+        run.sent(_label(run, str(n), names), task.nbytes())
+    t0 = time.monotonic()
+    answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
+    for node, reply in answers.items():
+        sender = str(node)
+        if reply.has_error():
+            run.no_answer(_label(run, sender, names), f"site error: {code_in(reply.error.reason)}",
+                          code=Reason.SITE_FAILED)
+            continue
+        try:
+            update = codec.records_to_update(reply.content)
+        except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
+            run.no_answer(_label(run, sender, names), f"unreadable model ({type(e).__name__})", code=Reason.MALFORMED,
+                          nbytes=codec.content_nbytes(reply.content))
+            continue
+        name = names.get(node)
+        if name and name != update.site_id:
+            run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but sent a model "
+                          f"for {update.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=update.nbytes())
+            continue
+        run.receive_update(update, sender=sender)
+    for node in nodes:
+        site = run.bindings.get(str(node))
+        if node not in answers and site is not None:
+            run.no_answer(site, f"no answer within {run.site_timeout_s:g} s" +
+                          (f" ({stand_ins[node]})" if node in stand_ins else ""))
+    console.print(f"fine-tuning round {task.round}: {len(answers)} of {len(nodes)} site(s) answered in "
+                  f"{time.monotonic() - t0:.1f} s")
+    run.finish_finetune_round()
+    return set(answers)
+
+
 def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> None:
     """After the last round, the final global model goes to the SuperNodes that answered that round (a silent one
     would only cost another timeout); each keeps and scores it at the site and replies with nothing."""
@@ -155,6 +198,8 @@ def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path
     answered: set[int] = set()
     while run.next_round is not None:
         answered = run_round(grid, run, console)
+    while run.next_finetune_round is not None:  # hybrid mode
+        answered = run_finetune_round(grid, run, console)
     deliver_final_model(grid, run, answered, console)
     return run.close()
 
