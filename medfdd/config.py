@@ -137,6 +137,9 @@ class PrivacyConfig(_Strict):
         if (self.finetune_share > 0) != (self.finetune_rounds > 0):
             raise ValueError("privacy.finetune_share and privacy.finetune_rounds go together: set both (hybrid "
                              "mode) or neither")
+        if self.finetune_rounds > 0 and self.noise_source == "secure":
+            raise ValueError("privacy.noise_source: secure does not cover DP fine-tuning yet (its noise is keyed): "
+                             "use noise_source: keyed with hybrid mode, or turn hybrid mode off")
         return self
 
 

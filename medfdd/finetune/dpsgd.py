@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medfdd.distill.gradient_matching import per_example_gradients, trainable_copy
+from medfdd.distill.mechanism import standard_normal, uniforms
 from medfdd.nets import ConvNet
 
 SAMPLE_STREAM, NOISE_STREAM = 0x66740001, 0x66740002  # "ft": apart from distillation's and the record count's streams
@@ -44,13 +45,14 @@ def keyed_generator(seed: int, round_: int, stream: int) -> torch.Generator:
 
 
 def poisson_sample(n: int, q: float, g: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson sample: record i when its float64 uniform is below q."""
-    return (torch.rand(n, generator=g, dtype=torch.float64) < q).nonzero().squeeze(1)
+    """Indices of a Poisson sample: record i when its float64 uniform is below q (the distillation's sampler)."""
+    return (uniforms(n, g) < q).nonzero().squeeze(1)
 
 
 def gaussian_noise(size: int, std: float, g: torch.Generator) -> torch.Tensor:
-    """float64 N(0, std^2) on the CPU (torch's float64 sampler: 53-bit uniforms, so the tail is not cut at 5.77)."""
-    return std * torch.randn(size, generator=g, dtype=torch.float64)
+    """float64 N(0, std^2) on the CPU from 53-bit uniforms (the distillation's sampler: the tail is not cut at
+    5.77 as float32 Box-Muller's is)."""
+    return std * standard_normal((size,), g)
 
 
 def dp_sgd(model: ConvNet, x: torch.Tensor, y: torch.Tensor, plan: DPSGDPlan, *, lr: float, seed: int, round_: int,
