@@ -140,18 +140,18 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
     return res.coordinator_config
 
 
-def pin_noise_keys(site_configs) -> None:
+def pin_noise_keys(site_configs, *, no_dp: bool = False) -> None:
     """Install a fixed noise key in each site's output folder before its first run (`provision_noise_key`: the empty
-    ledger first, as a site restoring its key does). The key is otherwise random per site (it keys the DP noise and
-    sampling), so a test whose assertion is statistical (a utility floor, audit power) would see new noise on every
-    run."""
+    ledger first, as a site restoring its key does; `no_dp`: for a --no-dp run, whose ledger records epsilon inf).
+    The key is otherwise random per site (it keys the DP noise and sampling), so a test whose assertion is
+    statistical (a utility floor, audit power) would see new noise on every run."""
     from medfdd.config import load_site_config
     from medfdd.distill.noise_key import KEY_BYTES
     from medfdd.distill.site import provision_noise_key
 
     for i, path in enumerate(site_configs):
         cfg = load_site_config(path)
-        provision_noise_key(cfg, bytes([0, i % 256]) * (KEY_BYTES // 2), dp=cfg.privacy.dp)
+        provision_noise_key(cfg, bytes([0, i % 256]) * (KEY_BYTES // 2), dp=cfg.privacy.dp and not no_dp)
 
 
 @pytest.fixture(scope="session")

@@ -106,7 +106,7 @@ def test_the_site_models_never_enter_an_offer(finetuning_site):
     assert NPZ_KEYS == ("images", "labels") and set(offer.arrays) == set(NPZ_KEYS)
     assert META_KEYS == ("site_id", "round", "method", "ipc", "classes", "spatial_size", "channels", "epsilon",
                          "epsilon_round", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",
-                         "clip_norm", "dp", "medfdd_version", "class_evidence", "allocation", "privacy_unit")
+                         "clip_norm", "dp", "medfdd_version", "class_evidence", "allocation", "privacy_unit", "noise_source")
     assert set(offer.meta) <= set(META_KEYS)
     sent = b"".join(a.data for a in offer.arrays.values()) + json.dumps(offer.meta, default=str).encode()
     assert tuned[-256:] not in sent  # the last weights of the fine-tuned model

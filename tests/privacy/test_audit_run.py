@@ -42,7 +42,7 @@ def _run(base: Path, *, no_dp: bool) -> Path:
                              delta=1e-5, ipc=4, iterations=100, method="dm", dp=True, max_per_class=20, console=QUIET)
     res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",
                        "distill": DISTILL}, coordinator={"train": TRAIN})
-    pin_noise_keys(res.site_configs)  # the measurements above hold for these keys (random per site otherwise)
+    pin_noise_keys(res.site_configs, no_dp=no_dp)  # the measurements above hold for these keys (random per site otherwise)
     return run_inprocess(res.coordinator_config, console=QUIET, no_dp=no_dp)
 
 
