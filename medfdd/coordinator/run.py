@@ -127,6 +127,15 @@ class _Round:
     started: float = field(default_factory=time.perf_counter)
     finetune: bool = False  # a hybrid-mode fine-tuning round (accepted holds AcceptedUpdate)
 
+    @property
+    def name(self) -> str:
+        return f"{'fine-tuning ' if self.finetune else ''}round {self.round}"
+
+    @property
+    def what(self) -> str:
+        """What a site sends in this round."""
+        return "update" if self.finetune else "offer"
+
 
 class CoordinatorRun:
     """State of one run directory; every engine calls broadcast -> receive* -> finish_round per round."""
@@ -269,8 +278,7 @@ class CoordinatorRun:
             accepted = validate()
         except OfferRejected as e:
             rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
-            what, kind = ("update", "fine-tuning round") if rd.finetune else ("offer", "round")
-            self.console.print(f"[yellow]rejected[/] {what} from {sid!r} ({kind} {rd.round}): {e.reason.value}: "
+            self.console.print(f"[yellow]rejected[/] {rd.what} from {sid!r} ({rd.name}): {e.reason.value}: "
                                f"{e.detail}")
             return None
         self.bindings.setdefault(sender, sid)
@@ -298,15 +306,7 @@ class CoordinatorRun:
     def finish_round(self) -> dict:
         rd = self._round(finetune=False)
         seconds = {"sites": time.perf_counter() - rd.started}
-        silent = [s for s in self.expected_sites if s not in rd.accepted
-                  and not any(x["site_id"] == s for x in rd.rejected)]
-        for s in silent:
-            self.no_answer(s, "no offer received this round")
-        if not rd.accepted:
-            self._write_run_json(status="failed")
-            raise CoordinatorError(f"round {rd.round}", "no site offered a usable synthetic set "
-                                   f"(rejected: {[(x['site_id'], x['reason']) for x in rd.rejected]})",
-                                   "see the reasons above; fix the sites and resume the run")
+        self._close_sites(rd, "no site offered a usable synthetic set")
         t = time.perf_counter()
         k = len(self.spec.classes)
         merged = merge(list(rd.accepted.values()), self.cfg, num_classes=k, seed=self.cfg.seed + rd.round,
@@ -352,6 +352,17 @@ class CoordinatorRun:
         self._print_round(self.history[-1])
         return self.history[-1]
 
+    def _close_sites(self, rd: _Round, none_usable: str) -> None:
+        """Record the expected sites that sent nothing this round; with nothing accepted the run fails here."""
+        for s in self.expected_sites:
+            if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
+                self.no_answer(s, f"no {rd.what} received this round")
+        if not rd.accepted:
+            self._write_run_json(status="failed")
+            raise CoordinatorError(rd.name, f"{none_usable} (rejected: "
+                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
+                                   "see the reasons above; fix the sites and resume the run")
+
     def _test_metrics(self, model) -> dict | None:
         """The model's scores on the coordinator's test set (loaded once), or None without one."""
         if self._test is None:
@@ -394,14 +405,7 @@ class CoordinatorRun:
         """Average the accepted models (weighted by n~), evaluate, write the round's files and checkpoint."""
         rd = self._round(finetune=True)
         seconds = {"sites": time.perf_counter() - rd.started}
-        for s in self.expected_sites:
-            if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
-                self.no_answer(s, "no update received this round")
-        if not rd.accepted:
-            self._write_run_json(status="failed")
-            raise CoordinatorError(f"fine-tuning round {rd.round}", "no site returned a usable model (rejected: "
-                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
-                                   "see the reasons above; fix the sites and resume the run")
+        self._close_sites(rd, "no site returned a usable model")
         updates: dict[str, AcceptedUpdate] = rd.accepted
         model = average(list(updates.values()), self._reference)
         t = time.perf_counter()
