@@ -140,6 +140,33 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
     return res.coordinator_config
 
 
+def hybrid_sites(coord: Path, *, share: float, rounds: int) -> dict:
+    """Give every site of the consortium a hybrid plan (`privacy.finetune_share`, `finetune_rounds`); returns site id
+    -> config path."""
+    import yaml
+
+    from medfdd.config import load_coordinator_config
+
+    paths = {}
+    for p in load_coordinator_config(coord).site_paths:
+        doc = yaml.safe_load(p.read_text())
+        doc["privacy"].update(finetune_share=share, finetune_rounds=rounds)
+        p.write_text(yaml.safe_dump(doc, sort_keys=False))
+        paths[doc["site_id"]] = p
+    return paths
+
+
+def prepared_digits(out: Path, *, ipc: int, iterations: int) -> Path:
+    """`prepare` a 2-site DICOM digits consortium (DM with DP, epsilon 1) into `out`, quietly; returns `out`."""
+    from rich.console import Console
+
+    from medfdd.data.prepare import prepare_consortium
+
+    prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
+                       ipc=ipc, iterations=iterations, method="dm", dp=True, console=Console(quiet=True))
+    return out
+
+
 def pin_noise_keys(site_configs, *, no_dp: bool = False) -> None:
     """Install a fixed noise key in each site's output folder before its first run (`provision_noise_key`: the empty
     ledger first, as a site restoring its key does; `no_dp`: for a --no-dp run, whose ledger records epsilon inf).

@@ -127,6 +127,15 @@ class _Round:
     started: float = field(default_factory=time.perf_counter)
     finetune: bool = False  # a hybrid-mode fine-tuning round (accepted holds AcceptedUpdate)
 
+    @property
+    def name(self) -> str:
+        return f"{'fine-tuning ' if self.finetune else ''}round {self.round}"
+
+    @property
+    def what(self) -> str:
+        """What a site sends in this round."""
+        return "update" if self.finetune else "offer"
+
 
 class CoordinatorRun:
     """State of one run directory; every engine calls broadcast -> receive* -> finish_round per round."""
@@ -243,28 +252,38 @@ class CoordinatorRun:
         """Validate and keep an offer; a rejected one is logged with its reason and the round goes on."""
         rd = self._round(finetune=False)
         sid = str(offer.site_id)
-        try:
-            try:
-                check_identity(offer, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
-                               round_=rd.round)
-            except OfferRejected as e:  # what was sent is counted; a claimed identity that fails, under its sender
-                who = f"{sid} from {sender}" if e.reason in (Reason.UNKNOWN_SITE, Reason.SPOOFED_SITE) else sid
-                rd.bytes_up[who] = rd.bytes_up.get(who, 0) + offer.nbytes()
-                raise
-            rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + offer.nbytes()
-            accepted = validate_offer(offer, self.spec, previous_epsilon=self.last_epsilon.get(sid))
-        except OfferRejected as e:
-            rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
-            self.console.print(f"[yellow]rejected[/] offer from {sid!r} (round {rd.round}): {e.reason.value}: "
-                               f"{e.detail}")
+        accepted = self._admit(rd, offer, sender, lambda: validate_offer(offer, self.spec,
+                                                                         previous_epsilon=self.last_epsilon.get(sid)))
+        if accepted is None:
             return False
-        self.bindings.setdefault(sender, sid)
-        rd.accepted[sid] = accepted
         eps = accepted.meta["epsilon"]
         self.console.print(f"[green]accepted[/] {sid}: {len(accepted.labels)} images, epsilon "
                            f"{'inf (NON-PRIVATE)' if not math.isfinite(eps) else f'{eps:.3g}'}, "
                            f"{accepted.nbytes / 1024:.1f} KiB")
         return True
+
+    def _admit(self, rd: _Round, msg: SiteOffer | LocalUpdate, sender: str, validate):
+        """Check the sender's identity, count the bytes and `validate()` an offer or update; keep and return what was
+        accepted, or log a rejection with its reason and return None (the round goes on)."""
+        sid = str(msg.site_id)
+        try:
+            try:
+                check_identity(msg, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
+                               round_=rd.round)
+            except OfferRejected as e:  # what was sent is counted; a claimed identity that fails, under its sender
+                who = f"{sid} from {sender}" if e.reason in (Reason.UNKNOWN_SITE, Reason.SPOOFED_SITE) else sid
+                rd.bytes_up[who] = rd.bytes_up.get(who, 0) + msg.nbytes()
+                raise
+            rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + msg.nbytes()
+            accepted = validate()
+        except OfferRejected as e:
+            rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
+            self.console.print(f"[yellow]rejected[/] {rd.what} from {sid!r} ({rd.name}): {e.reason.value}: "
+                               f"{e.detail}")
+            return None
+        self.bindings.setdefault(sender, sid)
+        rd.accepted[sid] = accepted
+        return accepted
 
     def no_answer(self, site: str, reason: str, *, code: Reason = Reason.NO_ANSWER, nbytes: int = 0) -> None:
         """Record a site without a usable offer; `nbytes` is what it sent anyway (an unreadable or spoofed offer),
@@ -287,15 +306,7 @@ class CoordinatorRun:
     def finish_round(self) -> dict:
         rd = self._round(finetune=False)
         seconds = {"sites": time.perf_counter() - rd.started}
-        silent = [s for s in self.expected_sites if s not in rd.accepted
-                  and not any(x["site_id"] == s for x in rd.rejected)]
-        for s in silent:
-            self.no_answer(s, "no offer received this round")
-        if not rd.accepted:
-            self._write_run_json(status="failed")
-            raise CoordinatorError(f"round {rd.round}", "no site offered a usable synthetic set "
-                                   f"(rejected: {[(x['site_id'], x['reason']) for x in rd.rejected]})",
-                                   "see the reasons above; fix the sites and resume the run")
+        self._close_sites(rd, "no site offered a usable synthetic set")
         t = time.perf_counter()
         k = len(self.spec.classes)
         merged = merge(list(rd.accepted.values()), self.cfg, num_classes=k, seed=self.cfg.seed + rd.round,
@@ -316,11 +327,7 @@ class CoordinatorRun:
                                      on_epoch=lambda done: bar.update(task, completed=done))
         seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
-        metrics = None
-        if self._test is None:
-            self._test = load_test_set(self.cfg, self.spec, self.out)
-        if self._test is not None:
-            metrics = evaluate(model, self._test[0], self._test[1], k)
+        metrics = self._test_metrics(model)
         seconds["evaluate"] = time.perf_counter() - t
         self._write_round_files(rd, merged, model)
         for sid, acc in rd.accepted.items():
@@ -344,6 +351,25 @@ class CoordinatorRun:
         self._write_run_json(status="completed" if self.complete else "running")
         self._print_round(self.history[-1])
         return self.history[-1]
+
+    def _close_sites(self, rd: _Round, none_usable: str) -> None:
+        """Record the expected sites that sent nothing this round; with nothing accepted the run fails here."""
+        for s in self.expected_sites:
+            if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
+                self.no_answer(s, f"no {rd.what} received this round")
+        if not rd.accepted:
+            self._write_run_json(status="failed")
+            raise CoordinatorError(rd.name, f"{none_usable} (rejected: "
+                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
+                                   "see the reasons above; fix the sites and resume the run")
+
+    def _test_metrics(self, model) -> dict | None:
+        """The model's scores on the coordinator's test set (loaded once), or None without one."""
+        if self._test is None:
+            self._test = load_test_set(self.cfg, self.spec, self.out)
+        if self._test is None:
+            return None
+        return evaluate(model.to(self.device), self._test[0], self._test[1], len(self.spec.classes))
 
     # ---- hybrid mode: DP fine-tuning rounds after the last distillation round ------------------------------------
     def finetune_task(self) -> FinetuneRound:
@@ -369,48 +395,21 @@ class CoordinatorRun:
     def receive_update(self, update: LocalUpdate, *, sender: str) -> bool:
         """Validate and keep a site's fine-tuned model; a rejected one is logged with its reason, the round goes on."""
         rd = self._round(finetune=True)
-        sid = str(update.site_id)
-        try:
-            try:
-                check_identity(update, sender, spec=self.spec, bindings=self.bindings, received=set(rd.accepted),
-                               round_=rd.round)
-            except OfferRejected as e:
-                who = f"{sid} from {sender}" if e.reason in (Reason.UNKNOWN_SITE, Reason.SPOOFED_SITE) else sid
-                rd.bytes_up[who] = rd.bytes_up.get(who, 0) + update.nbytes()
-                raise
-            rd.bytes_up[sid] = rd.bytes_up.get(sid, 0) + update.nbytes()
-            received = self.out / "finetune" / f"round-{rd.round}" / "sites" / f"{sid}.safetensors"
-            accepted = validate_update(update, self.spec, reference=self._reference, recipe=self.cfg.finetune,
-                                       received=received, previous_epsilon=self.last_epsilon.get(sid))
-        except OfferRejected as e:
-            rd.rejected.append({"site_id": sid, "sender": sender, "reason": e.reason.value, "detail": e.detail})
-            self.console.print(f"[yellow]rejected[/] update from {sid!r} (fine-tuning round {rd.round}): "
-                               f"{e.reason.value}: {e.detail}")
-            return False
-        self.bindings.setdefault(sender, sid)
-        rd.accepted[sid] = accepted
-        return True
+        sid = str(update.site_id)  # a path part only once check_identity has accepted it
+        return self._admit(rd, update, sender, lambda: validate_update(
+            update, self.spec, reference=self._reference, recipe=self.cfg.finetune,
+            received=self.out / "finetune" / f"round-{rd.round}" / "sites" / f"{sid}.safetensors",
+            previous_epsilon=self.last_epsilon.get(sid))) is not None
 
     def finish_finetune_round(self) -> dict:
         """Average the accepted models (weighted by n~), evaluate, write the round's files and checkpoint."""
         rd = self._round(finetune=True)
         seconds = {"sites": time.perf_counter() - rd.started}
-        for s in self.expected_sites:
-            if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
-                self.no_answer(s, "no update received this round")
-        if not rd.accepted:
-            self._write_run_json(status="failed")
-            raise CoordinatorError(f"fine-tuning round {rd.round}", "no site returned a usable model (rejected: "
-                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
-                                   "see the reasons above; fix the sites and resume the run")
+        self._close_sites(rd, "no site returned a usable model")
         updates: dict[str, AcceptedUpdate] = rd.accepted
         model = average(list(updates.values()), self._reference)
         t = time.perf_counter()
-        metrics = None
-        if self._test is None:
-            self._test = load_test_set(self.cfg, self.spec, self.out)
-        if self._test is not None:
-            metrics = evaluate(model.to(self.device), self._test[0], self._test[1], len(self.spec.classes))
+        metrics = self._test_metrics(model)
         seconds["evaluate"] = time.perf_counter() - t
         save_model(self._finetune_model_path(rd.round), model)
         save_model(self.out / "global_model.safetensors", model)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import prepared_digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -254,14 +255,7 @@ def test_artifact_payload_is_an_allow_list(tmp_path):
 
 @pytest.fixture(scope="module")
 def consortium(tmp_path_factory):
-    from rich.console import Console
-
-    from medfdd.data.prepare import prepare_consortium
-
-    out = tmp_path_factory.mktemp("cons") / "c"
-    prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
-                       ipc=3, iterations=30, method="dm", dp=True, console=Console(quiet=True))
-    return out
+    return prepared_digits(tmp_path_factory.mktemp("cons") / "c", ipc=3, iterations=30)
 
 
 def _site_config(consortium: Path, tmp_path: Path, name: str = "hospital-a", **distill) -> Path:

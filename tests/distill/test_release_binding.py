@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import yaml
+from conftest import prepared_digits
 
 from medfdd.cli import main
 from medfdd.config import load_site_config
@@ -31,14 +32,7 @@ RELEASE = ("synthetic.npz", "synthetic.json", "privacy_ledger.json", "checkpoint
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from rich.console import Console
-
-    from medfdd.data.prepare import prepare_consortium
-
-    out = tmp_path_factory.mktemp("cons") / "c"
-    prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
-                       ipc=2, iterations=4, method="dm", dp=True, console=Console(quiet=True))
-    return out
+    return prepared_digits(tmp_path_factory.mktemp("cons") / "c", ipc=2, iterations=4)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import hybrid_sites
 from pydantic import ValidationError
 from rich.console import Console
 from safetensors.torch import load as load_tensors
@@ -23,7 +24,6 @@ from medfdd.config import (
     FinetuneConfig,
     PrivacyConfig,
     SiteBudget,
-    load_coordinator_config,
     load_site_config,
 )
 from medfdd.coordinator.average import average, validate_update
@@ -40,17 +40,6 @@ QUIET = Console(quiet=True)
 RECIPE = {"rounds": 2, "local_epochs": 1, "lr": 0.2, "batch_size": 64, "clip_norm": 1.0}
 
 
-def hybrid_sites(coord, *, share: float = 0.5, rounds: int = 2) -> dict:
-    """Give every site of the consortium a hybrid plan; returns site id -> config path."""
-    paths = {}
-    for p in load_coordinator_config(coord).site_paths:
-        doc = yaml.safe_load(p.read_text())
-        doc["privacy"].update(finetune_share=share, finetune_rounds=rounds)
-        p.write_text(yaml.safe_dump(doc, sort_keys=False))
-        paths[doc["site_id"]] = p
-    return paths
-
-
 def _saved(model) -> bytes:
     """A model as it travels: the safetensors bytes `save_model` writes."""
     with tempfile.TemporaryDirectory() as d:
@@ -64,7 +53,7 @@ def model_bytes(seed: int = 0, width: int = 16) -> bytes:
 @pytest.fixture
 def two_sites(digits_consortium):
     coord = digits_consortium(name="ft-site", sites=2)
-    paths = hybrid_sites(coord)
+    paths = hybrid_sites(coord, share=0.5, rounds=2)
     return [paths[s] for s in sorted(paths)]
 
 

@@ -9,8 +9,7 @@ import math
 import dp_accounting
 import pytest
 import torch
-import yaml
-from conftest import assert_final_model_delivered
+from conftest import assert_final_model_delivered, hybrid_sites
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -33,13 +32,7 @@ FINETUNE = {"rounds": 2, "local_epochs": 1, "lr": 0.2, "batch_size": 64, "clip_n
 
 def _hybrid(digits_consortium, *, site_rounds: int = 2, **kw):
     coord = digits_consortium(name="hybrid", sites=2, finetune=FINETUNE, **kw)
-    sites = {}
-    for p in load_coordinator_config(coord).site_paths:
-        doc = yaml.safe_load(p.read_text())
-        doc["privacy"].update(finetune_share=SHARE, finetune_rounds=site_rounds)
-        p.write_text(yaml.safe_dump(doc, sort_keys=False))
-        sites[doc["site_id"]] = p
-    return coord, sites
+    return coord, hybrid_sites(coord, share=SHARE, rounds=site_rounds)
 
 
 def _rdp_epsilon(entries) -> float:

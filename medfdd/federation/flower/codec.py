@@ -87,12 +87,49 @@ def _config(rd: RecordDict, name: str, keys: dict[str, type], where: str) -> dic
     return out
 
 
+def _no_constants(token: str) -> float:
+    if token in ("Infinity",):
+        return math.inf
+    raise ValueError(f"{token} is not allowed")
+
+
+def _model_record(model: bytes) -> ArrayRecord:
+    model = bytes(model)
+    return ArrayRecord({MODEL_KEY: Array(dtype="uint8", shape=(len(model),), stype=WIRE_STYPE, data=model)})
+
+
+def _model_bytes(rd: RecordDict, where: str, max_model_bytes: int) -> bytes:
+    """The safetensors bytes of the "model" record: one 1-D uint8 array, at most `max_model_bytes`."""
+    if MODEL not in rd.array_records:
+        raise _fail(f"{where}: {MODEL}", "not an array record" if MODEL in rd else "missing")
+    rec = rd.array_records[MODEL]
+    if list(rec.keys()) != [MODEL_KEY]:
+        raise _fail(f"{where}: {MODEL}", f"keys {sorted(rec.keys())}, expected [{MODEL_KEY!r}]")
+    w = array_to_wire(rec[MODEL_KEY], where=f"{where}: {MODEL}")
+    if w.dtype != "uint8" or len(w.shape) != 1 or w.shape[0] != len(w.data):
+        raise _fail(f"{where}: {MODEL}", f"dtype {w.dtype} shape {w.shape} with {len(w.data)} bytes, expected "
+                    "1-D uint8 matching its byte count")
+    if len(w.data) > max_model_bytes:
+        raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
+    return w.data
+
+
+def _json_object(text: str, where: str) -> dict:
+    if len(text) > MAX_META_CHARS:
+        raise _fail(where, f"{len(text)} characters, more than {MAX_META_CHARS}")
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deep enough to exhaust the parser's stack
+        raise _fail(where, f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise _fail(where, f"a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def broadcast_to_records(b: Broadcast) -> RecordDict:
     recs: dict = {BROADCAST: ConfigRecord({"round": int(b.round)})}
     if b.model is not None:
-        model = bytes(b.model)
-        recs[MODEL] = ArrayRecord({MODEL_KEY: Array(dtype="uint8", shape=(len(model),), stype=WIRE_STYPE,
-                                                    data=model)})
+        recs[MODEL] = _model_record(b.model)
     return RecordDict(recs)
 
 
@@ -102,20 +139,7 @@ def records_to_broadcast(rd: RecordDict, *, max_model_bytes: int = MAX_MODEL_BYT
     round_ = _config(rd, BROADCAST, {"round": int}, where)["round"]
     if round_ < 1:
         raise _fail(f"{where}: round", f"{round_} is not a round number (>= 1)")
-    model = None
-    if MODEL in rd:
-        if MODEL not in rd.array_records:
-            raise _fail(f"{where}: {MODEL}", "not an array record")
-        rec = rd.array_records[MODEL]
-        if list(rec.keys()) != [MODEL_KEY]:
-            raise _fail(f"{where}: {MODEL}", f"keys {sorted(rec.keys())}, expected [{MODEL_KEY!r}]")
-        w = array_to_wire(rec[MODEL_KEY], where=f"{where}: {MODEL}")
-        if w.dtype != "uint8" or len(w.shape) != 1 or w.shape[0] != len(w.data):
-            raise _fail(f"{where}: {MODEL}", f"dtype {w.dtype} shape {w.shape} with {len(w.data)} bytes, expected "
-                        "1-D uint8 matching its byte count")
-        if len(w.data) > max_model_bytes:
-            raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
-        model = w.data
+    model = _model_bytes(rd, where, max_model_bytes) if MODEL in rd else None
     return Broadcast(round=round_, model=model)
 
 
@@ -134,26 +158,13 @@ def offer_to_records(offer: SiteOffer) -> RecordDict:
     })
 
 
-def _no_constants(token: str) -> float:
-    if token in ("Infinity",):
-        return math.inf
-    raise ValueError(f"{token} is not allowed")
-
-
 def records_to_offer(rd: RecordDict) -> SiteOffer:
     """The site's offer, still as wire arrays: the coordinator's `receive` checks sizes and decodes them."""
     where = "offer from a site"
     _only(rd, {OFFER, ARRAYS}, where)
     head = _config(rd, OFFER, {"site-id": str, "round": int, "meta-json": str}, where)
     where = f"offer from {head['site-id']!r}"
-    if len(head["meta-json"]) > MAX_META_CHARS:
-        raise _fail(f"{where}: meta-json", f"{len(head['meta-json'])} characters, more than {MAX_META_CHARS}")
-    try:
-        meta = json.loads(head["meta-json"], parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:  # RecursionError: nesting deep enough to exhaust the parser's stack
-        raise _fail(f"{where}: meta-json", f"not valid JSON ({type(e).__name__})") from None
-    if not isinstance(meta, dict):
-        raise _fail(f"{where}: meta-json", f"a JSON {type(meta).__name__}, expected an object")
+    meta = _json_object(head["meta-json"], f"{where}: meta-json")
     if ARRAYS not in rd.array_records:
         raise _fail(where, f"record {ARRAYS!r} missing")
     rec = rd.array_records[ARRAYS]
@@ -180,39 +191,6 @@ def content_nbytes(rd: RecordDict) -> int:
 
 
 # ---- hybrid mode: fine-tuning rounds --------------------------------------------------------------------------------
-def _model_record(model: bytes) -> ArrayRecord:
-    model = bytes(model)
-    return ArrayRecord({MODEL_KEY: Array(dtype="uint8", shape=(len(model),), stype=WIRE_STYPE, data=model)})
-
-
-def _model_bytes(rd: RecordDict, where: str, max_model_bytes: int) -> bytes:
-    """The safetensors bytes of the "model" record (checked as `records_to_broadcast` checks them)."""
-    if MODEL not in rd.array_records:
-        raise _fail(f"{where}: {MODEL}", "missing, or not an array record")
-    rec = rd.array_records[MODEL]
-    if list(rec.keys()) != [MODEL_KEY]:
-        raise _fail(f"{where}: {MODEL}", f"keys {sorted(rec.keys())}, expected [{MODEL_KEY!r}]")
-    w = array_to_wire(rec[MODEL_KEY], where=f"{where}: {MODEL}")
-    if w.dtype != "uint8" or len(w.shape) != 1 or w.shape[0] != len(w.data):
-        raise _fail(f"{where}: {MODEL}", f"dtype {w.dtype} shape {w.shape} with {len(w.data)} bytes, expected "
-                    "1-D uint8 matching its byte count")
-    if len(w.data) > max_model_bytes:
-        raise _fail(f"{where}: {MODEL}", f"{len(w.data)} bytes, more than the limit {max_model_bytes}")
-    return w.data
-
-
-def _json_object(text: str, where: str) -> dict:
-    if len(text) > MAX_META_CHARS:
-        raise _fail(where, f"{len(text)} characters, more than {MAX_META_CHARS}")
-    try:
-        value = json.loads(text, parse_constant=_no_constants)
-    except (ValueError, RecursionError) as e:
-        raise _fail(where, f"not valid JSON ({type(e).__name__})") from None
-    if not isinstance(value, dict):
-        raise _fail(where, f"a JSON {type(value).__name__}, expected an object")
-    return value
-
-
 def finetune_to_records(task: FinetuneRound) -> RecordDict:
     return RecordDict({FINETUNE: ConfigRecord({"round": int(task.round),
                                                "recipe-json": json.dumps(task.recipe, sort_keys=True)}),

@@ -76,17 +76,17 @@ def replies_by_node(msgs: list[Message], replies: list[Message]) -> tuple[dict[i
     return answers, stand_ins
 
 
-def run_round(grid: Grid, run, console: Console) -> set[int]:
-    """One round over the connected SuperNodes; returns the nodes that answered (offer or error)."""
-    broadcast = run.broadcast()
+def _exchange(grid: Grid, run, encode, message_type: str, nbytes: int, decode, what: str, spoofed: str, receive):
+    """Send `encode()` to every connected SuperNode and hand each decoded reply to `receive(reply, sender=...)`; a
+    site error, an unreadable `what` or one for another site than the node's key is registered for (`spoofed`: what
+    it did instead) goes to `run.no_answer`. Returns (nodes, node -> answer, node -> SuperLink stand-in, start time)."""
     nodes = sorted(grid.get_node_ids())
     names = registered_names(grid)
-    # the task expires with the round: a site that picks it up later must not distill (and pay) for a round the
-    # coordinator has already closed
-    msgs = [Message(codec.broadcast_to_records(broadcast), dst_node_id=n, message_type=MESSAGE_TYPE,
-                    ttl=run.site_timeout_s) for n in nodes]
-    for n in nodes:  # per SuperNode reached: its registered site, the site it offered for before, or its node id
-        run.sent(_label(run, str(n), names), broadcast.nbytes())
+    # the task expires with the round: a site that picks it up later must not distill or fine-tune (and pay) for a
+    # round the coordinator has already closed
+    msgs = [Message(encode(), dst_node_id=n, message_type=message_type, ttl=run.site_timeout_s) for n in nodes]
+    for n in nodes:  # per SuperNode reached: its registered site, the site it answered for before, or its node id
+        run.sent(_label(run, str(n), names), nbytes)
     t0 = time.monotonic()
     answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
     for node, reply in answers.items():
@@ -96,21 +96,30 @@ def run_round(grid: Grid, run, console: Console) -> set[int]:
                           code=Reason.SITE_FAILED)
             continue
         try:
-            offer = codec.records_to_offer(reply.content)
+            got = decode(reply.content)
         except MedfddError as e:
-            run.no_answer(_label(run, sender, names), f"unreadable offer: {e}", code=Reason.MALFORMED,
+            run.no_answer(_label(run, sender, names), f"unreadable {what}: {e}", code=Reason.MALFORMED,
                           nbytes=codec.content_nbytes(reply.content))
             continue
         except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
-            run.no_answer(_label(run, sender, names), f"unreadable offer ({type(e).__name__})", code=Reason.MALFORMED,
+            run.no_answer(_label(run, sender, names), f"unreadable {what} ({type(e).__name__})", code=Reason.MALFORMED,
                           nbytes=codec.content_nbytes(reply.content))
             continue
         name = names.get(node)
-        if name and name != offer.site_id:  # the key registered for one hospital offers for another
-            run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but offered for "
-                          f"{offer.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=offer.nbytes())
+        if name and name != got.site_id:  # the key registered for one hospital answers for another
+            run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but {spoofed} "
+                          f"for {got.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=got.nbytes())
             continue
-        run.receive(offer, sender=sender)
+        receive(got, sender=sender)
+    return nodes, answers, stand_ins, t0
+
+
+def run_round(grid: Grid, run, console: Console) -> set[int]:
+    """One round over the connected SuperNodes; returns the nodes that answered (offer or error)."""
+    broadcast = run.broadcast()
+    nodes, answers, stand_ins, t0 = _exchange(grid, run, lambda: codec.broadcast_to_records(broadcast), MESSAGE_TYPE,
+                                              broadcast.nbytes(), codec.records_to_offer, "offer", "offered",
+                                              run.receive)
     for node in nodes:
         if node in answers:
             continue
@@ -130,32 +139,9 @@ def run_finetune_round(grid: Grid, run, console: Console) -> set[int]:
     """Hybrid mode: one DP fine-tuning round over the connected SuperNodes (`run.finetune_task()` out, each site's
     model to `run.receive_update`); returns the nodes that answered (model or error)."""
     task = run.finetune_task()
-    nodes = sorted(grid.get_node_ids())
-    names = registered_names(grid)
-    msgs = [Message(codec.finetune_to_records(task), dst_node_id=n, message_type=FINETUNE_MESSAGE_TYPE,
-                    ttl=run.site_timeout_s) for n in nodes]
-    for n in nodes:
-        run.sent(_label(run, str(n), names), task.nbytes())
-    t0 = time.monotonic()
-    answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
-    for node, reply in answers.items():
-        sender = str(node)
-        if reply.has_error():
-            run.no_answer(_label(run, sender, names), f"site error: {code_in(reply.error.reason)}",
-                          code=Reason.SITE_FAILED)
-            continue
-        try:
-            update = codec.records_to_update(reply.content)
-        except Exception as e:  # noqa: BLE001 - one site's bytes must never end the consortium's run
-            run.no_answer(_label(run, sender, names), f"unreadable model ({type(e).__name__})", code=Reason.MALFORMED,
-                          nbytes=codec.content_nbytes(reply.content))
-            continue
-        name = names.get(node)
-        if name and name != update.site_id:
-            run.no_answer(_label(run, sender, names), f"SuperNode {node} is registered as {name!r} but sent a model "
-                          f"for {update.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=update.nbytes())
-            continue
-        run.receive_update(update, sender=sender)
+    nodes, answers, stand_ins, t0 = _exchange(grid, run, lambda: codec.finetune_to_records(task),
+                                              FINETUNE_MESSAGE_TYPE, task.nbytes(), codec.records_to_update, "model",
+                                              "sent a model", run.receive_update)
     for node in nodes:
         site = run.bindings.get(str(node))
         if node not in answers and site is not None:
