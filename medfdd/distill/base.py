@@ -65,9 +65,14 @@ class DistillState:
         return (self.average if self.average is not None else self.images).detach()
 
 
-def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
-    state = np.random.SeedSequence([seed, round_, t, STREAMS[stream]]).generate_state(2, dtype=np.uint32)
+def seeded_generator(*entropy: int) -> torch.Generator:
+    """A torch generator seeded by a SeedSequence of `entropy` (the keyed seed first): independent streams per key."""
+    state = np.random.SeedSequence(list(entropy)).generate_state(2, dtype=np.uint32)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def generator(seed: int, round_: int, t: int, stream: str) -> torch.Generator:
+    return seeded_generator(seed, round_, t, STREAMS[stream])
 
 
 def synthetic_labels(num_classes: int, ipc: int | list[int]) -> torch.Tensor:

@@ -40,9 +40,13 @@ def _stored(path: Path, sigma: float) -> int | None:
     return doc["n_estimate"] if ok and doc["n_estimate"] >= 1 else None
 
 
+def _rounded(noisy: float) -> int:
+    return max(1, int(round(noisy)))
+
+
 def noisy_count(n: int, sigma: float, seed: int) -> int:
     """round(n + N(0, sigma^2)) from the keyed stream of `seed`, at least 1 (the release itself; charge it first)."""
-    return max(1, int(round(n + np.random.default_rng([seed, _NOISE_STREAM]).normal(0.0, sigma))))
+    return _rounded(n + np.random.default_rng([seed, _NOISE_STREAM]).normal(0.0, sigma))
 
 
 def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed: int) -> int:
@@ -66,7 +70,7 @@ def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed
     release = hashlib.blake2b(json.dumps([n, sigma, str(seed)]).encode(), digest_size=16).hexdigest()
     ledger.charge(Charge(sigma, 1.0, 1, round=COUNT_ROUND, purpose=COUNT_PURPOSE, release=release))  # write-ahead
     if cfg.privacy.noise_source == "secure":
-        estimate = max(1, int(round(n + sigma * float(standard_normal((1,), SECURE)[0]))))
+        estimate = _rounded(n + sigma * float(standard_normal((1,), SECURE)[0]))
     else:
         estimate = noisy_count(n, sigma, seed)
     atomic_write_json(path, {"site_id": cfg.site_id, "n_estimate": estimate, "noise_std": sigma,

@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
+from medfdd.distill.base import seeded_generator
 from medfdd.distill.gradient_matching import per_example_gradients, trainable_copy
 from medfdd.distill.mechanism import standard_normal, uniforms
 from medfdd.nets import ConvNet
@@ -40,8 +40,7 @@ class DPSGDPlan:
 
 def keyed_generator(seed: int, round_: int, stream: int) -> torch.Generator:
     """A torch generator for one fine-tuning round and stream of the site's keyed seed (`noise_key.keyed_seed`)."""
-    state = np.random.SeedSequence([seed, round_, stream]).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return seeded_generator(seed, round_, stream)
 
 
 def poisson_sample(n: int, q: float, g: torch.Generator) -> torch.Tensor:
