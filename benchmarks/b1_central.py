@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import COUNT_NOISE, RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.config import DistillConfig  # noqa: E402
-from medfdd.data.sources import load_fashion_mnist  # noqa: E402
+from medfdd.distill import create_distiller  # noqa: E402
 from medfdd.distill.base import Distiller, PrivacyPlan  # noqa: E402
+from medfdd.prepare.sources import load_fashion_mnist  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import epsilon_for  # noqa: E402
 
@@ -56,17 +57,6 @@ def bf16_peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device).upper()
     return next((peak for key, peak in BF16_DENSE_PEAK_TFLOPS if key in name), None)
-
-
-def distiller_class(method: str) -> type[Distiller]:
-    """As medfdd.distill.site.distiller_class, without importing the site runner (MONAI, DICOM, rich...)."""
-    if method == "gm":
-        from medfdd.distill.gradient_matching import GradientMatching
-
-        return GradientMatching
-    from medfdd.distill.distribution_matching import DistributionMatching
-
-    return DistributionMatching
 
 
 def sync(device) -> None:
@@ -94,8 +84,8 @@ def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: d
     spent = epsilon_for([*prior, (sigma, q, steps)], delta=DELTA) if dp else math.inf
     cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch,
                         inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"))
-    distiller = distiller_class(method)(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
-                                        image_shape=image_shape, seed=seed, device=device)
+    distiller = create_distiller(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
+                                 image_shape=image_shape, seed=seed, device=device)
     return distiller, sigma, spent, q, steps
 
 

@@ -36,11 +36,11 @@ from medfdd.baselines import SiteRecords, centralized, fedavg, local_only, rando
 from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
 from medfdd.coordinator.merge import MergedSet, merge, union_of_rounds  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
-from medfdd.data.partition import dirichlet_partition  # noqa: E402
-from medfdd.data.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
 from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
 from medfdd.io import atomic_save_npz  # noqa: E402
+from medfdd.prepare.partition import dirichlet_partition  # noqa: E402
+from medfdd.prepare.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import epsilon_for  # noqa: E402
 

@@ -24,7 +24,7 @@ from common import peak_memory_mb, write_result  # noqa: E402
 from medfdd.config import CoordinatorConfig  # noqa: E402
 from medfdd.coordinator.merge import merge  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
-from medfdd.data.sources import load_fashion_mnist  # noqa: E402
+from medfdd.prepare.sources import load_fashion_mnist  # noqa: E402
 from medfdd.training import pick_device  # noqa: E402
 
 

@@ -27,8 +27,9 @@ from rich.console import Console
 sys.path.insert(0, str(Path(__file__).parent))
 from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 
-from medfdd.data.prepare import prepare_consortium  # noqa: E402
+from medfdd.config import load_coordinator_config
 from medfdd.federation.inprocess import run_inprocess  # noqa: E402
+from medfdd.prepare.consortium import prepare_consortium  # noqa: E402
 from privacy.audit.run import audit_run  # noqa: E402
 from privacy.audit.spec import AuditSpec  # noqa: E402
 from privacy.report import write_report  # noqa: E402
@@ -58,7 +59,7 @@ def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",
                        "distill": distill}, coordinator={"train": train})
     t0 = time.perf_counter()
-    run_dir = run_inprocess(res.coordinator_config, console=Console(quiet=True), no_dp=not dp)
+    run_dir = run_inprocess(load_coordinator_config(res.coordinator_config), console=Console(quiet=True), no_dp=not dp)
     run_s = time.perf_counter() - t0
     spec = AuditSpec(attacks=args.attacks, shadows=args.shadows, canaries=args.canaries, seed=args.seed)
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from medfdd.config import PrivacyConfig
-from medfdd.distill.record_count import noisy_count
+from medfdd.site.record_count import noisy_count
 from privacy.accounting import calibrate_round_noise
 
 RESULTS = Path(__file__).parent / "results"

@@ -22,7 +22,7 @@ from common import peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.config import load_site_config  # noqa: E402
 from medfdd.data.site_data import load_site_data  # noqa: E402
-from medfdd.data.writers import write_dicom, write_nifti  # noqa: E402
+from medfdd.prepare.writers import write_dicom, write_nifti  # noqa: E402
 
 
 def make_site(base: Path, kind: str, n: int, rng: np.random.Generator) -> tuple[Path, Path]:

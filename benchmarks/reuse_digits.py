@@ -23,9 +23,9 @@ from common import peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.artifacts import load_synthetic  # noqa: E402
 from medfdd.config import load_site_config  # noqa: E402
-from medfdd.data.prepare import prepare_consortium  # noqa: E402
 from medfdd.data.site_data import load_site_data  # noqa: E402
-from medfdd.distill.site import distill_site  # noqa: E402
+from medfdd.prepare.consortium import prepare_consortium  # noqa: E402
+from medfdd.site.distill import distill_site  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, train_classifier  # noqa: E402
 
 PLANS = [(100, 1), (30, 3), (10, 10), (5, 20)]  # (paid steps, updates per paid statistic)
@@ -56,7 +56,7 @@ def main() -> None:
                 cfg["output"] = str(Path(tmp) / f"runs-{steps}-{inner}" / cfg["site_id"])
                 p = Path(tmp) / f"{cfg['site_id']}-{steps}-{inner}.yaml"
                 p.write_text(yaml.safe_dump(cfg))
-                distill_site(p, console=quiet)
+                distill_site(load_site_config(p), console=quiet)
                 syn = load_synthetic(load_site_config(p).output_dir)
                 images.append(syn.images)
                 labels.append(syn.labels)

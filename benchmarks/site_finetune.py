@@ -4,7 +4,7 @@ Two small digits consortia: the demo's split (3 sites, mixed DICOM/NIfTI, `medfd
 settings) and a 4-site split (`medfdd prepare --source digits --sites 4`, same settings). For each noise draw the
 consortium is prepared afresh under a new folder (same seed: the same split; new site output folders: new secret
 noise keys), the coordinator runs in-process once (epsilon 1 per site), and every site then fine-tunes the global
-model with each candidate recipe on its training patients only (`site_evaluation.recipe_settings`: train_classifier
+model with each candidate recipe on its training patients only (`medfdd.site.evaluate.recipe_settings`: train_classifier
 at the global model's width). The local-only model (the same recipes from scratch, same seed) does not depend on the
 draw, so it is trained once per site, with a longer-trained one (`LOCAL_REFERENCE`) as a reference. Everything is
 scored on each site's audit holdout. The recipes are fixed in advance (nothing at a site looks at its holdout); the
@@ -32,11 +32,11 @@ from common import RESULTS, write_result  # noqa: E402
 
 from medfdd.artifacts import load_model  # noqa: E402
 from medfdd.config import SiteEvaluateConfig, load_coordinator_config, load_site_config  # noqa: E402
-from medfdd.data.prepare import prepare_consortium  # noqa: E402
 from medfdd.data.site_data import load_site_data  # noqa: E402
 from medfdd.demo import DEMO_TRAIN_WIDTH, SMALL_SITE_DISTILL  # noqa: E402
 from medfdd.federation.inprocess import run_inprocess  # noqa: E402
-from medfdd.site_evaluation import recipe_settings  # noqa: E402
+from medfdd.prepare.consortium import prepare_consortium  # noqa: E402
+from medfdd.site.evaluate import recipe_settings  # noqa: E402
 from medfdd.training import evaluate, train_classifier  # noqa: E402
 
 CONSORTIA = {"demo3": {"sites": 3, "fmt": "mixed"}, "digits4": {"sites": 4, "fmt": "dicom"}}
@@ -64,7 +64,7 @@ def one_draw(out: Path, name: str, draw: int, *, seed: int, iterations: int, tra
                        "data": {"cache_dir": str(cache)}, "evaluate": {"finetune": False}},
                  coordinator={"train": {"epochs": train_epochs, "width": DEMO_TRAIN_WIDTH}})
     t0 = time.perf_counter()
-    run_dir = run_inprocess(res.coordinator_config, console=quiet)
+    run_dir = run_inprocess(load_coordinator_config(res.coordinator_config), console=quiet)
     run_seconds = time.perf_counter() - t0
     cfg = load_coordinator_config(res.coordinator_config)
     sites = {}

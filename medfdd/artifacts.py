@@ -19,7 +19,7 @@ from torch import nn
 
 from medfdd import __version__
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
+from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_safe
 from medfdd.nets import ConvNet
 
 NPZ_KEYS = ("images", "labels")
@@ -49,16 +49,12 @@ class SyntheticSet:
                                 "only declared metadata may leave a site")
 
 
-def _json_number(x: float) -> float | str:
-    return "inf" if isinstance(x, float) and math.isinf(x) else x
-
-
 def save_synthetic(out_dir: Path, syn: SyntheticSet) -> tuple[Path, Path]:
     """Atomically write synthetic.npz (images, labels) then synthetic.json (metadata)."""
     out_dir = Path(out_dir)
     npz = atomic_save_npz(out_dir / "synthetic.npz", images=syn.images.astype(np.float32),
                           labels=syn.labels.astype(np.int64))
-    meta = {k: _json_number(v) for k, v in {**syn.meta, "medfdd_version": __version__}.items()}
+    meta = {k: json_safe(v) for k, v in {**syn.meta, "medfdd_version": __version__}.items()}
     return npz, atomic_write_json(out_dir / "synthetic.json", meta)
 
 

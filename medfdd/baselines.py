@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from medfdd.config import CoordinatorConfig, load_site_config
-from medfdd.coordinator.run import consortium_of, load_test_set
+from medfdd.config import CoordinatorConfig
+from medfdd.coordinator.run import load_test_set
+from medfdd.federation.consortium import consortium_of, shared_intensity
 from medfdd.nets import ConvNet, convnet_for, quiet_backward_hooks
 from medfdd.training import TrainSettings, evaluate, train_classifier
 from privacy.accounting import calibrate_round_noise, epsilon_for
@@ -37,12 +38,12 @@ def load_sites(cfg: CoordinatorConfig) -> tuple[list[SiteRecords], tuple[np.ndar
     """Every in-process site's training split and the coordinator's test split; returns (sites, test, classes)."""
     from medfdd.data.site_data import load_site_data
 
-    spec, paths = consortium_of(cfg)
+    spec, configs = consortium_of(cfg)
     sites = []
-    for sid, path in sorted(paths.items()):
-        data = load_site_data(load_site_config(path))
+    for sid, site in sorted(configs.items()):
+        data = load_site_data(site)
         sites.append(SiteRecords(sid, data.images[data.train], data.labels[data.train]))
-    test = load_test_set(cfg, spec, cfg.output_dir.parent / "baselines")
+    test = load_test_set(cfg, spec, cfg.output_dir.parent / "baselines", shared_intensity(cfg, configs))
     return sites, test, len(spec.classes)
 
 

@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     flower_cli.add_federation_parser(sub)
     sub.choices["federation"].set_defaults(handler=_flower_federation)
 
-    from privacy.audit.cli import add_audit_parser
+    from privacy.cli import add_audit_parser
 
     add_audit_parser(sub)
     sub.choices["audit"].set_defaults(handler=_audit, output_of=lambda args: args.out)
@@ -182,47 +182,57 @@ def _parser() -> argparse.ArgumentParser:
 def _emit(args, result) -> None:
     """With --json, the result is the only thing on stdout (infinite epsilons as the strings "inf")."""
     if getattr(args, "json", False):
-        from medfdd.coordinator.run import _json_safe
+        from medfdd.io import json_safe
 
-        sys.stdout.write(json.dumps(_json_safe(result), indent=2, allow_nan=False, default=str) + "\n")
+        sys.stdout.write(json.dumps(json_safe(result), indent=2, allow_nan=False, default=str) + "\n")
         sys.stdout.flush()
 
 
 def _prepare(args, out: Console, err: Console) -> None:
-    from medfdd.data.prepare import prepare_from_args
+    from medfdd.prepare.consortium import prepare_from_args
 
     prepare_from_args(args, console=out)
 
 
-def _site_check(args, out: Console, err: Console) -> None:
-    from medfdd.data.check import check_site
+def _site_config(args):
+    """The site config of a `site` command, parsed once per command."""
+    if getattr(args, "site_config", None) is None:
+        from medfdd.config import load_site_config
 
-    _emit(args, dataclasses.asdict(check_site(args.config, console=out)))
+        args.site_config = load_site_config(args.config)
+    return args.site_config
+
+
+def _site_check(args, out: Console, err: Console) -> None:
+    from medfdd.site.check import check_site
+
+    _emit(args, dataclasses.asdict(check_site(_site_config(args), console=out)))
 
 
 def _site_distill(args, out: Console, err: Console) -> None:
-    from medfdd.distill.site import distill_site
+    from medfdd.site.distill import distill_site
 
-    distill_site(args.config, round_=args.round_, global_model=args.global_model, no_dp=args.no_dp, console=out)
+    distill_site(_site_config(args), round_=args.round_, global_model=args.global_model, no_dp=args.no_dp, console=out)
 
 
 def _site_budget(args, out: Console, err: Console) -> None:
-    from medfdd.distill.site import print_budget
+    from medfdd.site.budget import print_budget
 
-    _emit(args, print_budget(args.config, console=out))
+    _emit(args, print_budget(_site_config(args), console=out))
 
 
 def _site_evaluate(args, out: Console, err: Console) -> None:
-    from medfdd.site_evaluation import evaluate_at_site
+    from medfdd.site.evaluate import evaluate_at_site
 
-    _emit(args, evaluate_at_site(args.config, args.model, console=out))
+    _emit(args, evaluate_at_site(_site_config(args), args.model, console=out))
 
 
 def _coordinator_run(args, out: Console, err: Console) -> None:
     from medfdd.federation.inprocess import run_inprocess
+    from medfdd.rundir import RunDir
 
-    run_dir = run_inprocess(args.config, console=out, no_dp=args.no_dp)
-    _emit(args, json.loads((run_dir / "run.json").read_text(encoding="utf-8")))
+    run_dir = run_inprocess(_coordinator_config(args), console=out, no_dp=args.no_dp)
+    _emit(args, json.loads(RunDir(run_dir).run_json.read_text(encoding="utf-8")))
 
 
 def _flower_site_join(args, out: Console, err: Console) -> int:
@@ -244,7 +254,7 @@ def _flower_federation(args, out: Console, err: Console) -> int:
 
 
 def _audit(args, out: Console, err: Console) -> int:
-    from privacy.audit.cli import run_audit_command
+    from privacy.cli import run_audit_command
 
     return run_audit_command(args, console=out)
 
@@ -256,15 +266,20 @@ def _demo(args, out: Console, err: Console) -> None:
 
 
 def _site_output(args) -> Path:
-    from medfdd.config import load_site_config
+    return _site_config(args).output_dir
 
-    return load_site_config(args.config).output_dir
+
+def _coordinator_config(args):
+    """The coordinator config of `coordinator run`, parsed once per command."""
+    if getattr(args, "coordinator_config", None) is None:
+        from medfdd.config import load_coordinator_config
+
+        args.coordinator_config = load_coordinator_config(args.config)
+    return args.coordinator_config
 
 
 def _coordinator_output(args) -> Path:
-    from medfdd.config import load_coordinator_config
-
-    return load_coordinator_config(args.config).output_dir
+    return _coordinator_config(args).output_dir
 
 
 # ------------------------------------------------------------------ consoles, log file, exit codes

@@ -239,6 +239,7 @@ class SiteConfig(_Strict):
     audit_gate: AuditGate | None = Field(None, description="optional: audit thresholds to pass before offering")
     evaluate: SiteEvaluateConfig = Field(default_factory=SiteEvaluateConfig)
     base_dir: Path = Field(Path("."), exclude=True, description="directory of the config file (set by the loader)")
+    source: Path | None = Field(None, exclude=True, description="the config file itself (set by the loader)")
 
     @field_validator("audit_gate")
     @classmethod
@@ -392,7 +393,7 @@ def _valid_keys(model: type[BaseModel], loc: tuple) -> list[str]:
         inner = [m for m in models if isinstance(part, str) and part in m.model_fields]
         # a field name steps into its models; a union tag, dict key or list index stays on the same models
         models = [x for m in inner for x in _models_in(m.model_fields[part].annotation)] if inner else models
-    return sorted({k for m in models for k in m.model_fields if k != "base_dir"})
+    return sorted({k for m in models for k in m.model_fields if k not in LOADER_KEYS})
 
 
 def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str, str]:
@@ -407,13 +408,17 @@ def _describe(err: dict[str, Any], model: type[BaseModel]) -> tuple[str, str, st
     return key, f"{msg} (got {got!r})", "set a value that satisfies the constraint"
 
 
+LOADER_KEYS = ("base_dir", "source")  # set by the loader, never written in a config file
+
+
 def parse_config(data: Any, model: type[M], source: str, base_dir: Path) -> M:
     """Validate a mapping into `model`; every problem is reported with its key, value and a fix."""
     if not isinstance(data, dict):
         raise ConfigError(source, f"expected a mapping of keys at the top level, got {type(data).__name__}",
                           "write the config as YAML `key: value` lines")
-    if "base_dir" in data:
-        raise ConfigError(f"{source}: key 'base_dir'", "unknown key", "remove it")
+    for key in LOADER_KEYS:
+        if key in data:
+            raise ConfigError(f"{source}: key '{key}'", "unknown key", "remove it")
     try:
         return model.model_validate({**data, "base_dir": base_dir})
     except ValidationError as e:
@@ -441,7 +446,8 @@ def load_yaml(path: Path) -> Any:
 
 def load_site_config(path: Path | str) -> SiteConfig:
     path = Path(path)
-    return parse_config(load_yaml(path), SiteConfig, str(path), path.resolve().parent)
+    cfg = parse_config(load_yaml(path), SiteConfig, str(path), path.resolve().parent)
+    return cfg.model_copy(update={"source": path.resolve()})
 
 
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:

@@ -10,7 +10,6 @@ back from the run's own files (run.json, the ledgers, each site's evaluation.jso
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -18,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.data.check import check_site
-from medfdd.data.prepare import prepare_consortium
 from medfdd.federation.inprocess import run_inprocess
-from medfdd.io import atomic_write_json
-from medfdd.site_evaluation import EVALUATION_FILE
+from medfdd.io import atomic_write_json, json_number
+from medfdd.prepare.consortium import prepare_consortium
+from medfdd.rundir import RunDir
+from medfdd.site.check import check_site
+from medfdd.site.evaluate import EVALUATION_FILE
 
 # Small hospitals (~35 images per class): few paid DP steps, each reused for many updates (see README).
 SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
@@ -45,13 +45,13 @@ def run_demo(out: Path, *, sites: int = 3, iterations: int = 10, epsilon: float 
     checks = {}
     console.rule("[bold]2. each site checks its data (MONAI loading, quarantine, patient-level split)")
     for cfg_path in res.site_configs:
-        report = check_site(cfg_path, console=console)
+        report = check_site(load_site_config(cfg_path), console=console)
         checks[report.site_id] = {"used": report.n_used, "quarantined": report.n_quarantined}
 
     console.rule(f"[bold]3. the coordinator runs a round: each site distills under DP (epsilon = {epsilon:g}), "
                  "offers are validated, merged and the global model is trained; each site gets it back and scores "
                  "it on its own patients")
-    run_dir = run_inprocess(res.coordinator_config, console=console)
+    run_dir = run_inprocess(load_coordinator_config(res.coordinator_config), console=console)
 
     console.rule("[bold]4. baselines on the same split (they pool real records: for comparison only)")
     from medfdd.baselines import centralized, load_sites, local_only, model_bytes
@@ -88,14 +88,14 @@ def summarize(run_dir: Path, report_dir: Path, *, checks: dict | None = None,
               site_outputs: dict[str, Path] | None = None) -> dict:
     """Everything the summary shows, read from the run's own files (and each site's evaluation.json, when given its
     output folder)."""
-    run = json.loads((run_dir / "run.json").read_text())
+    run = json.loads(RunDir(run_dir).run_json.read_text())
     baselines = json.loads((run_dir / "baselines.json").read_text())
     report = json.loads((report_dir / "report.json").read_text())
     last = run["rounds"][-1]
     sites = {}
     for sid in run["sites"]:
-        ledger = json.loads((run_dir / "sites" / sid / "privacy_ledger.json").read_text())
-        sites[sid] = {"epsilon_spent": _num(ledger["epsilon_spent"]), "epsilon_budget": _num(ledger["budget"]["epsilon"]),
+        ledger = json.loads(RunDir(run_dir).site_ledger(sid).read_text())
+        sites[sid] = {"epsilon_spent": json_number(ledger["epsilon_spent"]), "epsilon_budget": json_number(ledger["budget"]["epsilon"]),
                       "bytes_up": sum(r["bytes_up"].get(sid, 0) for r in run["rounds"]),
                       "accepted": sid in last["accepted"], **(checks or {}).get(sid, {})}
         out = (site_outputs or {}).get(sid)
@@ -109,10 +109,6 @@ def summarize(run_dir: Path, report_dir: Path, *, checks: dict | None = None,
             "fedavg_bytes_per_site_per_round": baselines["fedavg_bytes_per_site_per_round"],
             "rounds": len(run["rounds"]), "sites": sites,
             "verdict": report.get("verdict", {}), "report_html": str(report_dir / "report.html")}
-
-
-def _num(x) -> float:
-    return math.inf if x == "inf" else float(x)
 
 
 def print_summary(s: dict, console: Console) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -77,8 +78,29 @@ def atomic_write_text(path: Path, text: str, durable: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), durable)
 
 
+def json_safe(x: Any) -> Any:
+    """`x` (nested dicts, lists, tuples) with each non-finite float as the string "inf", "-inf" or "nan": JSON has no
+    such numbers, and an epsilon of a non-private run is infinite. `json_number` reads them back."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [json_safe(v) for v in x]
+    return x
+
+
+def json_number(v: Any) -> float:
+    """A number as `json_safe` wrote it ("inf", "-inf", "nan" or a JSON number); TypeError for anything else."""
+    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
+        return float(v)
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise TypeError(f"{v!r} is not a number")
+    return float(v)
+
+
 def atomic_write_json(path: Path, obj: Any, durable: bool = True) -> Path:
-    """Indented JSON; NaN/inf are refused (they are not JSON)."""
+    """Indented JSON; NaN/inf are refused (they are not JSON: pass the object through `json_safe` first)."""
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n", durable)
 
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
 
-from medfdd.distill.augment import FAMILIES, augment
+from medfdd.augment import FAMILIES, augment
 from medfdd.nets import ConvNet, convnet_for
 
 

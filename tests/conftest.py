@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from medfdd.data.writers import write_dicom
+from medfdd.prepare.writers import write_dicom
 
 
 class SiteBuilder:
@@ -120,7 +120,7 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
     import yaml
     from rich.console import Console
 
-    from medfdd.data.prepare import prepare_consortium
+    from medfdd.prepare.consortium import prepare_consortium
 
     res = prepare_consortium(source="digits", out=out, sites=sites, alpha=0.5, fmt="dicom", seed=seed, epsilon=1.0,
                              delta=1e-5, ipc=SMALL_DISTILL["ipc"], iterations=SMALL_DISTILL["iterations"],
@@ -160,7 +160,7 @@ def prepared_digits(out: Path, *, ipc: int, iterations: int) -> Path:
     """`prepare` a 2-site DICOM digits consortium (DM with DP, epsilon 1) into `out`, quietly; returns `out`."""
     from rich.console import Console
 
-    from medfdd.data.prepare import prepare_consortium
+    from medfdd.prepare.consortium import prepare_consortium
 
     prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
                        ipc=ipc, iterations=iterations, method="dm", dp=True, console=Console(quiet=True))
@@ -173,8 +173,8 @@ def pin_noise_keys(site_configs, *, no_dp: bool = False) -> None:
     The key is otherwise random per site (it keys the DP noise and sampling), so a test whose assertion is
     statistical (a utility floor, audit power) would see new noise on every run."""
     from medfdd.config import load_site_config
-    from medfdd.distill.noise_key import KEY_BYTES
-    from medfdd.distill.site import provision_noise_key
+    from medfdd.site.budget import provision_noise_key
+    from medfdd.site.noise_key import KEY_BYTES
 
     for i, path in enumerate(site_configs):
         cfg = load_site_config(path)

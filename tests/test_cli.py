@@ -92,7 +92,7 @@ def test_quiet_json_no_hard_wrap_and_a_log_file(site_config, capsys):
 
 
 def test_site_evaluate_checks_the_model_before_reading_any_scan(site_config, tmp_path, monkeypatch, capsys):
-    import medfdd.site_evaluation as ev
+    import medfdd.site.evaluate as ev
 
     def no_scans(*args, **kwargs):
         raise AssertionError("scans were loaded before the model was checked")

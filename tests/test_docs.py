@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import ast
 import re
-from collections import defaultdict
 from pathlib import Path
+
+from import_layers import layer_table
 
 from medfdd.coordinator.validate import Reason as OfferReason
 from medfdd.data.quarantine import Reason as QuarantineReason
@@ -72,44 +73,8 @@ def test_design_holds_every_invariant_the_code_cites():
     assert cited and cited <= set(numbers), sorted(cited - set(numbers))
 
 
-def _unit(module: str) -> str | None:
-    """The package a module belongs to in the layer picture: a sub-package, or a top-level module of medfdd."""
-    parts = module.split(".")
-    if parts[0] not in PACKAGES or len(parts) < 2:
-        return None
-    if parts[:3] == ["medfdd", "federation", "flower"]:
-        return "medfdd.federation.flower"
-    return ".".join(parts[:2])
-
-
-def import_graph() -> dict[str, set[str]]:
-    graph = defaultdict(set)
-    for path in _sources():
-        module = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-        src = _unit(module)
-        if src is None:  # medfdd/__init__.py, privacy/__init__.py
-            continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
-            graph[src] |= {u for u in map(_unit, names) if u and u != src}
-    return graph
-
-
-def import_table(graph: dict[str, set[str]]) -> str:
-    rows = [f"| `{src}` | {', '.join(f'`{d}`' for d in sorted(graph[src])) or '—'} |" for src in sorted(graph)]
-    return "\n".join(["| package | imports |", "|---|---|", *rows])
-
-
-def test_design_import_table_is_the_codes():
-    documented = re.search(r"<!-- import-graph -->\n(.*?)\n<!-- /import-graph -->", DESIGN, re.S)
-    assert documented, "docs/design.md lacks its import-graph block"
-    expected = import_table(import_graph())
-    assert documented.group(1).strip() == expected, f"docs/design.md's import table is stale; paste:\n{expected}"
-
-
-def test_import_rules_stated_in_design_hold():
-    graph = import_graph()
-    assert "medfdd.federation" not in set().union(*(d for s, d in graph.items() if s.startswith("privacy.")))
-    assert graph["privacy.accounting"] <= {"medfdd.errors", "medfdd.io"}, graph["privacy.accounting"]
-    assert "medfdd.federation.flower" in graph  # the scan sees the packages it rules on
+def test_design_layer_table_is_the_codes():
+    documented = re.search(r"<!-- layers -->\n(.*?)\n<!-- /layers -->", DESIGN, re.S)
+    assert documented, "docs/design.md lacks its layers block"
+    expected = layer_table()
+    assert documented.group(1).strip() == expected, f"docs/design.md's layer table is stale; paste:\n{expected}"

@@ -18,9 +18,9 @@ import torch
 
 from medfdd.artifacts import ArtifactError, load_agreed_model
 from medfdd.config import ConsortiumConfig, FinetuneConfig
-from medfdd.coordinator.validate import OfferRejected, Reason, _number
-from medfdd.federation.messages import UPDATE_META, LocalUpdate
-from medfdd.io import atomic_write_bytes
+from medfdd.coordinator.validate import OfferRejected, Reason
+from medfdd.io import atomic_write_bytes, json_number
+from medfdd.messages import UPDATE_META, LocalUpdate
 from medfdd.nets import ConvNet
 
 
@@ -46,7 +46,7 @@ def _check_meta(update: LocalUpdate, spec: ConsortiumConfig, previous_epsilon: f
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"metadata says site {meta['site_id']!r} round "
                                                                f"{meta['round']!r}")
     try:
-        eps, sigma, q, steps = (_number(meta[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps"))
+        eps, sigma, q, steps = (json_number(meta[k]) for k in ("epsilon", "noise_multiplier", "sample_rate", "steps"))
     except TypeError as e:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, str(e)) from None
     if not (0 < q <= 1 and steps >= 1):
@@ -96,7 +96,7 @@ def _validate(update: LocalUpdate, spec: ConsortiumConfig, reference: ConvNet, r
     if model.arch != reference.arch or {k: tuple(v.shape) for k, v in state.items()} != expected:
         raise OfferRejected(sid, Reason.WRONG_SHAPE, f"architecture {model.arch} is not the broadcast model's "
                                                      f"{reference.arch}")
-    return AcceptedUpdate(sid, state, meta, recipe.batch_size / _number(meta["sample_rate"]), update.nbytes())
+    return AcceptedUpdate(sid, state, meta, recipe.batch_size / json_number(meta["sample_rate"]), update.nbytes())
 
 
 def average(updates: list[AcceptedUpdate], reference: ConvNet) -> ConvNet:

@@ -31,56 +31,37 @@ from medfdd.config import (
     DataConfig,
     Intensity,
     MinMax,
-    SiteBudget,
     SiteConfig,
     dump_config,
-    load_coordinator_config,
-    load_site_config,
 )
 from medfdd.coordinator.average import AcceptedUpdate, average, validate_update
 from medfdd.coordinator.merge import MergedSet, load_merged, merge, union_of_rounds
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
-from medfdd.federation.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer
-from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json
+from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_safe
+from medfdd.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer
+from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
+from privacy.accounting import LEDGER_FILENAME
 
 
 class CoordinatorError(MedfddError):
     """The coordinator cannot go on (no usable offer in a round, sites that disagree, a foreign run folder)."""
 
 
-def consortium_of(cfg: CoordinatorConfig) -> tuple[ConsortiumConfig, dict[str, Path]]:
-    """The agreed spec (given, or derived from the in-process site configs) and site_id -> config path."""
-    paths: dict[str, Path] = {}
-    site_cfgs: list[SiteConfig] = []
-    for p in cfg.site_paths:
-        sc = load_site_config(p)
-        if sc.site_id in paths:
-            raise CoordinatorError(f"{cfg.base_dir}: sites", f"site id {sc.site_id!r} appears twice",
-                                   "give every hospital its own site_id")
-        paths[sc.site_id] = p
-        site_cfgs.append(sc)
-    if cfg.consortium is not None:
-        return cfg.consortium, paths
-    first = site_cfgs[0].data
-    spec = ConsortiumConfig(
-        classes=first.classes, spatial_size=first.spatial_size, channels=first.channels,
-        ipc=max(s.distill.ipc for s in site_cfgs),
-        sites={s.site_id: SiteBudget(dp=s.privacy.dp, epsilon=s.privacy.epsilon, delta=s.privacy.delta,
-                                     unit=s.privacy.unit) for s in site_cfgs})
-    return spec, paths
-
-
-def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """The coordinator's own labelled test split, through the same loader and preprocessing as the sites."""
+def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path,
+                  site_intensity: Intensity | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """The coordinator's own labelled test split, through the same loader and preprocessing as the sites: scaled by
+    `test.intensity`, else by `site_intensity` (the one scaling every in-process site uses: a model trained on
+    CT-windowed images must be evaluated on CT-windowed images), else minmax."""
     if cfg.test is None:
         return None
     from medfdd.data.site_data import load_site_data
 
     data_cfg = DataConfig(root=(cfg.base_dir / cfg.test.root).resolve(), manifest=cfg.test.manifest,
                           format=cfg.test.format, classes=spec.classes, spatial_size=spec.spatial_size,
-                          channels=spec.channels, intensity=intensity_of_test_split(cfg), holdout_fraction=0.0)
+                          channels=spec.channels, intensity=cfg.test.intensity or site_intensity or MinMax(),
+                          holdout_fraction=0.0)
     data = load_site_data(SiteConfig(site_id="test-set", data=data_cfg, output=out / "test-cache", base_dir=out))
     if len(data.labels) == 0:
         raise CoordinatorError(f"test set {data_cfg.root}", "no usable test image",
@@ -88,33 +69,9 @@ def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path) -> 
     return data.images, data.labels
 
 
-def intensity_of_test_split(cfg: CoordinatorConfig) -> Intensity:
-    """The intensity scaling of the test split: `test.intensity`, else the one every in-process site uses (a model
-    trained on CT-windowed images must be evaluated on CT-windowed images), else minmax."""
-    if cfg.test is not None and cfg.test.intensity is not None:
-        return cfg.test.intensity
-    intensities = [load_site_config(p).data.intensity for p in cfg.site_paths]
-    used = {i.model_dump_json(): i for i in intensities}
-    if len(used) > 1:
-        raise CoordinatorError(f"{cfg.base_dir}: test.intensity", "the sites scale intensities differently "
-                               f"({', '.join(sorted(used))}), so the test split's scaling is ambiguous",
-                               "set `test.intensity` in the coordinator config (and agree one setting across sites)")
-    return next(iter(used.values()), MinMax())
-
-
 def _fingerprint(cfg: CoordinatorConfig, spec: ConsortiumConfig) -> str:
     text = dump_config(cfg) + spec.model_dump_json()
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-
-
-def _json_safe(x):
-    if isinstance(x, float) and not math.isfinite(x):
-        return "inf" if x > 0 else ("-inf" if x < 0 else "nan")
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 @dataclass
@@ -140,11 +97,12 @@ class _Round:
 class CoordinatorRun:
     """State of one run directory; every engine calls broadcast -> receive* -> finish_round per round."""
 
-    def __init__(self, cfg: CoordinatorConfig, spec: ConsortiumConfig, site_configs: dict[str, Path], *,
-                 engine: str, console: Console):
-        self.cfg, self.spec, self.site_configs = cfg, spec, site_configs
+    def __init__(self, cfg: CoordinatorConfig, spec: ConsortiumConfig, sites: dict[str, SiteConfig], *,
+                 engine: str, console: Console, site_intensity: Intensity | None = None):
+        self.cfg, self.spec, self.sites, self.site_intensity = cfg, spec, sites, site_intensity
         self.engine, self.console = engine, console
         self.out = cfg.output_dir
+        self.dir = RunDir(self.out)
         self.rounds = cfg.rounds
         self.site_timeout_s = cfg.site_timeout_s
         self.expected_sites = sorted(spec.sites)
@@ -161,15 +119,17 @@ class CoordinatorRun:
 
     # ---- opening and resuming -------------------------------------------------------------------------------
     @classmethod
-    def open(cls, config_path: Path, *, engine: str, console: Console | None = None,
-             no_dp: bool = False) -> CoordinatorRun:
-        """`no_dp` (baselines, positive controls) accepts non-private offers, recorded as epsilon = inf."""
-        cfg = load_coordinator_config(config_path)
-        spec, paths = consortium_of(cfg)
+    def open(cls, cfg: CoordinatorConfig, spec: ConsortiumConfig, *, engine: str,
+             sites: dict[str, SiteConfig] | None = None, site_intensity: Intensity | None = None,
+             console: Console | None = None, no_dp: bool = False) -> CoordinatorRun:
+        """Open (or resume) the run of `cfg` for the consortium `spec`. `sites`: the site configs an engine that runs
+        the sites itself has loaded (in-process: their fine-tuning plans are checked and their ledgers copied into the
+        run directory); `site_intensity`: the scaling those sites share, for the test split. `no_dp` (baselines,
+        positive controls) accepts non-private offers, recorded as epsilon = inf."""
         if no_dp:
             spec = spec.model_copy(update={"sites": {s: b.model_copy(update={"dp": False})
                                                      for s, b in spec.sites.items()}})
-        run = cls(cfg, spec, paths, engine=engine, console=console or Console())
+        run = cls(cfg, spec, sites or {}, engine=engine, console=console or Console(), site_intensity=site_intensity)
         run._check_finetune_plans()
         run._resume()
         return run
@@ -178,10 +138,10 @@ class CoordinatorRun:
         """Hybrid mode: every in-process DP site must have planned at least `finetune.rounds` fine-tuning rounds
         (its budget was split for them before its first release); the coordinator knows no plan under Flower."""
         k = self.cfg.finetune.rounds
-        for sid, path in sorted(self.site_configs.items()):
-            planned = load_site_config(path).privacy.finetune_rounds
+        for sid, site in sorted(self.sites.items()):
+            planned = site.privacy.finetune_rounds
             if k > planned and self.spec.sites[sid].dp:
-                raise CoordinatorError(f"{path}: privacy.finetune_rounds", f"site {sid!r} planned {planned} "
+                raise CoordinatorError(f"{site.source}: privacy.finetune_rounds", f"site {sid!r} planned {planned} "
                                        f"fine-tuning round(s), the coordinator's `finetune.rounds` asks for {k}",
                                        "agree the number before the first round: set privacy.finetune_share and "
                                        f"privacy.finetune_rounds >= {k} at every site, or lower finetune.rounds")
@@ -190,9 +150,9 @@ class CoordinatorRun:
                                    "(privacy.finetune_share) but `finetune.rounds` is 0: that part stays unspent[/]")
 
     def _resume(self) -> None:
-        ckpt = self.out / "checkpoint.json"
+        ckpt = self.dir.checkpoint
         if not ckpt.is_file():
-            if (self.out / "run.json").is_file():
+            if self.dir.run_json.is_file():
                 raise CoordinatorError(str(self.out), "holds a run without a checkpoint (not written by this "
                                        "version or damaged)", "choose a new `output` folder")
             return
@@ -237,7 +197,7 @@ class CoordinatorRun:
             raise CoordinatorError(str(self.out), "all planned rounds are done", "start a new run")
         # the previous round's own file, not the top-level copy: a coordinator killed between writing the new
         # top-level model and its checkpoint resumes round r with round r-1's model, as the sites were promised
-        model = (self.out / "rounds" / f"round-{r - 1}" / "global_model.safetensors").read_bytes() if r > 1 else None
+        model = self.dir.round_model(r - 1).read_bytes() if r > 1 else None
         b = Broadcast(r, model)
         self.current = _Round(r)
         return b
@@ -366,7 +326,7 @@ class CoordinatorRun:
     def _test_metrics(self, model) -> dict | None:
         """The model's scores on the coordinator's test set (loaded once), or None without one."""
         if self._test is None:
-            self._test = load_test_set(self.cfg, self.spec, self.out)
+            self._test = load_test_set(self.cfg, self.spec, self.out, self.site_intensity)
         if self._test is None:
             return None
         return evaluate(model.to(self.device), self._test[0], self._test[1], len(self.spec.classes))
@@ -381,7 +341,7 @@ class CoordinatorRun:
                                    "fine-tuning rounds are done)", "finish the distillation rounds first")
         src = self._finetune_model_path(k - 1)
         if k == 1:
-            atomic_write_bytes(self.out / "warm_start_model.safetensors", src.read_bytes())
+            atomic_write_bytes(self.dir.warm_start_model, src.read_bytes())
         self._reference = load_model(src)
         self.current = _Round(k, finetune=True)
         return FinetuneRound(k, src.read_bytes(), self.cfg.finetune.model_dump(mode="json"))
@@ -389,8 +349,8 @@ class CoordinatorRun:
     def _finetune_model_path(self, k: int) -> Path:
         """The model after fine-tuning round k (k = 0: the warm start, the last distillation round's model)."""
         if k == 0:
-            return self.out / "rounds" / f"round-{self.rounds}" / "global_model.safetensors"
-        return self.out / "finetune" / f"round-{k}" / "global_model.safetensors"
+            return self.dir.round_model(self.rounds)
+        return self.dir.finetune_model(k)
 
     def receive_update(self, update: LocalUpdate, *, sender: str) -> bool:
         """Validate and keep a site's fine-tuned model; a rejected one is logged with its reason, the round goes on."""
@@ -398,7 +358,7 @@ class CoordinatorRun:
         sid = str(update.site_id)  # a path part only once check_identity has accepted it
         return self._admit(rd, update, sender, lambda: validate_update(
             update, self.spec, reference=self._reference, recipe=self.cfg.finetune,
-            received=self.out / "finetune" / f"round-{rd.round}" / "sites" / f"{sid}.safetensors",
+            received=self.dir.finetune_update(rd.round, sid),
             previous_epsilon=self.last_epsilon.get(sid))) is not None
 
     def finish_finetune_round(self) -> dict:
@@ -412,12 +372,12 @@ class CoordinatorRun:
         metrics = self._test_metrics(model)
         seconds["evaluate"] = time.perf_counter() - t
         save_model(self._finetune_model_path(rd.round), model)
-        save_model(self.out / "global_model.safetensors", model)
+        save_model(self.dir.global_model, model)
         for sid in updates:
             self.last_epsilon[sid] = updates[sid].meta["epsilon"]
             ledger = self._site_ledger(sid)
             if ledger is not None:  # the run's copy of the site's ledger, with its fine-tuning charges
-                atomic_write_bytes(self.out / "sites" / sid / "privacy_ledger.json", ledger.read_bytes())
+                atomic_write_bytes(self.dir.site_ledger(sid), ledger.read_bytes())
         per = {key: {s: u.meta[key] for s, u in sorted(updates.items())}
                for key in ("epsilon", "noise_multiplier", "sample_rate", "steps")}
         self.finetune_history.append({
@@ -437,7 +397,7 @@ class CoordinatorRun:
 
     def _round_set(self, r: int) -> MergedSet:
         """An earlier round's merged set, as this run wrote it (np.load without pickle)."""
-        path = self.out / "rounds" / f"round-{r}" / "merged.npz"
+        path = self.dir.round_merged(r)
         if not path.is_file():
             raise CoordinatorError(str(path), f"round {r}'s merged set is missing (`train_rounds` needs it)",
                                    "restore the run folder, or set `train_rounds: 1`")
@@ -446,9 +406,9 @@ class CoordinatorRun:
     # ---- after the last round: the final model goes back to the sites ----------------------------------------
     def final_model(self) -> Broadcast | None:
         """The final global model for the sites, or None while rounds remain. The same message as a broadcast; the
-        engine sends it with its delivery type (`medfdd.federation.site.receive_final_model`), so nothing is
+        engine sends it with its delivery type (`medfdd.site.offer.receive_final_model`), so nothing is
         distilled or paid for it."""
-        path = self.out / "global_model.safetensors"
+        path = self.dir.global_model
         if not self.complete or not self.history or not path.is_file():
             return None
         return Broadcast(len(self.history), path.read_bytes())
@@ -460,37 +420,37 @@ class CoordinatorRun:
 
     # ---- files ------------------------------------------------------------------------------------------------
     def _write_round_files(self, rd: _Round, merged, model) -> None:
-        rdir = self.out / "rounds" / f"round-{rd.round}"
-        atomic_save_npz(rdir / "merged.npz", images=merged.images, labels=merged.labels, weights=merged.weights)
-        save_model(rdir / "global_model.safetensors", model)
+        rdir = self.dir.round(rd.round)
+        atomic_save_npz(self.dir.round_merged(rd.round), images=merged.images, labels=merged.labels, weights=merged.weights)
+        save_model(self.dir.round_model(rd.round), model)
         for sid, acc in rd.accepted.items():  # what each site sent, as received
-            site_dir = self.out / "sites" / sid
+            site_dir = self.dir.site(sid)
             meta = {k: v for k, v in acc.meta.items() if k != "medfdd_version"}
             released = SyntheticSet(acc.images, acc.labels, meta)
-            save_synthetic(rdir / "sites" / sid, released)  # every round's release stays (the audit's DCR target)
+            save_synthetic(self.dir.round_release(rd.round, sid), released)  # every round's release stays (the audit's DCR target)
             save_synthetic(site_dir, released)
             save_preview(site_dir / "synthetic_preview.png", acc.images, acc.labels, list(self.spec.classes),
                          title=f"{sid} round {rd.round} (as received)")
             ledger = self._site_ledger(sid)
             if ledger is not None:
-                atomic_write_bytes(site_dir / "privacy_ledger.json", ledger.read_bytes())
+                atomic_write_bytes(self.dir.site_ledger(sid), ledger.read_bytes())
         save_preview(rdir / "merged_preview.png", merged.images, merged.labels, list(self.spec.classes),
                      title=f"merged set, round {rd.round} ({self.cfg.merge})")
         # the latest round's model and set at the top level (atomic copies)
-        atomic_save_npz(self.out / "merged.npz", images=merged.images, labels=merged.labels,
+        atomic_save_npz(self.dir.merged, images=merged.images, labels=merged.labels,
                         weights=merged.weights)
-        save_model(self.out / "global_model.safetensors", model)
+        save_model(self.dir.global_model, model)
 
     def _site_ledger(self, sid: str) -> Path | None:
         """In-process runs can copy the site's own ledger (same machine); under Flower it stays at the site."""
-        path = self.site_configs.get(sid)
-        if path is None:
+        site = self.sites.get(sid)
+        if site is None:
             return None
-        ledger = load_site_config(path).output_dir / "privacy_ledger.json"
+        ledger = site.output_dir / LEDGER_FILENAME
         return ledger if ledger.is_file() else None
 
     def _checkpoint(self) -> None:
-        atomic_write_json(self.out / "checkpoint.json", _json_safe({
+        atomic_write_json(self.dir.checkpoint, json_safe({
             "fingerprint": self.fingerprint, "history": self.history, "bindings": self.bindings,
             "last_epsilon": self.last_epsilon, "finetune": self.finetune_history}))
 
@@ -509,14 +469,14 @@ class CoordinatorRun:
         finetune = None
         if self.cfg.finetune.rounds:
             finetune = {"recipe": self.cfg.finetune.model_dump(mode="json"), "rounds": self.finetune_history,
-                        "warm_start": {"model": "warm_start_model.safetensors", "round": self.rounds,
+                        "warm_start": {"model": self.dir.warm_start_model.name, "round": self.rounds,
                                        "metrics": self.history[self.rounds - 1]["metrics"]
                                        if len(self.history) >= self.rounds else None}}
         run = {
             "medfdd_version": __version__, "engine": self.engine, "status": status,
             "config": json.loads(self.cfg.model_dump_json()), "consortium": json.loads(self.spec.model_dump_json()),
             "classes": list(self.spec.classes), "spatial_size": list(self.spec.spatial_size), "seed": self.cfg.seed,
-            "sites": {s: {"config": str(self.site_configs[s]) if s in self.site_configs else None,
+            "sites": {s: {"config": str(self.sites[s].source) if s in self.sites else None,
                           "epsilon_budget": self.spec.sites[s].epsilon if self.spec.sites[s].dp else math.inf,
                           "delta": self.spec.sites[s].delta, "dp": self.spec.sites[s].dp,
                           # composed over every accepted release (count, distillation and fine-tuning rounds)
@@ -524,7 +484,7 @@ class CoordinatorRun:
                       for s in self.expected_sites},
             "rounds": self.history, "rounds_evaluated": len(done), "final": final, "finetune": finetune,
             "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
-        return atomic_write_json(self.out / "run.json", _json_safe(run))
+        return atomic_write_json(self.dir.run_json, json_safe(run))
 
     def _print_round(self, h: dict) -> None:
         t = Table(title=f"round {h['round']} of {self.rounds}: {len(h['accepted'])} of {len(self.expected_sites)} "

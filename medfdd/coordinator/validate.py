@@ -16,7 +16,8 @@ from medfdd.artifacts import META_KEYS
 from medfdd.config import ConsortiumConfig
 from medfdd.distill.base import evidence_allocation
 from medfdd.errors import MedfddError
-from medfdd.federation.messages import SiteOffer, WireError, from_wire
+from medfdd.io import json_number
+from medfdd.messages import SiteOffer, WireError, from_wire
 from privacy.accounting import PRIVACY_UNITS
 
 REQUIRED_META = ("site_id", "round", "classes", "spatial_size", "epsilon", "delta", "dp", "accountant",
@@ -65,14 +66,6 @@ class AcceptedOffer:
     labels: np.ndarray  # int64 [N]
     meta: dict
     nbytes: int
-
-
-def _number(v) -> float:
-    if v == "inf":
-        return math.inf
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise TypeError(f"{v!r} is not a number")
-    return float(v)
 
 
 def _same_list(value, agreed: list) -> bool:
@@ -138,8 +131,8 @@ def _check_meta(offer: SiteOffer, spec: ConsortiumConfig, previous_epsilon: floa
     if not _same_list(meta["classes"], spec.classes) or not _same_list(meta["spatial_size"], spec.spatial_size):
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, "classes or spatial_size differ from the agreed ones")
     try:
-        eps, delta = _number(meta["epsilon"]), _number(meta["delta"])
-        sigma, q, steps = _number(meta["noise_multiplier"]), _number(meta["sample_rate"]), _number(meta["steps"])
+        eps, delta = json_number(meta["epsilon"]), json_number(meta["delta"])
+        sigma, q, steps = json_number(meta["noise_multiplier"]), json_number(meta["sample_rate"]), json_number(meta["steps"])
     except TypeError as e:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, str(e)) from None
     unit = meta.get("privacy_unit", "scan")
@@ -192,7 +185,7 @@ def _check_class_counts(sid: str, per_class: np.ndarray, meta: dict, spec: Conso
     if allocation != "evidence" or "class_evidence" not in meta:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"allocation {allocation!r} needs to be 'evidence' "
                                                                "with class_evidence, or absent")
-    q = _number(meta["sample_rate"])
+    q = json_number(meta["sample_rate"])
     if not 0 < q <= 1:
         raise OfferRejected(sid, Reason.INCONSISTENT_METADATA, f"sample_rate {q} is not a sampling probability, so "
                                                                "its evidence allocation cannot be checked")

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medfdd.augment import FAMILIES, augment
 from medfdd.config import DistillConfig
-from medfdd.distill.augment import FAMILIES, augment
 from medfdd.distill.mechanism import SECURE, Rng, uniforms
 from medfdd.nets import ConvNet, convnet_for
 

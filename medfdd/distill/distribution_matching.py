@@ -37,10 +37,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from medfdd.distill.augment import apply_family, choose_family
+from medfdd.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
-from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, unit_rows
-from medfdd.distill.noise_key import secure_replay_refused
+from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, secure_replay_refused, unit_rows
 from medfdd.io import atomic_write_bytes
 
 CHUNK = 256

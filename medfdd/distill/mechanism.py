@@ -22,6 +22,25 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from medfdd.errors import MedfddError
+
+
+class SecureNoiseReplay(MedfddError):
+    """A release under `noise_source: secure` would be drawn a second time under the charge of the first: its noise
+    comes from OS randomness, so unlike keyed noise it cannot be replayed, and a second draw is a second release."""
+
+
+NEXT_ROUND = ("leave this round as it is (its charge stays spent) and run the next round, a new release paid from the "
+              "budget (plan it with privacy.rounds); keyed noise (privacy.noise_source: keyed) lets an interrupted "
+              "round resume at any step")
+
+
+def secure_replay_refused(where: str, what: str, fix: str = NEXT_ROUND) -> SecureNoiseReplay:
+    """The error for a charged secure-noise release that cannot continue; `what`: why its draws are gone."""
+    return SecureNoiseReplay(where, f"{what}; under privacy.noise_source: secure its noise cannot be replayed, and "
+                             "new noise under the same charge would be a second release nobody paid for", fix)
+
+
 COUNT_SHARE = 0.5  # fraction of C^2 given to the count coordinate: count noise std = sigma / sqrt(share)
 
 

@@ -19,6 +19,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TypeVar
 
+from medfdd.config import SiteConfig, load_site_config
+
 T = TypeVar("T")
 
 
@@ -47,15 +49,13 @@ def failing_as(code: FailureCode) -> Iterator[None]:
         raise SiteTaskFailed(code) from e
 
 
-def site_task(site_config: Path, task: Callable[[], T]) -> T:
-    """Run `task` for the site configured at `site_config`: the config is loaded first (a failure there is
-    `site-not-configured`), and anything `task` raises is `site-failed`."""
-    from medfdd.config import load_site_config
-
+def site_task(site: SiteConfig | Path, task: Callable[[SiteConfig], T]) -> T:
+    """`task(config)` for a site, given its config or the path to load it from (a failure to load is
+    `site-not-configured`); anything `task` raises is `site-failed`."""
     with failing_as(FailureCode.NOT_CONFIGURED):
-        load_site_config(site_config)
+        cfg = site if isinstance(site, SiteConfig) else load_site_config(site)
     with failing_as(FailureCode.SITE_FAILED):
-        return task()
+        return task(cfg)
 
 
 def code_in(reason: str) -> str:

@@ -1,5 +1,4 @@
-"""Hybrid mode: after the distillation rounds, DP fine-tuning of the global model at each site (DP-FedAvg rounds).
-
-`dpsgd`: one site's local DP-SGD (Abadi et al. 2016). `site`: the site's fine-tuning round (plan, write-ahead charge,
-local training, allow-listed update). The coordinator averages the updates (`medfdd.coordinator.average`).
+"""Hybrid mode's algorithm: one site's local DP-SGD from the global model (`dpsgd`, Abadi et al. 2016). The site's
+round (plan, write-ahead charge, allow-listed update) is `medfdd.site.finetune`; the coordinator averages the updates
+(`medfdd.coordinator.average`).
 """

@@ -16,6 +16,10 @@ from .accountant import (
 )
 from .ledger import (
     LEDGER_FILENAME,
+    PURPOSE_DISTILL,
+    PURPOSE_FINETUNE,
+    PURPOSE_RECORD_COUNT,
+    RECORD_COUNT_ROUND,
     Budget,
     ChargeConflict,
     LedgerCorrupt,
@@ -32,6 +36,10 @@ __all__ = [
     "DEFAULT_MECHANISM",
     "LEDGER_FILENAME",
     "PRIVACY_UNITS",
+    "PURPOSE_DISTILL",
+    "PURPOSE_FINETUNE",
+    "PURPOSE_RECORD_COUNT",
+    "RECORD_COUNT_ROUND",
     "AccountingError",
     "Budget",
     "BudgetExceeded",

@@ -56,6 +56,11 @@ from .accountant import (
 )
 
 LEDGER_FILENAME = "privacy_ledger.json"
+# what a site charges for: one vocabulary for the site runner that charges and the audit that replays the charges
+PURPOSE_DISTILL = "distill"  # one distillation round (its paid steps)
+PURPOSE_FINETUNE = "finetune"  # one hybrid-mode DP fine-tuning round
+PURPOSE_RECORD_COUNT = "record-count"  # the DP record count the sample rate is derived from
+RECORD_COUNT_ROUND = 1  # the record count is paid once, before the first distillation, whatever round asks first
 FORMAT_VERSION = 1
 BUDGET_RTOL = 1e-9  # a charge may exceed the budget by this relative amount (float noise), no more
 STORED_EPSILON_RTOL = 1e-3  # stored epsilon_spent above the recomputed one by more than this -> entries went missing

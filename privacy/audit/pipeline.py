@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medfdd.config import DistillConfig
+from medfdd.distill import create_distiller
 from medfdd.distill.base import PrivacyPlan, WarmStart
 from medfdd.nets import ConvNet
 from medfdd.training import TrainSettings, train_classifier
@@ -75,11 +76,9 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
                  device: torch.device | None = None) -> PipelineOutput:
     """Distill (`images`, `labels`) with the run's distiller, then train a ConvNet-3 on the synthetic set
     concatenated with `context` (other sites' synthetic sets). `seed` drives both stages."""
-    from medfdd.distill.site import distiller_class  # the site runner's choice of distiller
-
     device = device or torch.device("cpu")
     plan = privacy_plan(settings, len(images))
-    distiller = distiller_class(settings.distill.method)(
+    distiller = create_distiller(
         settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
         round_=settings.round_, device=device, matching_net=settings.matching_net, start=settings.start)
     state = distiller.run(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))

@@ -36,11 +36,11 @@ from medfdd.config import DistillConfig, load_site_config
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
 from medfdd.distill.base import PrivacyPlan, WarmStart, check_warm_start
-from medfdd.distill.record_count import COUNT_PURPOSE, COUNT_ROUND
 from medfdd.errors import MedfddError
 from medfdd.nets import ConvNet
+from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings
-from privacy.accounting import PrivacyLedger, epsilon_for
+from privacy.accounting import PURPOSE_DISTILL, PURPOSE_RECORD_COUNT, RECORD_COUNT_ROUND, PrivacyLedger, epsilon_for
 from privacy.audit.attacks import dcr_attack, lira_scores, loss_attack, run_shadows, target_statistic
 from privacy.audit.canary import canary_audit
 from privacy.audit.metrics import (
@@ -55,7 +55,6 @@ from privacy.audit.pipeline import PipelineOutput, PipelineSettings
 from privacy.audit.spec import AuditSpec
 
 CONSORTIUM = "consortium"
-DISTILL_PURPOSE = "distill"  # the site runner's ledger purpose of a distillation round (medfdd.distill.site)
 AUTO_CANARIES_MAX = 1024  # `canaries: auto` without DP: this many at most (the one-run bound saturates, ~4.6)
 
 
@@ -105,7 +104,7 @@ class AuditOutcome:
 
 
 def _read_run(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
+    path = RunDir(run_dir).run_json
     if not path.is_file():
         raise AuditError(str(run_dir), "no run.json here", "pass a run directory written by `medfdd coordinator run`")
     try:
@@ -180,12 +179,12 @@ def _released_images(run_dir: Path, run: dict, site: str | None) -> tuple[np.nda
     and `train_rounds` it can sit closer to a record. Empty when the run directory kept no round files."""
     images, used = [], []
     for r in sorted({int(h["round"]) for h in run.get("rounds") or [] if isinstance(h, dict) and "round" in h}):
-        rdir = run_dir / "rounds" / f"round-{r}"
-        if site is None and (rdir / "merged.npz").is_file():
-            with np.load(rdir / "merged.npz", allow_pickle=False) as z:
+        rdir = RunDir(run_dir)
+        if site is None and rdir.round_merged(r).is_file():
+            with np.load(rdir.round_merged(r), allow_pickle=False) as z:
                 images.append(z["images"])
-        elif site is not None and (rdir / "sites" / site / "synthetic.npz").is_file():
-            images.append(load_synthetic(rdir / "sites" / site).images)
+        elif site is not None and (rdir.round_release(r, site) / "synthetic.npz").is_file():
+            images.append(load_synthetic(rdir.round_release(r, site)).images)
         else:
             continue
         used.append(r)
@@ -224,9 +223,9 @@ def replayed_mechanism(run_dir: Path, sid: str, meta: dict, distill: DistillConf
     rate, steps), which must agree with the release's synthetic.json; from round 2 on the site's previous release
     (with `distill.warm_start`) and the previous round's global model, as the site runner used them."""
     rnd = int(meta.get("round", 1))
-    path = run_dir / "sites" / sid / "privacy_ledger.json"
+    path = RunDir(run_dir).site_ledger(sid)
     ledger = PrivacyLedger.load(path) if path.is_file() else None
-    entry = ledger.find_charge(rnd, DISTILL_PURPOSE) if ledger is not None else None
+    entry = ledger.find_charge(rnd, PURPOSE_DISTILL) if ledger is not None else None
     published = [meta.get(k) for k in ("noise_multiplier", "sample_rate", "steps")]
     if entry is not None:
         mech, source = (entry.noise_multiplier, entry.sample_rate, entry.steps), "ledger"
@@ -243,14 +242,14 @@ def replayed_mechanism(run_dir: Path, sid: str, meta: dict, distill: DistillConf
     dp = bool(meta.get("dp", True)) and mech[0] > 0
     clip = float(meta.get("clip_norm", distill.clip_norm))
     plan = PrivacyPlan(dp, float(mech[0]), float(mech[1]), int(mech[2]), clip)
-    count = ledger.find_charge(COUNT_ROUND, COUNT_PURPOSE) if ledger is not None else None
-    prev = run_dir / "rounds" / f"round-{rnd - 1}"
+    count = ledger.find_charge(RECORD_COUNT_ROUND, PURPOSE_RECORD_COUNT) if ledger is not None else None
+    rdir = RunDir(run_dir)
     net = start = None
-    if rnd > 1 and (prev / "global_model.safetensors").is_file():
-        net = load_agreed_model(prev / "global_model.safetensors", in_channels=shape[0], num_classes=num_classes,
+    if rnd > 1 and rdir.round_model(rnd - 1).is_file():
+        net = load_agreed_model(rdir.round_model(rnd - 1), in_channels=shape[0], num_classes=num_classes,
                                 spatial_size=shape[1:])
-    if rnd > 1 and distill.warm_start and (prev / "sites" / sid / "synthetic.npz").is_file():
-        earlier = load_synthetic(prev / "sites" / sid)
+    if rnd > 1 and distill.warm_start and (rdir.round_release(rnd - 1, sid) / "synthetic.npz").is_file():
+        earlier = load_synthetic(rdir.round_release(rnd - 1, sid))
         start = WarmStart(torch.from_numpy(earlier.images).float(), torch.from_numpy(earlier.labels).long())
         try:
             check_warm_start(start, distill, num_classes, shape)
@@ -287,7 +286,7 @@ def _training_context(run_dir: Path, run: dict, sid: str, released: dict, rnd: i
     n = int(run["config"].get("train_rounds", 1))  # runs before the option trained on the last round only
     parts = [(released[o].images, released[o].labels) for o in sorted(released) if o != sid]
     for r in range(1 if n == 0 else max(1, rnd - n + 1), rnd):
-        path = run_dir / "rounds" / f"round-{r}" / "merged.npz"
+        path = RunDir(run_dir).round_merged(r)
         if path.is_file():
             with np.load(path, allow_pickle=False) as z:
                 parts.append((z["images"], z["labels"]))
@@ -312,7 +311,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     classes = list(run["classes"])
     k = len(classes)
     train = _train_settings(run)
-    model_path = run_dir / "global_model.safetensors"
+    model_path = RunDir(run_dir).global_model
     model = load_model(model_path) if model_path.is_file() else None
     if model is None and "global_model" in spec.targets:
         raise AuditError(str(model_path), "missing", "audit a completed run (or drop global_model from targets)")
@@ -323,8 +322,8 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                          "list site ids from run.json")
     released = {}
     for sid in sorted(run["sites"]):
-        if (run_dir / "sites" / sid / "synthetic.npz").is_file():
-            released[sid] = load_synthetic(run_dir / "sites" / sid)
+        if (RunDir(run_dir).site(sid) / "synthetic.npz").is_file():
+            released[sid] = load_synthetic(RunDir(run_dir).site(sid))
 
     notes: list[str] = []
     sites: dict[str, SiteAudit] = {}
@@ -359,7 +358,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             meta = syn.meta
             dp = bool(meta.get("dp", True)) and math.isfinite(_inf(meta.get("epsilon")))
             delta = float(meta.get("delta", info.get("delta", 1e-5)))
-            ledger, spent = _ledger_rows(run_dir / "sites" / sid / "privacy_ledger.json")
+            ledger, spent = _ledger_rows(RunDir(run_dir).site_ledger(sid))
             eps_acc = (spent if spent is not None else _inf(meta.get("epsilon"))) if dp else math.inf
             pool = np.r_[data.train, data.holdout]
             member = np.r_[np.ones(len(data.train)), np.zeros(len(data.holdout))].astype(bool)
@@ -440,7 +439,7 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
         common = {"groups": np.concatenate([p[5] for p in pools]), "delta": delta, "eps": eps, "spec": spec}
         if "loss" in spec.attacks and "global_model" in spec.targets:
             rows.append(_row(CONSORTIUM, "loss", "global_model", loss_attack(model, x, y), member, **common))
-        merged = run_dir / "merged.npz"
+        merged = RunDir(run_dir).merged
         if "dcr" in spec.attacks and "synthetic" in spec.targets and merged.is_file():
             with np.load(merged, allow_pickle=False) as z:
                 latest = z["images"]

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from medfdd import __version__
-from medfdd.io import atomic_write_json, atomic_write_text
+from medfdd.io import atomic_write_json, atomic_write_text, json_safe
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome
 from privacy.report.channels import outside_epsilon
 
@@ -31,20 +31,14 @@ ATTACK_WORDS = {
 TARGET_WORDS = {"global_model": "the global model", "synthetic": "the shared synthetic images"}
 
 
-def _num(x: float) -> float | str:
-    if isinstance(x, float) and math.isinf(x):
-        return "inf"
-    return x
-
-
 def row_json(r: AttackRow) -> dict:
     return {
         "site": r.site, "attack": r.attack, "target": r.target,
         "auc": r.metrics.auc, "tpr_at_fpr_0.001": r.metrics.tpr_at_fpr_0_001,
         "tpr_at_fpr_0.01": r.metrics.tpr_at_fpr_0_01, "balanced_accuracy": r.metrics.balanced_accuracy,
-        "epsilon_lower_bound": _num(r.bound.value), "epsilon_lower_bound_method": r.bound.method,
-        "max_certifiable_epsilon": _num(r.bound.max_certifiable),
-        "confidence": r.bound.confidence, "epsilon_accounted": _num(r.epsilon_accounted),
+        "epsilon_lower_bound": json_safe(r.bound.value), "epsilon_lower_bound_method": r.bound.method,
+        "max_certifiable_epsilon": json_safe(r.bound.max_certifiable),
+        "confidence": r.bound.confidence, "epsilon_accounted": json_safe(r.epsilon_accounted),
         "epsilon_lower_bound_rigorous": r.bound.method == "one_run",
         "top_rank_members": r.metrics.top_rank_members, "top_rank_p_value": r.metrics.top_rank_p_value,
         "auc_p_value": r.metrics.auc_p_value, "n_members": r.metrics.n_members, "n_nonmembers": r.metrics.n_nonmembers,
@@ -59,7 +53,7 @@ def _clean(obj):
     if isinstance(obj, list | tuple):
         return [_clean(v) for v in obj]
     if isinstance(obj, float):
-        return _num(obj) if not math.isnan(obj) else None
+        return json_safe(obj) if not math.isnan(obj) else None
     if hasattr(obj, "item"):
         return _clean(obj.item())
     return obj
@@ -151,15 +145,15 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
                  "Without differential privacy there is no guarantee, even if these attacks found little. ")
     text += _power_words(rows, dp=dp, eps_accounted=eps_accounted)
     return {"site": site, "level": level, "text": text.rstrip(), "max_auc": strongest.metrics.auc,
-            "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": _num(lb.value),
+            "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": json_safe(lb.value),
             "epsilon_lower_bound_rigorous": lb.method == "one_run", "min_top_rank_p_value": top.metrics.top_rank_p_value,
             "auc_significant": auc_hit,
             "heuristic_bound_above_accounted": bool(heuristic_over),
-            "max_certifiable_epsilon": _num(power.bound.max_certifiable),
-            "max_certifiable_epsilon_rigorous": _num(max((r.bound.max_certifiable for r in rows
+            "max_certifiable_epsilon": json_safe(power.bound.max_certifiable),
+            "max_certifiable_epsilon_rigorous": json_safe(max((r.bound.max_certifiable for r in rows
                                                           if r.bound.method == "one_run"), default=0.0)),
             "underpowered": underpowered,
-            "epsilon_accounted": _num(eps_accounted), "dp": dp}
+            "epsilon_accounted": json_safe(eps_accounted), "dp": dp}
 
 
 def _power_words(rows: list[AttackRow], *, dp: bool, eps_accounted: float) -> str:
@@ -233,7 +227,7 @@ def verdict(outcome: AuditOutcome) -> dict:
               f"and {n_n} scans kept aside at the sites (never used) were scored by: "
               + "; ".join(ATTACK_WORDS[a] for a in attacks) + ".")
     return {"level": level, "headline": headline, "tested": tested, "findings": findings,
-            "underpowered": underpowered, "max_certifiable_epsilon": _num(weakest)}
+            "underpowered": underpowered, "max_certifiable_epsilon": json_safe(weakest)}
 
 
 def _inf(x) -> float:

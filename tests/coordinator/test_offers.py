@@ -9,7 +9,7 @@ import pytest
 
 from medfdd.config import ConsortiumConfig
 from medfdd.coordinator.validate import OfferRejected, Reason, check_identity, validate_offer
-from medfdd.federation.messages import SiteOffer, WireArray, WireError, from_wire, to_wire
+from medfdd.messages import SiteOffer, WireArray, WireError, from_wire, to_wire
 
 K, IPC, SHAPE = 3, 2, (1, 8, 8)
 

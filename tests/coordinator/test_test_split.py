@@ -11,8 +11,9 @@ import yaml
 from rich.console import Console
 
 from medfdd.config import MinMax, Percentile, load_coordinator_config
-from medfdd.coordinator.run import CoordinatorError, consortium_of, intensity_of_test_split, load_test_set
-from medfdd.data.prepare import prepare_consortium
+from medfdd.coordinator.run import CoordinatorError, load_test_set
+from medfdd.federation.consortium import consortium_of, shared_intensity
+from medfdd.prepare.consortium import prepare_consortium
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +40,13 @@ def test_the_test_split_uses_the_sites_intensity_scaling(prepared, tmp_path):
     window = {"mode": "percentile", "lower": 20.0, "upper": 80.0}
     _set_site_intensity(prepared, [window, window])
     cfg = load_coordinator_config(prepared)
-    assert intensity_of_test_split(cfg) == Percentile(**window)
-
-    spec, _ = consortium_of(cfg)
-    scaled = load_test_set(cfg, spec, tmp_path / "a")
+    spec, sites = consortium_of(cfg)
+    assert shared_intensity(cfg, sites) == Percentile(**window)
+    scaled = load_test_set(cfg, spec, tmp_path / "a", shared_intensity(cfg, sites))
     _edit(prepared, lambda c: c["test"].update(intensity={"mode": "minmax"}))  # the operator's explicit choice wins
     cfg = load_coordinator_config(prepared)
-    assert intensity_of_test_split(cfg) == MinMax()
-    plain = load_test_set(cfg, spec, tmp_path / "b")
+    assert shared_intensity(cfg, sites) is None and cfg.test.intensity == MinMax()
+    plain = load_test_set(cfg, spec, tmp_path / "b", Percentile(**window))  # the test split's own setting wins
     assert np.array_equal(scaled[1], plain[1])
     clipped = (scaled[0] == 0).mean() + (scaled[0] == 1).mean()
     assert clipped > (plain[0] == 0).mean() + (plain[0] == 1).mean()  # 20-80 % clipping saturates more pixels
@@ -56,5 +56,5 @@ def test_the_test_split_uses_the_sites_intensity_scaling(prepared, tmp_path):
 def test_sites_that_scale_differently_need_an_explicit_test_intensity(prepared):
     _set_site_intensity(prepared, [{"mode": "minmax"}, {"mode": "ct_window", "center": 40.0, "width": 400.0}])
     with pytest.raises(CoordinatorError, match="test.intensity"):
-        intensity_of_test_split(load_coordinator_config(prepared))
+        shared_intensity(cfg := load_coordinator_config(prepared), consortium_of(cfg)[1])
     _set_site_intensity(prepared, [{"mode": "minmax"}, {"mode": "minmax"}])

@@ -14,9 +14,9 @@ from pydicom.data import get_testdata_file
 from medfdd import exit_codes
 from medfdd.cli import main
 from medfdd.config import load_site_config
-from medfdd.data.check import check_site
-from medfdd.data.writers import write_dicom, write_nifti
 from medfdd.errors import ConfigError, ManifestError, NoUsableDataError
+from medfdd.prepare.writers import write_dicom, write_nifti
+from medfdd.site.check import check_site
 
 
 def quarantine(cfg_path: Path) -> dict:
@@ -105,7 +105,7 @@ def test_broken_files_are_quarantined_with_reasons(site_builder, tmp_path):
     s.add("notimage.txt", "a")
     cfg_path = s.write()
 
-    report = check_site(cfg_path)
+    report = check_site(load_site_config(cfg_path))
     q = quarantine(cfg_path)
     expected = {rel: reason for rel, (_, reason) in QUARANTINED.items()}
     for rel, reason in expected.items():
@@ -128,7 +128,7 @@ def test_conflicting_duplicate_labels_quarantine_both_rows(site_builder):
     s.add("x.dcm", "b")
     s.add_dicom("y.dcm", "b")
     q_path = s.write()
-    report = check_site(q_path)
+    report = check_site(load_site_config(q_path))
     q = quarantine(q_path)
     assert report.n_used == 1
     assert [e["reason"] for e in q["entries"]] == ["duplicate_row", "duplicate_row"]
@@ -150,7 +150,7 @@ def test_the_same_dicom_object_exported_twice_with_other_bytes_is_one_scan(site_
         ds.save_as(s.root / rel, enforce_file_format=True)
         s.add(rel, label, pid)
     cfg_path = s.write()
-    report = check_site(cfg_path)
+    report = check_site(load_site_config(cfg_path))
     q = quarantine(cfg_path)
     assert report.n_used == 2  # x.dcm and y.dcm: P3 lists the object under two labels, P1 twice
     by_path = {e["path"]: e for e in q["entries"]}
@@ -164,7 +164,7 @@ def test_the_same_dicom_object_exported_twice_with_other_bytes_is_one_scan(site_
 def test_a_series_with_a_slice_exported_twice_is_inconsistent(site_builder):
     import pydicom
 
-    from medfdd.data.writers import write_dicom_series
+    from medfdd.prepare.writers import write_dicom_series
 
     s = site_builder(spatial_size=(4, 16, 16))
     folder = write_dicom_series(s.root / "series", s.rng.integers(0, 255, (4, 16, 16), dtype=np.uint8),
@@ -176,7 +176,7 @@ def test_a_series_with_a_slice_exported_twice_is_inconsistent(site_builder):
     write_dicom_series(s.root / "ok", s.rng.integers(0, 255, (4, 16, 16), dtype=np.uint8), patient_id="P2", rng=s.rng)
     s.add("ok", "b", "P2")
     cfg_path = s.write()
-    check_site(cfg_path)
+    check_site(load_site_config(cfg_path))
     (entry,) = quarantine(cfg_path)["entries"]
     assert entry["reason"] == "inconsistent_series" and "SOPInstanceUID" in entry["detail"]
 
@@ -188,7 +188,7 @@ def test_unreadable_file_is_quarantined(site_builder):
     p = s.add_dicom("x.dcm", "a")
     s.add_dicom("y.dcm", "b")
     p.chmod(0)
-    report = check_site(s.write())
+    report = check_site(load_site_config(s.write()))
     assert report.n_quarantined == 1
 
 
@@ -206,7 +206,7 @@ def test_manifest_columns_are_checked(site_builder, header, problem):
     s.add_dicom("x.dcm", "a")
     cfg = s.write(header=header)
     with pytest.raises(ManifestError) as e:
-        check_site(cfg)
+        check_site(load_site_config(cfg))
     assert problem in str(e.value) and "labels.csv" in str(e.value) and "Fix:" in str(e.value)
 
 
@@ -216,7 +216,7 @@ def test_non_utf8_manifest(site_builder):
     cfg = s.write()
     (s.root / "labels.csv").write_bytes("path,label\nx.dcm,caf\xe9\n".encode("latin-1"))
     with pytest.raises(ManifestError) as e:
-        check_site(cfg)
+        check_site(load_site_config(cfg))
     assert "not UTF-8" in str(e.value) and "iconv" in str(e.value)
 
 
@@ -225,7 +225,7 @@ def test_missing_manifest(site_builder):
     cfg = s.write()
     (s.root / "labels.csv").unlink()
     with pytest.raises(ManifestError, match="manifest not found"):
-        check_site(cfg)
+        check_site(load_site_config(cfg))
 
 
 def test_nothing_usable_exits_nonzero_but_writes_the_report(site_builder, capsys):
@@ -234,7 +234,7 @@ def test_nothing_usable_exits_nonzero_but_writes_the_report(site_builder, capsys
     s.add("bad.dcm", "a")
     cfg = s.write()
     with pytest.raises(NoUsableDataError):
-        check_site(cfg)
+        check_site(load_site_config(cfg))
     assert quarantine(cfg)["quarantined"] == 1
     assert main(["site", "check", str(cfg)]) == exit_codes.RUNTIME_ERROR
     err = capsys.readouterr().err
@@ -252,7 +252,7 @@ def test_mixed_2d_3d_site(site_builder):
     s = site_builder(spatial_size=[16, 16])
     s.add_dicom("flat.dcm", "a")
     s.add_dicom("multi.dcm", "b", pixels=np.random.default_rng(0).integers(0, 255, (5, 16, 16), dtype=np.uint8))
-    report = check_site(s.write())
+    report = check_site(load_site_config(s.write()))
     assert report.n_used == 1 and report.by_reason == {"wrong_dimensionality": 1}
 
 
@@ -267,7 +267,7 @@ def test_inconsistent_series_folder(site_builder):
         write_dicom(s.root / "ok" / f"{z}.dcm", rng.integers(0, 255, (8, 8), dtype=np.uint8), patient_id="P",
                     rng=rng, instance_number=z + 1, series_uid="1.2.3", study_uid="1.2")
     s.add("ok", "b")
-    report = check_site(s.write())
+    report = check_site(load_site_config(s.write()))
     assert report.n_used == 1
     assert report.by_reason == {"inconsistent_series": 1}
 
@@ -276,7 +276,7 @@ def test_site_with_single_class_warns(site_builder):
     s = site_builder()
     s.add_dicom("x.dcm", "a")
     s.add_dicom("y.dcm", "a")
-    report = check_site(s.write())
+    report = check_site(load_site_config(s.write()))
     assert any("only one class" in w for w in report.warnings)
     assert any("no usable record for class(es) ['b']" in w for w in report.warnings)
 
@@ -285,7 +285,7 @@ def test_quarantine_entries_never_crash_on_weird_names(site_builder):
     s = site_builder()
     s.add_dicom("ok.dcm", "a")
     s.add_dicom("dir with spaces/naïve,name.dcm", "b")
-    report = check_site(s.write())
+    report = check_site(load_site_config(s.write()))
     assert report.n_used == 2
 
 

@@ -8,8 +8,8 @@ from collections import Counter
 import pytest
 
 from medfdd.config import load_site_config
-from medfdd.data.check import check_report
 from medfdd.data.site_data import load_site_data
+from medfdd.site.check import check_report
 
 PRIVACY = {"dp": True, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"}
 

@@ -18,16 +18,16 @@ import pytest
 from rich.console import Console
 
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.data.check import check_site
-from medfdd.data.partition import PartitionError, dirichlet_partition, mean_class_entropy
-from medfdd.data.prepare import (
+from medfdd.errors import ConfigError, SourceUnavailableError
+from medfdd.prepare.consortium import (
     OutputNotEmptyError,
     PrepareResult,
     cap_per_class,
     prepare_consortium,
     site_id,
 )
-from medfdd.data.sources import (
+from medfdd.prepare.partition import PartitionError, dirichlet_partition, mean_class_entropy
+from medfdd.prepare.sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_ENV,
     FASHION_MNIST_FILES,
@@ -39,7 +39,7 @@ from medfdd.data.sources import (
     load_source,
     read_idx,
 )
-from medfdd.errors import ConfigError, SourceUnavailableError
+from medfdd.site.check import check_site
 
 PATIENT = re.compile(r"^P[A-Z]+-\d{6}$")
 
@@ -255,7 +255,7 @@ def test_medmnist_round_trip(tmp_path, fmt, kind, shape, spatial, channels):
     assert seen == expected
     cfg = load_site_config(res.site_configs[0])
     assert cfg.data.spatial_size == [max(s, 16) for s in spatial] and cfg.data.channels == channels and cfg.data.classes == res.classes
-    report = check_site(res.site_configs[0], console=quiet())  # every written record goes through the MONAI loading path
+    report = check_site(load_site_config(res.site_configs[0]), console=quiet())  # every written record goes through the MONAI loading path
     assert report.n_quarantined == 0 and report.class_counts == res.site_counts(cfg.site_id)
 
 
@@ -386,6 +386,6 @@ def test_cli_prepare(tmp_path, capsys):
 def test_check_site_sees_exactly_the_partition(tmp_path):
     res = prepare(tmp_path / "c", sites=3, max_per_class=20)
     for sid, path in zip(res.site_ids, res.site_configs, strict=True):
-        report = check_site(path, console=quiet())
+        report = check_site(load_site_config(path), console=quiet())
         assert report.class_counts == res.site_counts(sid)
         assert report.n_quarantined == 0 and report.n_rows == report.n_used == sum(res.site_counts(sid).values())

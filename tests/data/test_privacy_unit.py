@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfdd.config import load_site_config
-from medfdd.data.check import check_site
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import one_scan_per_patient
+from medfdd.site.check import check_site
 
 rows = st.lists(st.tuples(st.integers(0, 12), st.booleans()), min_size=1, max_size=60)  # (patient, has id)
 
@@ -54,7 +54,7 @@ def _site(site_builder, n=30, per_patient=3, missing_id_rows=0):
 def test_patient_unit_trains_on_one_scan_per_patient_and_reports_the_rest(site_builder):
     s = _site(site_builder, missing_id_rows=2)
     cfg_path = s.write(privacy={"dp": True, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp", "unit": "patient"})
-    report = check_site(cfg_path)
+    report = check_site(load_site_config(cfg_path))
     cfg = load_site_config(cfg_path)
     split = json.loads((cfg.output_dir / "split.json").read_text())
     row_pid = {i + 2: f"P{i // 3}" for i in range(30)}  # manifest line numbers start at 2
@@ -75,8 +75,8 @@ def test_patient_unit_trains_on_one_scan_per_patient_and_reports_the_rest(site_b
 
 
 def test_scan_unit_warns_when_patients_have_several_training_scans(site_builder):
-    report = check_site(_site(site_builder).write())
+    report = check_site(load_site_config(_site(site_builder).write()))
     warning = next(w for w in report.warnings if "privacy.unit" in w)
     assert "group" in warning and "privacy.unit: patient" in warning and "up to 3" in warning
-    single = check_site(_site(site_builder, per_patient=1).write())
+    single = check_site(load_site_config(_site(site_builder, per_patient=1).write()))
     assert not any("privacy.unit" in w for w in single.warnings) and single.n_unused == 0

@@ -178,7 +178,7 @@ def test_4d_nifti_is_rejected_where_3d_expected(name):
 
 
 def test_2d_nifti_and_png_written_by_medfdd(tmp_path):
-    from medfdd.data.writers import write_nifti, write_png
+    from medfdd.prepare.writers import write_nifti, write_png
 
     img = np.zeros((20, 30), dtype=np.uint8)
     img[2:8, 5:25] = 200  # an asymmetric bar: catches transposes and flips

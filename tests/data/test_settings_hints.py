@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from medfdd.config import SiteConfig
-from medfdd.data.check import LARGE_SITE_PER_CLASS, check_site, settings_hints
+from medfdd.config import SiteConfig, load_site_config
+from medfdd.site.check import LARGE_SITE_PER_CLASS, check_site, settings_hints
 
 
 def _cfg(privacy: dict | None = None, **distill) -> SiteConfig:
@@ -48,4 +48,4 @@ def test_site_check_of_a_tiny_site_prints_no_hint(site_builder):
     s = site_builder()
     for i in range(4):
         s.add_dicom(f"{i}.dcm", "ab"[i % 2])
-    assert check_site(s.write()).hints == []
+    assert check_site(load_site_config(s.write())).hints == []

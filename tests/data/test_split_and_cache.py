@@ -10,9 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from medfdd.config import load_site_config
-from medfdd.data.check import check_site
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import SPLITS, patient_split, site_split, stable_split
+from medfdd.site.check import check_site
 
 
 @settings(max_examples=60, deadline=None)
@@ -109,14 +109,14 @@ def _site(site_builder, n=12, **kw):
 def test_split_json_is_patient_level_and_reproducible(site_builder):
     s = _site(site_builder, n=30)
     cfg_path = s.write()
-    check_site(cfg_path)
+    check_site(load_site_config(cfg_path))
     cfg = load_site_config(cfg_path)
     split = json.loads((cfg.output_dir / "split.json").read_text())
     row_pid = {i + 2: f"P{i // 3}" for i in range(30)}  # manifest line numbers start at 2
     train = {row_pid[r] for r in split["train_rows"]}
     hold = {row_pid[r] for r in split["holdout_rows"]}
     assert hold and train and not train & hold
-    check_site(cfg_path)
+    check_site(load_site_config(cfg_path))
     assert json.loads((cfg.output_dir / "split.json").read_text())["holdout_rows"] == split["holdout_rows"]
 
 
@@ -131,7 +131,7 @@ def test_check_warns_when_a_class_is_all_held_out(site_builder, split):
     s.add_dicom("b0.dcm", "b", patient_id=held)
     s.add_dicom("b1.dcm", "b", patient_id=held)
     cfg_path = s.write()
-    report = check_site(cfg_path)
+    report = check_site(load_site_config(cfg_path))
     warned = [w for w in report.warnings if "in the audit holdout" in w]
     if split == "stable":
         assert report.train_counts["b"] == 0 and report.holdout_counts["b"] == 2
@@ -154,7 +154,7 @@ def test_cache_hits_and_invalidation(site_builder):
     assert [i.modality for i in second.infos] == [i.modality for i in first.infos]
 
     # a changed file is re-decoded (content hash), and gives the new pixels
-    from medfdd.data.writers import write_dicom
+    from medfdd.prepare.writers import write_dicom
 
     write_dicom(s.root / "img0.dcm", np.tile(np.arange(20, dtype=np.uint8), (20, 1)), patient_id="P0", rng=s.rng)
     third = load_site_data(cfg)
@@ -183,7 +183,7 @@ def test_a_shared_cache_dir_serves_runs_with_other_output_folders(site_builder, 
     assert len(list((tmp_path / "shared-cache").rglob("*.npy"))) == 12
     assert not (load_site_config(cfg_path).output_dir / "cache").exists()
     cfg_path.write_text(cfg_path.read_text().replace("output: out", "output: elsewhere"))
-    from medfdd.data.writers import write_dicom
+    from medfdd.prepare.writers import write_dicom
 
     write_dicom(s.root / "img0.dcm", np.tile(np.arange(20, dtype=np.uint8), (20, 1)), patient_id="P0", rng=s.rng)
     second = load_site_data(load_site_config(cfg_path))
@@ -242,6 +242,6 @@ def test_declared_format_that_does_not_match_the_files(site_builder, fmt):
     s = _site(site_builder, n=2, format=fmt)
     cfg_path = s.write()
     with pytest.raises(NoUsableDataError):
-        check_site(cfg_path)
+        check_site(load_site_config(cfg_path))
     q = json.loads((load_site_config(cfg_path).output_dir / "quarantine.json").read_text())
     assert [e["reason"] for e in q["entries"]] == ["unreadable", "unreadable"]

@@ -21,9 +21,9 @@ from rich.console import Console
 
 from medfdd.artifacts import load_synthetic
 from medfdd.config import load_site_config
-from medfdd.data.prepare import prepare_consortium
 from medfdd.data.site_data import load_site_data
-from medfdd.distill.site import distill_site
+from medfdd.prepare.consortium import prepare_consortium
+from medfdd.site.distill import distill_site
 from medfdd.training import TrainSettings, evaluate, train_classifier
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -42,7 +42,7 @@ def test_dp_dm_eps1_three_digits_sites_beats_the_floor(tmp_path: Path):
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update(SETTINGS)
         path.write_text(yaml.safe_dump(cfg))
-        out = distill_site(path, console=quiet)
+        out = distill_site(load_site_config(path), console=quiet)
         syn = load_synthetic(load_site_config(path).output_dir)
         images.append(syn.images)
         labels.append(syn.labels)

@@ -23,10 +23,10 @@ from medfdd.config import DistillConfig, load_site_config
 from medfdd.distill.base import PrivacyPlan, WarmStart, evidence_allocation, fast_bf16, synthetic_labels
 from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
-from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import distill_site
 from medfdd.errors import MedfddError
 from medfdd.nets import convnet_for
+from medfdd.site.distill import distill_site
+from medfdd.site.noise_key import KEY_FILENAME
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -106,7 +106,7 @@ def _digits(n=200):
 def test_one_augmentation_family_per_paid_statistic_however_many_chunks(schedule, monkeypatch):
     """Records are embedded in chunks; a family drawn per chunk would make one record's presence change the
     augmentation of the records after it (their chunk moves), so the release could move by more than C."""
-    import medfdd.distill.augment as augment_module
+    import medfdd.augment as augment_module
 
     applied: list[tuple[str, int]] = []
     for name, op in list(augment_module.OPS.items()):
@@ -283,7 +283,7 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
     import dp_accounting
 
     path = _site_config(consortium, tmp_path)
-    out = distill_site(path, console=quiet())
+    out = distill_site(load_site_config(path), console=quiet())
     cfg = load_site_config(path)
     syn = load_synthetic(cfg.output_dir)
     assert syn.images.dtype == np.float32 and syn.labels.dtype == np.int64
@@ -320,14 +320,14 @@ def test_patient_unit_is_in_the_release_and_the_ledger_and_cannot_change_once_sp
     data = load_site_data(cfg)
     patients = [data.patient_ids[i] for i in data.train]
     assert len(patients) == len(set(patients)) and len(data.unused) > 0  # prepare gives patients 1-3 scans
-    out = distill_site(path, console=quiet())
+    out = distill_site(load_site_config(path), console=quiet())
     assert out.meta["privacy_unit"] == "patient"
     assert json.loads((cfg.output_dir / "privacy_ledger.json").read_text())["budget"]["unit"] == "patient"
     released = (cfg.output_dir / "synthetic.json").read_bytes()
     doc["privacy"]["unit"] = "scan"  # the epsilon already spent protected patients: no mixing of units
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(MedfddError, match="unit"):
-        distill_site(path, console=quiet())
+        distill_site(load_site_config(path), console=quiet())
     assert (cfg.output_dir / "synthetic.json").read_bytes() == released
 
 
@@ -336,8 +336,9 @@ def test_the_published_sample_rate_discloses_n_only_when_paid_for_or_declared_pu
     """sample_rate and the noise calibrated from it are published (invariant 8). By default they come from the DP
     record count n~ (charged first), never from n itself; `count_noise: null` declares n public (q = batch / n
     discloses it); a fixed `distill.sample_rate` is the same whatever the number of training records."""
-    from medfdd.distill.record_count import COUNT_FILE, COUNT_PURPOSE
-    from medfdd.distill.site import plan_privacy
+    from medfdd.site.distill import plan_privacy
+    from medfdd.site.record_count import COUNT_FILE
+    from privacy.accounting import PURPOSE_RECORD_COUNT as COUNT_PURPOSE
 
     path = _site_config(consortium, tmp_path, batch_size=64, sample_rate=0.05 if setting == "fixed rate" else None)
     if setting == "public n":
@@ -376,8 +377,10 @@ def test_the_record_count_is_paid_once_from_the_budget_before_it_sets_the_sample
     paid before it is computed and left room for by the calibration."""
     import dp_accounting
 
-    from medfdd.distill.record_count import COUNT_FILE, COUNT_PURPOSE
-    from medfdd.distill.site import open_ledger, plan_privacy
+    from medfdd.site.budget import open_ledger
+    from medfdd.site.distill import plan_privacy
+    from medfdd.site.record_count import COUNT_FILE
+    from privacy.accounting import PURPOSE_RECORD_COUNT as COUNT_PURPOSE
     from privacy.accounting import ChargeConflict
 
     cfg = load_site_config(_with_count_noise(_site_config(consortium, tmp_path, batch_size=64, iterations=50)))
@@ -408,7 +411,7 @@ def test_the_record_count_is_paid_once_from_the_budget_before_it_sets_the_sample
 
 
 def test_the_record_count_noise_has_std_sigma(consortium, tmp_path):
-    from medfdd.distill.record_count import private_record_count
+    from medfdd.site.record_count import private_record_count
 
     cfg = load_site_config(_with_count_noise(_site_config(consortium, tmp_path), sigma=20.0))
     draws = np.array([private_record_count(cfg, PrivacyLedger.open(tmp_path / f"l{s}", site_id=cfg.site_id,
@@ -422,7 +425,7 @@ def test_no_dp_is_recorded_as_infinite_epsilon(consortium, tmp_path, capsys):
     path = _site_config(consortium, tmp_path, iterations=3)
     from rich.console import Console
 
-    distill_site(path, no_dp=True, console=Console(file=sys.stderr, force_terminal=False))
+    distill_site(load_site_config(path), no_dp=True, console=Console(file=sys.stderr, force_terminal=False))
     assert "NON-PRIVATE" in capsys.readouterr().err
     cfg = load_site_config(path)
     syn = load_synthetic(cfg.output_dir)
@@ -433,11 +436,11 @@ def test_no_dp_is_recorded_as_infinite_epsilon(consortium, tmp_path, capsys):
 
 def test_budget_overrun_is_refused_before_any_release(consortium, tmp_path):
     path = _site_config(consortium, tmp_path, iterations=10)
-    distill_site(path, console=quiet())  # round 1 takes the whole budget (privacy.rounds = 1)
+    distill_site(load_site_config(path), console=quiet())  # round 1 takes the whole budget (privacy.rounds = 1)
     cfg = load_site_config(path)
     before = {f: (cfg.output_dir / f).read_bytes() for f in ("synthetic.npz", "synthetic.json", "privacy_ledger.json")}
     with pytest.raises(BudgetExceeded):
-        distill_site(path, round_=2, console=quiet())
+        distill_site(load_site_config(path), round_=2, console=quiet())
     after = {f: (cfg.output_dir / f).read_bytes() for f in before}
     assert after == before  # nothing released, ledger unchanged
 
@@ -448,9 +451,9 @@ def test_rounds_split_the_budget(consortium, tmp_path, count_noise):
     cfg = yaml.safe_load(path.read_text())
     cfg["privacy"].update(rounds=2, count_noise=count_noise)
     path.write_text(yaml.safe_dump(cfg))
-    first = distill_site(path, round_=1, console=quiet())
+    first = distill_site(load_site_config(path), round_=1, console=quiet())
     assert first.meta["epsilon"] < 0.8  # about half of the budget's worth of steps
-    second = distill_site(path, round_=2, console=quiet())
+    second = distill_site(load_site_config(path), round_=2, console=quiet())
     assert first.meta["epsilon"] < second.meta["epsilon"] <= 1.0
     assert second.meta["epsilon"] > 0.95  # the calibration spends the whole budget, the record count included
     assert second.meta["round"] == 2 and second.meta["sample_rate"] == first.meta["sample_rate"]
@@ -471,17 +474,17 @@ def test_round_two_continues_from_the_sites_own_round_one_release(consortium, tm
     cfg["distill"]["warm_start"] = start != "cold"
     path.write_text(yaml.safe_dump(cfg))
     site = load_site_config(path)
-    distill_site(path, round_=1, console=quiet())
+    distill_site(load_site_config(path), round_=1, console=quiet())
     released = load_synthetic(site.output_dir).images
     if start == "copy missing":
         (site.output_dir / "checkpoints" / "released-round-1.safetensors").unlink()
-    distill_site(path, round_=2, console=quiet(), stop_after=1)  # still paying: the state holds the start images
+    distill_site(load_site_config(path), round_=2, console=quiet(), stop_after=1)  # still paying: the state holds the start images
     began = load_file(str(site.output_dir / "checkpoints" / "round-2.safetensors"))["images"].numpy()
     if start == "warm":
         np.testing.assert_array_equal(began, released)
     else:
         assert np.abs(began - released).mean() > 0.05
-    resumed = distill_site(path, round_=2, console=quiet())
+    resumed = distill_site(load_site_config(path), round_=2, console=quiet())
     assert resumed.resumed_from == 1 and resumed.meta["round"] == 2  # the checkpoint matches its start
 
 
@@ -524,18 +527,18 @@ def test_an_evidence_allocated_warm_start_is_refitted_to_this_rounds_evidence():
 def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop_after):
     path = _site_config(consortium, tmp_path, iterations=20)
     cfg = load_site_config(path)
-    distill_site(path, console=quiet(), stop_after=stop_after)
+    distill_site(load_site_config(path), console=quiet(), stop_after=stop_after)
     ledger = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
     assert [e["purpose"] for e in ledger["entries"]] == ["record-count", "distill"]  # paid before computing
     assert not (cfg.output_dir / "synthetic.npz").exists()  # nothing released
-    resumed = distill_site(path, console=quiet())
+    resumed = distill_site(load_site_config(path), console=quiet())
     assert resumed.resumed_from == stop_after
     ledger2 = json.loads((cfg.output_dir / "privacy_ledger.json").read_text())
     assert ledger2["entries"] == ledger["entries"]  # no second charge
     # the resumed artifact equals an uninterrupted run's at the same site (the same noise key)
     path2 = _site_config(consortium, tmp_path / "b", iterations=20)
     _copy_noise_key(cfg.output_dir, path2)
-    straight = distill_site(path2, console=quiet())
+    straight = distill_site(load_site_config(path2), console=quiet())
     a = load_synthetic(cfg.output_dir).images
     b = load_synthetic(load_site_config(path2).output_dir).images
     np.testing.assert_allclose(a, b, atol=1e-5)
@@ -545,7 +548,7 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
 
 
 def _copy_noise_key(src: Path, dst_config: Path) -> None:
-    from medfdd.distill.site import provision_noise_key
+    from medfdd.site.budget import provision_noise_key
 
     provision_noise_key(load_site_config(dst_config), (src / KEY_FILENAME).read_bytes())
 
@@ -559,7 +562,7 @@ def test_the_noise_is_keyed_by_a_site_secret_not_by_the_config_seed(consortium, 
         out = load_site_config(path).output_dir
         if name == "same-key-as-one":
             _copy_noise_key(outs[0], path)
-        distill_site(path, console=quiet())
+        distill_site(load_site_config(path), console=quiet())
         outs.append(out)
     keys = [(o / KEY_FILENAME).read_bytes() for o in outs]
     assert len(keys[0]) == 32 and keys[0] != keys[1]
@@ -583,11 +586,11 @@ def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(con
     model, other_model = tmp_path / "global.safetensors", tmp_path / "other.safetensors"
     save_model(model, convnet_for((1, 16, 16), 10, width=16, seed=0))
     save_model(other_model, convnet_for((1, 16, 16), 10, width=16, seed=1))
-    distill_site(path, global_model=model, console=quiet())
+    distill_site(load_site_config(path), global_model=model, console=quiet())
     files = ("synthetic.npz", "synthetic.json", "privacy_ledger.json", KEY_FILENAME)
     before = {f: (cfg.output_dir / f).read_bytes() for f in files}
     config = path.read_text()
-    distill_site(path, global_model=model, console=quiet())  # the same inputs: the same release, byte for byte
+    distill_site(load_site_config(path), global_model=model, console=quiet())  # the same inputs: the same release, byte for byte
     assert {f: (cfg.output_dir / f).read_bytes() for f in files} == before
     for change in RERUN_CHANGES:
         raw, global_model = yaml.safe_load(config), model
@@ -601,7 +604,7 @@ def test_a_charged_round_rerun_on_other_inputs_is_refused_before_any_release(con
             global_model = other_model
         path.write_text(yaml.safe_dump(raw))
         with pytest.raises(ChargeConflict, match="another one"):
-            distill_site(path, global_model=global_model, console=quiet())
+            distill_site(load_site_config(path), global_model=global_model, console=quiet())
         assert {f: (cfg.output_dir / f).read_bytes() for f in files if f != KEY_FILENAME} == {
             f: b for f, b in before.items() if f != KEY_FILENAME}, change
         (cfg.output_dir / KEY_FILENAME).write_bytes(before[KEY_FILENAME])

@@ -14,10 +14,9 @@ from medfdd.config import DistillConfig, load_site_config
 from medfdd.distill import mechanism
 from medfdd.distill.base import PrivacyPlan
 from medfdd.distill.distribution_matching import DistributionMatching, SignalBank
-from medfdd.distill.mechanism import SECURE, box_muller, noisy_class_stats, standard_normal, uniforms
-from medfdd.distill.noise_key import SecureNoiseReplay
-from medfdd.distill.record_count import COUNT_FILE, private_record_count
-from medfdd.distill.site import distill_site
+from medfdd.distill.mechanism import SECURE, SecureNoiseReplay, box_muller, noisy_class_stats, standard_normal, uniforms
+from medfdd.site.distill import distill_site
+from medfdd.site.record_count import COUNT_FILE, private_record_count
 from privacy.accounting import Charge, PrivacyLedger
 
 FLOAT32_LIMIT = math.sqrt(-2 * math.log(2.0**-24))  # 5.77: the largest |z| of Box-Muller on float32 uniforms
@@ -179,11 +178,11 @@ def test_a_released_secure_round_is_never_drawn_again(site_builder):
     """Keyed noise replays a charged round byte for byte; secure noise cannot, so rerunning it is refused and nothing
     on disk changes."""
     path, out = _secure_site(site_builder, schedule="interleaved")
-    distill_site(path, console=_quiet())
+    distill_site(load_site_config(path), console=_quiet())
     files = ("synthetic.npz", "synthetic.json", "privacy_ledger.json")
     before = {f: (out / f).read_bytes() for f in files}
     with pytest.raises(SecureNoiseReplay, match="charged by an earlier run"):
-        distill_site(path, console=_quiet())
+        distill_site(load_site_config(path), console=_quiet())
     assert {f: (out / f).read_bytes() for f in files} == before
 
 
@@ -192,24 +191,24 @@ def test_an_interrupted_secure_round_resumes_from_its_checkpoint_or_not_at_all(s
     stopped in its update phase: resumes from the bank it kept, refused without it; once released, refused even
     with the artifact deleted (never a fresh draw)."""
     path, out = _secure_site(site_builder, schedule="interleaved")
-    distill_site(path, console=_quiet(), stop_after=2)
+    distill_site(load_site_config(path), console=_quiet(), stop_after=2)
     ledger = (out / "privacy_ledger.json").read_bytes()
-    assert distill_site(path, console=_quiet()).resumed_from == 2
+    assert distill_site(load_site_config(path), console=_quiet()).resumed_from == 2
     assert (out / "privacy_ledger.json").read_bytes() == ledger and (out / "synthetic.npz").is_file()
 
     path, out = _secure_site(site_builder, "out-decoupled", schedule="decoupled", inner_steps=2)
-    distill_site(path, console=_quiet(), stop_after=6)  # 4 paid statistics, then 2 of 8 updates
+    distill_site(load_site_config(path), console=_quiet(), stop_after=6)  # 4 paid statistics, then 2 of 8 updates
     bank = out / "checkpoints" / "round-1-bank.safetensors"
     kept = bank.read_bytes()
     bank.unlink()
     with pytest.raises(SecureNoiseReplay, match="not kept"):
-        distill_site(path, console=_quiet())
+        distill_site(load_site_config(path), console=_quiet())
     bank.write_bytes(kept)
-    assert distill_site(path, console=_quiet()).resumed_from == 6
+    assert distill_site(load_site_config(path), console=_quiet()).resumed_from == 6
     assert (out / "synthetic.npz").is_file() and not bank.exists()
     (out / "synthetic.npz").unlink()
     with pytest.raises(SecureNoiseReplay, match="no checkpoint"):
-        distill_site(path, console=_quiet())
+        distill_site(load_site_config(path), console=_quiet())
 
 
 @pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # a count noise of 1e5 costs ~0

@@ -19,10 +19,11 @@ from medfdd.cli import main
 from medfdd.config import load_site_config
 from medfdd.data.manifest import read_manifest
 from medfdd.data.site_data import load_site_data
-from medfdd.distill import site as site_runner
-from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import distill_site, provision_noise_key
 from medfdd.exit_codes import RUNTIME_ERROR
+from medfdd.site import distill as site_runner
+from medfdd.site.budget import provision_noise_key
+from medfdd.site.distill import distill_site
+from medfdd.site.noise_key import KEY_FILENAME
 from privacy.accounting import ChargeConflict, LedgerMissing, PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -80,12 +81,12 @@ def cli(capsys, *argv: str) -> tuple[int, str]:
 
 
 def test_an_unchanged_rerun_resumes_and_replays_without_a_second_charge(site):
-    distill_site(site, console=quiet(), stop_after=2)  # interrupted after the charge, a checkpoint left
+    distill_site(load_site_config(site), console=quiet(), stop_after=2)  # interrupted after the charge, a checkpoint left
     assert snapshot(site)["synthetic.npz"] is None
-    resumed = distill_site(site, console=quiet())
+    resumed = distill_site(load_site_config(site), console=quiet())
     assert resumed.resumed_from == 2
     first = snapshot(site)
-    distill_site(site, console=quiet())  # a replay of the charged round: the same release, byte for byte
+    distill_site(load_site_config(site), console=quiet())  # a replay of the charged round: the same release, byte for byte
     assert snapshot(site) == first
     count, entry = PrivacyLedger.load(load_site_config(site).output_dir).entries  # the DP record count, round 1
     assert (count.purpose, entry.purpose) == ("record-count", "distill")
@@ -93,7 +94,7 @@ def test_an_unchanged_rerun_resumes_and_replays_without_a_second_charge(site):
 
 
 def test_relabelling_a_training_scan_in_place_is_refused(site, capsys):
-    distill_site(site, console=quiet())
+    distill_site(load_site_config(site), console=quiet())
     before = snapshot(site)
     rel, label = a_training_scan(site)
     manifest = load_site_config(site).data_root / "labels.csv"
@@ -103,7 +104,7 @@ def test_relabelling_a_training_scan_in_place_is_refused(site, capsys):
     with manifest.open("w", newline="") as f:
         csv.writer(f, lineterminator="\n").writerows(rows)
     with pytest.raises(ChargeConflict, match="labels") as e:
-        distill_site(site, console=quiet())
+        distill_site(load_site_config(site), console=quiet())
     assert "content" not in e.value.problem and "--round 2" in e.value.fix
     assert snapshot(site) == before  # nothing released, nothing charged
     rc, text = cli(capsys, "site", "distill", str(site))
@@ -112,7 +113,7 @@ def test_relabelling_a_training_scan_in_place_is_refused(site, capsys):
 
 
 def test_new_pixels_under_the_same_file_name_are_refused_even_on_resume(site):
-    distill_site(site, console=quiet(), stop_after=2)  # charged, checkpointed, nothing released yet
+    distill_site(load_site_config(site), console=quiet(), stop_after=2)  # charged, checkpointed, nothing released yet
     ckpt = load_site_config(site).output_dir / "checkpoints" / "round-1.safetensors"
     before, saved = snapshot(site), ckpt.read_bytes()
     rel, _ = a_training_scan(site)
@@ -122,14 +123,14 @@ def test_new_pixels_under_the_same_file_name_are_refused_even_on_resume(site):
     ds.PixelData = (pixels.max() - pixels).astype(pixels.dtype).tobytes()  # the same scan file, other pixels
     ds.save_as(file)
     with pytest.raises(ChargeConflict, match="content") as e:
-        distill_site(site, console=quiet())
+        distill_site(load_site_config(site), console=quiet())
     assert "labels" not in e.value.problem
     assert snapshot(site) == before and before["synthetic.npz"] is None  # no release from the old checkpoint
     assert ckpt.read_bytes() == saved
 
 
 def test_another_device_or_precision_is_another_release(site, monkeypatch):
-    distill_site(site, console=quiet())
+    distill_site(load_site_config(site), console=quiet())
     before = snapshot(site)
     resolved = site_runner._runtime
 
@@ -138,7 +139,7 @@ def test_another_device_or_precision_is_another_release(site, monkeypatch):
 
     monkeypatch.setattr(site_runner, "_runtime", other_precision)
     with pytest.raises(ChargeConflict, match="device, precision"):
-        distill_site(site, console=quiet())
+        distill_site(load_site_config(site), console=quiet())
     assert snapshot(site) == before
 
 
@@ -146,13 +147,13 @@ def test_another_device_or_precision_is_another_release(site, monkeypatch):
 
 
 def test_a_deleted_ledger_next_to_released_artifacts_is_refused(site, capsys):
-    distill_site(site, console=quiet())
+    distill_site(load_site_config(site), console=quiet())
     out = load_site_config(site).output_dir
     ledger = (out / "privacy_ledger.json").read_bytes()
     before = snapshot(site)
     (out / "privacy_ledger.json").unlink()
     with pytest.raises(LedgerMissing) as e:
-        distill_site(site, console=quiet())
+        distill_site(load_site_config(site), console=quiet())
     assert e.value.where == str(out / "privacy_ledger.json")
     assert "synthetic.npz" in e.value.problem and "released-round-1" in e.value.problem
     assert "backup" in e.value.fix and "new, empty folder" in e.value.fix
@@ -162,7 +163,7 @@ def test_a_deleted_ledger_next_to_released_artifacts_is_refused(site, capsys):
     rc, text = cli(capsys, "site", "budget", str(site))
     assert rc == RUNTIME_ERROR and "nothing spent" not in text and "ledger is missing" in text
     (out / "privacy_ledger.json").write_bytes(ledger)  # restored from the backup: the same site again
-    distill_site(site, console=quiet())
+    distill_site(load_site_config(site), console=quiet())
     assert snapshot(site) == before
 
 
@@ -177,13 +178,13 @@ def test_a_key_without_its_ledger_is_refused_and_a_provisioned_key_is_not(site, 
     rc, text = cli(capsys, "site", "budget", str(site))
     assert rc == RUNTIME_ERROR and "nothing spent" not in text and "ledger is missing" in text and KEY_FILENAME in text
     with pytest.raises(LedgerMissing, match=KEY_FILENAME):
-        distill_site(site, console=quiet())
+        distill_site(load_site_config(site), console=quiet())
     assert not (out / "privacy_ledger.json").exists()
     (out / KEY_FILENAME).unlink()
     provision_noise_key(cfg, bytes(range(32)))
     rc, text = cli(capsys, "site", "budget", str(site))
     assert rc == 0 and "spent 0 of 1" in text
-    distill_site(site, console=quiet())
+    distill_site(load_site_config(site), console=quiet())
     assert PrivacyLedger.load(out).epsilon_spent > 0 and (out / KEY_FILENAME).read_bytes() == bytes(range(32))
 
 

@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from medfdd.federation.flower import codec
 from medfdd.federation.flower.codec import CodecError
-from medfdd.federation.messages import Broadcast, SiteOffer, WireError, from_wire, to_wire
+from medfdd.messages import Broadcast, SiteOffer, WireError, from_wire, to_wire
 
 
 def _offer(meta: dict | None = None) -> SiteOffer:

@@ -10,7 +10,7 @@ from rich.console import Console
 
 from medfdd.coordinator.validate import Reason
 from medfdd.federation.flower import client_app, codec, server_app
-from medfdd.federation.messages import Broadcast, SiteOffer, to_wire
+from medfdd.messages import Broadcast, SiteOffer, to_wire
 
 QUIET = Console(quiet=True)
 
@@ -33,13 +33,13 @@ def test_client_handler_decodes_the_broadcast_and_returns_the_offer(monkeypatch,
     seen = {}
 
     def fake_make_offer(path, broadcast, *, console=None, no_dp=False):
-        seen.update(path=path, broadcast=broadcast)
+        seen.update(path=path.source, broadcast=broadcast)
         return _offer(round_=broadcast.round)
 
-    monkeypatch.setattr("medfdd.federation.site.make_offer", fake_make_offer)
+    monkeypatch.setattr("medfdd.site.offer.make_offer", fake_make_offer)
     out = client_app.handle(codec.broadcast_to_records(Broadcast(2, b"weights")),
                             {"site-config": str(site_yaml)}, console=QUIET)
-    assert seen == {"path": site_yaml, "broadcast": Broadcast(2, b"weights")}
+    assert seen == {"path": site_yaml.resolve(), "broadcast": Broadcast(2, b"weights")}
     assert codec.records_to_offer(out).round == 2
 
 
@@ -47,7 +47,7 @@ def test_client_errors_leave_the_site_as_a_code_only(monkeypatch, capsys, site_y
     def failing(path, broadcast, **kw):
         raise ValueError("cannot read /data/hospital-a/PA-0042/scan.dcm (PatientName=DOE^JANE)")
 
-    monkeypatch.setattr("medfdd.federation.site.make_offer", failing)
+    monkeypatch.setattr("medfdd.site.offer.make_offer", failing)
     with pytest.raises(client_app.SiteTaskFailed) as e:
         client_app.handle(codec.broadcast_to_records(Broadcast(1)), {"site-config": str(site_yaml)}, console=QUIET)
     assert str(e.value) == "site-failed"
@@ -143,17 +143,17 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
 
 def test_client_keeps_the_final_model_at_the_site_and_replies_with_nothing(monkeypatch, site_yaml):
     seen = {}
-    monkeypatch.setattr("medfdd.federation.site.receive_final_model",
-                        lambda path, final, *, console=None: seen.update(path=path, final=final))
+    monkeypatch.setattr("medfdd.site.offer.receive_final_model",
+                        lambda path, final, *, console=None: seen.update(path=path.source, final=final))
     out = client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"final")),
                                   {"site-config": str(site_yaml)}, console=QUIET)
-    assert seen == {"path": site_yaml, "final": Broadcast(3, b"final")}
+    assert seen == {"path": site_yaml.resolve(), "final": Broadcast(3, b"final")}
     assert list(out.keys()) == []  # the site's scores stay at the site
 
     def refusing(path, final, **kw):
         raise ValueError("model at /data/hospital-a/received/global-final-round-3.safetensors is not agreed")
 
-    monkeypatch.setattr("medfdd.federation.site.receive_final_model", refusing)
+    monkeypatch.setattr("medfdd.site.offer.receive_final_model", refusing)
     with pytest.raises(client_app.SiteTaskFailed) as e:
         client_app.handle_final(codec.broadcast_to_records(Broadcast(3, b"x")), {"site-config": str(site_yaml)},
                                 console=QUIET)

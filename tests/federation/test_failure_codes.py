@@ -8,13 +8,14 @@ from types import SimpleNamespace
 import pytest
 from rich.console import Console
 
+from medfdd.config import load_site_config
 from medfdd.coordinator.validate import Reason
 from medfdd.errors import MedfddError
 from medfdd.federation.failures import FailureCode, code_in
 from medfdd.federation.flower import client_app, codec, server_app
 from medfdd.federation.inprocess import site_round
-from medfdd.federation.messages import Broadcast
-from medfdd.federation.site import make_offer
+from medfdd.messages import Broadcast
+from medfdd.site.offer import make_offer
 
 QUIET = Console(quiet=True)
 
@@ -65,7 +66,7 @@ def test_a_data_dependent_site_error_crosses_the_transports_as_the_generic_code(
     make, fact = CASES[case]
     cfg_path = make(site_builder(holdout_fraction=0.0))
     with pytest.raises(MedfddError) as direct:  # at the site the error is typed and names the data fact
-        make_offer(cfg_path, Broadcast(1), console=QUIET)
+        make_offer(load_site_config(cfg_path), Broadcast(1), console=QUIET)
     cls, text = type(direct.value).__name__, str(direct.value)
     assert fact in text
 
@@ -127,7 +128,7 @@ def test_reply_after_holds_the_reply_whatever_the_outcome(site_builder, monkeypa
             raise ValueError("the training split is empty")
         return SimpleNamespace()
 
-    monkeypatch.setattr("medfdd.federation.site.make_offer", turn)
+    monkeypatch.setattr("medfdd.site.offer.make_offer", turn)
     monkeypatch.setattr(codec, "offer_to_records", lambda offer: "records")
     node = {"site-config": str(cfg_path), "reply-after-s": 10}
     if fails:

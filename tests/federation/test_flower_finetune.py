@@ -11,7 +11,7 @@ from test_codec_apps import SUPERLINK, _reply, _task
 
 from medfdd.coordinator.validate import Reason
 from medfdd.federation.flower import client_app, codec, server_app
-from medfdd.federation.messages import FinetuneRound, LocalUpdate
+from medfdd.messages import FinetuneRound, LocalUpdate
 
 QUIET = Console(quiet=True)
 RECIPE = {"rounds": 2, "local_epochs": 1, "lr": 0.2, "batch_size": 64, "clip_norm": 1.0}
@@ -53,19 +53,19 @@ def test_client_handler_fine_tunes_at_the_site_and_returns_only_the_update(monke
     seen = {}
 
     def fake(path, task, *, console=None, no_dp=False):
-        seen.update(path=path, task=task)
+        seen.update(path=path.source, task=task)
         return _update(round_=task.round)
 
-    monkeypatch.setattr("medfdd.finetune.site.finetune_site", fake)
+    monkeypatch.setattr("medfdd.site.finetune.finetune_site", fake)
     out = client_app.handle_finetune(codec.finetune_to_records(FinetuneRound(1, b"g", dict(RECIPE))),
                                      {"site-config": str(site_yaml)}, console=QUIET)
-    assert seen == {"path": site_yaml, "task": FinetuneRound(1, b"g", dict(RECIPE))}
+    assert seen == {"path": site_yaml.resolve(), "task": FinetuneRound(1, b"g", dict(RECIPE))}
     assert codec.records_to_update(out) == _update()
 
     def failing(path, task, **kw):
         raise ValueError("records of /data/hospital-a/PA-0042 changed")
 
-    monkeypatch.setattr("medfdd.finetune.site.finetune_site", failing)
+    monkeypatch.setattr("medfdd.site.finetune.finetune_site", failing)
     with pytest.raises(client_app.SiteTaskFailed) as e:
         client_app.handle_finetune(codec.finetune_to_records(FinetuneRound(1, b"g", {})),
                                    {"site-config": str(site_yaml)}, console=QUIET)

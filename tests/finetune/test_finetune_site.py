@@ -28,12 +28,13 @@ from medfdd.config import (
 )
 from medfdd.coordinator.average import average, validate_update
 from medfdd.coordinator.validate import OfferRejected, Reason
-from medfdd.distill.record_count import COUNT_FILE, COUNT_PURPOSE
 from medfdd.errors import ConfigError
-from medfdd.federation.messages import FinetuneRound, LocalUpdate
 from medfdd.finetune import dpsgd
-from medfdd.finetune import site as ft_site
+from medfdd.messages import FinetuneRound, LocalUpdate
 from medfdd.nets import convnet_for
+from medfdd.site import finetune as ft_site
+from medfdd.site.record_count import COUNT_FILE
+from privacy.accounting import PURPOSE_RECORD_COUNT as COUNT_PURPOSE
 from privacy.accounting import BudgetExceeded, ChargeConflict, PrivacyLedger
 
 QUIET = Console(quiet=True)
@@ -75,12 +76,12 @@ def test_a_round_is_charged_before_its_first_noisy_step_and_replays_without_a_se
 
     monkeypatch.setattr(ft_site, "dp_sgd", crash)
     with pytest.raises(KeyboardInterrupt):
-        ft_site.finetune_site(path, task, console=QUIET)
+        ft_site.finetune_site(load_site_config(path), task, console=QUIET)
     monkeypatch.undo()
     charged = PrivacyLedger.load(ledger_path)
     assert len(charged.entries) == 2  # a crash may over-count, never under-count
 
-    update = ft_site.finetune_site(path, task, console=QUIET)  # the same round again: its charge, no second one
+    update = ft_site.finetune_site(load_site_config(path), task, console=QUIET)  # the same round again: its charge, no second one
     after = PrivacyLedger.load(ledger_path)
     assert after.entries == charged.entries
     n_est = json.loads((cfg.output_dir / COUNT_FILE).read_text())["n_estimate"]
@@ -91,7 +92,7 @@ def test_a_round_is_charged_before_its_first_noisy_step_and_replays_without_a_se
     assert update.meta["epsilon"] == pytest.approx(after.epsilon_spent)
     assert set(update.meta) == {"site_id", "round", "epsilon", "noise_multiplier", "sample_rate", "steps"}
     # the keyed noise replays: the same inputs give the same model (one release, paid once)
-    again = ft_site.finetune_site(path, task, console=QUIET)
+    again = ft_site.finetune_site(load_site_config(path), task, console=QUIET)
     trained = load_tensors(update.model)
     replayed = load_tensors(again.model)
     assert all(torch.equal(replayed[k], trained[k]) for k in trained)
@@ -102,15 +103,15 @@ def test_a_round_is_charged_before_its_first_noisy_step_and_replays_without_a_se
 
 def test_a_changed_or_unplanned_round_is_refused(one_site):
     path = one_site
-    ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
+    ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     ledger_path = load_site_config(path).output_dir / "privacy_ledger.json"
     before = PrivacyLedger.load(ledger_path).entries
     with pytest.raises(ChargeConflict, match="changed since: the model received to fine-tune"):
-        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(seed=1), dict(RECIPE)), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(seed=1), dict(RECIPE)), console=QUIET)
     with pytest.raises(ChargeConflict, match="changed since: the coordinator's recipe"):  # other steps and rate
-        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), {**RECIPE, "lr": 0.1}), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(), {**RECIPE, "lr": 0.1}), console=QUIET)
     with pytest.raises(ChargeConflict):
-        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), {**RECIPE, "batch_size": 32}), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(), {**RECIPE, "batch_size": 32}), console=QUIET)
     cfg = load_site_config(path)  # the same round on relabelled records (every label moved to the next class)
     manifest = cfg.data_root / cfg.data.manifest
     head, *rows = manifest.read_text().splitlines()
@@ -118,11 +119,11 @@ def test_a_changed_or_unplanned_round_is_refused(one_site):
     moved = [[p, classes[(classes.index(c) + 1) % len(classes)], pid] for p, c, pid in (r.split(",") for r in rows)]
     manifest.write_text("\n".join([head, *(",".join(r) for r in moved)]) + "\n")
     with pytest.raises(ChargeConflict, match="labels"):
-        ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     with pytest.raises(ConfigError, match="lr"):
-        ft_site.finetune_site(path, FinetuneRound(2, model_bytes(), {**RECIPE, "lr": -1}), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(2, model_bytes(), {**RECIPE, "lr": -1}), console=QUIET)
     with pytest.raises(BudgetExceeded, match="finetune_rounds"):  # the site planned 2
-        ft_site.finetune_site(path, FinetuneRound(3, model_bytes(), dict(RECIPE)), console=QUIET)
+        ft_site.finetune_site(load_site_config(path), FinetuneRound(3, model_bytes(), dict(RECIPE)), console=QUIET)
     assert PrivacyLedger.load(ledger_path).entries == before
     # a site that kept nothing for fine-tuning refuses before anything, even its record count, is paid
     doc = yaml.safe_load(path.read_text())
@@ -131,14 +132,14 @@ def test_a_changed_or_unplanned_round_is_refused(one_site):
     unplanned = path.with_name("unplanned.yaml")
     unplanned.write_text(yaml.safe_dump(doc))
     with pytest.raises(BudgetExceeded, match="finetune_rounds"):
-        ft_site.finetune_site(unplanned, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
+        ft_site.finetune_site(load_site_config(unplanned), FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET)
     assert PrivacyLedger.load(load_site_config(unplanned).output_dir / "privacy_ledger.json").entries == ()
 
 
 def test_a_non_private_round_is_recorded_as_epsilon_inf_and_accepted_only_from_a_declared_non_private_site(
         two_sites, tmp_path):
     path = two_sites[1]
-    update = ft_site.finetune_site(path, FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET, no_dp=True)
+    update = ft_site.finetune_site(load_site_config(path), FinetuneRound(1, model_bytes(), dict(RECIPE)), console=QUIET, no_dp=True)
     assert update.meta["epsilon"] == "inf" and update.meta["noise_multiplier"] == 0.0
     (entry,) = PrivacyLedger.load(load_site_config(path).output_dir / "privacy_ledger.json").entries
     assert (entry.purpose, entry.dp) == (ft_site.PURPOSE, False)

@@ -24,13 +24,13 @@ from rich.console import Console
 
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.coordinator.run import consortium_of
-from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import provision_noise_key
 from medfdd.exit_codes import RUNTIME_ERROR
+from medfdd.federation.consortium import consortium_of
 from medfdd.federation.flower import deploy
 from medfdd.federation.flower.pki import make_site_keys, make_tls
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.site.budget import provision_noise_key
+from medfdd.site.noise_key import KEY_FILENAME
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 HOST = "127.0.0.1"
@@ -193,7 +193,7 @@ def test_flower_and_inprocess_runs_give_the_same_merged_set_and_accuracy(deploym
     coord["output"] = "../runs-inprocess/coordinator"
     (inproc_dir / d.coord.name).write_text(yaml.safe_dump(coord, sort_keys=False))
     t0 = time.perf_counter()
-    inproc_out = run_inprocess(inproc_dir / d.coord.name, console=Console(quiet=True))
+    inproc_out = run_inprocess(load_coordinator_config(inproc_dir / d.coord.name), console=Console(quiet=True))
     print(f"in-process run, 3 sites x 2 rounds: {time.perf_counter() - t0:.1f} s (Flower: {flower_s:.1f} s)")
 
     with np.load(out / "merged.npz", allow_pickle=False) as f, \

@@ -14,13 +14,13 @@ from rich.console import Console
 from safetensors.torch import load_file
 
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
-from medfdd.distill.record_count import COUNT_FILE
-from medfdd.distill.site import print_budget
-from medfdd.federation.inprocess import run_inprocess
-from medfdd.federation.messages import LocalUpdate
-from medfdd.federation.site import make_offer
-from medfdd.finetune.site import finetune_site
+from medfdd.coordinator.run import CoordinatorError
+from medfdd.federation.inprocess import open_inprocess, run_inprocess
+from medfdd.messages import LocalUpdate
+from medfdd.site.budget import print_budget
+from medfdd.site.finetune import finetune_site
+from medfdd.site.offer import make_offer
+from medfdd.site.record_count import COUNT_FILE
 from privacy.accounting import PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -49,10 +49,10 @@ def _rdp_epsilon(entries) -> float:
 def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resumes(digits_consortium):
     coord, sites = _hybrid(digits_consortium)
     out = load_coordinator_config(coord).output_dir
-    run = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    run = open_inprocess(load_coordinator_config(coord), console=QUIET)
     b = run.broadcast()
     for sid, p in sorted(sites.items()):
-        run.receive(make_offer(p, b, console=QUIET), sender=sid)
+        run.receive(make_offer(load_site_config(p), b, console=QUIET), sender=sid)
     run.finish_round()
     assert run.next_round is None and run.next_finetune_round == 1 and not run.complete
     task = run.finetune_task()
@@ -62,15 +62,15 @@ def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resum
                                                                       "steps": 3}), sender=first)
     for sid, p in sorted(sites.items()):
         run.sent(sid, task.nbytes())
-        assert run.receive_update(finetune_site(p, task, console=QUIET), sender=sid)
+        assert run.receive_update(finetune_site(load_site_config(p), task, console=QUIET), sender=sid)
     run.finish_finetune_round()
     task2 = run.finetune_task()
-    run.receive_update(finetune_site(sites[first], task2, console=QUIET), sender=first)
+    run.receive_update(finetune_site(load_site_config(sites[first]), task2, console=QUIET), sender=first)
     del run  # the coordinator dies with fine-tuning round 2 half received
 
-    resumed = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    resumed = open_inprocess(load_coordinator_config(coord), console=QUIET)
     assert resumed.next_round is None and resumed.next_finetune_round == 2
-    run_inprocess(coord, console=QUIET)  # finishes round 2 (the first site's round 2 replays under its charge)
+    run_inprocess(load_coordinator_config(coord), console=QUIET)  # finishes round 2 (the first site's round 2 replays under its charge)
     doc = json.loads((out / "run.json").read_text())
     assert doc["status"] == "completed"
     ft = doc["finetune"]
@@ -112,7 +112,7 @@ def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resum
         assert ft["rounds"][1]["epsilon"][sid] == pytest.approx(ledger.epsilon_spent)
         # the run's copy of the ledger has the fine-tuning charges; `site budget` lists them
         assert (out / "sites" / sid / "privacy_ledger.json").read_bytes() == ledger.path.read_bytes()
-        budget = print_budget(p, console=QUIET)
+        budget = print_budget(load_site_config(p), console=QUIET)
         assert [r["purpose"] for r in budget["rounds"]] == ["record-count", "distill", "finetune", "finetune"]
         assert budget["rounds"][-1]["epsilon_after"] == pytest.approx(ledger.epsilon_spent)
     assert_final_model_delivered(out, sites)
@@ -121,4 +121,4 @@ def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resum
 def test_a_coordinator_asking_more_fine_tuning_rounds_than_a_site_planned_is_refused(digits_consortium):
     coord, sites = _hybrid(digits_consortium, site_rounds=1)
     with pytest.raises(CoordinatorError, match="finetune_rounds"):
-        CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+        open_inprocess(load_coordinator_config(coord), console=QUIET)

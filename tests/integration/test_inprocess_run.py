@@ -15,10 +15,11 @@ from medfdd.artifacts import load_model, load_synthetic
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.merge import evidence_weights
-from medfdd.coordinator.run import CoordinatorError, CoordinatorRun
+from medfdd.coordinator.run import CoordinatorError
 from medfdd.coordinator.validate import Reason
-from medfdd.federation.messages import to_wire
-from medfdd.federation.site import make_offer
+from medfdd.federation.inprocess import open_inprocess
+from medfdd.messages import to_wire
+from medfdd.site.offer import make_offer
 from privacy.accounting import PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -85,22 +86,22 @@ def test_two_round_run_writes_the_run_directory_and_charges_each_site_once_per_r
 def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_charges(digits_consortium):
     coord = digits_consortium(rounds=2)
     sites = _sites(coord)
-    run = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    run = open_inprocess(load_coordinator_config(coord), console=QUIET)
     b = run.broadcast()
     for sid, p in sorted(sites.items()):
-        run.receive(make_offer(p, b, console=QUIET), sender=sid)
+        run.receive(make_offer(load_site_config(p), b, console=QUIET), sender=sid)
     first = run.finish_round()
     b2 = run.broadcast()
     first_site = sorted(sites)[0]
-    run.receive(make_offer(sites[first_site], b2, console=QUIET), sender=first_site)
+    run.receive(make_offer(load_site_config(sites[first_site]), b2, console=QUIET), sender=first_site)
     del run  # the coordinator dies with round 2 half received
 
-    resumed = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    resumed = open_inprocess(load_coordinator_config(coord), console=QUIET)
     assert resumed.next_round == 2 and len(resumed.history) == 1
     assert resumed.history[0]["metrics"]["accuracy"] == pytest.approx(first["metrics"]["accuracy"])
     b2 = resumed.broadcast()
     for sid, p in sorted(sites.items()):
-        assert resumed.receive(make_offer(p, b2, console=QUIET), sender=sid)
+        assert resumed.receive(make_offer(load_site_config(p), b2, console=QUIET), sender=sid)
     resumed.finish_round()
     assert resumed.next_round is None
     run_json = json.loads((resumed.close() / "run.json").read_text())
@@ -109,7 +110,7 @@ def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_c
         ledger = PrivacyLedger.load(load_site_config(p).output_dir / "privacy_ledger.json")
         assert sorted(e.round for e in ledger.entries if e.purpose == "distill") == [1, 2]
     # a finished run is not run again
-    again = CoordinatorRun.open(coord, engine="inprocess", console=QUIET)
+    again = open_inprocess(load_coordinator_config(coord), console=QUIET)
     assert again.next_round is None
 
 
@@ -146,9 +147,9 @@ def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
     coord = digits_consortium(name="hostile")
     sites = _sites(coord)
     a, b, c = sorted(sites)
-    run = CoordinatorRun.open(coord, engine="test", console=QUIET)
+    run = open_inprocess(load_coordinator_config(coord), engine="test", console=QUIET)
     bc = run.broadcast()
-    offers = {s: make_offer(p, bc, console=QUIET) for s, p in sites.items()}
+    offers = {s: make_offer(load_site_config(p), bc, console=QUIET) for s, p in sites.items()}
     poisoned = offers[b]
     images = np.full(poisoned.arrays["images"].shape, np.nan, dtype=np.float32)
     poisoned.arrays["images"] = to_wire(images)
@@ -171,7 +172,7 @@ def test_hostile_offer_is_logged_and_the_others_are_merged(digits_consortium):
 
 def test_a_round_where_every_offer_is_refused_fails_loudly(digits_consortium):
     coord = digits_consortium(name="none", sites=2)
-    run = CoordinatorRun.open(coord, engine="test", console=QUIET)
+    run = open_inprocess(load_coordinator_config(coord), engine="test", console=QUIET)
     run.broadcast()
     with pytest.raises(CoordinatorError, match="no site offered"):
         run.finish_round()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-import medfdd.site_evaluation as site_evaluation
+import medfdd.site.evaluate as site_evaluation
 from medfdd.artifacts import META_KEYS, NPZ_KEYS, load_agreed_model, load_model, save_model
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
@@ -94,15 +94,15 @@ def test_site_evaluate_without_finetune_scores_the_global_model_only(finetuning_
 def test_the_site_models_never_enter_an_offer(finetuning_site):
     """After `site evaluate` has fine-tuned, the site's next offer is the allow-listed synthetic set and nothing
     else: the allow-list is the one it always was, and no byte of the fine-tuned model or its scores is in it."""
-    from medfdd.federation.messages import Broadcast
-    from medfdd.federation.site import make_offer
+    from medfdd.messages import Broadcast
+    from medfdd.site.offer import make_offer
 
     cfg_path, model_path = finetuning_site
     assert main(["site", "evaluate", str(cfg_path), "--model", str(model_path)]) == 0
     cfg = load_site_config(cfg_path)
     tuned = (cfg.output_dir / site_evaluation.FINE_TUNED_FILE).read_bytes()
 
-    offer = make_offer(cfg_path, Broadcast(round=1))
+    offer = make_offer(load_site_config(cfg_path), Broadcast(round=1))
     assert NPZ_KEYS == ("images", "labels") and set(offer.arrays) == set(NPZ_KEYS)
     assert META_KEYS == ("site_id", "round", "method", "ipc", "classes", "spatial_size", "channels", "epsilon",
                          "epsilon_round", "delta", "accountant", "noise_multiplier", "sample_rate", "steps",

@@ -17,10 +17,10 @@ import pytest
 from conftest import pin_noise_keys
 from rich.console import Console
 
-from medfdd.config import load_site_config
-from medfdd.data.prepare import prepare_consortium
+from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.data.site_data import load_site_data
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.prepare.consortium import prepare_consortium
 from privacy.accounting import PrivacyLedger, calibrate_noise
 from privacy.audit.run import audit_run
 from privacy.audit.spec import AuditSpec
@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory):
     res.override(site={"distill": DISTILL, "privacy": {"rounds": 2, "count_noise": 20.0}, "device": "cpu"},
                  coordinator={"rounds": 2, "train": TRAIN})
     pin_noise_keys(res.site_configs)
-    return run_inprocess(res.coordinator_config, console=QUIET)
+    return run_inprocess(load_coordinator_config(res.coordinator_config), console=QUIET)
 
 
 def test_shadows_and_canary_replay_the_released_mechanism(run_dir):

@@ -22,8 +22,9 @@ from conftest import pin_noise_keys
 from rich.console import Console
 
 from medfdd.cli import main as medfdd_main
-from medfdd.data.prepare import prepare_consortium
+from medfdd.config import load_coordinator_config
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.prepare.consortium import prepare_consortium
 from privacy.audit.gate import check_gate
 from privacy.audit.run import CONSORTIUM, AuditError, audit_run
 from privacy.audit.spec import AuditSpec
@@ -43,7 +44,7 @@ def _run(base: Path, *, no_dp: bool) -> Path:
     res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",
                        "distill": DISTILL}, coordinator={"train": TRAIN})
     pin_noise_keys(res.site_configs, no_dp=no_dp)  # the measurements above hold for these keys (random per site otherwise)
-    return run_inprocess(res.coordinator_config, console=QUIET, no_dp=no_dp)
+    return run_inprocess(load_coordinator_config(res.coordinator_config), console=QUIET, no_dp=no_dp)
 
 
 @pytest.fixture(scope="module")

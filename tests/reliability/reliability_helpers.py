@@ -15,7 +15,7 @@ TINY_TRAIN = {"epochs": 2, "width": 8, "batch_size": 64, "augment": False}
 def tiny_consortium(out: Path, *, sites: int = 2, rounds: int = 1, per_class: int = 12, distill: dict | None = None,
                     **coordinator) -> Path:
     """`medfdd prepare` digits with `per_class` images per class in all; returns the coordinator.yaml path."""
-    from medfdd.data.prepare import prepare_consortium
+    from medfdd.prepare.consortium import prepare_consortium
 
     res = prepare_consortium(source="digits", out=out, sites=sites, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0,
                              delta=1e-5, ipc=2, iterations=4, method="dm", dp=True, max_per_class=per_class,

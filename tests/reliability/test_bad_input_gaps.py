@@ -22,11 +22,11 @@ from reliability_helpers import tiny_consortium
 from rich.console import Console
 
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.data.check import check_site
-from medfdd.data.writers import write_dicom, write_nifti, write_png
-from medfdd.distill.site import DistillError, distill_site
 from medfdd.errors import ConfigError, ManifestError, NoUsableDataError
 from medfdd.federation.inprocess import run_inprocess
+from medfdd.prepare.writers import write_dicom, write_nifti, write_png
+from medfdd.site.check import check_site
+from medfdd.site.distill import DistillError, distill_site
 from privacy.accounting import PrivacyLedger
 
 QUIET = Console(quiet=True)
@@ -198,7 +198,7 @@ QUARANTINED_3D = {
 
 
 def _check_quarantine(s, cases: dict, cfg: Path, n_good: int) -> None:
-    report = check_site(cfg, console=QUIET)
+    report = check_site(load_site_config(cfg), console=QUIET)
     q = json.loads((load_site_config(cfg).output_dir / "quarantine.json").read_text())
     got = {e["path"]: e for e in q["entries"]}
     assert {p: got[p]["reason"] for p in cases} == {p: reason for p, (_, _, reason) in cases.items()}
@@ -258,7 +258,7 @@ def test_unusable_manifest_is_a_typed_error_naming_it(site_builder, case):
     cfg = s.write()
     (s.root / "labels.csv").write_bytes(content)
     with pytest.raises(error) as e:
-        check_site(cfg, console=QUIET)
+        check_site(load_site_config(cfg), console=QUIET)
     assert problem in str(e.value) and "labels.csv" in str(e.value) and "Fix:" in str(e.value)
 
 
@@ -358,10 +358,10 @@ def test_delta_not_below_one_over_n_is_refused_before_any_charge(site_builder):
     for i in range(10):
         s.add_dicom(f"{i}.dcm", "ab"[i % 2], patient_id=f"P{i}")
     cfg = s.write(privacy={"dp": True, "epsilon": 1.0, "delta": 0.5})
-    report = check_site(cfg, console=QUIET)
+    report = check_site(load_site_config(cfg), console=QUIET)
     assert any("privacy.delta = 0.5 is not below 1/n" in w for w in report.warnings)
     with pytest.raises(DistillError) as e:
-        distill_site(cfg, console=QUIET)
+        distill_site(load_site_config(cfg), console=QUIET)
     assert "privacy.delta" in e.value.where and "1/n" in e.value.problem and "1e-5" in e.value.fix
     ledger = load_site_config(cfg).output_dir / "privacy_ledger.json"
     assert not ledger.exists() or PrivacyLedger.load(ledger).entries == ()
@@ -374,7 +374,7 @@ def test_sites_that_disagree_with_the_consortium_are_rejected_and_the_round_goes
     for p, edit in ((paths[1], _set("data.spatial_size", [12, 12])),
                     (paths[2], lambda c: _set("data.classes", c["data"]["classes"][::-1])(c))):
         p.write_text(yaml.safe_dump(edit(yaml.safe_load(p.read_text()))))
-    run_inprocess(coord, console=QUIET)
+    run_inprocess(load_coordinator_config(coord), console=QUIET)
     run = json.loads((load_coordinator_config(coord).output_dir / "run.json").read_text())
     (r,) = run["rounds"]
     assert r["accepted"] == [ids[0]] and run["status"] == "completed"

@@ -20,7 +20,7 @@ from medfdd.federation.inprocess import run_inprocess
 def test_evidence_allocated_offers_are_accepted_in_every_round(tmp_path):
     coord = tiny_consortium(tmp_path / "c", sites=2, rounds=2, per_class=20, distill={"allocation": "evidence"},
                             train_rounds=1)
-    run_inprocess(coord, console=Console(quiet=True))
+    run_inprocess(load_coordinator_config(coord), console=Console(quiet=True))
     cfg = load_coordinator_config(coord)
     run = json.loads((cfg.output_dir / "run.json").read_text())
     assert run["status"] == "completed" and len(run["rounds"]) == 2

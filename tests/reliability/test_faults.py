@@ -28,12 +28,12 @@ from medfdd import exit_codes
 from medfdd.artifacts import load_synthetic
 from medfdd.cli import main
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.coordinator.run import CoordinatorRun
-from medfdd.distill.noise_key import KEY_FILENAME
-from medfdd.distill.site import distill_site, provision_noise_key
-from medfdd.federation.inprocess import run_inprocess
-from medfdd.federation.site import make_offer
+from medfdd.federation.inprocess import open_inprocess, run_inprocess
 from medfdd.io import OutputWriteError
+from medfdd.site.budget import provision_noise_key
+from medfdd.site.distill import distill_site
+from medfdd.site.noise_key import KEY_FILENAME
+from medfdd.site.offer import make_offer
 from privacy.accounting import LedgerWriteError, PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -82,7 +82,7 @@ def kill_when(argv: list[str], ready: Callable[[], bool], *, log: Path) -> int:
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    from medfdd.data.prepare import prepare_consortium
+    from medfdd.prepare.consortium import prepare_consortium
 
     out = tmp_path_factory.mktemp("faults") / "c"
     prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
@@ -106,7 +106,7 @@ def site_config(prepared: Path, folder: Path, **distill) -> Path:
 def uninterrupted(prepared, tmp_path_factory):
     """The same site distilled without a fault: what every resumed run must reproduce (with its noise key)."""
     path = site_config(prepared, tmp_path_factory.mktemp("straight"))
-    distill_site(path, console=Console(quiet=True))
+    distill_site(load_site_config(path), console=Console(quiet=True))
     cfg = load_site_config(path)
     return (load_synthetic(cfg.output_dir), PrivacyLedger.load(cfg.output_dir / "privacy_ledger.json"),
             (cfg.output_dir / KEY_FILENAME).read_bytes())
@@ -161,7 +161,7 @@ def test_site_killed_with_sigkill_resumes_without_a_second_charge(prepared, unin
             assert z["images"].shape == straight_syn.images.shape
 
     console, log = _console()
-    resumed = distill_site(path, console=console)
+    resumed = distill_site(load_site_config(path), console=console)
     assert resumed.resumed_from == at
     if at:
         assert f"resuming round 1 from step {at}/" in log.getvalue()
@@ -211,7 +211,7 @@ def test_coordinator_killed_after_round_one_resumes_from_its_checkpoint(tmp_path
     assert [h["round"] for h in ckpt["history"]] == [1]
 
     console, log = _console()
-    run_inprocess(coord, console=console)
+    run_inprocess(load_coordinator_config(coord), console=console)
     assert "resuming" in log.getvalue() and "after round 1 of 2" in log.getvalue()
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and [r["round"] for r in run["rounds"]] == [1, 2]
@@ -226,15 +226,15 @@ def test_a_coordinator_killed_before_its_checkpoint_broadcasts_the_previous_roun
     must broadcast round 1's model again (the sites already paid against it), not round 2's unfinished one."""
     coord = tiny_consortium(tmp_path / "torn", rounds=3)
     console, _ = _console()
-    run = CoordinatorRun.open(coord, engine="inprocess", console=console)
+    run = open_inprocess(load_coordinator_config(coord), console=console)
     b = run.broadcast()
     for p in load_coordinator_config(coord).site_paths:
-        assert run.receive(make_offer(p, b, console=console), sender=load_site_config(p).site_id)
+        assert run.receive(make_offer(load_site_config(p), b, console=console), sender=load_site_config(p).site_id)
     run.finish_round()
     round_one = (run.out / "rounds" / "round-1" / "global_model.safetensors").read_bytes()
     (run.out / "global_model.safetensors").write_bytes(b"round 2's model, written just before the kill")
 
-    resumed = CoordinatorRun.open(coord, engine="inprocess", console=console)
+    resumed = open_inprocess(load_coordinator_config(coord), console=console)
     b = resumed.broadcast()
     assert b.round == 2 and b.model == round_one
 
@@ -245,8 +245,8 @@ def test_a_site_that_never_answers_is_left_out_of_the_round(tmp_path):
     sites = {load_site_config(p).site_id: p for p in load_coordinator_config(coord).site_paths}
     a, b = sorted(sites)
     console, log = _console()
-    run = CoordinatorRun.open(coord, engine="inprocess", console=console)
-    assert run.receive(make_offer(sites[a], run.broadcast(), console=console), sender=a)
+    run = open_inprocess(load_coordinator_config(coord), console=console)
+    assert run.receive(make_offer(load_site_config(sites[a]), run.broadcast(), console=console), sender=a)
     h = run.finish_round()
     assert h["accepted"] == [a] and [(x["site_id"], x["reason"]) for x in h["rejected"]] == [(b, "no_answer")]
     assert f"no offer from '{b}'" in log.getvalue()
@@ -284,7 +284,7 @@ def two_round_site(prepared, tmp_path):
     cfg = yaml.safe_load(path.read_text())
     cfg["privacy"]["rounds"] = 2
     path.write_text(yaml.safe_dump(cfg))
-    distill_site(path, console=Console(quiet=True))
+    distill_site(load_site_config(path), console=Console(quiet=True))
     out = load_site_config(path).output_dir
     return path, out, {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
 
@@ -307,7 +307,7 @@ def test_write_failure_is_typed_and_leaves_earlier_files_intact(two_round_site, 
     path, out, before = two_round_site
     inject(monkeypatch, name, err)
     with pytest.raises(error) as e:
-        distill_site(path, round_=2, console=Console(quiet=True))
+        distill_site(load_site_config(path), round_=2, console=Console(quiet=True))
     assert str(out / name) in str(e.value) and fix in str(e.value) and "Fix:" in str(e.value)
     assert (out / "synthetic.npz").read_bytes() == before["synthetic.npz"]
     assert (out / "synthetic.json").read_bytes() == before["synthetic.json"]
@@ -318,7 +318,7 @@ def test_write_failure_is_typed_and_leaves_earlier_files_intact(two_round_site, 
     else:
         assert charged == [1, 2]  # write-ahead: the charge came first (may over-count, never under-count)
     monkeypatch.undo()
-    outcome = distill_site(path, round_=2, console=Console(quiet=True))
+    outcome = distill_site(load_site_config(path), round_=2, console=Console(quiet=True))
     assert outcome.meta["round"] == 2
     assert [e.round for e in PrivacyLedger.load(out / "privacy_ledger.json").entries if e.purpose == "distill"] == [1, 2]
 

@@ -19,9 +19,9 @@ from safetensors.torch import save
 
 from medfdd.artifacts import ArtifactError, load_model, save_model
 from medfdd.config import load_coordinator_config, load_site_config
-from medfdd.federation.messages import Broadcast
-from medfdd.federation.site import make_offer, receive_final_model
+from medfdd.messages import Broadcast
 from medfdd.nets import ConvNet
+from medfdd.site.offer import make_offer, receive_final_model
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
 AGREED = {"in_channels": 1, "num_classes": 10, "spatial_size": (16, 16)}  # what `prepare --source digits` agrees on
@@ -120,7 +120,7 @@ def test_site_refuses_a_hostile_broadcast_before_charging(site, tmp_path, case):
     _, payload, round_, error, text = HOSTILE_BROADCASTS[case]
     out = load_site_config(site).output_dir
     with pytest.raises(error) as e:
-        make_offer(site, Broadcast(round_, payload(tmp_path)), console=Console(quiet=True))
+        make_offer(load_site_config(site), Broadcast(round_, payload(tmp_path)), console=Console(quiet=True))
     assert text in str(e.value) and "Fix:" in str(e.value)
     ledger = out / "privacy_ledger.json"
     assert not ledger.exists() or PrivacyLedger.load(ledger).entries == ()
@@ -137,7 +137,7 @@ def test_site_refuses_a_hostile_final_model_and_keeps_nothing(site, tmp_path, ca
     _, payload, round_, error, text = HOSTILE_BROADCASTS[case]
     out = load_site_config(site).output_dir
     with pytest.raises(error) as e:
-        receive_final_model(site, Broadcast(round_, payload(tmp_path)), console=Console(quiet=True))
+        receive_final_model(load_site_config(site), Broadcast(round_, payload(tmp_path)), console=Console(quiet=True))
     assert text in str(e.value) and "Fix:" in str(e.value)
     assert not (out / "global_model.safetensors").exists() and not (out / "evaluation.json").exists()
     assert not (tmp_path / MARKER).exists()
@@ -149,7 +149,7 @@ def test_the_agreed_model_is_accepted_and_charged_once(site, tmp_path):
     cfg["output"] = str(tmp_path / "out")
     path = site.with_name("positive-control.yaml")
     path.write_text(yaml.safe_dump(cfg))
-    offer = make_offer(path, Broadcast(2, _model_bytes(tmp_path)), console=Console(quiet=True))
+    offer = make_offer(load_site_config(path), Broadcast(2, _model_bytes(tmp_path)), console=Console(quiet=True))
     assert offer.round == 2 and offer.meta["round"] == 2
     assert [e.round for e in PrivacyLedger.load(tmp_path / "out" / "privacy_ledger.json").entries if e.purpose == "distill"] == [2]
 

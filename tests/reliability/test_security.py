@@ -27,10 +27,11 @@ import yaml
 from PIL import Image
 from rich.console import Console
 
-from medfdd.coordinator.run import CoordinatorRun
-from medfdd.data.check import check_site
-from medfdd.data.writers import write_dicom
-from medfdd.federation.site import make_offer
+from medfdd.config import load_coordinator_config, load_site_config
+from medfdd.federation.inprocess import open_inprocess
+from medfdd.prepare.writers import write_dicom
+from medfdd.site.check import check_site
+from medfdd.site.offer import make_offer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -216,7 +217,7 @@ def _leaks(blobs: dict[str, list[bytes]], needles: list[str]) -> list[str]:
 
 
 def test_no_phi_in_artifacts_offers_run_directory_report_or_logs(phi_consortium):
-    from medfdd.site_evaluation import evaluate_at_site
+    from medfdd.site.evaluate import evaluate_at_site
     from privacy.audit.run import audit_run
     from privacy.audit.spec import AuditSpec
     from privacy.report.build import write_report
@@ -228,18 +229,18 @@ def test_no_phi_in_artifacts_offers_run_directory_report_or_logs(phi_consortium)
 
     check_log = io.StringIO()
     for s in sites:
-        report = check_site(s, console=Console(file=check_log, width=200))
+        report = check_site(load_site_config(s), console=Console(file=check_log, width=200))
         assert report.n_used == 64 and report.n_quarantined == 0
     # the operator's console at the site: never a header value (paths under the data root are allowed there)
     assert _leaks({"site check console": [check_log.getvalue().encode()]}, HEADER_NEEDLES) == []
 
     log = io.StringIO()
     console = Console(file=log, width=200)
-    run = CoordinatorRun.open(coord, engine="inprocess", console=console)
+    run = open_inprocess(load_coordinator_config(coord), console=console)
     b = run.broadcast()
     offers = {}
     for s in sites:
-        offer = make_offer(s, b, console=console)
+        offer = make_offer(load_site_config(s), b, console=console)
         offers[offer.site_id] = offer
         assert run.receive(offer, sender=offer.site_id)
     run.finish_round()
@@ -250,7 +251,7 @@ def test_no_phi_in_artifacts_offers_run_directory_report_or_logs(phi_consortium)
 
     eval_log = io.StringIO()
     for s in sites:  # the site's own evaluation of the global model: it stays at the site, and holds no PHI either
-        evaluate_at_site(s, run_dir / "global_model.safetensors", console=Console(file=eval_log, width=200))
+        evaluate_at_site(load_site_config(s), run_dir / "global_model.safetensors", console=Console(file=eval_log, width=200))
     assert _leaks({"site evaluate console": [eval_log.getvalue().encode()]}, HEADER_NEEDLES) == []
 
     blobs: dict[str, list[bytes]] = {"distill + coordinator + audit log": [log.getvalue().encode()]}

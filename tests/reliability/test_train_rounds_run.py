@@ -46,7 +46,7 @@ def _same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
 @pytest.fixture(scope="module")
 def coord(tmp_path_factory):
     coord = tiny_consortium(tmp_path_factory.mktemp("train-rounds") / "c", sites=2, rounds=2, train_rounds=0)
-    run_inprocess(coord, console=Console(quiet=True))
+    run_inprocess(load_coordinator_config(coord), console=Console(quiet=True))
     return coord
 
 

@@ -181,6 +181,7 @@ def run_coordinator_command(args, console: Console) -> int:
         return 0
     if args.coordinator_command == "flower-run":
         from medfdd.config import load_coordinator_config
+        from medfdd.rundir import RunDir
 
         cfg = load_coordinator_config(args.config)
         run_id = deploy.submit_run(args.config, env=env)
@@ -189,7 +190,7 @@ def run_coordinator_command(args, console: Console) -> int:
         run = deploy.wait_run(run_id, env=env, timeout=args.timeout, console=console)
         Console().print(f"run {run_id} {run['status']} in {float(run.get('elapsed', 0)):.1f} s; results under "
                         f"{cfg.output_dir}", highlight=False)
-        _print_final(cfg.output_dir / "run.json")
+        _print_final(RunDir(cfg.output_dir).run_json)
         return 0
     raise AssertionError(args.coordinator_command)
 

@@ -52,14 +52,14 @@ def reply_after(node_config: dict) -> float:
 
 def handle(content, node_config: dict, *, console: Console | None = None):
     """Broadcast records -> offer records for this site (the whole ClientApp, minus Flower's Message)."""
-    from medfdd.federation.site import make_offer
+    from medfdd.site.offer import make_offer
 
     return _site_turn(content, node_config, codec.records_to_broadcast, make_offer, codec.offer_to_records, console)
 
 
 def handle_final(content, node_config: dict, *, console: Console | None = None):
     """Final-model records -> an empty reply: the site scores and keeps the model; nothing about it goes back."""
-    from medfdd.federation.site import receive_final_model
+    from medfdd.site.offer import receive_final_model
 
     return _site_turn(content, node_config, codec.records_to_broadcast, receive_final_model,
                       lambda _: codec.empty_reply(), console)
@@ -67,20 +67,20 @@ def handle_final(content, node_config: dict, *, console: Console | None = None):
 
 def handle_finetune(content, node_config: dict, *, console: Console | None = None):
     """Hybrid mode: fine-tuning task records -> this site's locally DP-fine-tuned model (`finetune_site`)."""
-    from medfdd.finetune.site import finetune_site
+    from medfdd.site.finetune import finetune_site
 
     return _site_turn(content, node_config, codec.records_to_finetune, finetune_site, codec.update_to_records, console)
 
 
 def _site_turn(content, node_config: dict, decode, work, encode, console: Console | None):
-    """`encode(work(site config path, decode(content), console=...))` as a site task (`_at_site`); records that
+    """`encode(work(site config, decode(content), console=...))` as a site task (`_at_site`); records that
     `decode` refuses fail as `bad-broadcast`."""
 
     def task():
         with failing_as(FailureCode.BAD_BROADCAST):
             received = decode(content)
         path = site_config_path(node_config)
-        return encode(site_task(path, lambda: work(path, received, console=console or Console(stderr=True))))
+        return encode(site_task(path, lambda cfg: work(cfg, received, console=console or Console(stderr=True))))
 
     return _at_site(task, node_config)
 

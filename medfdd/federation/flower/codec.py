@@ -25,7 +25,7 @@ import math
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from medfdd.errors import MedfddError
-from medfdd.federation.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer, WireArray
+from medfdd.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer, WireArray
 
 WIRE_STYPE = "medfdd.raw-le"
 BROADCAST = "broadcast"

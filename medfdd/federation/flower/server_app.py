@@ -176,10 +176,15 @@ def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> N
 
 
 def serve(grid: Grid, config_path: Path, console: Console | None = None) -> Path:
+    from medfdd.config import load_coordinator_config
     from medfdd.coordinator.run import CoordinatorRun
+    from medfdd.federation.consortium import consortium_of, shared_intensity
 
     console = console or Console(stderr=True)
-    run = CoordinatorRun.open(config_path, engine="flower", console=console)
+    cfg = load_coordinator_config(config_path)
+    spec, sites = consortium_of(cfg)  # site configs listed here (a loopback test) give the spec and their ledgers
+    run = CoordinatorRun.open(cfg, spec, engine="flower", sites=sites, site_intensity=shared_intensity(cfg, sites),
+                              console=console)
     wait_for_nodes(grid, len(run.expected_sites), run.site_timeout_s, console)
     answered: set[int] = set()
     while run.next_round is not None:

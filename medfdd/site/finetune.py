@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import platform
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,19 +25,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medfdd.artifacts import load_agreed_model, save_model
-from medfdd.config import FinetuneConfig, SiteConfig, load_site_config
-from medfdd.data.check import load_with_progress
-from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create
-from medfdd.distill.record_count import private_record_count
-from medfdd.distill.site import DistillError, open_ledger
+from medfdd.config import FinetuneConfig, SiteConfig
 from medfdd.errors import ConfigError
-from medfdd.federation.messages import UPDATE_META, FinetuneRound, LocalUpdate
 from medfdd.finetune.dpsgd import DPSGDPlan, dp_sgd
 from medfdd.io import atomic_write_bytes
+from medfdd.messages import UPDATE_META, FinetuneRound, LocalUpdate
+from medfdd.site.budget import open_ledger
+from medfdd.site.check import load_with_progress
+from medfdd.site.distill import DistillError
+from medfdd.site.noise_key import KEY_FILENAME, keyed_seed, load_or_create
+from medfdd.site.record_count import private_record_count
 from medfdd.training import pick_device
-from privacy.accounting import BudgetExceeded, Charge, ChargeConflict, PrivacyLedger, calibrate_round_noise
+from privacy.accounting import (
+    PURPOSE_FINETUNE,
+    BudgetExceeded,
+    Charge,
+    ChargeConflict,
+    PrivacyLedger,
+    calibrate_round_noise,
+)
 
-PURPOSE = "finetune"
+PURPOSE = PURPOSE_FINETUNE
 
 
 def plan_finetune(cfg: SiteConfig, ledger: PrivacyLedger, recipe: FinetuneConfig, *, round_: int, n_train: int,
@@ -138,11 +145,10 @@ def _check_paid_release(ledger: PrivacyLedger, round_: int, release: str) -> Non
                          "for; anything else is a new round (within privacy.finetune_rounds and the budget left)")
 
 
-def finetune_site(site_config: Path, task: FinetuneRound, *, console: Console | None = None,
+def finetune_site(cfg: SiteConfig, task: FinetuneRound, *, console: Console | None = None,
                   no_dp: bool = False) -> LocalUpdate:
     """Run fine-tuning round `task.round` at this site; returns the local model and allow-listed metadata."""
     console = console or Console()
-    cfg = load_site_config(site_config)
     dp = cfg.privacy.dp and not no_dp
     recipe = _recipe(task, cfg.site_id)
     received = atomic_write_bytes(cfg.output_dir / "received" / f"finetune-round-{task.round}.safetensors",

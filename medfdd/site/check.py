@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfdd import __version__
-from medfdd.config import SiteConfig, load_site_config
+from medfdd.config import SiteConfig
 from medfdd.data.site_data import SiteData, load_site_data
 from medfdd.errors import NoUsableDataError
 from medfdd.io import atomic_write_json
@@ -173,10 +173,9 @@ def load_with_progress(cfg: SiteConfig, console: Console) -> SiteData:
     return data
 
 
-def check_site(config_path: Path, console: Console | None = None) -> CheckReport:
+def check_site(cfg: SiteConfig, console: Console | None = None) -> CheckReport:
     """Validate a site's data end to end. Raises NoUsableDataError (after writing quarantine.json) if none is usable."""
     console = console or Console()
-    cfg = load_site_config(config_path)
     data = load_with_progress(cfg, console)
     report = check_report(cfg, data)
     report.quarantine_path = write_site_reports(cfg, data, report)

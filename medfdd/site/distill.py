@@ -25,30 +25,32 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 from safetensors.torch import load_file, save
 
 from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save_synthetic, save_volumes_nifti
-from medfdd.config import SiteConfig, load_site_config
-from medfdd.data.check import load_with_progress
+from medfdd.config import SiteConfig
 from medfdd.data.split import MEMBERS_FILE, split_digest
-from medfdd.distill.base import Distiller, DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
-from medfdd.distill.noise_key import KEY_FILENAME, keyed_seed, load_or_create, secure_replay_refused
-from medfdd.distill.record_count import COUNT_FILE, private_record_count
+from medfdd.distill import create_distiller
+from medfdd.distill.base import DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
+from medfdd.distill.mechanism import secure_replay_refused
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_write_bytes, atomic_write_json, write_error
+from medfdd.io import atomic_write_bytes, atomic_write_json
+from medfdd.site.budget import open_ledger
+from medfdd.site.check import load_with_progress
+from medfdd.site.noise_key import KEY_FILENAME, keyed_seed, load_or_create
+from medfdd.site.record_count import private_record_count
 from medfdd.training import pick_device
 from privacy.accounting import (
+    PURPOSE_DISTILL,
     BudgetExceeded,
     Charge,
     ChargeConflict,
     PrivacyLedger,
     calibrate_round_noise,
-    check_not_lost,
     epsilon_for,
 )
 
-PURPOSE = "distill"
+PURPOSE = PURPOSE_DISTILL
 
 
 class DistillError(MedfddError):
@@ -60,53 +62,6 @@ class DistillOutcome:
     synthetic: Path
     meta: dict
     resumed_from: int
-
-
-def distiller_class(method: str) -> type[Distiller]:
-    if method == "gm":
-        from medfdd.distill.gradient_matching import GradientMatching
-
-        return GradientMatching
-    from medfdd.distill.distribution_matching import DistributionMatching
-
-    return DistributionMatching
-
-
-# written at a site only after a charge is on its ledger (artifacts, members.json, the paid record count)
-RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "synthetic.nii.gz", MEMBERS_FILE,
-                 COUNT_FILE)
-
-
-def release_traces(cfg: SiteConfig) -> list[Path]:
-    """Paths whose presence shows that this output folder's ledger has charged before (existing or not): released
-    artifacts and the site's copies of them, resumable checkpoints, members.json, the paid record count, and the
-    noise key (created only after the ledger exists: a key without a ledger means the ledger was lost, or a key was
-    copied into a folder whose ledger it does not belong to; either way its noise may already have been spent)."""
-    out = cfg.output_dir
-    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)]
-            + sorted((out / "checkpoints").glob("*round-*.safetensors")))
-
-
-def provision_noise_key(cfg: SiteConfig, key: bytes, *, dp: bool = True) -> Path:
-    """Install a site's noise key from a backup or a key store into a NEW output folder: the (empty) ledger is
-    created first, so the key belongs to this ledger from the start (a key found without its ledger is refused)."""
-    open_ledger(cfg, dp)
-    path = cfg.output_dir / KEY_FILENAME
-    atomic_write_bytes(path, key)
-    path.chmod(0o600)
-    return path
-
-
-def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
-    """The site's ledger; a missing one is created only where no earlier charge left a trace (`LedgerMissing`). It is
-    opened before the noise key is created, so a first run that stops in between leaves a ledger with its key."""
-    path = cfg.output_dir / "privacy_ledger.json"
-    try:
-        return PrivacyLedger.open(path, site_id=cfg.site_id, epsilon=cfg.privacy.epsilon if dp else math.inf,
-                                  delta=cfg.privacy.delta, accountant=cfg.privacy.accountant, unit=cfg.privacy.unit,
-                                  traces=release_traces(cfg))
-    except OSError as e:  # the output folder cannot be created or locked (a file in the way, read-only, disk full)
-        raise write_error(path, e) from e
 
 
 def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_: int, dp: bool,
@@ -140,7 +95,7 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     q = cfg.distill.sample_rate_for(n)
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
-    # hybrid mode keeps `privacy.finetune_share` of epsilon for the DP fine-tuning rounds (medfdd.finetune.site)
+    # hybrid mode keeps `privacy.finetune_share` of epsilon for the DP fine-tuning rounds (medfdd.site.finetune)
     sigma = calibrate_round_noise(epsilon=cfg.privacy.epsilon * (1 - cfg.privacy.finetune_share),
                                   delta=cfg.privacy.delta, sample_rate=q,
                                   steps_per_round=steps, rounds=remaining_rounds,
@@ -301,14 +256,13 @@ def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> Dist
                         t["momentum"].to(device), int(meta["iteration"]), **optional)
 
 
-def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
+def distill_site(cfg: SiteConfig, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
                  console: Console | None = None, stop_after: int | None = None) -> DistillOutcome:
     """Run one round of private distillation at a site and write its artifact.
 
     `stop_after` ends the run after that many steps without releasing (tests of crash/resume use it).
     """
     console = console or Console()
-    cfg = load_site_config(config_path)
     dp = cfg.privacy.dp and not no_dp
     if not dp:
         console.print("[bold red]WARNING: NON-PRIVATE RUN (--no-dp).[/] The synthetic set is derived from patient "
@@ -342,7 +296,7 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
                          release=fingerprint))
     eps_spent = ledger.epsilon_spent
 
-    distiller = distiller_class(cfg.distill.method)(
+    distiller = create_distiller(
         cfg.distill, plan, num_classes=len(cfg.data.classes), image_shape=shape, seed=seed, round_=round_,
         device=device, matching_net=matching_net, start=start)
     ckpt_path = cfg.output_dir / "checkpoints" / f"round-{round_}.safetensors"
@@ -417,31 +371,3 @@ def distill_site(config_path: Path, *, round_: int = 1, global_model: Path | Non
 
 class _Interrupted(Exception):
     pass
-
-
-def print_budget(config_path: Path, console: Console | None = None) -> dict:
-    """`medfdd site budget`: spent and remaining epsilon, per round, from the ledger (nothing is charged)."""
-    console = console or Console()
-    cfg = load_site_config(config_path)
-    path = cfg.output_dir / "privacy_ledger.json"
-    if not path.is_file():
-        check_not_lost(path, release_traces(cfg))  # a lost ledger is not "nothing spent"
-        console.print(f"{cfg.site_id}: no ledger yet ({path}); budget epsilon = {cfg.privacy.epsilon:g}, "
-                      f"delta = {cfg.privacy.delta:g}, nothing spent")
-        return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": []}
-    ledger = PrivacyLedger.load(path)
-    table = Table(title=f"{cfg.site_id}: privacy ledger ({ledger.budget.accountant.upper()}, "
-                        f"delta = {ledger.budget.delta:g}, epsilon protects each {ledger.budget.unit})")
-    for col in ("round", "purpose", "noise multiplier", "sample rate", "steps", "eps after", "remaining"):
-        table.add_column(col, justify="right")
-    rows, so_far = [], []
-    for e in ledger.entries:
-        so_far.append(e)
-        spent = epsilon_for(so_far, delta=ledger.budget.delta, accountant=ledger.budget.accountant)
-        remaining = ledger.budget.epsilon - spent
-        rows.append({"round": e.round, "purpose": e.purpose, "epsilon_after": spent, "remaining": remaining})
-        table.add_row(str(e.round), e.purpose, f"{e.noise_multiplier:.4g}", f"{e.sample_rate:.4g}", str(e.steps),
-                      f"{spent:.4g}", f"{remaining:.4g}")
-    console.print(table)
-    console.print(f"spent {ledger.epsilon_spent:.4g} of {ledger.budget.epsilon:g}; remaining {ledger.remaining:.4g}")
-    return {"site_id": cfg.site_id, "spent": ledger.epsilon_spent, "budget": ledger.budget.epsilon, "rounds": rows}

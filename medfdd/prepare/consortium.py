@@ -13,7 +13,7 @@ Layout written under ``out``::
 patient ids generated (``P<site letters>-<6 digits>``, ``PTEST-<6 digits>`` for the test split) with 1-3 images per
 patient, so that a patient-level train/holdout split differs from a per-image one.
 
-File conventions (arrays are row-major; see `medfdd.data.writers`):
+File conventions (arrays are row-major; see `medfdd.prepare.writers`):
 
 - DICOM: 2D grayscale and RGB images are one Secondary Capture file each (RGB as PhotometricInterpretation RGB);
   3D volumes are a series folder with one file per slice (the manifest path is the folder).
@@ -50,11 +50,11 @@ from medfdd.config import (
     load_yaml,
     parse_config,
 )
-from medfdd.data.partition import Partition, dirichlet_partition
-from medfdd.data.sources import SOURCES, LabelledSource, cap_per_class, load_source
-from medfdd.data.writers import write_dicom, write_dicom_series, write_nifti
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_text
+from medfdd.prepare.partition import Partition, dirichlet_partition
+from medfdd.prepare.sources import SOURCES, LabelledSource, cap_per_class, load_source
+from medfdd.prepare.writers import write_dicom, write_dicom_series, write_nifti
 
 CONSORTIUM_KIND = "medfdd-consortium"
 MARKER = "partition.json"

@@ -31,22 +31,6 @@ class NoiseKeyError(MedfddError):
     """The site's noise key exists but is not a key (wrong size, unreadable)."""
 
 
-class SecureNoiseReplay(MedfddError):
-    """A release under `noise_source: secure` would be drawn a second time under the charge of the first: its noise
-    comes from OS randomness, so unlike keyed noise it cannot be replayed, and a second draw is a second release."""
-
-
-NEXT_ROUND = ("leave this round as it is (its charge stays spent) and run the next round, a new release paid from the "
-              "budget (plan it with privacy.rounds); keyed noise (privacy.noise_source: keyed) lets an interrupted "
-              "round resume at any step")
-
-
-def secure_replay_refused(where: str, what: str, fix: str = NEXT_ROUND) -> SecureNoiseReplay:
-    """The error for a charged secure-noise release that cannot continue; `what`: why its draws are gone."""
-    return SecureNoiseReplay(where, f"{what}; under privacy.noise_source: secure its noise cannot be replayed, and "
-                             "new noise under the same charge would be a second release nobody paid for", fix)
-
-
 def load_or_create(path: Path) -> bytes:
     """The key at ``path``, created (exclusively, mode 0600, fsynced) when there is none yet."""
     path = Path(path)

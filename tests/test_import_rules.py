@@ -1,4 +1,6 @@
-"""Only `medfdd/federation/flower/` imports `flwr` (DESIGN.md): the core stays engine-neutral."""
+"""Import rules: the packages form layers along the data flow (docs/design.md draws them), so no import runs back up
+and no two folders import each other; and only `medfdd/federation/flower/` imports `flwr`: the core stays
+engine-neutral."""
 
 from __future__ import annotations
 
@@ -7,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from import_layers import FIRST_PARTY, LAYERS, edges, module_of, unit
+
+ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = ROOT / "medfdd" / "federation" / "flower"
 SCANNED = ("medfdd", "privacy", "benchmarks")
 
@@ -47,3 +51,33 @@ def test_cli_and_deployment_helpers_load_without_flwr():
             "medfdd.federation.flower.pki, medfdd.federation.flower.cli; "
             "medfdd.cli._parser(); assert 'flwr' not in sys.modules, sorted(m for m in sys.modules if 'flwr' in m)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_every_module_belongs_to_a_layer():
+    for top in FIRST_PARTY:
+        for path in sorted((ROOT / top).rglob("*.py")):
+            module = module_of(path)
+            assert unit(module) in LAYERS, f"{path.relative_to(ROOT)}: add its package to LAYERS"
+
+
+def test_imports_only_go_down_the_layers():
+    rank = {u: i for i, u in enumerate(LAYERS)}
+    upward = [f"{where}: {a} imports {b}" for a, b, where in edges() if rank[b] > rank[a]]
+    assert upward == [], "imports that run back up the data flow:\n" + "\n".join(upward)
+
+
+def test_accounting_imports_only_errors_and_io():
+    used = {b for a, b, _ in edges() if a == "privacy.accounting"}
+    assert used <= {"medfdd.errors", "medfdd.io"}, used
+
+
+def test_no_core_package_imports_the_audit():
+    core = {"medfdd.data", "medfdd.distill", "medfdd.coordinator", "medfdd.finetune", "medfdd.training"}
+    offenders = [f"{w}: {a} imports {b}" for a, b, w in edges() if a in core and b.startswith("privacy.audit")]
+    assert offenders == []
+
+
+def test_the_layer_scan_sees_imports():  # the rules would pass vacuously if the scan were broken
+    seen = {(a, b) for a, b, _ in edges()}
+    assert ("medfdd.site", "privacy.audit") in seen and ("medfdd.cli", "medfdd.site") in seen
+    assert ("medfdd.federation", "medfdd.coordinator") in seen

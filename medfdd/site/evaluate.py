@@ -31,11 +31,11 @@ from rich.console import Console
 from rich.table import Table
 
 from medfdd.artifacts import load_agreed_model, save_model
-from medfdd.config import SiteEvaluateConfig, load_site_config
-from medfdd.data.check import load_with_progress
+from medfdd.config import SiteConfig, SiteEvaluateConfig
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json
 from medfdd.nets import ConvNet
+from medfdd.site.check import load_with_progress
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 
 EVALUATION_FILE = "evaluation.json"
@@ -102,10 +102,9 @@ def train_site_models(global_model: ConvNet, images: np.ndarray, labels: np.ndar
             "local_only": train_classifier(images, labels, num_classes, settings, seed=seed, device=device)}
 
 
-def evaluate_at_site(config_path: Path, model_path: Path, *, console: Console | None = None) -> dict:
+def evaluate_at_site(cfg: SiteConfig, model_path: Path, *, console: Console | None = None) -> dict:
     """Score `model_path` on the site's holdout and training patients; write output/evaluation.json and .png."""
     console = console or Console()
-    cfg = load_site_config(config_path)
     # the model is checked (exists, safetensors, agreed architecture, finite) before any scan is read
     model = load_agreed_model(model_path, in_channels=cfg.data.channels, num_classes=len(cfg.data.classes),
                               spatial_size=cfg.data.spatial_size).to(pick_device(cfg.device))

@@ -20,13 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from medfdd.config import SiteConfig
-from medfdd.distill.mechanism import SECURE, standard_normal
-from medfdd.distill.noise_key import secure_replay_refused
+from medfdd.distill.mechanism import SECURE, secure_replay_refused, standard_normal
 from medfdd.io import atomic_write_json
-from privacy.accounting import Charge, PrivacyLedger
+from privacy.accounting import PURPOSE_RECORD_COUNT, RECORD_COUNT_ROUND, Charge, PrivacyLedger
 
-COUNT_PURPOSE = "record-count"
-COUNT_ROUND = 1  # paid once, before the first distillation, whatever round asks first
 COUNT_FILE = "record_count.json"  # at the site: the released estimate, reused by later rounds
 _NOISE_STREAM = 0x636F756E74  # separates this draw from distillation's streams of the same keyed seed
 
@@ -59,16 +56,16 @@ def private_record_count(cfg: SiteConfig, ledger: PrivacyLedger, *, n: int, seed
     """
     sigma = float(cfg.privacy.count_noise)
     path = cfg.output_dir / COUNT_FILE
-    if ledger.find_charge(COUNT_ROUND, COUNT_PURPOSE) is not None:
+    if ledger.find_charge(RECORD_COUNT_ROUND, PURPOSE_RECORD_COUNT) is not None:
         stored = _stored(path, sigma)
         if stored is not None:
             return stored
-        if cfg.privacy.noise_source == "secure" and any(e.purpose != COUNT_PURPOSE for e in ledger.entries):
+        if cfg.privacy.noise_source == "secure" and any(e.purpose != PURPOSE_RECORD_COUNT for e in ledger.entries):
             raise secure_replay_refused(str(path), "the paid record count is missing or unreadable although a "
                                         "round already used it", "restore record_count.json from the site's backup")
     # the ledger may travel with the run directory: the secret-keyed seed keeps n from being brute-forced from this
     release = hashlib.blake2b(json.dumps([n, sigma, str(seed)]).encode(), digest_size=16).hexdigest()
-    ledger.charge(Charge(sigma, 1.0, 1, round=COUNT_ROUND, purpose=COUNT_PURPOSE, release=release))  # write-ahead
+    ledger.charge(Charge(sigma, 1.0, 1, round=RECORD_COUNT_ROUND, purpose=PURPOSE_RECORD_COUNT, release=release))  # write-ahead
     if cfg.privacy.noise_source == "secure":
         estimate = _rounded(n + sigma * float(standard_normal((1,), SECURE)[0]))
     else:
