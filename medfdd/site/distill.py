@@ -1,4 +1,4 @@
-"""`medfdd site distill` / `site budget`: the site runner.
+"""`medfdd site distill`: the site runner of one private distillation round.
 
 Order of operations (privacy invariants 1-4): load the site's training split -> calibrate the noise for the
 planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with

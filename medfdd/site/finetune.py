@@ -1,5 +1,5 @@
 """The site's side of a hybrid-mode fine-tuning round: one round of DP-FedAvg (McMahan et al., "Learning
-Differentially Private Recurrent Language Models", ICLR 2018) with local DP-SGD (Abadi et al. 2016, `dpsgd.py`).
+Differentially Private Recurrent Language Models", ICLR 2018) with local DP-SGD (Abadi et al. 2016, `medfdd.finetune.dpsgd`).
 
 Order (privacy invariants 1-4, 8, 9): refuse a received model that is not the agreed architecture -> load the training
 split -> plan: q = batch_size / n~ (n~ the site's DP record count, `privacy.count_noise`), steps = local_epochs x

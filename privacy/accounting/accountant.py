@@ -20,7 +20,7 @@ import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from opacus.accountants import RDPAccountant, create_accountant
@@ -28,7 +28,6 @@ from opacus.accountants.utils import get_noise_multiplier
 
 from medfdd.errors import MedfddError
 
-AccountantName = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 DEFAULT_MECHANISM = "poisson_subsampled_gaussian"
 

@@ -22,7 +22,6 @@ from scipy import stats
 from privacy.audit.pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from privacy.audit.scores import dcr_scores, logit_confidence, logits, loss_scores
 
-TARGETS = ("global_model", "synthetic")
 MIN_STD = 1e-6
 
 

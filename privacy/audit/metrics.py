@@ -39,7 +39,6 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from medfdd.errors import MedfddError
 
 DEFAULT_CONFIDENCE = 0.95
-LOW_FPRS = (0.001, 0.01)
 
 
 class AuditInputError(MedfddError, ValueError):

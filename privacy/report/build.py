@@ -59,10 +59,6 @@ def _clean(obj):
     return obj
 
 
-def _fmt_eps(x: float) -> str:
-    return "∞ (no differential privacy)" if math.isinf(x) else f"{x:.3g}"
-
-
 def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: float, budget: float | None,
                  confidence: float, unit: str | None = None) -> dict:
     """Plain-words finding for one site (or the consortium): level is ok | leak | violation.
