@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from medfdd import __version__
-from medfdd.io import atomic_write_json, atomic_write_text, json_safe
+from medfdd.io import atomic_write_json, atomic_write_text, json_number, json_safe
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome
 from privacy.report.channels import outside_epsilon
 
@@ -139,7 +139,7 @@ def site_verdict(site: str, rows: list[AttackRow], *, dp: bool, eps_accounted: f
         text += ("Without differential privacy nothing limits this leakage: such a run is a baseline or positive "
                  "control only and must never be shared. " if leak else
                  "Without differential privacy there is no guarantee, even if these attacks found little. ")
-    text += _power_words(rows, dp=dp, eps_accounted=eps_accounted)
+    text = f"{text.rstrip()} {_power_words(rows, dp=dp, eps_accounted=eps_accounted)}"  # one space between sentences
     return {"site": site, "level": level, "text": text.rstrip(), "max_auc": strongest.metrics.auc,
             "max_tpr_at_fpr_0.01": tpr, "max_epsilon_lower_bound": json_safe(lb.value),
             "epsilon_lower_bound_rigorous": lb.method == "one_run", "min_top_rank_p_value": top.metrics.top_rank_p_value,
@@ -197,7 +197,7 @@ def verdict(outcome: AuditOutcome) -> dict:
     any_nondp = any(not s.dp for s in outcome.sites.values())
     weak = [f for f in findings if f["underpowered"]]
     underpowered = bool(weak)
-    weakest = min((_inf(f["max_certifiable_epsilon"]) for f in weak or findings), default=0.0)
+    weakest = min((json_number(f["max_certifiable_epsilon"]) for f in weak or findings), default=0.0)
     headline = {
         "violation": "PRIVACY GUARANTEE VIOLATED: a rigorous audit measured more leakage than the privacy budget "
                      "allows.",
@@ -224,11 +224,6 @@ def verdict(outcome: AuditOutcome) -> dict:
               + "; ".join(ATTACK_WORDS[a] for a in attacks) + ".")
     return {"level": level, "headline": headline, "tested": tested, "findings": findings,
             "underpowered": underpowered, "max_certifiable_epsilon": json_safe(weakest)}
-
-
-def _inf(x) -> float:
-    return math.inf if x == "inf" else float(x)
-
 
 def report_json(outcome: AuditOutcome) -> dict:
     return _clean({

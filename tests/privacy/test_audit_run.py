@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -88,6 +89,8 @@ def test_power_nodp_leaks_and_eps1_does_not(runs):
         assert 0 <= r.bound.value <= r.bound.max_certifiable + 1e-9, r
     v = report_json(nodp)["verdict"]
     assert v["underpowered"] and all("could certify at most epsilon" in f["text"] for f in v["findings"])
+    texts = [f["text"] for run in (nodp, dp) for f in report_json(run)["verdict"]["findings"]]
+    assert not [t for t in texts if re.search(r"[a-z0-9][.:;][A-Z]", t)], texts  # sentences are spaced
 
 
 def test_cli_canary_audit_consistent_under_dp_and_gate(runs, tmp_path):
