@@ -29,7 +29,7 @@ h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid 
 .violation{background:#fde8e8;border-color:#c0392b}
 .headline{font-size:1.25em;font-weight:700;margin:0 0 8px}
 table{border-collapse:collapse;margin:8px 0;font-size:.92em}th,td{border:1px solid #d7dbe3;padding:4px 8px;text-align:right}
-th{background:#f2f4f8}td.l,th.l{text-align:left}img{max-width:100%;height:auto}
+th{background:#f2f4f8}td.l,th.l{text-align:left}img{max-width:100%;height:auto}figure{margin:8px 0}
 .muted{color:#5b6475;font-size:.9em}.bad{color:#c0392b;font-weight:700}
 """
 
