@@ -2,7 +2,8 @@
 
 Order of operations (privacy invariants 1-4): load the site's training split -> calibrate the noise for the
 planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with
-resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
+resumable checkpoints that stay at the site -> write the allow-listed artifact (and, kept at the site, the round's
+matching-loss curve, `distill_loss_round-R.png` and `.json`). A resumed run finds its charge
 in the ledger and does not pay twice; a crash may over-count, never under-count. (A resumed decoupled DM run
 recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.) Every random draw is
 keyed by the site's secret noise key (`noise_key.py`), and the ledger entry names the release it paid for (keyed
