@@ -6,7 +6,6 @@ Nothing here is ever unpickled: npz is read with allow_pickle=False, weights wit
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from medfdd import __version__
+from medfdd.charts import png_bytes, pyplot
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_safe
 from medfdd.nets import ConvNet
@@ -103,11 +103,7 @@ def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], titl
                 max_cols: int | None = None, cell: float = 0.9, dpi: int = 80, gap: int = 2) -> bytes:
     """PNG bytes of `preview_mosaic` with the class names on the rows, drawn by a single `imshow` (one axes per
     image made a 100-image preview take seconds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     mosaic = preview_mosaic(images, labels, len(classes), max_cols=max_cols, gap=gap)
     h, w = _as_rgb(images[0]).shape[:2] if len(images) else (1, 1)
     cols = (mosaic.shape[1] + gap) // (w + gap)
@@ -120,10 +116,7 @@ def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], titl
         s.set_visible(False)
     if title:
         ax.set_title(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig, dpi)
 
 
 def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "") -> Path:

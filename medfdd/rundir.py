@@ -4,6 +4,7 @@ deployment commands read it.
     OUTPUT/
       run.json                     every round's outcome (rewritten atomically after each round)
       checkpoint.json              what a killed coordinator resumes from
+      progress.png                 test accuracy and each site's epsilon per round (redrawn after each round)
       merged.npz                   the set the global model was last trained on
       global_model.safetensors     the run's global model
       warm_start_model.safetensors hybrid mode: the model the fine-tuning rounds started from
@@ -33,6 +34,10 @@ class RunDir:
     @property
     def checkpoint(self) -> Path:
         return self.root / "checkpoint.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.png"
 
     @property
     def merged(self) -> Path:

@@ -192,3 +192,16 @@ def digits_consortium(tmp_path, shared_preprocess_cache):
     """Factory: `digits_consortium(**kw)` -> path of a small consortium's coordinator.yaml (see small_digits_consortium)."""
     return lambda name="consortium", **kw: small_digits_consortium(
         tmp_path / name, **{"cache_dir": shared_preprocess_cache, **kw})
+
+
+def assert_png(path: Path, *, min_bytes: int = 3000, max_bytes: int = 300_000) -> tuple[int, int]:
+    """`path` is a PNG that decodes, of a plausible size for a chart; returns its (height, width) in pixels."""
+    from PIL import Image
+
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    assert min_bytes < len(data) < max_bytes, f"{path}: {len(data)} bytes"
+    with Image.open(path) as img:
+        img.load()
+        assert min(img.size) >= 150, f"{path}: {img.size}"
+        return img.size[1], img.size[0]

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top: a unit (a package folder or a top-level module) imports only from units listed before it.
 LAYERS = (
-    "medfdd", "medfdd.errors", "medfdd.exit_codes", "medfdd.io",  # foundation
+    "medfdd", "medfdd.errors", "medfdd.exit_codes", "medfdd.io", "medfdd.charts",  # foundation; PNG charts
     "medfdd.config", "privacy.accounting",  # typed configs; the accountant and the ledger (errors/io only)
     "medfdd.nets", "medfdd.augment", "medfdd.training", "medfdd.artifacts", "medfdd.messages", "medfdd.rundir",
     "medfdd.data",  # the site-data library: manifest, MONAI loading, quarantine, split, cache

@@ -85,7 +85,8 @@ def test_quiet_json_no_hard_wrap_and_a_log_file(site_config, capsys):
     assert main(["site", "budget", str(site_config), "--json"]) == exit_codes.OK
     captured = capsys.readouterr()
     result = json.loads(captured.out)
-    assert result == {"site_id": load_site_config(site_config).site_id, "spent": 0.0, "budget": 1.0, "rounds": []}
+    assert result == {"site_id": load_site_config(site_config).site_id, "spent": 0.0, "budget": 1.0, "rounds": [],
+                      "chart": None}
     assert "no ledger yet" in captured.err  # the human message went to stderr
     logs = _logs(out_dir, "site-budget")
     assert len(logs) == 3 and all("no ledger yet" in log for log in logs)  # even the quiet run's

@@ -6,7 +6,8 @@ Hybrid mode (`finetune.rounds` > 0): after the last distillation round, DP fine-
 global model (kept as warm_start_model.safetensors): send the model and recipe -> receive each site's local DP-SGD
 model (validated like offers) -> average them weighted by n~ (`average.py`) -> evaluate -> checkpoint; the last
 average is the run's global model.
-`run.json` is rewritten atomically after every round; a killed coordinator resumes after the last finished round.
+`run.json` is rewritten atomically after every round, and `progress.png` redrawn (test accuracy and each site's
+epsilon per round, `medfdd.charts.progress_png`); a killed coordinator resumes after the last finished round.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from rich.table import Table
 
 from medfdd import __version__
 from medfdd.artifacts import SyntheticSet, load_model, save_model, save_preview, save_synthetic
+from medfdd.charts import progress_png, run_progress
 from medfdd.config import (
     ConsortiumConfig,
     CoordinatorConfig,
@@ -309,6 +311,7 @@ class CoordinatorRun:
         self.current = None
         self._checkpoint()
         self._write_run_json(status="completed" if self.complete else "running")
+        self._write_progress()
         self._print_round(self.history[-1])
         return self.history[-1]
 
@@ -387,6 +390,7 @@ class CoordinatorRun:
         self.current = self._reference = None
         self._checkpoint()
         self._write_run_json(status="completed" if self.complete else "running")
+        self._write_progress()
         self._print_finetune_round(self.finetune_history[-1])
         return self.finetune_history[-1]
 
@@ -485,6 +489,13 @@ class CoordinatorRun:
             "rounds": self.history, "rounds_evaluated": len(done), "final": final, "finetune": finetune,
             "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
         return atomic_write_json(self.dir.run_json, json_safe(run))
+
+    def _write_progress(self) -> Path:
+        """progress.png: the finished rounds' test accuracy and each site's epsilon spent, against its budget."""
+        points = run_progress({"rounds": self.history, "finetune": {"rounds": self.finetune_history}})
+        budgets = {s: b.epsilon if b.dp else math.inf for s, b in self.spec.sites.items()}
+        return atomic_write_bytes(self.dir.progress, progress_png(points, budgets, f"run {self.out.name}: global "
+                                                                  "model accuracy and epsilon spent, per round"))
 
     def _print_round(self, h: dict) -> None:
         t = Table(title=f"round {h['round']} of {self.rounds}: {len(h['accepted'])} of {len(self.expected_sites)} "

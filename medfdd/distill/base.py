@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ class DistillState:
     iteration: int  # units of work completed (of `Distiller.total_work`)
     average: torch.Tensor | None = None  # moving average of the images (what is released, when kept)
     counts_sum: torch.Tensor | None = None  # [K] sum of the released noisy class counts over the paid steps so far
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (update, matching loss) of each update so far
+    # (interleaved: each paid step's last update); post-processing of released statistics, kept at the site
 
     def add_counts(self, counts: torch.Tensor) -> None:
         """Keep a paid step's noisy class counts (already released, so their sum is post-processing)."""
@@ -230,6 +232,7 @@ class Distiller(ABC):
         for t in range(state.iteration, self.plan.steps):  # interleaved: one unit of work = one paid step
             loss = self.step(state, x, y, t)
             state.iteration = t + 1
+            state.losses.append((t + 1, loss))
             if on_step:
                 on_step(state, loss)
         return state

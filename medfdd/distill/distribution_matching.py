@@ -246,6 +246,7 @@ class DistributionMatching(Distiller):
             loss = self.match(state, net, target, usable, bank.centers[s], bank.families[s], self.g(u, "augment_syn"))
             self.update_average(state, u)
             state.iteration = steps + u + 1
+            state.losses.append((u + 1, loss))
             if on_step:
                 on_step(state, loss)
         return state

@@ -1,6 +1,6 @@
 """`medfdd site budget` and the site's privacy ledger: opened only where no earlier charge left a trace (a lost
 ledger is never a fresh budget, `LedgerMissing`), a noise key installed the supported way, spent and remaining
-epsilon per charge (recomputed by the accountant; nothing is charged here)."""
+epsilon per charge (recomputed by the accountant; nothing is charged here) and their chart."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from medfdd.charts import budget_png
 from medfdd.config import SiteConfig
 from medfdd.data.split import MEMBERS_FILE
 from medfdd.io import atomic_write_bytes, write_error
@@ -17,6 +18,7 @@ from medfdd.site.noise_key import KEY_FILENAME
 from medfdd.site.record_count import COUNT_FILE
 from privacy.accounting import LEDGER_FILENAME, PrivacyLedger, check_not_lost, epsilon_for
 
+BUDGET_CHART = "budget.png"
 # written at a site only after a charge is on its ledger (artifacts, members.json, the paid record count)
 RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "synthetic.nii.gz", MEMBERS_FILE,
                  COUNT_FILE)
@@ -24,11 +26,12 @@ RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "sy
 
 def release_traces(cfg: SiteConfig) -> list[Path]:
     """Paths whose presence shows that this output folder's ledger has charged before (existing or not): released
-    artifacts and the site's copies of them, resumable checkpoints, members.json, the paid record count, and the
-    noise key (created only after the ledger exists: a key without a ledger means the ledger was lost, or a key was
-    copied into a folder whose ledger it does not belong to; either way its noise may already have been spent)."""
+    artifacts and the site's copies of them, the distillation loss curves, resumable checkpoints, members.json, the
+    paid record count, and the noise key (created only after the ledger exists: a key without a ledger means the
+    ledger was lost, or a key was copied into a folder whose ledger it does not belong to; either way its noise may
+    already have been spent)."""
     out = cfg.output_dir
-    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)]
+    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)] + sorted(out.glob("distill_loss_round-*.json"))
             + sorted((out / "checkpoints").glob("*round-*.safetensors")))
 
 
@@ -55,14 +58,16 @@ def open_ledger(cfg: SiteConfig, dp: bool) -> PrivacyLedger:
 
 
 def print_budget(cfg: SiteConfig, console: Console | None = None) -> dict:
-    """`medfdd site budget`: spent and remaining epsilon, per round, from the ledger (nothing is charged)."""
+    """`medfdd site budget`: spent and remaining epsilon, per round, from the ledger (nothing is charged), and
+    output/budget.png: epsilon after each charge by purpose against the budget (`chart`: its path; None without a
+    ledger)."""
     console = console or Console()
     path = cfg.output_dir / LEDGER_FILENAME
     if not path.is_file():
         check_not_lost(path, release_traces(cfg))  # a lost ledger is not "nothing spent"
         console.print(f"{cfg.site_id}: no ledger yet ({path}); budget epsilon = {cfg.privacy.epsilon:g}, "
                       f"delta = {cfg.privacy.delta:g}, nothing spent")
-        return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": []}
+        return {"site_id": cfg.site_id, "spent": 0.0, "budget": cfg.privacy.epsilon, "rounds": [], "chart": None}
     ledger = PrivacyLedger.load(path)
     table = Table(title=f"{cfg.site_id}: privacy ledger ({ledger.budget.accountant.upper()}, "
                         f"delta = {ledger.budget.delta:g}, epsilon protects each {ledger.budget.unit})")
@@ -78,4 +83,8 @@ def print_budget(cfg: SiteConfig, console: Console | None = None) -> dict:
                       f"{spent:.4g}", f"{remaining:.4g}")
     console.print(table)
     console.print(f"spent {ledger.epsilon_spent:.4g} of {ledger.budget.epsilon:g}; remaining {ledger.remaining:.4g}")
-    return {"site_id": cfg.site_id, "spent": ledger.epsilon_spent, "budget": ledger.budget.epsilon, "rounds": rows}
+    chart = atomic_write_bytes(cfg.output_dir / BUDGET_CHART, budget_png(
+        rows, ledger.budget.epsilon, f"{cfg.site_id}: epsilon spent after each charge (per {ledger.budget.unit})"))
+    console.print(f"chart: {chart}")
+    return {"site_id": cfg.site_id, "spent": ledger.epsilon_spent, "budget": ledger.budget.epsilon, "rounds": rows,
+            "chart": str(chart)}

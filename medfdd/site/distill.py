@@ -2,7 +2,8 @@
 
 Order of operations (privacy invariants 1-4): load the site's training split -> calibrate the noise for the
 planned steps and rounds -> charge the ledger (write-ahead, atomic; refused if over budget) -> distill, with
-resumable checkpoints that stay at the site -> write the allow-listed artifact. A resumed run finds its charge
+resumable checkpoints that stay at the site -> write the allow-listed artifact (and, kept at the site, the round's
+matching-loss curve, `distill_loss_round-R.png` and `.json`). A resumed run finds its charge
 in the ledger and does not pay twice; a crash may over-count, never under-count. (A resumed decoupled DM run
 recomputes its bank of noisy statistics from the same seeds: the same releases, not new ones.) Every random draw is
 keyed by the site's secret noise key (`noise_key.py`), and the ledger entry names the release it paid for (keyed
@@ -28,13 +29,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save
 
 from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save_synthetic, save_volumes_nifti
+from medfdd.charts import loss_png
 from medfdd.config import SiteConfig
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill import create_distiller
 from medfdd.distill.base import DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
 from medfdd.distill.mechanism import secure_replay_refused
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_write_bytes, atomic_write_json
+from medfdd.io import atomic_write_bytes, atomic_write_json, json_safe
 from medfdd.site.budget import open_ledger
 from medfdd.site.check import load_with_progress
 from medfdd.site.noise_key import KEY_FILENAME, keyed_seed, load_or_create
@@ -235,6 +237,8 @@ def _save_checkpoint(path: Path, state: DistillState, fingerprint: str) -> None:
     for name in ("average", "counts_sum"):
         if getattr(state, name) is not None:
             tensors[name] = getattr(state, name).cpu().contiguous()
+    if state.losses:
+        tensors["losses"] = torch.tensor(state.losses, dtype=torch.float64)
     atomic_write_bytes(path, save(tensors, metadata={"iteration": str(state.iteration), "fingerprint": fingerprint}))
 
 
@@ -252,8 +256,27 @@ def _load_checkpoint(path: Path, fingerprint: str, device: torch.device) -> Dist
     except Exception:
         return None
     optional = {name: t[name].to(device) if name in t else None for name in ("average", "counts_sum")}
+    losses = [(int(u), float(v)) for u, v in t["losses"].tolist()] if "losses" in t else []
     return DistillState(t["images"].to(device).requires_grad_(True), t["labels"].to(device),
-                        t["momentum"].to(device), int(meta["iteration"]), **optional)
+                        t["momentum"].to(device), int(meta["iteration"]), **optional, losses=losses)
+
+
+def loss_curve_path(cfg: SiteConfig, round_: int) -> Path:
+    """output/distill_loss_round-R.png (the numbers beside it as .json): kept at the site, never offered."""
+    return cfg.output_dir / f"distill_loss_round-{round_}.png"
+
+
+def _write_loss_curve(cfg: SiteConfig, round_: int, state: DistillState, *, per_update: bool, eps_text: str) -> Path:
+    """The matching loss of each synthetic update of the round (`DistillState.losses`, carried through checkpoints;
+    a checkpoint written before they were recorded resumes with the curve from that point), as PNG and JSON."""
+    png = loss_curve_path(cfg, round_)
+    what = "synthetic update" if per_update else "paid step (loss of its last synthetic update)"
+    atomic_write_json(png.with_suffix(".json"), json_safe({
+        "site_id": cfg.site_id, "round": round_, "method": cfg.distill.method, "x": what,
+        "points": [[u, v] for u, v in state.losses],
+        "note": "the matching loss against the noisy statistics (post-processing); kept at the site, never offered"}))
+    title = f"{cfg.site_id} round {round_}: {cfg.distill.method.upper()} matching loss, {eps_text}"
+    return atomic_write_bytes(png, loss_png(state.losses, title, what))
 
 
 def distill_site(cfg: SiteConfig, *, round_: int = 1, global_model: Path | None = None, no_dp: bool = False,
@@ -363,9 +386,11 @@ def distill_site(cfg: SiteConfig, *, round_: int = 1, global_model: Path | None 
                  title=f"{cfg.site_id} round {round_}: {cfg.distill.method.upper()} ipc {cfg.distill.ipc}, {eps_text}")
     if len(cfg.data.spatial_size) == 3:
         save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images)
+    curve = _write_loss_curve(cfg, round_, state, per_update=total > plan.steps, eps_text=eps_text)
     ckpt_path.unlink(missing_ok=True)
     bank_path.unlink(missing_ok=True)
-    console.print(f"[green]wrote[/] {npz} ({len(images)} images, {eps_text}, last loss {last['loss']:.4f})")
+    console.print(f"[green]wrote[/] {npz} ({len(images)} images, {eps_text}, last loss {last['loss']:.4f}); loss "
+                  f"curve {curve} (stays at the site)")
     return DistillOutcome(npz, meta, resumed_from)
 
 

@@ -21,7 +21,6 @@ federated training: Wang et al. 2019, "Federated evaluation of on-device persona
 from __future__ import annotations
 
 import hashlib
-import io
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medfdd.artifacts import load_agreed_model, save_model
+from medfdd.charts import png_bytes, pyplot
 from medfdd.config import SiteConfig, SiteEvaluateConfig
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json
@@ -53,11 +53,7 @@ class SiteEvaluationError(MedfddError):
 def confusion_png(results: dict, classes: list[str], title: str) -> bytes:
     """PNG of row-normalised confusion matrices (counts written in the cells): one row per model, one column per
     group; `results` maps model -> group -> metrics."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     k = len(classes)
     ncols = max(len(r) for r in results.values())
     fig, axes = plt.subplots(len(results), ncols, figsize=(0.45 * k * ncols + 2.5, (0.45 * k + 1.8) * len(results)),
@@ -81,10 +77,7 @@ def confusion_png(results: dict, classes: list[str], title: str) -> bytes:
             ax.set_title(f"{MODELS[name]}: {GROUPS[group]}\naccuracy {r['accuracy']:.3f}, n = {r['n']}", fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return png_bytes(fig)
 
 
 def recipe_settings(ev: SiteEvaluateConfig, width: int) -> TrainSettings:

@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from medfdd.artifacts import load_agreed_model, load_model, load_synthetic
+from medfdd.charts import run_progress
 from medfdd.config import DistillConfig, load_site_config
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
@@ -101,6 +102,7 @@ class AuditOutcome:
     utility: dict | None
     notes: list[str]
     round_metrics: list[dict] = field(default_factory=list)  # per round: accepted sites, accuracy, ...
+    progress: list[dict] = field(default_factory=list)  # per round, fine-tuning included: `medfdd.charts.run_progress`
 
 
 def _read_run(run_dir: Path) -> dict:
@@ -451,4 +453,4 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     per_round = [{"round": r.get("round"), "accepted": len(r.get("accepted") or []),
                   **{k: (r.get("metrics") or {}).get(k) for k in ("accuracy", "balanced_accuracy", "auc")}}
                  for r in rounds]
-    return AuditOutcome(info, classes, spec, sites, rows, run.get("final"), notes, per_round)
+    return AuditOutcome(info, classes, spec, sites, rows, run.get("final"), notes, per_round, run_progress(run))

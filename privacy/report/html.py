@@ -1,7 +1,8 @@
 """report.html: one self-contained page for a privacy officer (no scripts, fonts or links to fetch: works offline).
 
 Order: verdict in plain words -> what each attack found (table) -> ROC curves (log-log) -> score histograms ->
-privacy ledger (epsilon spent vs budget, per site and round) -> utility of the global model -> synthetic images.
+privacy ledger (epsilon spent vs budget, per site and round) -> utility of the global model (accuracy and epsilon per
+round, `medfdd.charts.progress_png`) -> synthetic images.
 Figures are matplotlib PNGs embedded as base64 data URIs.
 """
 
@@ -9,11 +10,11 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 
 import numpy as np
 
+from medfdd.charts import png_bytes, progress_png, pyplot
 from privacy.audit.metrics import roc
 from privacy.audit.run import AuditOutcome
 
@@ -28,27 +29,17 @@ h1{font-size:1.6em;margin-bottom:4px}h2{margin-top:36px;border-bottom:1px solid 
 .violation{background:#fde8e8;border-color:#c0392b}
 .headline{font-size:1.25em;font-weight:700;margin:0 0 8px}
 table{border-collapse:collapse;margin:8px 0;font-size:.92em}th,td{border:1px solid #d7dbe3;padding:4px 8px;text-align:right}
-th{background:#f2f4f8}td.l,th.l{text-align:left}img{max-width:100%;height:auto}
+th{background:#f2f4f8}td.l,th.l{text-align:left}img{max-width:100%;height:auto}figure{margin:8px 0}
 .muted{color:#5b6475;font-size:.9em}.bad{color:#c0392b;font-weight:700}
 """
 
 
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
 def _png(fig) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return _uri(png_bytes(fig))
 
 
 def _label(r) -> str:
@@ -56,7 +47,7 @@ def _label(r) -> str:
 
 
 def roc_figure(rows, target: str) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     floor = 1.0
     for r in rows:
@@ -79,7 +70,7 @@ def roc_figure(rows, target: str) -> str:
 
 
 def histogram_figure(rows) -> str:
-    plt = _plt()
+    plt = pyplot()
     n = len(rows)
     cols = min(3, n)
     nrows = math.ceil(n / cols)
@@ -107,7 +98,7 @@ def histogram_figure(rows) -> str:
 
 
 def ledger_figure(sites) -> str | None:
-    plt = _plt()
+    plt = pyplot()
     items = [(sid, s) for sid, s in sites.items() if s.ledger]
     if not items:
         return None
@@ -130,11 +121,33 @@ def ledger_figure(sites) -> str | None:
     return _png(fig)
 
 
+def progress_figure(outcome: AuditOutcome) -> str | None:
+    """`medfdd.charts.progress_png` of the audited sites: the coordinator's progress.png for this report's sites."""
+    if not outcome.progress:
+        return None
+    points = [{**p, "epsilon": {s: e for s, e in p["epsilon"].items() if s in outcome.sites}}
+              for p in outcome.progress]
+    budgets = {sid: s.epsilon_budget for sid, s in outcome.sites.items()}
+    return _uri(progress_png(points, budgets, "accuracy of the global model and epsilon spent, per round"))
+
+
+def progress_section(outcome: AuditOutcome) -> list[str]:
+    """The accuracy-and-epsilon-per-round chart with a caption in plain words (nothing when run.json has no round)."""
+    fig = progress_figure(outcome)
+    if fig is None:
+        return []
+    return ['<figure id="progress">', f'<img alt="accuracy and epsilon per round" src="{fig}">',
+            "<figcaption class=\"muted\">Top: how often the shared model was right on the coordinator's test "
+            "images after each round (1 = always). Bottom: the privacy each site had spent after each round; it "
+            "only ever goes up, and each site's dashed line is the limit it agreed to. A line that reaches its "
+            "dashed limit means that site can release nothing more. Rounds marked “ft” are fine-tuning rounds, in "
+            "which the sites sent model updates instead of synthetic images.</figcaption></figure>"]
+
+
 def synthetic_grid(images: np.ndarray, labels: np.ndarray, classes: list[str], title: str, max_cols: int = 10) -> str:
     from medfdd.artifacts import preview_png
 
-    png = preview_png(images, labels, classes, title, max_cols=max_cols, cell=0.6, dpi=90)
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    return _uri(preview_png(images, labels, classes, title, max_cols=max_cols, cell=0.6, dpi=90))
 
 
 def _p(p: float | None) -> str:
@@ -244,6 +257,7 @@ def render_html(outcome: AuditOutcome, data: dict) -> str:
                    + "</tr></table>")
     else:
         out.append("<p>No test-set metrics in run.json (the run had no test set).</p>")
+    out += progress_section(outcome)
     per_round = [r for r in outcome.round_metrics if r.get("accuracy") is not None]
     if len(per_round) > 1:
         out.append("<table><tr><th>round</th><th>sites accepted</th><th>accuracy</th><th>balanced accuracy</th>"

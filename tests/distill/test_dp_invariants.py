@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import prepared_digits
+from conftest import assert_png, prepared_digits
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,9 +24,12 @@ from medfdd.distill.base import PrivacyPlan, WarmStart, evidence_allocation, fas
 from medfdd.distill.distribution_matching import DistributionMatching
 from medfdd.distill.mechanism import noisy_class_stats
 from medfdd.errors import MedfddError
+from medfdd.messages import Broadcast
 from medfdd.nets import convnet_for
-from medfdd.site.distill import distill_site
+from medfdd.site.budget import print_budget, release_traces
+from medfdd.site.distill import distill_site, loss_curve_path
 from medfdd.site.noise_key import KEY_FILENAME
+from medfdd.site.offer import make_offer
 from privacy.accounting import BudgetExceeded, PrivacyLedger
 
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -544,7 +547,33 @@ def test_interrupted_run_resumes_without_paying_twice(consortium, tmp_path, stop
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert straight.meta["epsilon"] == resumed.meta["epsilon"]
     assert straight.meta["class_evidence"] == resumed.meta["class_evidence"]
+    # the loss curve went through the checkpoint: the resumed run's is the whole round's, as the uninterrupted one's
+    curves = [json.loads(loss_curve_path(load_site_config(p), 1).with_suffix(".json").read_text())["points"]
+              for p in (path, path2)]
+    updates = 20 * cfg.distill.updates_per_statistic  # decoupled: one point per synthetic update
+    assert [u for u, _ in curves[0]] == list(range(1, updates + 1))
+    np.testing.assert_allclose(curves[0], curves[1], rtol=1e-4)
     assert len(resumed.meta["class_evidence"]) == len(cfg.data.classes)
+
+
+def test_the_loss_curve_and_the_budget_chart_stay_at_the_site(consortium, tmp_path):
+    """`site distill` keeps its matching-loss curve (PNG + JSON) in the output folder; the offer carries only the
+    allow-listed synthetic set; `site budget` draws the charges against the budget."""
+    path = _site_config(consortium, tmp_path, iterations=4, inner_steps=3)
+    cfg = load_site_config(path)
+    offer = make_offer(cfg, Broadcast(1), console=quiet())
+    curve = loss_curve_path(cfg, 1)
+    assert_png(curve)
+    numbers = json.loads(curve.with_suffix(".json").read_text())
+    assert numbers["x"] == "synthetic update" and len(numbers["points"]) == 12  # 4 statistics x 3 updates each
+    assert all(v >= 0 and math.isfinite(v) for _, v in numbers["points"])
+    assert set(offer.arrays) == {"images", "labels"} and set(offer.meta) <= set(META_KEYS)
+    assert "loss" not in json.dumps(offer.meta) and "loss" not in (cfg.output_dir / "synthetic.json").read_text()
+    assert curve.with_suffix(".json") in release_traces(cfg)  # written only after a charge
+    budget = print_budget(cfg, console=quiet())
+    assert budget["chart"] == str(cfg.output_dir / "budget.png") and [r["purpose"] for r in budget["rounds"]] == [
+        "record-count", "distill"]
+    assert_png(cfg.output_dir / "budget.png")
 
 
 def _copy_noise_key(src: Path, dst_config: Path) -> None:

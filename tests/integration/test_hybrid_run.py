@@ -9,14 +9,16 @@ import math
 import dp_accounting
 import pytest
 import torch
-from conftest import assert_final_model_delivered, hybrid_sites
+from conftest import assert_final_model_delivered, assert_png, hybrid_sites
 from rich.console import Console
 from safetensors.torch import load_file
 
+from medfdd.charts import run_progress
 from medfdd.config import load_coordinator_config, load_site_config
 from medfdd.coordinator.run import CoordinatorError
 from medfdd.federation.inprocess import open_inprocess, run_inprocess
 from medfdd.messages import LocalUpdate
+from medfdd.rundir import RunDir
 from medfdd.site.budget import print_budget
 from medfdd.site.finetune import finetune_site
 from medfdd.site.offer import make_offer
@@ -93,6 +95,10 @@ def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resum
     assert all(torch.equal(final[k], v) for k, v in load_file(out / "finetune" / "round-2" /
                                                                "global_model.safetensors").items())
     assert ft["warm_start"]["metrics"]["accuracy"] == doc["rounds"][0]["metrics"]["accuracy"]
+    # progress.png covers the fine-tuning rounds, told apart from the distillation round
+    assert [(p["label"], p["kind"]) for p in run_progress(doc)] == [("1", "distill"), ("ft 1", "finetune"),
+                                                                     ("ft 2", "finetune")]
+    assert_png(RunDir(out).progress)
     assert doc["final"]["finetune_round"] == 2
     assert doc["final"]["accuracy"] == ft["rounds"][1]["metrics"]["accuracy"]
     assert doc["final"]["bytes_up_total"] == sum(sum(r["bytes_up"].values()) for r in doc["rounds"] + ft["rounds"])
@@ -115,6 +121,7 @@ def test_hybrid_run_fine_tunes_the_warm_start_within_each_sites_budget_and_resum
         budget = print_budget(load_site_config(p), console=QUIET)
         assert [r["purpose"] for r in budget["rounds"]] == ["record-count", "distill", "finetune", "finetune"]
         assert budget["rounds"][-1]["epsilon_after"] == pytest.approx(ledger.epsilon_spent)
+        assert_png(budget["chart"])  # the fine-tuning charges drawn against the budget
     assert_final_model_delivered(out, sites)
 
 

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import yaml
-from conftest import assert_final_model_delivered
+from conftest import assert_final_model_delivered, assert_png
 from rich.console import Console
 
 from medfdd.artifacts import load_model, load_synthetic
@@ -19,6 +19,7 @@ from medfdd.coordinator.run import CoordinatorError
 from medfdd.coordinator.validate import Reason
 from medfdd.federation.inprocess import open_inprocess
 from medfdd.messages import to_wire
+from medfdd.rundir import RunDir
 from medfdd.site.offer import make_offer
 from privacy.accounting import PrivacyLedger
 
@@ -91,6 +92,9 @@ def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_c
     for sid, p in sorted(sites.items()):
         run.receive(make_offer(load_site_config(p), b, console=QUIET), sender=sid)
     first = run.finish_round()
+    progress = RunDir(load_coordinator_config(coord).output_dir).progress
+    one_round = progress.read_bytes()  # drawn after every round
+    assert_png(progress)
     b2 = run.broadcast()
     first_site = sorted(sites)[0]
     run.receive(make_offer(load_site_config(sites[first_site]), b2, console=QUIET), sender=first_site)
@@ -104,6 +108,8 @@ def test_killed_mid_round_resumes_after_the_last_finished_round_without_double_c
         assert resumed.receive(make_offer(load_site_config(p), b2, console=QUIET), sender=sid)
     resumed.finish_round()
     assert resumed.next_round is None
+    assert_png(progress)  # redrawn with round 2 (round 1 read back from the checkpoint)
+    assert progress.read_bytes() != one_round
     run_json = json.loads((resumed.close() / "run.json").read_text())
     assert run_json["status"] == "completed" and len(run_json["rounds"]) == 2
     for p in sites.values():  # the site asked twice for round 2 paid once

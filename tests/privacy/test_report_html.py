@@ -3,6 +3,7 @@ headless Chromium: not blank, the verdict is there, and no network request is ma
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medfdd.charts import run_progress
 from privacy.audit.metrics import EpsilonBound, attack_metrics, clopper_pearson_lower_bound, one_run_lower_bound
 from privacy.audit.run import CONSORTIUM, AttackRow, AuditError, AuditOutcome, SiteAudit
 from privacy.audit.spec import AuditSpec
@@ -54,7 +56,10 @@ def outcome(*, shift: float, dp: bool, eps: float = 0.9, canary_shift: float | N
     return AuditOutcome({"name": "run-1", "engine": "inprocess", "status": "completed", "medfdd_version": "0.1.0",
                          "seed": 0, "rounds": 1, "merge": "concat"}, [str(k) for k in range(10)],
                         AuditSpec(attacks=["loss", "dcr"]), sites, rows,
-                        {"accuracy": 0.81, "balanced_accuracy": 0.8, "auc": 0.95, "n": 100}, [])
+                        {"accuracy": 0.81, "balanced_accuracy": 0.8, "auc": 0.95, "n": 100}, [],
+                        progress=run_progress({"rounds": [{"round": r, "metrics": {"accuracy": a},
+                                                           "epsilon": {s: acc * r / 2 for s in sites}}
+                                                          for r, a in ((1, 0.7), (2, 0.81))]}))
 
 
 def test_report_json_contract_and_verdicts():
@@ -151,14 +156,27 @@ def test_report_html_renders_offline_in_headless_chromium(tmp_path: Path):
             page.goto(html.resolve().as_uri(), wait_until="load")
             verdict = page.inner_text("#verdict")
             n_images = page.evaluate("Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
+            progress_width = page.evaluate("document.querySelector('#progress img').naturalWidth")
             png = page.screenshot(full_page=True)
         finally:
             browser.close()
     assert verdict.startswith("Verdict:") and "NON-PRIVATE" in verdict
-    assert n_images >= 5  # ROC x2, histograms, ledger, synthetic grids: all decoded from inline data
+    assert n_images >= 6  # ROC x2, histograms, ledger, accuracy/epsilon per round, synthetic grids: all inline
+    assert progress_width > 300
     assert [u for u in requests if not (u == html.resolve().as_uri() or u.startswith("data:"))] == []
     img = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.float32)
     assert img.std() > 10 and (img < 200).mean() > 0.02  # not a blank page
+
+
+def test_the_report_shows_accuracy_and_epsilon_per_round_with_a_caption():
+    page = render_html(outcome(shift=0.0, dp=True), report_json(outcome(shift=0.0, dp=True)))
+    figure = page.split('<figure id="progress">', 1)[1].split("</figure>", 1)[0]
+    png = base64.b64decode(figure.split('src="data:image/png;base64,', 1)[1].split('"', 1)[0])
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert "<figcaption" in figure and "dashed line is the limit" in figure
+    empty = outcome(shift=0.0, dp=True)
+    empty.progress = []  # a run.json without rounds: no chart, no caption
+    assert 'id="progress"' not in render_html(empty, report_json(empty))
 
 
 def test_the_report_says_what_epsilon_protects():
