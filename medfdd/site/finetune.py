@@ -28,7 +28,7 @@ from medfdd.artifacts import load_agreed_model, save_model
 from medfdd.config import FinetuneConfig, SiteConfig
 from medfdd.errors import ConfigError
 from medfdd.finetune.dpsgd import DPSGDPlan, dp_sgd
-from medfdd.io import atomic_write_bytes
+from medfdd.io import atomic_write_bytes, json_safe
 from medfdd.messages import UPDATE_META, FinetuneRound, LocalUpdate
 from medfdd.site.budget import open_ledger
 from medfdd.site.check import load_with_progress
@@ -182,7 +182,7 @@ def finetune_site(cfg: SiteConfig, task: FinetuneRound, *, console: Console | No
                   f"{plan.noise_multiplier:.3g}, q {plan.sample_rate:.3g}); "
                   f"{'NON-PRIVATE (eps = inf)' if not dp else f'eps {eps:.3g} of {cfg.privacy.epsilon:g}'}")
     # invariant 5: the metadata is the allow-list, in its order
-    meta = dict(zip(UPDATE_META, (cfg.site_id, task.round, eps if math.isfinite(eps) else "inf",
+    meta = dict(zip(UPDATE_META, (cfg.site_id, task.round, json_safe(eps),
                                   plan.noise_multiplier, plan.sample_rate, plan.steps), strict=True))
     return LocalUpdate(cfg.site_id, task.round, path.read_bytes(), meta)
 

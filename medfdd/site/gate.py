@@ -22,7 +22,7 @@ from medfdd.config import SiteConfig
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import split_units
 from medfdd.errors import MedfddError
-from medfdd.io import atomic_write_json
+from medfdd.io import atomic_write_json, json_safe
 
 
 class AuditGateFailed(MedfddError):
@@ -48,7 +48,7 @@ def gate_synthetic_set(cfg: SiteConfig, syn: SyntheticSet, *, console: Console |
     row = {"site": cfg.site_id, "attack": "dcr", "target": "synthetic", "auc": m.auc, "auc_p_value": m.auc_p_value,
            "tpr_at_fpr_0.001": m.tpr_at_fpr_0_001, "tpr_at_fpr_0.01": m.tpr_at_fpr_0_01,
            "balanced_accuracy": m.balanced_accuracy, "epsilon_lower_bound": bound.value,
-           "epsilon_accounted": "inf" if not math.isfinite(eps) else eps, "n_members": m.n_members,
+           "epsilon_accounted": json_safe(eps), "n_members": m.n_members,
            "n_nonmembers": m.n_nonmembers}
     result = check_gate({"results": [row]}, cfg.audit_gate, site_id=cfg.site_id)
     report = {"round": syn.meta.get("round"), "results": [row], "passed": result.passed, "failures": result.failures}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medfdd.config import AuditGate
+from medfdd.io import json_number
 
 
 @dataclass(frozen=True)
@@ -15,10 +16,6 @@ class GateResult:
     passed: bool
     failures: list[str] = field(default_factory=list)  # one plain sentence per threshold broken
     checked: int = 0  # attack rows looked at
-
-
-def _num(x: Any) -> float:
-    return float("inf") if x == "inf" else float(x)
 
 
 def _auc_failure(tag: str, row: Mapping[str, Any], gate: AuditGate) -> list[str]:
@@ -56,7 +53,7 @@ def check_gate(report_json: Mapping[str, Any], thresholds: AuditGate | Mapping[s
         for key, limit in (("tpr_at_fpr_0.001", gate.max_tpr_at_fpr_0_001), ("tpr_at_fpr_0.01", gate.max_tpr_at_fpr_0_01)):
             if limit is not None and r[key] > limit:
                 failures.append(f"{tag}: {key} {r[key]:.3f} is above the allowed {limit:g}")
-        lb, acc = _num(r["epsilon_lower_bound"]), _num(r["epsilon_accounted"])
+        lb, acc = json_number(r["epsilon_lower_bound"]), json_number(r["epsilon_accounted"])
         if gate.max_epsilon_lower_bound is not None and lb > gate.max_epsilon_lower_bound:
             failures.append(f"{tag}: empirical epsilon bound {lb:.3g} is above the allowed "
                             f"{gate.max_epsilon_lower_bound:g}")

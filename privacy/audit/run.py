@@ -38,6 +38,7 @@ from medfdd.data.site_data import load_site_data
 from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
 from medfdd.distill.base import PrivacyPlan, WarmStart, check_warm_start
 from medfdd.errors import MedfddError
+from medfdd.io import json_number
 from medfdd.nets import ConvNet
 from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings
@@ -123,7 +124,7 @@ def _read_run(run_dir: Path) -> dict:
 
 
 def _inf(x) -> float:
-    return math.inf if x == "inf" or x is None else float(x)
+    return math.inf if x is None else json_number(x)
 
 
 def _train_settings(run: dict) -> TrainSettings:
