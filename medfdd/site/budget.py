@@ -26,12 +26,12 @@ RELEASE_FILES = ("synthetic.npz", "synthetic.json", "synthetic_preview.png", "sy
 
 def release_traces(cfg: SiteConfig) -> list[Path]:
     """Paths whose presence shows that this output folder's ledger has charged before (existing or not): released
-    artifacts and the site's copies of them, the distillation loss curves, resumable checkpoints, members.json, the
+    artifacts and the site's copies of them, resumable checkpoints, members.json, the
     paid record count, and the noise key (created only after the ledger exists: a key without a ledger means the
     ledger was lost, or a key was copied into a folder whose ledger it does not belong to; either way its noise may
     already have been spent)."""
     out = cfg.output_dir
-    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)] + sorted(out.glob("distill_loss_round-*.json"))
+    return ([out / name for name in (*RELEASE_FILES, KEY_FILENAME)]
             + sorted((out / "checkpoints").glob("*round-*.safetensors")))
 
 
