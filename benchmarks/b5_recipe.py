@@ -13,7 +13,7 @@ no extra privacy cost. Each training's test softmax is cached (`--cache`), so a 
 with more `--evals` or variants only trains what is missing; the result is rewritten after every training (partial
 results say which trainings are missing).
 Run: `.venv/bin/python benchmarks/b5_recipe.py DIR --tag eps1_rounds3 --rounds 1 --name b5_recipe_r1
-[--variants baseline w64 ...] [--evals 5] [--reuse-global]`.
+[--variants baseline w64 ...] [--evals 5] [--reuse-global] [--report-only]`.
 """
 
 from __future__ import annotations
@@ -171,11 +171,11 @@ def stats(name: str, recipe: Recipe | None, accs: list[float], seconds: list[flo
 
 def fmt(r: dict) -> str:
     sd = "" if r["accuracy_sd"] is None else f" ± {100 * r['accuracy_sd']:.2f}"
-    s = r.get("seconds_per_training")
+    s, c = r.get("seconds_per_training"), r.get("cpu_seconds_per_training")
     extra = (f"; every {r['models']}-subset of the seeds: {100 * r['all_subsets_mean']:.2f} ± "
              f"{100 * r['all_subsets_sd']:.2f} ({r['all_subsets']}, overlapping)" if "all_subsets" in r else "")
     return (f"| {r['variant']} | {len(r['accuracies'])} | {100 * r['accuracy_mean']:.2f}{sd} | "
-            f"{', '.join(f'{100 * a:.2f}' for a in r['accuracies'])}{extra} | {'' if s is None else f'{s:.0f}'} |")
+            f"{', '.join(f'{100 * a:.2f}' for a in r['accuracies'])}{extra} | {'' if s is None else f'{s:.0f}'}{'' if c is None else f' ({c:.0f} CPU)'} |")
 
 
 def note(res: dict) -> str:
@@ -188,8 +188,11 @@ def note(res: dict) -> str:
              "over disjoint groups of k consecutive seeds (no sd with one group), and the mean over every k-subset "
              "(overlapping, not independent). SWA rows: the same trainings' weights averaged over the last quarter "
              "of the epochs.", "",
-             "| variant | n | test accuracy % (mean ± sd) | per model / group | s per training |", "|---|---|---|---|---|"]
+             "| variant | n | test accuracy % (mean ± sd) | per model / group | s per training (wall, CPU) |", "|---|---|---|---|---|"]
     lines += [fmt(r) for r in res["rows"]]
+    lines += [""] + [f"- {r['variant']}: two models disagree on {100 * r['pairwise_disagreement']:.1f} % of the test "
+                     f"images; some model is right on {100 * r['oracle_any_correct']:.1f} % (an ensemble's ceiling)."
+                     for r in res["rows"] if r.get("pairwise_disagreement") is not None]
     if res["missing"]:
         lines += ["", f"**Partial**: not trained (time ran out): {', '.join(res['missing'])}."]
     if res.get("note"):
@@ -212,6 +215,7 @@ def main() -> None:
                     "model (global_{tag}_r{last}.safetensors, same recipe, seed and set) instead of retraining it")
     ap.add_argument("--cache", type=Path, default=Path("/tmp/b5_recipe_cache"))
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the result from the cached trainings")
     ap.add_argument("--note", default="")
     args = ap.parse_args()
     if args.threads:
@@ -224,13 +228,12 @@ def main() -> None:
     recipes = {v: parse_variant(v) for v in args.variants}
     args.cache.mkdir(parents=True, exist_ok=True)
     todo = [(v, s) for v in args.variants for s in seeds]
-    reused = []
 
     def cached(v: str, s: int) -> Path:
         return args.cache / f"{set_tag}_{v}_s{s}.npz"
 
     def report() -> Path:
-        rows, missing = [], []
+        rows, missing, reused = [], [], []
         for v in args.variants:
             got = [(s, np.load(cached(v, s))) for s in seeds if cached(v, s).is_file()]
             missing += [f"{v} seed {s}" for s in seeds if not cached(v, s).is_file()]
@@ -238,7 +241,14 @@ def main() -> None:
                 continue
             acc = lambda p: float((p.argmax(1) == y_test).mean())  # noqa: E731
             secs = [float(z["seconds"]) for _, z in got if float(z["seconds"]) > 0]
+            reused += [f"{v} seed {s}: the benchmark's saved global model" for s, z in got if float(z["seconds"]) == 0]
             rows.append(stats(v, recipes[v], [acc(z["proba"]) for _, z in got], secs, [s for s, _ in got]))
+            cpu = [float(z["cpu_seconds"]) for _, z in got if "cpu_seconds" in z]
+            rows[-1]["cpu_seconds_per_training"] = float(np.mean(cpu)) if cpu else None
+            preds = [z["proba"].argmax(1) for _, z in got]  # how much an ensemble of them can change
+            pairs = [float((a != b).mean()) for a, b in itertools.combinations(preds, 2)]
+            rows[-1]["pairwise_disagreement"] = float(np.mean(pairs)) if pairs else None
+            rows[-1]["oracle_any_correct"] = float(np.mean(np.any([p == y_test for p in preds], 0)))
             rows += ensemble_rows(v, [z["proba"] for _, z in got], y_test, args.ensemble_k)
             swa = [(s, z) for s, z in got if "proba_swa" in z]
             if swa:
@@ -255,12 +265,11 @@ def main() -> None:
 
     for v, s in todo:
         path = cached(v, s)
-        if path.is_file():
+        if path.is_file() or args.report_only:
             continue
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         glob_file = args.folder / f"global_{args.tag}_r{args.rounds[-1]}.safetensors"
         if v == "baseline" and s == seeds[0] and args.reuse_global and glob_file.is_file():
-            reused.append(str(glob_file))
             model = load_model(glob_file).to(device)
             np.savez(path, proba=predict_proba(model, x_test), proba_train=predict_proba(model, train.images),
                      seconds=0.0)
@@ -272,9 +281,9 @@ def main() -> None:
                     raise SystemExit(f"--variants {v}: needs baseline models first (list baseline before it)")
                 soft = np.mean([np.load(p)["proba_train"] for p in teachers], 0)
             model, swa = train_recipe(train, recipes[v], seed=s, device=device, soft=soft)
-            secs = time.perf_counter() - t
+            secs, cpu_secs = time.perf_counter() - t, time.process_time() - cpu
             np.savez(path, proba=predict_proba(model, x_test), proba_swa=predict_proba(swa, x_test),
-                     proba_train=predict_proba(model, train.images), seconds=secs)
+                     proba_train=predict_proba(model, train.images), seconds=secs, cpu_seconds=cpu_secs)
         z = np.load(path)
         print(f"{v} seed {s}: accuracy {(z['proba'].argmax(1) == y_test).mean():.4f}"
               + (f", SWA {(z['proba_swa'].argmax(1) == y_test).mean():.4f}" if "proba_swa" in z else "")
