@@ -37,11 +37,11 @@ from b1_merge_study import load_offers  # noqa: E402
 from common import peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.artifacts import load_model  # noqa: E402
+from medfdd.augment import FAMILIES, augment  # noqa: E402
 from medfdd.config import CoordinatorConfig  # noqa: E402
 from medfdd.coordinator.merge import MergedSet, load_merged, merge, union_of_rounds  # noqa: E402
-from medfdd.data.sources import load_fashion_mnist  # noqa: E402
-from medfdd.distill.augment import FAMILIES, augment  # noqa: E402
 from medfdd.nets import convnet_for  # noqa: E402
+from medfdd.prepare.sources import load_fashion_mnist  # noqa: E402
 from medfdd.training import TrainSettings, pick_device, predict_proba  # noqa: E402
 
 
