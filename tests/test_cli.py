@@ -152,7 +152,7 @@ def test_json_of_site_check_and_site_evaluate(site_config, capsys):
 
 @pytest.mark.slow
 def test_ctrl_c_on_a_real_site_distill_exits_130_and_resumes_without_a_second_charge(digits_consortium, capsys):
-    site = load_coordinator_config(digits_consortium(sites=2, distill={"iterations": 60,
+    site = load_coordinator_config(digits_consortium(sites=2, distill={"iterations": 600,
                                                                        "checkpoint_every": 5})).site_paths[0]
     out_dir = load_site_config(site).output_dir
     exe = Path(sys.executable).with_name("medfdd")
