@@ -83,7 +83,8 @@ def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: d
                                   seed=seed, count_noise=count_noise)
     spent = epsilon_for([*prior, (sigma, q, steps)], delta=DELTA) if dp else math.inf
     cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch,
-                        inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"))
+                        inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"),
+                        allocation="uniform")  # ipc per class, as the published methods it is compared with
     distiller = create_distiller(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
                                  image_shape=image_shape, seed=seed, device=device)
     return distiller, sigma, spent, q, steps

@@ -5,10 +5,11 @@ centralized, local-only, random real subset, FedAvg and DP-FedAvg (Opacus DP-SGD
 
 The sites run in memory (the same Distiller, merge and training code as `medfdd coordinator run`; no DICOM files),
 so the benchmark measures the method, not file loading (see loading.py for that).
-CPU-scale default: all 60k training records split over the sites, 100 DP steps per round, expected real batch 128
-per class per site, 10 synthetic updates per paid statistic, evaluation 300 epochs (files before 2026-11-28 used
-batch 32 and 5 updates; the older 10k-record files also --max-per-class 1000); the GPU scale uses the published
-settings.
+CPU-scale default: all 60k training records split over the sites and the product's defaults (the site and
+coordinator configs' defaults: 3 rounds of 34 paid DP steps, 128 expected real records per class per step, 20
+synthetic updates per paid statistic, evidence allocation and merge, each round's global model on every round's
+merged set), evaluation 300 epochs; the GPU scale uses the published settings. Each setting can be overridden (the
+result file records what ran; older files name their settings).
 Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
 A run longer than one sitting (3 rounds at CPU scale take about 3 h per configuration on one AVX2 core): pass
 `--save-merged DIR` and, after an interruption, the same command with `--resume` continues from the last site offer.
@@ -45,7 +46,8 @@ from medfdd.training import TrainSettings, evaluate, pick_device, train_classifi
 from privacy.accounting import epsilon_for  # noqa: E402
 
 SCALES = {
-    "cpu": {"max_per_class": None, "iterations": 100, "batch_per_class": 128, "inner_steps": 10, "eval_epochs": 300,
+    "cpu": {"max_per_class": None, "iterations": DistillConfig().iterations,
+            "batch_per_class": DistillConfig().batch_per_class, "inner_steps": None, "eval_epochs": 300,
             "full_epochs": 5},
     "gpu": {"max_per_class": None, "iterations": 1000, "batch_per_class": 256, "eval_epochs": 1000, "full_epochs": 30},
 }
@@ -189,7 +191,7 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--ipc", type=int, default=10)
     ap.add_argument("--eps", type=float, nargs="+", default=[1.0, 10.0, math.inf])
-    ap.add_argument("--rounds", type=int, nargs="+", default=[1, 3])
+    ap.add_argument("--rounds", type=int, nargs="+", default=[CoordinatorConfig.model_fields["rounds"].default])
     ap.add_argument("--scale", choices=SCALES, default="cpu")
     ap.add_argument("--evals", type=int, default=3)
     ap.add_argument("--baselines", nargs="*", choices=BASELINES, default=None,

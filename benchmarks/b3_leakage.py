@@ -53,7 +53,7 @@ def run_one(eps: float, *, args, work: Path, console: Console) -> dict:
     distill, train = SETTINGS[args.setting]
     res = prepare_consortium(source=args.source, out=base, sites=args.sites, alpha=args.alpha, fmt="dicom",
                              seed=args.seed, epsilon=eps if dp else 1.0, delta=DELTA, ipc=distill["ipc"],
-                             iterations=distill["iterations"], method="dm", dp=True, max_per_class=args.max_per_class,
+                             iterations=distill["iterations"], rounds=1, method="dm", dp=True, max_per_class=args.max_per_class,
                              console=Console(quiet=True))
     # stratified: the same class mix among members and non-members (the design of the results so far)
     res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",

@@ -40,7 +40,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         res = prepare_consortium(source="digits", out=Path(tmp) / "c", sites=3, alpha=0.5, fmt="dicom", seed=0,
-                                 epsilon=args.epsilon, delta=1e-5, ipc=10, iterations=10, method="dm", dp=True,
+                                 epsilon=args.epsilon, delta=1e-5, ipc=10, iterations=10, rounds=1, method="dm", dp=True,
                                  console=quiet)
         test_cfg = yaml.safe_load(res.site_configs[0].read_text())
         test_cfg["data"].update(root=str(res.test_dir), holdout_fraction=0.0)

@@ -59,7 +59,7 @@ def one_draw(out: Path, name: str, draw: int, *, seed: int, iterations: int, tra
     spec = CONSORTIA[name]
     res = prepare_consortium(source="digits", out=out / name / f"draw{draw}", sites=spec["sites"], alpha=0.5,
                              fmt=spec["fmt"], seed=seed, epsilon=1.0, delta=1e-5, ipc=10, iterations=iterations,
-                             method="dm", dp=True, console=quiet)
+                             rounds=1, method="dm", dp=True, console=quiet)
     res.override(site={"distill": {**SMALL_SITE_DISTILL, "iterations": iterations},
                        "data": {"cache_dir": str(cache)}, "evaluate": {"finetune": False}},
                  coordinator={"train": {"epochs": train_epochs, "width": DEMO_TRAIN_WIDTH}})

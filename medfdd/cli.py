@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.control import Control
 
 from medfdd import __version__, exit_codes
+from medfdd.config import DEFAULT_PAID_STEPS, DEFAULT_ROUNDS
 from medfdd.errors import MedfddError
 
 EXAMPLES = {
@@ -79,7 +80,9 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--epsilon", type=float, default=1.0, help="per-site privacy budget written to the configs")
     pr.add_argument("--delta", type=float, default=1e-5)
     pr.add_argument("--ipc", type=int, default=10, help="synthetic images per class")
-    pr.add_argument("--iterations", type=int, default=200)
+    pr.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="federated rounds the budget is planned over")
+    pr.add_argument("--iterations", type=int, default=DEFAULT_PAID_STEPS,
+                    help="paid DP steps per site over all rounds (split evenly between them)")
     pr.add_argument("--method", choices=["dm", "gm"], default="dm")
     pr.add_argument("--no-dp", action="store_true", help="non-private configs (baselines and positive controls only)")
     pr.add_argument("--max-per-class", type=int, default=None, help="cap the training images taken per class")

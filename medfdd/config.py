@@ -17,6 +17,9 @@ from medfdd.errors import ConfigError
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 AttackName = Literal["loss", "lira_online", "lira_offline", "dcr", "canary"]  # privacy.audit's attacks
+# The recommended plan (docs/benchmarks.md): about 100 paid DP steps per site, over 3 federated rounds.
+DEFAULT_ROUNDS = 3
+DEFAULT_PAID_STEPS = 100
 
 
 class _Strict(BaseModel):
@@ -102,7 +105,8 @@ class PrivacyConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/n (n = the site's training records)")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="`rdp` (Rényi DP) or `prv` (privacy random "
                                                                 "variables), both Opacus's")
-    rounds: int = Field(1, ge=1, description="planned federated rounds; the budget is split across them")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="planned federated rounds; the budget is split across them (the "
+                        "coordinator's `rounds` may not exceed it)")
     count_noise: float | None = Field(
         20.0, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
         "default sample rate batch_size / n~ is derived, paid once from the budget (so the published sample rate "
@@ -146,14 +150,18 @@ class PrivacyConfig(_Strict):
 class DistillConfig(_Strict):
     method: Literal["dm", "gm"] = Field("dm", description="dm = distribution matching, gm = gradient matching")
     ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class")
-    iterations: int = Field(1000, ge=1, description="DP steps per round (each pays for one noisy statistic)")
-    batch_size: int = Field(256, ge=1, description="expected real records per step (Poisson sampling)")
+    iterations: int = Field(math.ceil(DEFAULT_PAID_STEPS / DEFAULT_ROUNDS), ge=1, description="DP steps per round (each pays for one noisy statistic); the "
+                            "default, over the default 3 planned rounds, pays about 100 statistics")
+    batch_size: int | None = Field(None, ge=1, description="expected real records per step (Poisson sampling); "
+                                   "default `batch_per_class` x the number of classes")
+    batch_per_class: int = Field(128, ge=1, description="expected real records per class per step when "
+                                 "`batch_size` is unset (a site with fewer records samples them all, q = 1)")
     sample_rate: float | None = Field(None, gt=0, le=1, description="Poisson sampling probability fixed in advance "
-                                      "(`batch_size` is then unused); default batch_size / n~, with n~ the "
+                                      "(`batch_size` is then unused); default expected batch / n~, with n~ the "
                                       "site's DP record count (privacy.count_noise)")
     clip_norm: float = Field(1.0, gt=0, description="L2 bound C on one record's contribution")
     inner_steps: int | None = Field(None, ge=1, description="synthetic updates per paid noisy statistic "
-                                    "(post-processing); default 5 for dm decoupled (measured best), else 1")
+                                    "(post-processing); default 20 for dm decoupled, else 1")
     schedule: Literal["decoupled", "interleaved"] = Field(
         "decoupled", description="dm: `decoupled` pays every noisy statistic first, then makes iterations x "
         "inner_steps updates, each on a statistic drawn at random; `interleaved` updates right after each one")
@@ -171,9 +179,19 @@ class DistillConfig(_Strict):
     warm_start: bool = Field(True, description="rounds >= 2: start from this site's own previous-round release "
                              "(DP output, so free) instead of noise")
     allocation: Literal["uniform", "evidence"] = Field(
-        "uniform", description="images per class: `uniform` = ipc each; `evidence` (dm decoupled) shares the same "
-        "ipc x classes images in proportion to the released noisy class counts (post-processing), so a class this "
-        "site hardly has gets few or none: better for sites with hundreds of records per class, worse for tiny ones")
+        "evidence", description="images per class: `uniform` = ipc each; `evidence` (dm decoupled; the default "
+        "there, else uniform) shares the same ipc x classes images in proportion to the released noisy class counts "
+        "(post-processing), so a class this site hardly has gets few or none: better for sites with hundreds of "
+        "records per class, worse for tiny ones")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _allocation_default(cls, data: Any) -> Any:
+        """Evidence allocation needs the noisy class counts first: unset, it falls back to uniform where they are not."""
+        if isinstance(data, dict) and "allocation" not in data and (
+                data.get("method", "dm") != "dm" or data.get("schedule", "decoupled") != "decoupled"):
+            return {**data, "allocation": "uniform"}
+        return data
 
     @model_validator(mode="after")
     def _allocation_needs_bank(self) -> DistillConfig:
@@ -186,11 +204,15 @@ class DistillConfig(_Strict):
     def updates_per_statistic(self) -> int:
         if self.inner_steps is not None:
             return self.inner_steps
-        return 5 if self.method == "dm" and self.schedule == "decoupled" else 1
+        return 20 if self.method == "dm" and self.schedule == "decoupled" else 1
 
-    def sample_rate_for(self, n_records: int) -> float:
-        """Poisson sampling probability: `sample_rate` when fixed, else batch_size / n (at most 1)."""
-        return self.sample_rate or min(1.0, self.batch_size / max(1, n_records))
+    def expected_batch(self, num_classes: int) -> int:
+        """Expected real records per step: `batch_size`, else `batch_per_class` per class."""
+        return self.batch_size if self.batch_size is not None else self.batch_per_class * num_classes
+
+    def sample_rate_for(self, n_records: int, num_classes: int) -> float:
+        """Poisson sampling probability: `sample_rate` when fixed, else the expected batch / n (at most 1)."""
+        return self.sample_rate or min(1.0, self.expected_batch(num_classes) / max(1, n_records))
 
 
 class AuditGate(_Strict):
@@ -341,9 +363,10 @@ class CoordinatorConfig(_Strict):
                               description="site config paths for in-process runs, relative to this file")
     consortium: ConsortiumConfig | None = Field(None, description="agreed classes, sizes and declared budgets "
                                                 "(required for Flower; derived from `sites` when absent)")
-    rounds: int = Field(1, ge=1, description="federated rounds (sites match the broadcast global model from round 2)")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="federated rounds (sites match the broadcast global model from round 2; "
+                        "each site's privacy.rounds must be at least this)")
     merge: Literal["concat", "balanced", "evidence", "redistill"] = Field(
-        "concat", description="`concat` | `balanced` (class-balanced weights) | `evidence` (weight each site's "
+        "evidence", description="`concat` | `balanced` (class-balanced weights) | `evidence` (weight each site's "
                               "images of a class by its released noisy record count) | `redistill` (to "
                               "`redistill.ipc`, post-processing)")
     evidence_power: float = Field(2.0, ge=0, le=4, description="`evidence` merge: weight ~ estimated records^power "

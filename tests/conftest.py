@@ -106,7 +106,10 @@ def pytest_collection_modifyitems(config, items):
 torch.set_num_threads(1)
 
 
-SMALL_DISTILL = {"iterations": 5, "inner_steps": 5, "lr": 1.0, "width": 16, "ipc": 5, "checkpoint_every": 2}
+# CI-sized: small sites, few steps; uniform images per class (the default evidence allocation suits sites of
+# hundreds of records per class)
+SMALL_DISTILL = {"iterations": 5, "inner_steps": 5, "batch_size": 256, "lr": 1.0, "width": 16, "ipc": 5,
+                 "checkpoint_every": 2, "allocation": "uniform"}
 SMALL_TRAIN = {"epochs": 20, "width": 32, "batch_size": 256}
 
 
@@ -123,8 +126,8 @@ def small_digits_consortium(out: Path, *, sites: int = 3, rounds: int = 1, seed:
     from medfdd.prepare.consortium import prepare_consortium
 
     res = prepare_consortium(source="digits", out=out, sites=sites, alpha=0.5, fmt="dicom", seed=seed, epsilon=1.0,
-                             delta=1e-5, ipc=SMALL_DISTILL["ipc"], iterations=SMALL_DISTILL["iterations"],
-                             method="dm", dp=dp, console=Console(quiet=True))
+                             delta=1e-5, ipc=SMALL_DISTILL["ipc"], iterations=SMALL_DISTILL["iterations"] * rounds,
+                             rounds=rounds, method="dm", dp=dp, console=Console(quiet=True))
     for path in res.site_configs:
         cfg = yaml.safe_load(path.read_text())
         cfg["distill"].update({**SMALL_DISTILL, **(distill or {})})
@@ -163,7 +166,7 @@ def prepared_digits(out: Path, *, ipc: int, iterations: int) -> Path:
     from medfdd.prepare.consortium import prepare_consortium
 
     prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
-                       ipc=ipc, iterations=iterations, method="dm", dp=True, console=Console(quiet=True))
+                       ipc=ipc, iterations=iterations, rounds=1, method="dm", dp=True, console=Console(quiet=True))
     return out
 
 

@@ -93,7 +93,9 @@ def redistill(images: np.ndarray, labels: np.ndarray, cfg: CoordinatorConfig, *,
     from medfdd.distill.distribution_matching import DistributionMatching
 
     r = cfg.redistill
-    dcfg = DistillConfig(ipc=r.ipc, iterations=r.iterations, batch_size=r.batch_size)
+    # redistill.ipc of every class present (uniform), 5 updates per step (non-private: every step is exact)
+    dcfg = DistillConfig(ipc=r.ipc, iterations=r.iterations, batch_size=r.batch_size, inner_steps=5,
+                         allocation="uniform")
     q = min(1.0, r.batch_size / len(labels))
     plan = PrivacyPlan(False, 0.0, q, r.iterations, dcfg.clip_norm)
     distiller = DistributionMatching(dcfg, plan, num_classes=num_classes, image_shape=tuple(images.shape[1:]),

@@ -42,6 +42,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfdd.config import (
+    DEFAULT_PAID_STEPS,
+    DEFAULT_ROUNDS,
     CoordinatorConfig,
     SiteConfig,
     dump_config,
@@ -232,7 +234,8 @@ def _remove_entries(out: Path, entries: list[str]) -> None:
 
 
 def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, npz: Path | None, epsilon: float,
-                 delta: float, ipc: int, iterations: int, method: str, max_per_class: int | None) -> None:
+                 delta: float, ipc: int, iterations: int, rounds: int, method: str,
+                 max_per_class: int | None) -> None:
     def bad(flag: str, value: object, constraint: str, fix: str) -> PrepareError:
         return PrepareError(f"{flag} {value}", constraint, fix)
 
@@ -252,8 +255,11 @@ def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, 
         raise bad("--delta", delta, "must be in (0, 1) (and below 1/n for n records per site)", "use e.g. 1e-5")
     if not 1 <= ipc <= 1000:
         raise bad("--ipc", ipc, "must be in 1..1000", "use e.g. --ipc 10")
-    if iterations < 1:
-        raise bad("--iterations", iterations, "must be >= 1", "use e.g. --iterations 200")
+    if rounds < 1:
+        raise bad("--rounds", rounds, "must be >= 1", "use e.g. --rounds 3")
+    if iterations < rounds:
+        raise bad("--iterations", iterations, f"must be at least one paid step per round (--rounds {rounds})",
+                  f"use e.g. --iterations {DEFAULT_PAID_STEPS}")
     if method not in ("dm", "gm"):
         raise bad("--method", method, "expected dm or gm", "use --method dm (distribution matching) or gm")
     if max_per_class is not None and max_per_class < 1:
@@ -324,7 +330,8 @@ def prepare_consortium(
     epsilon: float,
     delta: float,
     ipc: int,
-    iterations: int,
+    iterations: int = DEFAULT_PAID_STEPS,
+    rounds: int = DEFAULT_ROUNDS,
     method: str,
     dp: bool,
     max_per_class: int | None = None,
@@ -334,14 +341,16 @@ def prepare_consortium(
 ) -> PrepareResult:
     """Write a consortium (site folders, test split, site and coordinator configs, partition.json) under `out`.
 
-    `search_dirs` overrides where the fashion-mnist idx files are looked for; `min_per_site` is the fewest training
-    records any site may receive (the Dirichlet draw is repeated until it holds).
+    `iterations` paid DP steps per site over `rounds` rounds are split evenly (rounded up) into each site's
+    `distill.iterations`; every other setting is the configs' default. `search_dirs` overrides where the fashion-mnist
+    idx files are looked for; `min_per_site` is the fewest training records any site may receive (the Dirichlet
+    draw is repeated until it holds).
     """
     console = console or Console()
     out = Path(out)
     npz = Path(npz) if npz is not None else None
     _check_flags(source=source, sites=sites, alpha=alpha, fmt=fmt, seed=seed, npz=npz, epsilon=epsilon, delta=delta,
-                 ipc=ipc, iterations=iterations, method=method, max_per_class=max_per_class)
+                 ipc=ipc, iterations=iterations, rounds=rounds, method=method, max_per_class=max_per_class)
 
     # Everything that can fail on the inputs happens before `out` is touched.
     earlier = _earlier_entries(out)
@@ -362,8 +371,8 @@ def prepare_consortium(
             "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": site_format(fmt, i), "classes": classes,
                      "spatial_size": model_size, "channels": src.channels, "intensity": {"mode": "minmax"},
                      "holdout_fraction": HOLDOUT_FRACTION},
-            "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp"},
-            "distill": {"method": method, "ipc": ipc, "iterations": iterations},
+            "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp", "rounds": rounds},
+            "distill": {"method": method, "ipc": ipc, "iterations": math.ceil(iterations / rounds)},
             "output": f"../runs/{sid}",
             "device": "auto",
             "seed": seed,
@@ -373,7 +382,7 @@ def prepare_consortium(
         "sites": [f"{sid}.yaml" for sid in site_ids],
         "consortium": {"classes": classes, "spatial_size": model_size, "channels": src.channels, "ipc": ipc,
                        "sites": {sid: {"dp": dp, "epsilon": epsilon, "delta": delta} for sid in site_ids}},
-        "rounds": 1,
+        "rounds": rounds,
         "test": {"root": "../test", "manifest": MANIFEST, "format": site_format(fmt, 0)},
         "output": "../runs/coordinator",
         "seed": seed,
@@ -463,4 +472,4 @@ def prepare_from_args(args: Any, console: Console | None = None) -> PrepareResul
     return prepare_consortium(
         source=args.source, out=args.out, sites=args.sites, alpha=args.alpha, fmt=args.fmt, seed=args.seed,
         npz=args.npz, epsilon=args.epsilon, delta=args.delta, ipc=args.ipc, iterations=args.iterations,
-        method=args.method, dp=not args.no_dp, max_per_class=getattr(args, "max_per_class", None), console=console)
+        rounds=args.rounds, method=args.method, dp=not args.no_dp, max_per_class=getattr(args, "max_per_class", None), console=console)

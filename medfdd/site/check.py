@@ -76,8 +76,8 @@ LARGE_SITE_INNER_STEPS = 10
 
 
 def settings_hints(cfg: SiteConfig, train_counts: dict[str, int]) -> list[str]:
-    """Distillation settings measured better on sites with thousands of records per class (README "Large sites":
-    federated Fashion-MNIST at epsilon 1, benchmarks/results). Advice only: the config is never changed."""
+    """Where a config overrides the defaults with settings measured worse on sites with thousands of records per
+    class (federated Fashion-MNIST at epsilon 1, docs/benchmarks.md). Advice only: the config is never changed."""
     d, present = cfg.distill, sorted(k for k in train_counts.values() if k > 0)
     if not cfg.privacy.dp or d.method != "dm" or d.schedule != "decoupled" or not present:
         return []
@@ -85,8 +85,8 @@ def settings_hints(cfg: SiteConfig, train_counts: dict[str, int]) -> list[str]:
     if median < LARGE_SITE_PER_CLASS:
         return []
     k, out = len(train_counts), []
-    if d.batch_size < LARGE_SITE_BATCH_PER_CLASS * k:
-        out.append(f"distill.batch_size = {d.batch_size} samples about {d.batch_size / k:.0f} records per class per "
+    if (batch := d.expected_batch(k)) < LARGE_SITE_BATCH_PER_CLASS * k:
+        out.append(f"distill.batch_size = {batch} samples about {batch / k:.0f} records per class per "
                    f"step while this site holds about {median} per class: try batch_size: "
                    f"{LARGE_SITE_BATCH_PER_CLASS * k} (sigma is recalibrated, the noise per class mean stays about "
                    "the same and its sampling noise falls; +2.3 points measured at epsilon 1)")

@@ -80,7 +80,7 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
     """
     steps = cfg.distill.iterations
     if not dp:
-        return PrivacyPlan(False, 0.0, cfg.distill.sample_rate_for(n_train), steps, cfg.distill.clip_norm)
+        return PrivacyPlan(False, 0.0, cfg.distill.sample_rate_for(n_train, len(cfg.data.classes)), steps, cfg.distill.clip_norm)
     if cfg.privacy.delta >= 1.0 / n_train:  # refused before any charge; leaves only as the site-failed code
         raise DistillError(f"{cfg.site_id}: privacy.delta", f"delta = {cfg.privacy.delta:g} is not below 1/n = "
                            f"1/{n_train} (n = training records)", "set privacy.delta well below 1/n, e.g. 1e-5")
@@ -94,7 +94,7 @@ def plan_privacy(cfg: SiteConfig, ledger: PrivacyLedger, *, n_train: int, round_
                              "plan more rounds before the first one (privacy.rounds) or agree a new budget")
     private_n = cfg.privacy.count_noise is not None and cfg.distill.sample_rate is None
     n = private_record_count(cfg, ledger, n=n_train, seed=seed) if private_n else n_train
-    q = cfg.distill.sample_rate_for(n)
+    q = cfg.distill.sample_rate_for(n, len(cfg.data.classes))
     earlier = [e for e in ledger.entries if (e.round, e.purpose) != (round_, PURPOSE)]  # incl. the record count
     remaining_rounds = max(1, cfg.privacy.rounds - len({e.round for e in earlier if e.purpose == PURPOSE}))
     # hybrid mode keeps `privacy.finetune_share` of epsilon for the DP fine-tuning rounds (medfdd.site.finetune)

@@ -63,7 +63,7 @@ def privacy_plan(settings: PipelineSettings, n_records: int) -> PrivacyPlan:
     if settings.mechanism is not None:
         return settings.mechanism
     cfg = settings.distill
-    q = cfg.sample_rate_for(n_records)  # as the site runner samples
+    q = cfg.sample_rate_for(n_records, settings.num_classes)  # as the site runner samples
     if not settings.dp:
         return PrivacyPlan(False, 0.0, q, cfg.iterations, cfg.clip_norm)
     sigma = calibrate_noise(epsilon=settings.epsilon, delta=settings.delta, sample_rate=q, steps=cfg.iterations,

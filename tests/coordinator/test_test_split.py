@@ -20,7 +20,7 @@ from medfdd.prepare.consortium import prepare_consortium
 def prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("split")
     res = prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0,
-                             delta=1e-5, ipc=2, iterations=4, method="dm", dp=True, max_per_class=8,
+                             delta=1e-5, ipc=2, iterations=4, rounds=1, method="dm", dp=True, max_per_class=8,
                              console=Console(quiet=True))
     return res.coordinator_config
 

@@ -17,7 +17,7 @@ import pydicom
 import pytest
 from rich.console import Console
 
-from medfdd.config import load_coordinator_config, load_site_config
+from medfdd.config import DistillConfig, load_coordinator_config, load_site_config
 from medfdd.errors import ConfigError, SourceUnavailableError
 from medfdd.prepare.consortium import (
     OutputNotEmptyError,
@@ -50,7 +50,7 @@ def quiet() -> Console:
 
 def prepare(out: Path, **kw) -> PrepareResult:
     args = dict(source="digits", sites=3, alpha=0.5, fmt="dicom", seed=0, epsilon=2.0, delta=1e-5, ipc=3,
-                iterations=7, method="dm", dp=True, max_per_class=25, console=quiet())
+                iterations=7, rounds=1, method="dm", dp=True, max_per_class=25, console=quiet())
     args.update(kw)
     return prepare_consortium(out=out, **args)
 
@@ -369,18 +369,36 @@ def test_cli_prepare(tmp_path, capsys):
 
     out = tmp_path / "cli"
     argv = ["prepare", "--source", "digits", "--sites", "2", "--alpha", "0.3", "--format", "nifti", "--out", str(out),
-            "--seed", "2", "--epsilon", "4", "--delta", "1e-6", "--ipc", "5", "--iterations", "9", "--method", "gm",
+            "--seed", "2", "--epsilon", "4", "--delta", "1e-6", "--ipc", "5", "--iterations", "10", "--method", "gm",
             "--no-dp", "--max-per-class", "12"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "hospital-a" in printed and "hospital-b" in printed and "total" in printed
     cfg = load_site_config(out / "site_configs" / "hospital-b.yaml")
     assert (cfg.privacy.dp, cfg.privacy.epsilon, cfg.privacy.delta) == (False, 4.0, 1e-6)
-    assert (cfg.distill.method, cfg.distill.ipc, cfg.distill.iterations, cfg.seed) == ("gm", 5, 9, 2)
+    assert (cfg.distill.method, cfg.distill.ipc, cfg.seed) == ("gm", 5, 2)
+    # --iterations are the paid steps over all rounds (the default 3): split evenly, rounded up
+    assert (cfg.distill.iterations, cfg.privacy.rounds) == (4, 3)
+    assert load_coordinator_config(out / "site_configs" / "coordinator.yaml").rounds == 3
+    assert cfg.distill.allocation == "uniform"  # gm has no class counts before its first update
     assert sum(len(read_manifest(out / s)) for s in ("hospital-a", "hospital-b")) == 120
     assert main(["prepare", "--source", "digits", "--sites", "2", "--alpha", "-1", "--format", "dicom",
                  "--out", str(tmp_path / "bad")]) == exit_codes.RUNTIME_ERROR
     assert "--alpha" in capsys.readouterr().err
+    assert main(["prepare", "--source", "digits", "--sites", "2", "--alpha", "1", "--format", "dicom", "--rounds", "3",
+                 "--iterations", "2", "--out", str(tmp_path / "bad2")]) == exit_codes.RUNTIME_ERROR
+    assert "--iterations 2" in capsys.readouterr().err
+
+
+def test_prepare_writes_the_recommended_defaults(tmp_path):
+    """Only data-specific keys and the budget are written: every distillation and merge setting is the default."""
+    res = prepare(tmp_path / "c", sites=2, rounds=3, iterations=100)
+    cfg = load_site_config(res.site_configs[0])
+    assert cfg.distill == DistillConfig(ipc=3, iterations=34) and cfg.privacy.rounds == 3
+    assert (cfg.distill.allocation, cfg.distill.updates_per_statistic, cfg.distill.expected_batch(10)) == \
+        ("evidence", 20, 1280)
+    coord = load_coordinator_config(res.coordinator_config)
+    assert (coord.rounds, coord.merge, coord.train_rounds) == (3, "evidence", 0)
 
 
 def test_check_site_sees_exactly_the_partition(tmp_path):

@@ -17,15 +17,18 @@ def _cfg(privacy: dict | None = None, **distill) -> SiteConfig:
 LARGE = {"a": 3 * LARGE_SITE_PER_CLASS, "b": 2 * LARGE_SITE_PER_CLASS, "c": 40}
 
 
-def test_large_site_with_defaults_gets_all_three_hints():
-    hints = settings_hints(_cfg(), LARGE)
+def test_large_site_overriding_the_defaults_gets_all_three_hints():
+    hints = settings_hints(_cfg(batch_size=256, inner_steps=5, allocation="uniform"), LARGE)
     assert len(hints) == 3
-    assert "batch_size: 384" in hints[0] and f"about {2 * LARGE_SITE_PER_CLASS} per class" in hints[0]
+    assert "batch_size = 256" in hints[0] and "batch_size: 384" in hints[0]
+    assert f"about {2 * LARGE_SITE_PER_CLASS} per class" in hints[0]
     assert "inner_steps = 5: try 10" in hints[1]
     assert "allocation = uniform: try evidence" in hints[2]
+    assert "batch_size = 300" in settings_hints(_cfg(batch_per_class=100), LARGE)[0]
 
 
-def test_large_site_already_tuned_gets_none():
+def test_the_defaults_are_the_large_site_settings():
+    assert settings_hints(_cfg(), LARGE) == []
     assert settings_hints(_cfg(batch_size=384, inner_steps=10, allocation="evidence"), LARGE) == []
 
 

@@ -29,13 +29,14 @@ from medfdd.training import TrainSettings, evaluate, train_classifier
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 FLOOR = 0.45
-SETTINGS = {"iterations": 10, "inner_steps": 10, "lr": 1.0, "width": 32, "ipc": 10}
+SETTINGS = {"iterations": 10, "inner_steps": 10, "batch_size": 256, "lr": 1.0, "width": 32, "ipc": 10,
+            "allocation": "uniform"}
 
 
 def test_dp_dm_eps1_three_digits_sites_beats_the_floor(tmp_path: Path):
     quiet = Console(quiet=True)
     res = prepare_consortium(source="digits", out=tmp_path / "c", sites=3, alpha=0.5, fmt="dicom", seed=0,
-                             epsilon=1.0, delta=1e-5, ipc=10, iterations=10, method="dm", dp=True, console=quiet)
+                             epsilon=1.0, delta=1e-5, ipc=10, iterations=10, rounds=1, method="dm", dp=True, console=quiet)
     images, labels, spent = [], [], []
     pin_noise_keys(res.site_configs)  # see the docstring
     for path in res.site_configs:

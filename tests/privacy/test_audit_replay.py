@@ -33,7 +33,7 @@ TRAIN = {"epochs": 2, "width": 8, "batch_size": 64, "augment": False}
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     res = prepare_consortium(source="digits", out=tmp_path_factory.mktemp("replay") / "c", sites=2, alpha=100.0,
-                             fmt="dicom", seed=0, epsilon=2.0, delta=1e-5, ipc=2, iterations=4, method="dm", dp=True,
+                             fmt="dicom", seed=0, epsilon=2.0, delta=1e-5, ipc=2, iterations=8, rounds=2, method="dm", dp=True,
                              max_per_class=12, console=QUIET)
     res.override(site={"distill": DISTILL, "privacy": {"rounds": 2, "count_noise": 20.0}, "device": "cpu"},
                  coordinator={"rounds": 2, "train": TRAIN})
@@ -62,7 +62,7 @@ def test_shadows_and_canary_replay_the_released_mechanism(run_dir):
     cfg = load_site_config(json.loads((run_dir / "run.json").read_text())["sites"]["hospital-a"]["config"])
     data = load_site_data(cfg)
     half = (len(data.train) + len(data.holdout)) // 2
-    old_q = cfg.distill.sample_rate_for(half)
+    old_q = cfg.distill.sample_rate_for(half, len(cfg.data.classes))
     assert 0 < paid.sample_rate < 1 and not math.isclose(old_q, paid.sample_rate, rel_tol=0.05)
     old_sigma = calibrate_noise(epsilon=meta["epsilon_round"], delta=1e-5, sample_rate=old_q, steps=paid.steps)
     assert not math.isclose(old_sigma, paid.noise_multiplier, rel_tol=0.01)

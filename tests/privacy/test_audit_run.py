@@ -34,16 +34,16 @@ from privacy.report.build import report_json
 pytestmark = pytest.mark.slow  # scheduled first (tests/conftest.py)
 
 DISTILL = {"ipc": 4, "iterations": 100, "inner_steps": 10, "augment": False, "center": False, "width": 32,
-           "batch_size": 256}
+           "batch_size": 256, "allocation": "uniform"}
 TRAIN = {"epochs": 300, "width": 32, "augment": False}
 QUIET = Console(quiet=True)
 
 
 def _run(base: Path, *, no_dp: bool) -> Path:
     res = prepare_consortium(source="digits", out=base, sites=2, alpha=100.0, fmt="dicom", seed=0, epsilon=1.0,
-                             delta=1e-5, ipc=4, iterations=100, method="dm", dp=True, max_per_class=20, console=QUIET)
+                             delta=1e-5, ipc=4, iterations=100, rounds=1, method="dm", dp=True, max_per_class=20, console=QUIET)
     res.override(site={"data": {"holdout_fraction": 0.5, "split": "stratified"}, "device": "cpu",
-                       "distill": DISTILL}, coordinator={"train": TRAIN})
+                       "distill": DISTILL}, coordinator={"train": TRAIN, "merge": "concat"})
     pin_noise_keys(res.site_configs, no_dp=no_dp)  # the measurements above hold for these keys (random per site otherwise)
     return run_inprocess(load_coordinator_config(res.coordinator_config), console=QUIET, no_dp=no_dp)
 

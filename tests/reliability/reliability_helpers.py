@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 
-TINY_DISTILL = {"width": 8, "ipc": 2, "iterations": 4, "batch_size": 32, "inner_steps": 2, "lr": 1.0,
+TINY_DISTILL = {"width": 8, "ipc": 2, "iterations": 4, "batch_size": 32, "inner_steps": 2, "lr": 1.0, "allocation": "uniform",
                 "checkpoint_every": 2}
 TINY_TRAIN = {"epochs": 2, "width": 8, "batch_size": 64, "augment": False}
 
@@ -18,7 +18,7 @@ def tiny_consortium(out: Path, *, sites: int = 2, rounds: int = 1, per_class: in
     from medfdd.prepare.consortium import prepare_consortium
 
     res = prepare_consortium(source="digits", out=out, sites=sites, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0,
-                             delta=1e-5, ipc=2, iterations=4, method="dm", dp=True, max_per_class=per_class,
+                             delta=1e-5, ipc=2, iterations=4 * rounds, rounds=rounds, method="dm", dp=True, max_per_class=per_class,
                              console=Console(quiet=True))
     for path in res.site_configs:
         cfg = yaml.safe_load(path.read_text())

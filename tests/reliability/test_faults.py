@@ -86,7 +86,7 @@ def prepared(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("faults") / "c"
     prepare_consortium(source="digits", out=out, sites=2, alpha=1.0, fmt="dicom", seed=0, epsilon=1.0, delta=1e-5,
-                       ipc=2, iterations=STEPS, method="dm", dp=True, max_per_class=30, console=Console(quiet=True))
+                       ipc=2, iterations=STEPS, rounds=1, method="dm", dp=True, max_per_class=30, console=Console(quiet=True))
     return out
 
 
