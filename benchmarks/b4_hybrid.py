@@ -64,6 +64,8 @@ def main() -> None:
                     "a run at --eps planned over --from-rounds rounds (same split, --iterations, --batch-per-class, "
                     "--dm-seed); the warm start uses its first --use-rounds rounds, the rest of the budget fine-tunes")
     ap.add_argument("--from-rounds", type=int, default=3)
+    ap.add_argument("--from-eps", type=float, default=None, help="the --from-run's per-site budget when it differs "
+                    "from --eps (e.g. a warm start distilled for epsilon 1, fine-tuned up to a total of 10)")
     ap.add_argument("--use-rounds", type=int, default=1)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--name", default=None)
@@ -83,14 +85,14 @@ def main() -> None:
     for share in args.share:  # None: --from-run
         t0 = time.perf_counter()
         if args.from_run is not None:
-            eps_distill = args.eps
+            eps_distill = args.eps if args.from_eps is None else args.from_eps
             charges = {}
             for i, s in enumerate(sites):
-                sigma, q, prior = honest_plan(n=len(s.y), batch=args.batch_per_class * K, epsilon=args.eps,
+                sigma, q, prior = honest_plan(n=len(s.y), batch=args.batch_per_class * K, epsilon=eps_distill,
                                               delta=DELTA, steps_per_round=args.iterations, rounds=args.from_rounds,
                                               seed=dm_seed + i)
                 charges[s.site_id] = [*prior, *[(sigma, q, args.iterations)] * args.use_rounds]
-            merged = merged_rounds(args.from_run, args.eps, args.from_rounds, use=args.use_rounds)
+            merged = merged_rounds(args.from_run, eps_distill, args.from_rounds, use=args.use_rounds)
             dm = {"method": f"b1_federated run {args.from_run.name}: rounds 1-{args.use_rounds} of {args.from_rounds}",
                   "rounds": args.use_rounds, "n_trained_on": int(len(merged.labels)), "dm_seed": dm_seed,
                   "accuracy_per_round": None, "charges_per_site": charges,

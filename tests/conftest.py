@@ -57,8 +57,9 @@ class SiteBuilder:
             "data": {"root": "site", "manifest": "labels.csv", "format": "auto", "classes": self.classes,
                      "spatial_size": self.spatial_size, "intensity": {"mode": "minmax"}, "holdout_fraction": 0.2,
                      **self.data_overrides},
-            "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp"},
-            "distill": {"method": "dm", "ipc": 2, "iterations": 5},
+            # one site alone: its whole budget in one round; uniform images per class at this size
+            "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "accountant": "rdp", "rounds": 1},
+            "distill": {"method": "dm", "ipc": 2, "iterations": 5, "allocation": "uniform"},
             "output": "out",
             "device": "cpu",
             **config_overrides,

@@ -300,7 +300,7 @@ def test_site_distill_writes_the_contract_and_accounts_like_dp_accounting(consor
     count, entry = ledger["entries"]  # the default DP record count (paid first), then the round
     assert (count["purpose"], count["sample_rate"], count["steps"]) == ("record-count", 1.0, 1)
     n_estimate = json.loads((cfg.output_dir / "record_count.json").read_text())["n_estimate"]
-    assert entry["sample_rate"] == pytest.approx(min(1.0, cfg.distill.batch_size / n_estimate))
+    assert entry["sample_rate"] == pytest.approx(min(1.0, cfg.distill.expected_batch(len(cfg.data.classes)) / n_estimate))
     acc = dp_accounting.rdp.RdpAccountant()
     acc.compose(dp_accounting.GaussianDpEvent(count["noise_multiplier"]))
     event = dp_accounting.PoissonSampledDpEvent(entry["sample_rate"],
