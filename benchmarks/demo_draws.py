@@ -7,6 +7,7 @@ key: the split (seed 0) is the same, the DP noise is new. Each draw runs in its 
 time is not (the note says how busy it was: the 1-minute load average around each draw).
 
 Run: `nice -n 10 .venv/bin/python benchmarks/demo_draws.py --out /tmp/demo_draws --draws 3 [--source digits]`
+(`OMP_NUM_THREADS=1` makes the CPU time the work itself: torch's idle threads spin on a busy machine)
 writes benchmarks/results/demo_<source>.json and the note demo_<source>.md.
 """
 
@@ -89,6 +90,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="a new folder for the draws' demo folders")
     ap.add_argument("--draws", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=1, help="draws run at once (their wall times then overlap: compare "
+                    "CPU times)")
     ap.add_argument("--source", choices=["fashion-mnist", "digits"], default=None, help="default: the demo's choice")
     ap.add_argument("--one", type=Path, help=argparse.SUPPRESS)  # internal: run one draw, write its summary here
     ap.add_argument("--reading", default=None, help="a closing paragraph for the note")
@@ -97,13 +100,18 @@ def main() -> None:
         summary = one(args.one.parent / "demo", args.source)
         args.one.write_text(json.dumps(summary, indent=2, default=str))
         return
-    draws = []
+    draws, running = [], []
     for i in range(args.draws):
         folder = args.out / f"draw{i}"
         folder.mkdir(parents=True)
         cmd = [sys.executable, __file__, "--out", str(args.out), "--one", str(folder / "summary.json")]
-        subprocess.run(cmd + (["--source", args.source] if args.source else []), check=True)
-        draws.append(json.loads((folder / "summary.json").read_text()))
+        running.append(subprocess.Popen(cmd + (["--source", args.source] if args.source else [])))
+        if len(running) == args.jobs or i == args.draws - 1:
+            if any(p.wait() for p in running):
+                sys.exit("a draw failed")
+            running = []
+    for i in range(args.draws):
+        draws.append(json.loads((args.out / f"draw{i}" / "summary.json").read_text()))
         print(f"draw {i}: medfdd {draws[-1]['accuracy']:.3f}, local-only {draws[-1]['local_only_accuracy']:.3f}, "
               f"DP-FedAvg {draws[-1]['dp_fedavg_accuracy']:.3f}, wall {draws[-1]['seconds']:.0f} s, "
               f"CPU {draws[-1]['cpu_seconds']:.0f} s", flush=True)

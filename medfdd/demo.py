@@ -62,14 +62,19 @@ SMALL_SITE_DISTILL = {"inner_steps": 10, "lr": 1.0, "width": 32}
 DEMO_TRAIN_WIDTH = 32
 
 SETTINGS = {
-    # ~1,600 training records per hospital (max_per_class 600 of 60,000, alpha 0.5); few paid DP steps, each reused
-    # for many synthetic updates; images per class shared by the site's noisy class counts and merged by evidence
-    # (benchmarks/results/demo_fashion_mnist.md)
+    # 10,000 of the 60,000 training images (1,000 per class) over three hospitals of 2,200-4,700 scans (alpha 0.5,
+    # seed 0): a few hundred per class, where epsilon 1 leaves enough signal. Few paid DP steps of 128 expected
+    # records, each reused for 20 synthetic updates; images per class shared by the site's noisy class counts and
+    # merged by evidence. Each hospital's own models: 10 epochs (300-700 SGD steps at these sizes, about the digits
+    # sites' 100 epochs); baselines 15 epochs (B1 trained its 6,000-18,000-record sites for 5). DP-FedAvg: the
+    # width-32 recipe tuned on the B1 split (lr 0.2, batch 256), 10 rounds. Two audit shadows per site (the fewest
+    # LiRA takes; `medfdd audit` with a spec of audits/ runs more): the shadows rerun distillation and training, the
+    # demo's largest cost (benchmarks/results/demo_setting_selection.md)
     "fashion-mnist": DemoSetting(
         source="fashion-mnist", max_per_class=1000, iterations=20,
         distill={"batch_size": 128, "inner_steps": 20, "lr": 3.0, "width": 32, "allocation": "evidence"},
-        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=20, baseline_epochs=20,
-        fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0}),
+        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=10, baseline_epochs=15,
+        fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0}, shadows=2),
     "digits": DemoSetting(
         source="digits", max_per_class=None, iterations=10, distill=SMALL_SITE_DISTILL,
         merge="concat", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=100, baseline_epochs=30,
@@ -104,6 +109,7 @@ def run_demo(out: Path, *, source: str | None = None, overrides: dict | None = N
 
     def lap(stage: str) -> None:
         stages[stage] = time.perf_counter() - t0 - sum(stages.values())
+
     console.rule("[bold]1. three hospitals export their scans (real DICOM and NIfTI files, non-IID)")
     res = prepare_consortium(source=source, out=out, sites=sites, alpha=0.5, fmt="mixed", seed=seed,
                              epsilon=epsilon, delta=1e-5, ipc=10, iterations=setting.iterations, method="dm", dp=True,
