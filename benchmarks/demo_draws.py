@@ -33,8 +33,9 @@ ROWS = (("medfdd (merged DP synthetic sets)", "accuracy"), ("DP-FedAvg (same eps
 def one(out: Path, source: str | None) -> dict:
     from rich.console import Console
 
-    from medfdd.demo import run_demo
+    from medfdd.demo import keep_freed_memory, run_demo
 
+    keep_freed_memory()  # as `medfdd demo` does
     load = os.getloadavg()[0]
     s = run_demo(out, source=source, console=Console(quiet=True))
     ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]

@@ -266,8 +266,9 @@ def _audit(args, out: Console, err: Console) -> int:
 
 
 def _demo(args, out: Console, err: Console) -> None:
-    from medfdd.demo import run_demo
+    from medfdd.demo import keep_freed_memory, run_demo
 
+    keep_freed_memory()
     run_demo(args.out, source=None if args.source == "auto" else args.source,
              overrides={} if args.iterations is None else {"iterations": args.iterations}, console=out)
 

@@ -53,6 +53,7 @@ class DemoSetting:
     fedavg: dict = field(default_factory=dict)  # DP-FedAvg baseline: `medfdd.baselines.fedavg` keywords
     shadows: int = 4
     canaries: int = 32
+    attacks: tuple[str, ...] | None = None  # the audit's attacks (None: all; without LiRA no shadow pipelines run)
 
 
 # Small hospitals (~35 images per class): few paid DP steps, each reused for many updates (see README).
@@ -65,21 +66,43 @@ SETTINGS = {
     # 10,000 of the 60,000 training images (1,000 per class) over three hospitals of 2,200-4,700 scans (alpha 0.5,
     # seed 0): a few hundred per class, where epsilon 1 leaves enough signal. Few paid DP steps of 128 expected
     # records, each reused for 20 synthetic updates; images per class shared by the site's noisy class counts and
-    # merged by evidence. Each hospital's own models: 10 epochs (300-700 SGD steps at these sizes, about the digits
-    # sites' 100 epochs); baselines 15 epochs (B1 trained its 6,000-18,000-record sites for 5). DP-FedAvg: the
-    # width-32 recipe tuned on the B1 split (lr 0.2, batch 256), 10 rounds. Two audit shadows per site (the fewest
-    # LiRA takes; `medfdd audit` with a spec of audits/ runs more): the shadows rerun distillation and training, the
-    # demo's largest cost (benchmarks/results/demo_setting_selection.md)
+    # merged by evidence. Each hospital's own models: 5 epochs (150-350 SGD steps at these sizes; with so short a
+    # recipe the fine-tuned global model's head start shows); baselines 15 epochs (B1 trained its 6,000-18,000-record
+    # sites for 5). DP-FedAvg: the width-32 recipe tuned on the B1 split (lr 0.2, batch 256), 10 rounds. The audit:
+    # the loss attack on the global model, DCR on the synthetic sets and the one-run canary audit (one pipeline per
+    # site); LiRA's shadow pipelines (at least two per site, each rerunning distillation and training) would nearly
+    # double the demo's time, so `medfdd audit` with a spec of audits/ runs them (benchmarks/results/
+    # demo_setting_selection.md)
     "fashion-mnist": DemoSetting(
         source="fashion-mnist", max_per_class=1000, iterations=20,
         distill={"batch_size": 128, "inner_steps": 20, "lr": 3.0, "width": 32, "allocation": "evidence"},
-        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=10, baseline_epochs=15,
-        fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0}, shadows=2),
+        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=5, baseline_epochs=15,
+        fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0},
+        attacks=("loss", "dcr", "canary")),
     "digits": DemoSetting(
         source="digits", max_per_class=None, iterations=10, distill=SMALL_SITE_DISTILL,
         merge="concat", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=100, baseline_epochs=30,
         fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 64, "clip": 1.0}),
 }
+
+
+def keep_freed_memory() -> None:
+    """Keep freed heap memory in this process (glibc `mallopt`; a no-op elsewhere). glibc's default hands large
+    blocks back to the kernel as soon as they are freed, so CPU training, which allocates and frees the same
+    activation-sized blocks every step, faults every page back in: about a quarter of the demo's CPU time went to the
+    kernel. Call it only in a process that is about to train (it holds on to up to its peak heap)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        return
+    if mallopt is not None:  # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD (glibc's largest)
+        for param, value in ((-1, 1 << 30), (-2, 1 << 28), (-3, 1 << 25)):
+            mallopt(param, value)
 
 
 def choose_source(source: str | None = None, *, search_dirs: list[Path | str] | None = None) -> tuple[str, str]:
@@ -105,10 +128,13 @@ def run_demo(out: Path, *, source: str | None = None, overrides: dict | None = N
     source, why = choose_source(source, search_dirs=search_dirs)
     setting = replace(SETTINGS[source], **(overrides or {}))
     console.print(f"[bold]data:[/] {source} ({why})")
+    c0 = time.process_time()
     stages: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # this process's CPU seconds (all its threads) per stage
 
     def lap(stage: str) -> None:
         stages[stage] = time.perf_counter() - t0 - sum(stages.values())
+        cpu[stage] = time.process_time() - c0 - sum(cpu.values())
 
     console.rule("[bold]1. three hospitals export their scans (real DICOM and NIfTI files, non-IID)")
     res = prepare_consortium(source=source, out=out, sites=sites, alpha=0.5, fmt="mixed", seed=seed,
@@ -143,7 +169,8 @@ def run_demo(out: Path, *, source: str | None = None, overrides: dict | None = N
     from privacy.audit.spec import AuditSpec
     from privacy.report.build import write_report
 
-    spec = AuditSpec(shadows=setting.shadows, canaries=setting.canaries, fixed_variance=True, seed=seed)
+    spec = AuditSpec(shadows=setting.shadows, canaries=setting.canaries, fixed_variance=True, seed=seed,
+                     **({} if setting.attacks is None else {"attacks": list(setting.attacks)}))
     report_dir = out / "audit-report"
     write_report(audit_run(run_dir, spec, console=console), report_dir)
     lap("audit")
@@ -153,6 +180,8 @@ def run_demo(out: Path, *, source: str | None = None, overrides: dict | None = N
     summary["data"] = {"source": source, "why": why}
     summary["seconds"] = time.perf_counter() - t0
     summary["stage_seconds"] = stages
+    summary["cpu_seconds"] = time.process_time() - c0
+    summary["stage_cpu_seconds"] = cpu
     print_summary(summary, console)
     return summary
 
@@ -166,13 +195,21 @@ def write_baselines(run_dir: Path, cfg, setting: DemoSetting, *, epsilon: float,
 
     site_records, test, k = load_sites(cfg)
     settings = TrainSettings(epochs=setting.baseline_epochs, width=cfg.train.width)
-    central = centralized(site_records, test, k, settings, seed=seed)
-    local = local_only(site_records, test, k, settings, seed=seed)
+    cpu: dict[str, float] = {}  # CPU seconds of each baseline
+
+    def timed(name: str, fn, *args, **kwargs) -> dict:
+        t = time.process_time()
+        out = fn(*args, **kwargs)
+        cpu[name] = time.process_time() - t
+        return out
+
+    central = timed("centralized", centralized, site_records, test, k, settings, seed=seed)
+    local = timed("local_only", local_only, site_records, test, k, settings, seed=seed)
     delta = min(b.delta for b in cfg.consortium.sites.values()) if cfg.consortium else 1e-5
     with warnings.catch_warnings():  # Opacus's note that its noise is not from a secure RNG: a baseline only
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        dp_fedavg = fedavg(site_records, test, k, width=cfg.train.width, epsilon=epsilon, delta=delta, seed=seed,
-                           **setting.fedavg)
+        dp_fedavg = timed("dp_fedavg", fedavg, site_records, test, k, width=cfg.train.width, epsilon=epsilon,
+                          delta=delta, seed=seed, **setting.fedavg)
     round_bytes = model_bytes(convnet_for(tuple(test[0].shape[1:]), k, width=cfg.train.width))
     baselines = {"centralized_accuracy": central["accuracy"], "local_only_accuracy": local["accuracy"],
                  "local_only_per_site": local["per_site"], "epochs": setting.baseline_epochs,
@@ -182,7 +219,7 @@ def write_baselines(run_dir: Path, cfg, setting: DemoSetting, *, epsilon: float,
                                "accuracy_per_round": dp_fedavg["accuracy_per_round"],
                                "bytes_up_per_site": dp_fedavg["bytes_up_total"] // len(site_records),
                                "settings": {**setting.fedavg, "width": cfg.train.width, "seed": seed}},
-                 "fedavg_bytes_per_site_per_round": 2 * round_bytes}
+                 "fedavg_bytes_per_site_per_round": 2 * round_bytes, "cpu_seconds": cpu}
     atomic_write_json(run_dir / BASELINES_FILE, baselines)
     return baselines
 
@@ -258,5 +295,6 @@ def print_summary(s: dict, console: Console) -> None:
     console.print(f"[bold]audit verdict:[/] {v.get('headline', v) if isinstance(v, dict) else v}")
     console.print(f"privacy officer's report: {s['report_html']}")
     if "seconds" in s:
-        console.print(f"demo wall time: {s['seconds']:.0f} s")
+        console.print(f"demo wall time: {s['seconds']:.0f} s" + (f" (CPU {s['cpu_seconds']:.0f} s)"
+                                                                   if "cpu_seconds" in s else ""))
 
