@@ -9,11 +9,13 @@ import json
 import pytest
 from rich.console import Console
 
-from medfdd.demo import choose_source, run_demo
+from medfdd.demo import SETTINGS, choose_source, run_demo
 from medfdd.prepare.sources import FASHION_MNIST_FILES
 
+# the Fashion-MNIST demo's audit (no LiRA shadow pipelines) on a digits run of a few steps
 SMALL = {"iterations": 2, "train_epochs": 5, "train_width": 16, "site_epochs": 2, "baseline_epochs": 2,
-         "shadows": 2, "canaries": 8, "fedavg": {"rounds": 2, "lr": 0.2, "batch_size": 64}}
+         "canaries": 8, "attacks": SETTINGS["fashion-mnist"].attacks,
+         "fedavg": {"rounds": 2, "lr": 0.2, "batch_size": 64}}
 
 
 @pytest.mark.slow  # scheduled first (tests/conftest.py)
@@ -28,6 +30,7 @@ def test_demo_summary_comes_from_the_runs_files(tmp_path):
     assert s["data"] == {"source": "digits", "why": "asked for"} and "data: digits (asked for)" in shown
     assert s["accuracy"] == run["final"]["accuracy"] and s["auc"] == run["final"]["auc"]
     assert s["verdict"] == report["verdict"]
+    assert {r["attack"] for r in report["results"]} == set(SMALL["attacks"])  # the setting reached the audit
     assert (tmp_path / "demo" / "audit-report" / "report.html").is_file()
     assert set(s["sites"]) == set(run["sites"]) == {"hospital-a", "hospital-b", "hospital-c"}
     for sid, v in s["sites"].items():
@@ -47,6 +50,8 @@ def test_demo_summary_comes_from_the_runs_files(tmp_path):
     baselines = json.loads((run_dir / "baselines.json").read_text())
     assert s["centralized_accuracy"] == baselines["centralized_accuracy"]
     assert s["local_only_accuracy"] == baselines["local_only_accuracy"]
+    assert set(baselines["cpu_seconds"]) == {"centralized", "local_only", "dp_fedavg"}
+    assert set(s["stage_cpu_seconds"]) == set(s["stage_seconds"]) == {"prepare", "check", "round", "baselines", "audit"}
     fed = baselines["dp_fedavg"]
     assert s["dp_fedavg_accuracy"] == fed["accuracy"] and fed["settings"]["rounds"] == s["dp_fedavg_rounds"] == 2
     # DP-FedAvg at the sites' epsilon, over the same sites' training patients
