@@ -295,6 +295,7 @@ def print_summary(s: dict, console: Console) -> None:
     console.print(f"[bold]audit verdict:[/] {v.get('headline', v) if isinstance(v, dict) else v}")
     console.print(f"privacy officer's report: {s['report_html']}")
     if "seconds" in s:
-        console.print(f"demo wall time: {s['seconds']:.0f} s" + (f" (CPU {s['cpu_seconds']:.0f} s)"
+        cpu = "".join(f", {k} {v:.0f}" for k, v in s.get("stage_cpu_seconds", {}).items())
+        console.print(f"demo wall time: {s['seconds']:.0f} s" + (f" (CPU {s['cpu_seconds']:.0f} s{cpu})"
                                                                    if "cpu_seconds" in s else ""))
 
