@@ -52,7 +52,7 @@ class DemoSetting:
     baseline_epochs: int  # centralized and local-only baselines
     fedavg: dict = field(default_factory=dict)  # DP-FedAvg baseline: `medfdd.baselines.fedavg` keywords
     shadows: int = 4
-    canaries: int = 32
+    canaries: int | str = 32  # or "auto" (AuditSpec: as many as could certify the round's epsilon, capped by the holdout)
     attacks: tuple[str, ...] | None = None  # the audit's attacks (None: all; without LiRA no shadow pipelines run)
 
 
@@ -70,15 +70,16 @@ SETTINGS = {
     # recipe the fine-tuned global model's head start shows); baselines 15 epochs (B1 trained its 6,000-18,000-record
     # sites for 5). DP-FedAvg: the width-32 recipe tuned on the B1 split (lr 0.2, batch 256), 10 rounds. The audit:
     # the loss attack on the global model, DCR on the synthetic sets and the one-run canary audit (one pipeline per
-    # site); LiRA's shadow pipelines (at least two per site, each rerunning distillation and training) would nearly
-    # double the demo's time, so `medfdd audit` with a spec of audits/ runs them (benchmarks/results/
+    # site, with as many canaries as the holdout allows up to what could certify the round's epsilon: they cost the
+    # run nothing); LiRA's shadow pipelines (at least two per site, each rerunning distillation and training) would
+    # nearly double the demo's time, so `medfdd audit` with a spec of audits/ runs them (benchmarks/results/
     # demo_setting_selection.md)
     "fashion-mnist": DemoSetting(
         source="fashion-mnist", max_per_class=1000, iterations=20,
         distill={"batch_size": 128, "inner_steps": 20, "lr": 3.0, "width": 32, "allocation": "evidence"},
         merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=5, baseline_epochs=15,
         fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0},
-        attacks=("loss", "dcr", "canary")),
+        canaries="auto", attacks=("loss", "dcr", "canary")),
     "digits": DemoSetting(
         source="digits", max_per_class=None, iterations=10, distill=SMALL_SITE_DISTILL,
         merge="concat", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=100, baseline_epochs=30,
