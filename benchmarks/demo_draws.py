@@ -73,9 +73,10 @@ def note(result: dict) -> str:
                      f"{_ms([p['fine_tuned_holdout_accuracy'] for p in per])} | "
                      f"{_ms([p['local_only_holdout_accuracy'] for p in per])} |")
     lines += ["", "| draw | wall s | CPU s (user + sys) | torch threads | load average (1 min) before, after | "
-              "stages (wall s) |", "|---|---|---|---|---|---|"]
+              "stages (wall s / CPU s) |", "|---|---|---|---|---|---|"]
     for i, d in enumerate(draws):
-        stages = ", ".join(f"{k} {v:.0f}" for k, v in d["stage_seconds"].items())
+        cpu = d.get("stage_cpu_seconds", {})
+        stages = ", ".join(f"{k} {v:.0f} / {cpu.get(k, float('nan')):.0f}" for k, v in d["stage_seconds"].items())
         lines.append(f"| {i} | {d['seconds']:.0f} | {d['cpu_seconds']:.0f} | {d['threads']} | "
                      f"{d['load_average_1min'][0]:.1f}, {d['load_average_1min'][1]:.1f} | {stages} |")
     fed = draws[0]["dp_fedavg_settings"]
