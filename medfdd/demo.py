@@ -90,8 +90,9 @@ SETTINGS = {
 def keep_freed_memory() -> None:
     """Keep freed heap memory in this process (glibc `mallopt`; a no-op elsewhere). glibc's default hands large
     blocks back to the kernel as soon as they are freed, so CPU training, which allocates and frees the same
-    activation-sized blocks every step, faults every page back in: about a quarter of the demo's CPU time went to the
-    kernel. Call it only in a process that is about to train (it holds on to up to its peak heap)."""
+    activation-sized blocks every step, faults every page back in (the kernel's share of the demo's CPU time:
+    benchmarks/results/demo_setting_selection.md). Call it only in a process that is about to train (it holds on to
+    up to its peak heap)."""
     import ctypes
     import ctypes.util
 
