@@ -222,6 +222,66 @@ def federated_headline(results: list[dict]) -> list[str]:
     return lines
 
 
+CELL_ALPHAS, CELL_EPS, CELL_DRAWS = (0.1, 0.5), (1.0, 4.0, 10.0), 3
+
+
+def _ours_key(r: dict, row: dict) -> tuple:
+    """What makes two of our runs the same configuration (not the noise draw)."""
+    return (row["method"], row.get("rounds"), r.get("scale"), r.get("iterations"), r.get("batch_per_class"),
+            r.get("inner_steps"), row.get("count_noise"), json.dumps(row.get("fedavg_settings"), sort_keys=True),
+            row.get("finetune_rounds"), row.get("share_finetune"))
+
+
+def scoreboard(results: list[dict]) -> list[str]:
+    """The utility goal, cell by cell (5 sites, all 60,000 records, split seed 0, alpha x epsilon per site): our best
+    configuration (one-shot or hybrid; mean over its noise draws) against the best DP-FedAvg setting (mean ± sd over
+    its training seeds). A cell is won when ours is above DP-FedAvg's mean + 1 sd with >= 3 draws and seeds each."""
+    cells: dict[tuple[float, float], dict] = {}
+    for r in results:
+        p = r.get("partition", {})
+        if p.get("sites") != 5 or p.get("seed") != 0 or sum(p.get("site_totals", [])) != 60000:
+            continue
+        for row in r["rows"]:
+            eps = eps_value(row.get("epsilon"))
+            if p["alpha"] not in CELL_ALPHAS or eps not in CELL_EPS or "accuracy_mean" not in row:
+                continue
+            cell = cells.setdefault((p["alpha"], eps), {"ours": {}, "fed": []})
+            if row["method"].startswith(("dp-dm", "hybrid")):
+                draws = cell["ours"].setdefault(_ours_key(r, row), {})
+                seed = row.get("dm_seed", row.get("distill", {}).get("dm_seed", 0))
+                draws[seed] = (row["accuracy_mean"], r["benchmark"])
+            elif row["method"].startswith("DP-FedAvg"):
+                cell["fed"].append(row)
+    lines = ["### Scoreboard: medfdd against tuned DP-FedAvg, cell by cell", "",
+             "5 sites, all 60,000 training records, split seed 0. Ours: the best configuration measured in the cell "
+             "(one-shot or hybrid), mean ± sd over its noise draws; DP-FedAvg: its best setting, mean ± sd over its "
+             f"training seeds. Won: ours above DP-FedAvg's mean + 1 sd, with at least {CELL_DRAWS} draws and seeds.",
+             "", "| alpha | eps per site | ours % (draws) | configuration | DP-FedAvg % (seeds) | won |",
+             "|---|---|---|---|---|---|"]
+    for alpha in CELL_ALPHAS:
+        for eps in CELL_EPS:
+            cell = cells.get((alpha, eps), {"ours": {}, "fed": []})
+            ours = max(cell["ours"].items(), key=lambda kv: np.mean([a for a, _ in kv[1].values()]), default=None)
+            fed = max(cell["fed"], key=lambda row: row["accuracy_mean"], default=None)
+            fed_runs = same_setting_runs(fed, cell["fed"]) if fed else []
+            o_acc = [a for a, _ in ours[1].values()] if ours else []
+            o_txt = f"{100 * np.mean(o_acc):.1f}" + (f" ± {100 * np.std(o_acc, ddof=1):.1f}" if len(o_acc) > 1 else "")
+            f_txt = f"{100 * np.mean(fed_runs):.1f}" + (f" ± {100 * np.std(fed_runs, ddof=1):.1f}"
+                                                        if len(fed_runs) > 1 else "") if fed_runs else "–"
+            bar = np.mean(fed_runs) + (np.std(fed_runs, ddof=1) if len(fed_runs) > 1 else 0) if fed_runs else None
+            if not o_acc or bar is None:
+                won = "not measured"
+            elif np.mean(o_acc) <= bar:
+                won = "no"
+            else:
+                won = "yes" if len(o_acc) >= CELL_DRAWS and len(fed_runs) >= CELL_DRAWS else "ahead, too few runs"
+            config = (f"{ours[0][0]}, {ours[0][1]} round(s); "
+                      + ", ".join(sorted({b for _, b in ours[1].values()}))) if ours else "–"
+            lines.append(f"| {alpha:g} | {eps:g} | {o_txt + f' ({len(o_acc)})' if o_acc else '–'} | {config} | "
+                         f"{f_txt + f' ({len(fed_runs)})' if fed_runs else '–'} | {won} |")
+    return lines + [""]
+
+
 ANCHOR_PRIVATE = {10: {"NDPDC": 77.7, "Dosser": 80.1}, 50: {"NDPDC": 78.8, "Dosser": 83.1}}
 
 
@@ -364,13 +424,16 @@ def main() -> None:
     central = [r for r in central if r.get("rows") and "accuracy_mean" in r["rows"][0]]  # not --profile files
     central.sort(key=lambda r: ("interleaved" in r["benchmark"], r["scale"] != "gpu", r["benchmark"]))
     fed = [_load(p.stem) for p in sorted(RESULTS.glob("b1_federated*.json"))]
+    fed = [r for r in fed if all("accuracy_mean" in row for row in r["rows"])]  # not per-round progress records
     figures = write_figures(RESULTS, central_headline_rows(central), ANCHOR_PRIVATE, fed)
     lines += headline(central)
     if "b1_central.png" in figures:
         lines += ["![B1 central: accuracy against epsilon per IPC](b1_central.png)", ""]
     for result in central:
         lines += b1_section(result)
+    hybrid = [_load(p.stem) for p in sorted(RESULTS.glob("b4_hybrid*.json"))]
     if fed:
+        lines += scoreboard(fed + hybrid)
         lines += federated_headline(fed)
         if "b1_federated.png" in figures:
             lines += ["![B1 federated: accuracy against epsilon per split](b1_federated.png)", "",
