@@ -36,7 +36,7 @@ from common import COUNT_NOISE, RESULTS, honest_plan, peak_memory_mb, write_resu
 from medfdd.config import DistillConfig  # noqa: E402
 from medfdd.distill import create_distiller  # noqa: E402
 from medfdd.distill.base import Distiller, PrivacyPlan  # noqa: E402
-from medfdd.prepare.sources import load_fashion_mnist  # noqa: E402
+from medfdd.prepare.sources import cap_per_class, load_fashion_mnist  # noqa: E402
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier  # noqa: E402
 from privacy.accounting import epsilon_for  # noqa: E402
 
@@ -154,6 +154,15 @@ def profile(x, y, *, ipcs, scale: dict, method: str, device, seed: int, n: int) 
     return rows
 
 
+def eval_accuracies(images, labels, xt, yt, *, evals: int, epochs: int, device) -> list[float]:
+    """Test accuracy of `evals` ConvNet-3 trainings from scratch (seeds 0..evals-1) on (images, labels)."""
+    accs = []
+    for s in range(evals):
+        model = train_classifier(images, labels, 10, TrainSettings(epochs=epochs), seed=s, device=device)
+        accs.append(evaluate(model, xt, yt, 10)["accuracy"])
+    return accs
+
+
 def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, method: str, device, seed: int,
             count_noise: float | None = COUNT_NOISE) -> dict:
     reset_peak(device)
@@ -170,10 +179,8 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
     distill_s = time.perf_counter() - t0
     images = state.result().cpu().numpy()
     labels = state.labels.cpu().numpy()
-    accs, t1 = [], time.perf_counter()
-    for s in range(evals):
-        model = train_classifier(images, labels, 10, TrainSettings(epochs=scale["eval_epochs"]), seed=s, device=device)
-        accs.append(evaluate(model, xt, yt, 10)["accuracy"])
+    t1 = time.perf_counter()
+    accs = eval_accuracies(images, labels, xt, yt, evals=evals, epochs=scale["eval_epochs"], device=device)
     sync(device)
     row = {"method": method, "ipc": ipc, "epsilon": "inf" if not dp else eps, "epsilon_accounted":
            "inf" if not dp else spent, "count_noise": count_noise if dp else None, "delta": DELTA, "noise_multiplier": sigma, "sample_rate": q, "iterations": steps,
@@ -189,12 +196,14 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
     return row
 
 
-def load_data(data_dir: str | None):
-    """Fashion-MNIST as float32 [N, 1, 28, 28] in [0, 1] (train, labels, test, labels)."""
+def load_data(data_dir: str | None, max_per_class: int | None = None, seed: int = 0):
+    """Fashion-MNIST as float32 [N, 1, 28, 28] in [0, 1] (train, labels, test, labels); `max_per_class`: at most
+    that many training images per class (`cap_per_class`, seeded), the 10k test split always whole."""
     src = load_fashion_mnist(search_dirs=[data_dir] if data_dir else None)
-    x = (src.train_images / 255.0).astype(np.float32)[:, None]
+    train = cap_per_class(src, max_per_class, seed)
+    x = (train.train_images / 255.0).astype(np.float32)[:, None]
     xt = (src.test_images / 255.0).astype(np.float32)[:, None]
-    return x, src.train_labels, xt, src.test_labels
+    return x, train.train_labels, xt, src.test_labels
 
 
 def scale_from(args) -> dict:
