@@ -227,7 +227,9 @@ CELL_ALPHAS, CELL_EPS, CELL_DRAWS = (0.1, 0.5), (1.0, 4.0, 10.0), 3
 
 def _ours_key(r: dict, row: dict) -> tuple:
     """What makes two of our runs the same configuration (not the noise draw)."""
-    return (row["method"], row.get("rounds"), r.get("scale"), r.get("iterations"), r.get("batch_per_class"),
+    rounds = (f"{row['rounds']} round(s)" if "rounds" in row else
+              f"{row['distill']['rounds']} distillation + {row['finetune_rounds']} DP-FedAvg round(s)")
+    return (row["method"], rounds, r.get("scale"), r.get("iterations"), r.get("batch_per_class"),
             r.get("inner_steps"), row.get("count_noise"), json.dumps(row.get("fedavg_settings"), sort_keys=True),
             row.get("finetune_rounds"), row.get("share_finetune"))
 
@@ -265,6 +267,9 @@ def scoreboard(results: list[dict]) -> list[str]:
             fed = max(cell["fed"], key=lambda row: row["accuracy_mean"], default=None)
             fed_runs = same_setting_runs(fed, cell["fed"]) if fed else []
             o_acc = [a for a, _ in ours[1].values()] if ours else []
+            if not o_acc:
+                lines.append(f"| {alpha:g} | {eps:g} | – | – | – | not measured |")
+                continue
             o_txt = f"{100 * np.mean(o_acc):.1f}" + (f" ± {100 * np.std(o_acc, ddof=1):.1f}" if len(o_acc) > 1 else "")
             f_txt = f"{100 * np.mean(fed_runs):.1f}" + (f" ± {100 * np.std(fed_runs, ddof=1):.1f}"
                                                         if len(fed_runs) > 1 else "") if fed_runs else "–"
@@ -275,7 +280,7 @@ def scoreboard(results: list[dict]) -> list[str]:
                 won = "no"
             else:
                 won = "yes" if len(o_acc) >= CELL_DRAWS and len(fed_runs) >= CELL_DRAWS else "ahead, too few runs"
-            config = (f"{ours[0][0]}, {ours[0][1]} round(s); "
+            config = (f"{ours[0][0]}, {ours[0][1]}; "
                       + ", ".join(sorted({b for _, b in ours[1].values()}))) if ours else "–"
             lines.append(f"| {alpha:g} | {eps:g} | {o_txt + f' ({len(o_acc)})' if o_acc else '–'} | {config} | "
                          f"{f_txt + f' ({len(fed_runs)})' if fed_runs else '–'} | {won} |")
