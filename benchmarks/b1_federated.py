@@ -13,6 +13,8 @@ result file records what ran; older files name their settings).
 Run: `.venv/bin/python benchmarks/b1_federated.py [--eps 1 10 inf] [--rounds 1 3] [--baselines]`.
 A run longer than one sitting (3 rounds at CPU scale take about 3 h per configuration on one AVX2 core): pass
 `--save-merged DIR` and, after an interruption, the same command with `--resume` continues from the last site offer.
+`--factor F` (b6_factorised): each site stores ipc slots per class of f x f tiles and offers their ipc * f^2 decoded
+images per class; bytes up count the stored slots, rounds > 1 warm-start from them; sigma, q, steps do not depend on f.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from b6_factorised import FactorisedDM  # noqa: E402
 from common import COUNT_NOISE, RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.artifacts import load_model, save_model  # noqa: E402
@@ -38,7 +41,6 @@ from medfdd.config import CoordinatorConfig, DistillConfig  # noqa: E402
 from medfdd.coordinator.merge import MergedSet, merge, union_of_rounds  # noqa: E402
 from medfdd.coordinator.validate import AcceptedOffer  # noqa: E402
 from medfdd.distill.base import PrivacyPlan, WarmStart  # noqa: E402
-from medfdd.distill.distribution_matching import DistributionMatching  # noqa: E402
 from medfdd.io import atomic_save_npz  # noqa: E402
 from medfdd.prepare.partition import dirichlet_partition  # noqa: E402
 from medfdd.prepare.sources import cap_per_class, load_fashion_mnist  # noqa: E402
@@ -76,14 +78,17 @@ def fashion_sites(*, n_sites: int, alpha: float, seed: int, max_per_class: int |
     return sites, test_split(full)
 
 
-def read_offer(path: Path) -> tuple[np.ndarray, np.ndarray, dict] | None:
-    """A site offer saved by an earlier run, or None when it is missing or torn (a run killed while writing it before
+def read_offer(path: Path) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray, np.ndarray] | None:
+    """A site offer saved by an earlier run (images, labels, meta, stored slots, their labels; the slots are the
+    images unless `--factor` > 1 saved them), or None when it is missing or torn (a run killed while writing it before
     the writes were atomic): then the site round is recomputed, with the same seeds the same release."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
-            return f["images"], f["labels"], {"class_evidence": f["class_evidence"].tolist()}
+            x, y = f["images"], f["labels"]
+            slots = (f["slots"], f["slot_labels"]) if "slots" in f.files else (x, y)
+            return x, y, {"class_evidence": f["class_evidence"].tolist()}, *slots
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         print(f"recomputing {path.name}: unreadable ({type(e).__name__})", flush=True)
         return None
@@ -99,11 +104,13 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
                  allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False,
-                 train_rounds: int = 0, count_noise: float | None = COUNT_NOISE) -> dict:
+                 train_rounds: int = 0, count_noise: float | None = COUNT_NOISE, factor: int = 1) -> dict:
     """With `resume`, site offers and global models already in `save_merged` (from a run of the same settings cut
     off by a time limit) are read back instead of recomputed: every site round is a function of its seeds, its
     previous release and the broadcast model, so the run continues exactly where it stopped (no new noise drawn
-    for a release already made)."""
+    for a release already made). `factor` > 1: each site distils ipc slots per class of factor x factor tiles
+    (b6_factorised.FactorisedDM) and offers the decoded images; the upload counted is the slots (decoding is public
+    post-processing), the next round warm-starts from the slots, and the plan (sigma, q, steps, n) ignores factor."""
     dp = math.isfinite(eps)
     cfg = CoordinatorConfig(sites=[Path("x.yaml")], output=Path("x"), merge=merge_strategy,
                             evidence_power=evidence_power)
@@ -112,6 +119,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     loaded = {"offers": 0, "models": 0}
     if save_merged is not None:
         save_merged.mkdir(parents=True, exist_ok=True)
+    tag = f"eps{eps:g}_rounds{rounds}" + (f"_f{factor}" if factor > 1 else "")  # saved files; f = 1 keeps old names
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         offers = []
@@ -124,32 +132,36 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             spent[s.site_id] = epsilon_for(charges[s.site_id], delta=DELTA) if dp else math.inf
             dcfg = DistillConfig(ipc=ipc, iterations=steps, batch_size=batch, inner_steps=scale.get("inner_steps"),
                                  allocation=allocation, **({"ema": scale["ema"]} if scale.get("ema") is not None else {}))
-            offer_file = None if save_merged is None else save_merged / f"{s.site_id}_eps{eps:g}_rounds{rounds}_r{r}.npz"
+            offer_file = None if save_merged is None else save_merged / f"{s.site_id}_{tag}_r{r}.npz"
             saved = read_offer(offer_file) if resume else None
             if saved is not None:
-                x, y, meta = saved
+                x, y, meta, slots, slot_labels = saved
                 loaded["offers"] += 1
             else:
-                d = DistributionMatching(dcfg, PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm), num_classes=K,
-                                         image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r, device=device,
-                                         matching_net=global_model,
-                                         start=previous.get(s.site_id) if dcfg.warm_start else None)
+                plan = PrivacyPlan(dp, sigma, q, steps, dcfg.clip_norm)
+                d = FactorisedDM(dcfg, plan, num_classes=K, image_shape=tuple(s.x.shape[1:]), seed=seed + i, round_=r,
+                                 device=device, matching_net=global_model, factor=factor,
+                                 start=previous.get(s.site_id) if dcfg.warm_start else None)
+                assert d.plan == plan, "the privacy plan must not depend on --factor"
                 st = d.run(torch.as_tensor(s.x), torch.as_tensor(s.y))
-                x, y = st.result().cpu().numpy(), st.labels.cpu().numpy()
+                slots, slot_labels = st.result().cpu().numpy(), st.labels.cpu().numpy()
+                x, y = (t.cpu().numpy() for t in d.release(st))  # f = 1: the slots themselves
                 meta = {"class_evidence": d.class_evidence(st)}  # what synthetic.json carries (released noisy counts)
                 if offer_file is not None:  # the offer itself, for merge studies and resuming (np.load, no pickle)
                     atomic_save_npz(offer_file, images=x, labels=y,
-                                    class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64))
-            previous[s.site_id] = WarmStart(torch.as_tensor(x), torch.as_tensor(y))  # next round's warm start
-            offers.append(AcceptedOffer(s.site_id, x, y, meta, x.nbytes + y.nbytes))
-            bytes_up += x.nbytes + y.nbytes
+                                    class_evidence=np.asarray(meta["class_evidence"], dtype=np.float64),
+                                    **({"slots": slots, "slot_labels": slot_labels} if factor > 1 else {}))
+            previous[s.site_id] = WarmStart(torch.as_tensor(slots), torch.as_tensor(slot_labels))  # next warm start
+            stored = slots.nbytes + slot_labels.nbytes  # what the site uploads: the slots (decoding is public)
+            offers.append(AcceptedOffer(s.site_id, x, y, meta, stored))
+            bytes_up += stored
         merged = merge(offers, cfg, num_classes=K, seed=seed + r)
         merged_sets.append(merged)
         training = union_of_rounds(merged_sets[-train_rounds if train_rounds else 0:])  # as the coordinator's
         if save_merged is not None:  # for evaluation studies on the same merged set (np.load, no pickle)
-            atomic_save_npz(save_merged / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", images=merged.images,
+            atomic_save_npz(save_merged / f"merged_{tag}_r{r}.npz", images=merged.images,
                             labels=merged.labels, weights=merged.weights)
-        model_file = None if save_merged is None else save_merged / f"global_eps{eps:g}_rounds{rounds}_r{r}.safetensors"
+        model_file = None if save_merged is None else save_merged / f"global_{tag}_r{r}.safetensors"
         if resume and model_file.is_file():
             global_model = load_model(model_file).to(device)
             loaded["models"] += 1
@@ -171,6 +183,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     alloc += f", ema {dcfg.ema:g}" if dcfg.ema != DistillConfig.model_fields["ema"].default else ""
     if rounds > 1 and train_rounds != 1:
         alloc += f", global model on {'every round' if train_rounds == 0 else f'the last {train_rounds} rounds'}'s sets"
+    alloc += f", factorised {factor}x{factor} slots" if factor > 1 else ""
     return {"method": f"dp-dm (ours, {dcfg.schedule}, {dcfg.updates_per_statistic} upd/stat, {merge_label}{alloc})",
             "allocation": dcfg.allocation, "merge": cfg.merge, "evidence_power": cfg.evidence_power, "ipc_per_site": ipc,
             "epsilon": "inf" if not dp else eps, "count_noise": count_noise if dp else None, "rounds": rounds, "dm_seed": seed, "train_rounds": train_rounds,
@@ -180,7 +193,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
             "accuracy_mean": float(np.mean(accs)), "accuracy_sd": float(np.std(accs, ddof=1)) if evals > 1 else 0.0,
             "accuracies": accs, "accuracy_per_round": per_round, "seconds": distill_s,
             "bytes_up_total": bytes_up, "bytes_down_total": model_bytes * len(sites) * (rounds - 1),
-            "n_merged": int(len(merged.labels)),
+            "n_merged": int(len(merged.labels)), "factor": factor,
             **({"resumed": {"offers_read_back": loaded["offers"], "global_models_read_back": loaded["models"],
                             "note": "seconds counts only the resumed process"}} if resume else {})}
 
@@ -214,6 +227,8 @@ def main() -> None:
     ap.add_argument("--evidence-power", type=float, default=2.0)
     ap.add_argument("--allocation", choices=["uniform", "evidence"], default="evidence",
                     help="images per class at each site: ipc each, or shared by the noisy class counts")
+    ap.add_argument("--factor", type=int, nargs="+", default=[1], help="b6_factorised slots of f x f tiles: each "
+                    "site offers ipc * f^2 decoded images per class for the bytes of ipc (1 = plain DM)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train-rounds", type=int, default=0, help="the coordinator's `train_rounds`: each round's "
                     "global model trains on the merged sets of the last N rounds (0 = all so far; post-processing)")
@@ -265,14 +280,14 @@ def main() -> None:
         with open(partial, "a") as f:
             f.write(json.dumps(row) + "\n")
 
-    for rounds in [] if args.skip_dm or args.finalize else args.rounds:
+    for rounds, factor in itertools.product([] if args.skip_dm or args.finalize else args.rounds, args.factor):
         for eps in args.eps:
             keep(federated_dm(sites, test, ipc=args.ipc, eps=eps, rounds=rounds, scale=scale, evals=args.evals,
                               device=device, seed=args.seed if args.dm_seed is None else args.dm_seed,
                               merge_strategy=args.merge,
                               evidence_power=args.evidence_power, allocation=args.allocation,
                               save_merged=args.save_merged, resume=args.resume, train_rounds=args.train_rounds,
-                              count_noise=args.count_noise or None))
+                              count_noise=args.count_noise or None, factor=factor))
     chosen_baselines = set() if args.baselines is None else set(args.baselines or BASELINES)
     if args.finalize:
         chosen_baselines = set()
