@@ -157,7 +157,9 @@ def test_ctrl_c_on_a_real_site_distill_exits_130_and_resumes_without_a_second_ch
     out_dir = load_site_config(site).output_dir
     exe = Path(sys.executable).with_name("medfdd")
     proc = subprocess.Popen([str(exe), "site", "distill", str(site)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            # a shell never hands Ctrl-C down ignored; an earlier test in this worker may have
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # the run is mid-way once a checkpoint is written
         if line.startswith("checkpoint: step"):
             break
