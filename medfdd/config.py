@@ -105,8 +105,8 @@ class PrivacyConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1, description="must be below 1/n (n = the site's training records)")
     accountant: Literal["rdp", "prv"] = Field("rdp", description="`rdp` (Rényi DP) or `prv` (privacy random "
                                                                 "variables), both Opacus's")
-    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="planned federated rounds; the budget is split across them (the "
-                        "coordinator's `rounds` may not exceed it)")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="planned federated rounds; the budget is split across "
+                        "them (the coordinator's `rounds` may not exceed it)")
     count_noise: float | None = Field(
         20.0, gt=0, description="std (in records) of Gaussian noise on the training-record count from which the "
         "default sample rate batch_size / n~ is derived, paid once from the budget (so the published sample rate "
@@ -150,8 +150,9 @@ class PrivacyConfig(_Strict):
 class DistillConfig(_Strict):
     method: Literal["dm", "gm"] = Field("dm", description="dm = distribution matching, gm = gradient matching")
     ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class")
-    iterations: int = Field(math.ceil(DEFAULT_PAID_STEPS / DEFAULT_ROUNDS), ge=1, description="DP steps per round (each pays for one noisy statistic); the "
-                            "default, over the default 3 planned rounds, pays about 100 statistics")
+    iterations: int = Field(math.ceil(DEFAULT_PAID_STEPS / DEFAULT_ROUNDS), ge=1, description="DP steps per round "
+                            "(each pays for one noisy statistic); the default, over the default 3 planned rounds, "
+                            "pays about 100 statistics")
     batch_size: int | None = Field(None, ge=1, description="expected real records per step (Poisson sampling); "
                                    "default `batch_per_class` x the number of classes")
     batch_per_class: int = Field(128, ge=1, description="expected real records per class per step when "

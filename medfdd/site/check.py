@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from medfdd import __version__
-from medfdd.config import SiteConfig
+from medfdd.config import DistillConfig, SiteConfig
 from medfdd.data.site_data import SiteData, load_site_data
 from medfdd.errors import NoUsableDataError
 from medfdd.io import atomic_write_json
@@ -71,7 +71,7 @@ def _site_warnings(cfg: SiteConfig, data: SiteData) -> list[str]:
 
 
 LARGE_SITE_PER_CLASS = 1000  # median training records per present class from which the large-site settings help
-LARGE_SITE_BATCH_PER_CLASS = 128
+LARGE_SITE_BATCH_PER_CLASS = DistillConfig.model_fields["batch_per_class"].default  # the default is the large-site one
 LARGE_SITE_INNER_STEPS = 10
 
 
