@@ -70,7 +70,7 @@ def tool(name: str) -> str:
     found = shutil.which(name)
     if found is None:
         raise FlowerDeployError(name, "Flower command not found", "install medfdd with its dependencies "
-                                "(`make install`); flwr==1.42.0 provides it")
+                                "(`pip install medfdd-*.whl` or `make install`); flwr provides it")
     return found
 
 
