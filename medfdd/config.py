@@ -77,6 +77,35 @@ class DataConfig(_Strict):
                                    "entries are keyed by the scan's bytes and the preprocessing settings, so runs "
                                    "with other output folders can share one without re-decoding every scan")
     max_voxels: int = Field(2**27, ge=1, description="refuse images whose header announces more voxels than this")
+    orientation: str = Field(
+        "RAS", description="axis codes every NIfTI image with a set sform/qform and every DICOM series with patient "
+        "geometry is reoriented to (MONAI `Orientation`), so the same anatomy loads to one array whatever its "
+        "affine; single-file DICOM and PNG keep their stored rows x columns")
+    spacing: list[float] | None = Field(
+        None, min_length=3, max_length=3, description="voxel size in mm along the `orientation` axes to resample "
+        "reoriented 3D volumes to (MONAI `Spacing`) before resizing; null: no resampling")
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str) -> str:
+        v = v.upper()
+        pairs = [{c for c in v if c in pair} for pair in ("LR", "AP", "SI")]
+        if len(v) != 3 or any(len(p) != 1 for p in pairs):
+            raise ValueError(f"{v!r} is not 3 axis codes, one of L/R, one of A/P and one of S/I each (e.g. RAS, LPS)")
+        return v
+
+    @field_validator("spacing")
+    @classmethod
+    def _positive_spacing(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and any(not (0 < s < math.inf) for s in v):
+            raise ValueError(f"every voxel size must be a positive number of mm, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _spacing_is_3d(self) -> DataConfig:
+        if self.spacing is not None and len(self.spatial_size) != 3:
+            raise ValueError("data.spacing resamples 3D volumes: set it only with a 3-entry spatial_size [D, H, W]")
+        return self
 
     @field_validator("spatial_size")
     @classmethod

@@ -28,6 +28,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 PNG_SUFFIXES = (".png",)
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))  # MONAI's axis labels for an affine to RAS (NIfTI's space)
 LUMINANCE = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601
 # MONAI warns once per reader that the optional GPU JPEG decoder (nvImageCodec) is absent; we decode with pydicom.
 logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
@@ -194,13 +195,71 @@ def _check_series(folder: Path, root: Path, max_voxels: int) -> tuple[pydicom.Da
     return first, headers
 
 
-def _read_with_monai(path: Path, reader) -> np.ndarray:
+def _read_with_monai(path: Path, reader) -> tuple[np.ndarray, np.ndarray | None]:
+    """-> (array in the reader's index order, its voxel-to-RAS affine or None)."""
     from monai.transforms import LoadImage
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         img = LoadImage(reader=reader, image_only=True)(str(path))
-    return np.asarray(img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else img)
+    affine = getattr(img, "affine", None)
+    affine = None if affine is None else np.asarray(affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor)
+                                                    else affine, dtype=np.float64)
+    return np.asarray(img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else img), affine
+
+
+def _canonical(arr: np.ndarray, affine: np.ndarray, rgb: bool, cfg: DataConfig) -> np.ndarray:
+    """Reorient a volume in reader index order, [i, j, k] (+ a trailing RGB axis), with its voxel-to-RAS affine, to
+    `data.orientation` with MONAI `Orientation` (then `Spacing` to `data.spacing` if set); return it row-major,
+    [k', j', i'] (+ RGB), the axis order NIfTI volumes always had here. The same anatomy stored with any affine, as
+    NIfTI or as a DICOM series, so becomes one array (NIfTI-1 sform/qform; DICOM PS3.3 C.7.6.2.1.1)."""
+    from monai.data import MetaTensor
+    from monai.transforms import Orientation, Spacing
+
+    flat = arr.ndim == (3 if rgb else 2)  # a 2D image with a 3D affine: orient it as one slice
+    data = arr[:, :, None] if flat else arr
+    data = np.moveaxis(data, -1, 0) if rgb else data[None]
+    try:
+        img = MetaTensor(torch.as_tensor(np.ascontiguousarray(data)), affine=torch.as_tensor(affine))
+        img = Orientation(axcodes=cfg.orientation, labels=RAS_LABELS)(img)
+    except Exception as e:  # a singular or non-finite affine
+        raise RecordRejected(Reason.UNREADABLE, f"its affine cannot be reoriented to {cfg.orientation}: "
+                             f"{type(e).__name__}: {e}"[:500], "re-export it with a valid NIfTI sform/qform or "
+                             "DICOM ImageOrientationPatient / ImagePositionPatient") from None
+    if cfg.spacing is not None and not flat:
+        zooms = np.linalg.norm(np.asarray(img.affine, dtype=np.float64)[:3, :3], axis=0)
+        voxels = math.prod(math.ceil(n * z / s) for n, z, s in zip(img.shape[1:], zooms, cfg.spacing, strict=True))
+        if voxels * img.shape[0] > cfg.max_voxels:
+            raise RecordRejected(Reason.TOO_LARGE, f"resampled to data.spacing = {cfg.spacing} mm it would hold "
+                                 f"about {voxels} voxels (limit data.max_voxels = {cfg.max_voxels})",
+                                 "choose a coarser data.spacing, or raise data.max_voxels")
+        img = Spacing(pixdim=tuple(cfg.spacing), mode="bilinear")(img)
+    out = np.asarray(img.detach().cpu().numpy())
+    out = np.transpose(out, (0, 3, 2, 1))
+    if flat:  # back to 2D: drop the axis the slice had no extent along, wherever the orientation moved it
+        out = out.squeeze(axis=1 + [i for i, s in enumerate(out.shape[1:]) if s == 1][0])
+    return np.moveaxis(out, 0, -1) if rgb else out[0]
+
+
+def _declared_affine(header) -> bool:
+    """NIfTI-1: the affine is meaningful when the sform or the qform is set (code > 0); otherwise nibabel's fallback
+    (Analyze-style, from the voxel sizes alone) says nothing about the patient, and the stored order is kept."""
+    return int(header.get("sform_code", 0) or 0) > 0 or int(header.get("qform_code", 0) or 0) > 0
+
+
+def _series_geometry(headers: list[pydicom.Dataset]) -> bool:
+    """A DICOM series can be oriented when every slice has ImageOrientationPatient and ImagePositionPatient and the
+    positions do not all coincide (else there is no slice direction, and the InstanceNumber order is kept)."""
+    if len(headers) < 2 or any("ImageOrientationPatient" not in h or "ImagePositionPatient" not in h
+                               for h in headers):
+        return False
+    try:
+        positions = np.array([[float(v) for v in h.ImagePositionPatient] for h in headers])
+        cosines = np.array([float(v) for v in headers[0].ImageOrientationPatient])
+    except (TypeError, ValueError):
+        return False
+    return (positions.shape[1] == 3 and cosines.shape == (6,) and bool(np.isfinite(positions).all())
+            and bool(np.isfinite(cosines).all()) and float(np.ptp(positions, axis=0).max()) > 0)
 
 
 def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
@@ -214,16 +273,21 @@ def _load_dicom(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
         _check_dicom_header(header, cfg.max_voxels)
         headers = [header]
     instances = tuple(sorted({d for d in map(instance_digest, headers) if d}))
-    reader = PydicomReader(swap_ij=False, prune_metadata=True)
+    reader = PydicomReader(swap_ij=False, prune_metadata=True)  # (rows, columns[, samples], slices), affine in RAS
     try:
-        arr = _read_with_monai(path, reader)
+        arr, affine = _read_with_monai(path, reader)
     except Exception as e:
         raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"pixel data could not be decoded: {type(e).__name__}: {e}"
                              .replace("\n", " ")[:500], "re-export the file; it may be truncated") from None
     spp = int(header.get("SamplesPerPixel", 1) or 1)
     rgb = spp == 3
-    if path.is_dir():  # MONAI stacks slices on the last axis (after the samples axis for RGB)
+    if path.is_dir() and affine is not None and _series_geometry(headers):
+        if rgb:  # (rows, columns, 3, slices) -> (rows, columns, slices, 3)
+            arr = np.moveaxis(arr, -2, -1)
+        arr = _canonical(arr, affine, rgb, cfg)
+    elif path.is_dir():  # no patient geometry: slices in InstanceNumber order (MONAI stacks them on the last axis)
         arr = np.moveaxis(arr, -1, 0) if not rgb else np.moveaxis(arr, -2, 0)
+    # a single file (2D image or multi-frame) keeps its stored rows x columns order (see docs/site-operator.md)
     if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         arr = arr.max() + arr.min() - arr  # MONOCHROME1: low values are bright; flip to MONOCHROME2 convention
     info = ScanInfo("dicom", str(header.get("Modality", "?")), tuple(int(s) for s in arr.shape), instances)
@@ -247,6 +311,7 @@ def _load_nifti(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
         header = nib.load(str(path)).header
         header_shape = tuple(int(s) for s in header.get_data_shape())
         rgb = header.get_intent()[0] == "vector" and len(header_shape) == 5 and header_shape[3:] == (1, 3)
+        declared = _declared_affine(header)
     except Exception as e:
         raise RecordRejected(Reason.UNREADABLE, f"not a readable NIfTI file: {type(e).__name__}: {e}"[:500],
                              "re-export the volume as NIfTI-1 (.nii or .nii.gz)") from None
@@ -254,14 +319,20 @@ def _load_nifti(path: Path, root: Path, cfg: DataConfig) -> tuple[np.ndarray, bo
         raise RecordRejected(Reason.TOO_LARGE, f"header announces shape {header_shape} (limit data.max_voxels = "
                              f"{cfg.max_voxels})", "raise data.max_voxels if the scan is genuine")
     try:
-        arr = _read_with_monai(path, NibabelReader())
+        arr, affine = _read_with_monai(path, NibabelReader())
     except Exception as e:
         raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"voxel data could not be read: {type(e).__name__}: {e}"[:500],
                              "re-export the volume; it may be truncated") from None
-    k = min(arr.ndim, 3)  # (x, y, z, t...) -> (z, y, x, t...): row-major spatial axes, extra axes kept at the end
-    arr = np.transpose(arr, list(range(k))[::-1] + list(range(k, arr.ndim)))
-    if rgb:  # vector image (x, y, z, 1, 3) -> (z, y, x, 3)
+    if rgb:  # vector image (x, y, z, 1, 3) -> (x, y, z, 3)
         arr = arr.reshape(arr.shape[:3] + (3,))
+    elif arr.ndim > 3 and all(s == 1 for s in arr.shape[3:]):  # (x, y, z, 1): one volume
+        arr = arr.reshape(arr.shape[:3])
+    spatial = arr.ndim - rgb
+    if declared and affine is not None and spatial in (2, 3):
+        arr = _canonical(arr, affine, rgb, cfg)
+    else:  # (x, y, z, t...) -> (z, y, x, t...): row-major spatial axes, extra axes kept at the end
+        k = min(spatial, 3)
+        arr = np.transpose(arr, list(range(k))[::-1] + list(range(k, arr.ndim)))
     return arr, rgb, ScanInfo("nifti", "nifti", tuple(int(x) for x in arr.shape))
 
 
@@ -281,7 +352,7 @@ def _load_png(path: Path, cfg: DataConfig) -> tuple[np.ndarray, bool, ScanInfo]:
         raise RecordRejected(Reason.TOO_LARGE, f"{w}x{h}x{bands} exceeds data.max_voxels = {cfg.max_voxels}",
                              "raise data.max_voxels if the image is genuine")
     try:
-        arr = _read_with_monai(path, PILReader(reverse_indexing=False))
+        arr, _ = _read_with_monai(path, PILReader(reverse_indexing=False))
     except Exception as e:
         raise RecordRejected(Reason.CORRUPT_PIXEL_DATA, f"pixels could not be decoded: {type(e).__name__}: {e}"[:500],
                              "re-export the image") from None

@@ -64,7 +64,9 @@ def dicom_dataset(
     ds.ContentDate = _dt.date(2000, 1, 1).strftime("%Y%m%d")
     ds.InstanceNumber = instance_number
     ds.ImagePositionPatient = [0.0, 0.0, float(slice_position)]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    # columns toward the patient's right, rows toward anterior (DICOM's x, y point left, posterior): the geometry of
+    # `write_nifti`'s default identity (RAS) affine, so both writers store one array as the same anatomy
+    ds.ImageOrientationPatient = [-1.0, 0.0, 0.0, 0.0, -1.0, 0.0]
     ds.PixelSpacing = [1.0, 1.0]
     ds.Rows, ds.Columns = int(rows), int(cols)
     ds.SamplesPerPixel = 3 if rgb else 1

@@ -151,7 +151,10 @@ def test_dicom_series_folder_is_stacked_by_instance_number(tmp_path):
     x, _ = load(folder, cfg((10, 64, 64)))
     ref = frames.astype(np.float32)
     ref = (ref - ref.min()) / (ref.max() - ref.min())
-    np.testing.assert_allclose(x[0], ref, atol=1e-5)
+    # MR_small's ImageOrientationPatient is axial [1, 0, 0, 0, 1, 0]: columns run to the patient's left and rows to
+    # posterior; reoriented to RAS (data.orientation's default) both in-plane axes are reversed, slices (S) are not
+    assert list(map(float, pydicom.dcmread(dicom_file("MR_small.dcm")).ImageOrientationPatient)) == [1, 0, 0, 0, 1, 0]
+    np.testing.assert_allclose(x[0], ref[:, ::-1, ::-1], atol=1e-5)
 
 
 @pytest.mark.parametrize("name, endian", [("anatomical.nii", ">"), ("standard.nii.gz", "<"),
@@ -163,9 +166,10 @@ def test_real_nifti_volumes(name, endian):
     x, info = load(path, cfg((8, 16, 16)))
     assert_tensor(x, (1, 8, 16, 16))
     assert info.format == "nifti"
-    # row-major: the tensor's axes are (z, y, x) of the NIfTI (x, y, z) array
-    full, _ = load(path, cfg(tuple(reversed(img.shape))))
-    data = np.asarray(img.dataobj, dtype=np.float32).transpose(2, 1, 0)
+    # reoriented to RAS, then row-major: the tensor's axes are (z, y, x) of nibabel's closest-canonical (RAS) array
+    canonical = nibabel.as_closest_canonical(img)
+    full, _ = load(path, cfg(tuple(reversed(canonical.shape))))
+    data = np.asarray(canonical.dataobj, dtype=np.float32).transpose(2, 1, 0)
     np.testing.assert_allclose(full[0], (data - data.min()) / (data.max() - data.min()), atol=1e-5)
 
 
