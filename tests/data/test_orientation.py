@@ -211,3 +211,13 @@ def test_spacing_that_would_explode_the_volume_is_refused_before_resampling(tmp_
     with pytest.raises(RecordRejected) as e:
         load_scan(nii, root=tmp_path, cfg=cfg(tmp_path, (5, 7, 6), spacing=[0.001, 0.001, 0.001]))
     assert e.value.reason == Reason.TOO_LARGE and "data.spacing" in e.value.detail
+
+
+def test_rgb_series_is_reoriented_with_its_colour_axis_kept(tmp_path):
+    from medfdd.prepare.writers import write_dicom_series
+
+    vol = np.random.default_rng(8).integers(0, 255, size=(3, 6, 5, 3), dtype=np.uint8)  # [D, H, W, RGB]
+    folder = write_dicom_series(tmp_path / "s", vol, patient_id="P", rng=np.random.default_rng(0))
+    x, _ = load_scan(folder, root=tmp_path, cfg=cfg(tmp_path, (3, 6, 5), channels=3))
+    ref = np.moveaxis(vol, -1, 0).astype(np.float32)
+    np.testing.assert_allclose(x, (ref - ref.min()) / (ref.max() - ref.min()), atol=1e-6)
