@@ -234,6 +234,18 @@ def _ours_key(r: dict, row: dict) -> tuple:
             row.get("finetune_rounds"), row.get("share_finetune"))
 
 
+def _moved(row: dict) -> float | None:
+    """Bytes up + down of a result row (None when the file did not record them)."""
+    if "bytes_up_total" not in row:
+        return None
+    return float(row["bytes_up_total"]) + float(row.get("bytes_down_total", 0))
+
+
+def _mb(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{np.mean(known) / 1e6:.1f}" if known else "–"
+
+
 def scoreboard(results: list[dict]) -> list[str]:
     """The utility goal, cell by cell (5 sites, all 60,000 records, split seed 0, alpha x epsilon per site): our best
     configuration (one-shot or hybrid; mean over its noise draws) against the best DP-FedAvg setting (mean ± sd over
@@ -251,24 +263,25 @@ def scoreboard(results: list[dict]) -> list[str]:
             if row["method"].startswith(("dp-dm", "hybrid")):
                 draws = cell["ours"].setdefault(_ours_key(r, row), {})
                 seed = row.get("dm_seed", row.get("distill", {}).get("dm_seed", 0))
-                draws[seed] = (row["accuracy_mean"], r["benchmark"])
+                draws[seed] = (row["accuracy_mean"], r["benchmark"], _moved(row))
             elif row["method"].startswith("DP-FedAvg"):
                 cell["fed"].append(row)
     lines = ["### Scoreboard: medfdd against tuned DP-FedAvg, cell by cell", "",
              "5 sites, all 60,000 training records, split seed 0. Ours: the best configuration measured in the cell "
              "(one-shot or hybrid), mean ± sd over its noise draws; DP-FedAvg: its best setting, mean ± sd over its "
              f"training seeds. Won: ours above DP-FedAvg's mean + 1 sd, with at least {CELL_DRAWS} draws and seeds.",
-             "", "| alpha | eps per site | ours % (draws) | configuration | DP-FedAvg % (seeds) | won |",
-             "|---|---|---|---|---|---|"]
+             " MB moved: bytes up and down over all sites and rounds (models and synthetic sets as sent).",
+             "", "| alpha | eps per site | ours % (draws) | configuration | MB moved | DP-FedAvg % (seeds) | MB moved "
+                 "| won |", "|---|---|---|---|---|---|---|---|"]
     for alpha in CELL_ALPHAS:
         for eps in CELL_EPS:
             cell = cells.get((alpha, eps), {"ours": {}, "fed": []})
-            ours = max(cell["ours"].items(), key=lambda kv: np.mean([a for a, _ in kv[1].values()]), default=None)
+            ours = max(cell["ours"].items(), key=lambda kv: np.mean([a for a, *_ in kv[1].values()]), default=None)
             fed = max(cell["fed"], key=lambda row: row["accuracy_mean"], default=None)
             fed_runs = same_setting_runs(fed, cell["fed"]) if fed else []
-            o_acc = [a for a, _ in ours[1].values()] if ours else []
+            o_acc = [a for a, *_ in ours[1].values()] if ours else []
             if not o_acc:
-                lines.append(f"| {alpha:g} | {eps:g} | – | – | – | not measured |")
+                lines.append(f"| {alpha:g} | {eps:g} | – | – | – | – | – | not measured |")
                 continue
             o_txt = f"{100 * np.mean(o_acc):.1f}" + (f" ± {100 * np.std(o_acc, ddof=1):.1f}" if len(o_acc) > 1 else "")
             f_txt = f"{100 * np.mean(fed_runs):.1f}" + (f" ± {100 * np.std(fed_runs, ddof=1):.1f}"
@@ -281,9 +294,11 @@ def scoreboard(results: list[dict]) -> list[str]:
             else:
                 won = "yes" if len(o_acc) >= CELL_DRAWS and len(fed_runs) >= CELL_DRAWS else "ahead, too few runs"
             config = (f"{ours[0][0]}, {ours[0][1]}; "
-                      + ", ".join(sorted({b for _, b in ours[1].values()}))) if ours else "–"
-            lines.append(f"| {alpha:g} | {eps:g} | {o_txt + f' ({len(o_acc)})' if o_acc else '–'} | {config} | "
-                         f"{f_txt + f' ({len(fed_runs)})' if fed_runs else '–'} | {won} |")
+                      + ", ".join(sorted({b for _, b, _ in ours[1].values()}))) if ours else "–"
+            o_mb = _mb([m for *_, m in ours[1].values()])
+            f_mb = _mb([_moved(fed)] if fed else [])
+            lines.append(f"| {alpha:g} | {eps:g} | {o_txt + f' ({len(o_acc)})' if o_acc else '–'} | {config} | {o_mb} | "
+                         f"{f_txt + f' ({len(fed_runs)})' if fed_runs else '–'} | {f_mb} | {won} |")
     return lines + [""]
 
 
