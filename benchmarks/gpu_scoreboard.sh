@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The utility scoreboard's missing runs on a lent GPU (see the device tool's README), run from the repository root
+# with medfdd's dependencies importable (PYTHON), Fashion-MNIST in $MEDFDD_FASHION_MNIST_DIR and results to $OUT.
+# Every run is the product's default configuration (`b1_federated.py` at its default CPU-scale settings, i.e. the
+# site and coordinator config defaults, 3 rounds), only on the GPU: the scoreboard cells at 5 sites, all 60,000
+# records, split seed 0 (alpha 0.1 and 0.5 x epsilon 1, 4, 10 per site), each over the noise draws DM_SEEDS, then the
+# second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds).
+# JOBS processes share the GPU; each run is cut at BUDGET_S and finalized from its finished rounds (`--finalize`).
+# Everything ends in $OUT/gpu_scoreboard.tar.gz (the device returns a few files only).
+# CPU smoke test (tiny): OUT=/tmp/sb SB_ARGS="--max-per-class 60 --iterations 2 --eval-epochs 2" CELLS="0.5:1"
+#   DM_SEEDS=0 FEDAVG=0 SPLIT2=0 bash benchmarks/gpu_scoreboard.sh
+set -u
+OUT=${OUT:?set OUT}
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+py=${PYTHON:-python3}
+budget=${BUDGET_S:-500}
+jobs=${JOBS:-8}
+cells=${CELLS:-"0.5:1 0.5:4 0.5:10 0.1:1 0.1:4 0.1:10"}
+seeds=${DM_SEEDS:-"0 1000 2000"}
+extra=${SB_ARGS:-}
+
+queue=()
+for cell in $cells; do
+  for s in $seeds; do
+    queue+=("sb_alpha${cell%%:*}_eps${cell##*:}_dm${s} --alpha ${cell%%:*} --eps ${cell##*:} --dm-seed $s")
+  done
+done
+if [ "${SPLIT2:-1}" = 1 ]; then
+  for s in $seeds; do queue+=("sb_split1_alpha0.5_eps1_dm${s} --seed 1 --alpha 0.5 --eps 1 --dm-seed $s"); done
+fi
+if [ "${FEDAVG:-1}" = 1 ]; then  # the tuned DP-FedAvg setting of benchmarks/results (width 32, lr 0.2, batch 256)
+  for a in 0.5 0.1; do
+    queue+=("sb_dpfedavg_alpha${a}_eps4 --alpha $a --eps 4 --skip-dm --baselines fedavg --baseline-eps 4
+             --fedavg-rounds 20 --fedavg-lr 0.2 --fedavg-batch 256 --fedavg-width 32 --fedavg-seeds 0 1 2")
+  done
+fi
+
+run() {  # name, then b1_federated.py arguments; a run cut off by the budget keeps its finished rounds
+  local name=$1; shift
+  local args=(--rounds 3 --evals 1 --out-dir "$OUT" --name "$name" $extra "$@")
+  timeout "$budget" $py benchmarks/b1_federated.py "${args[@]}" >"$OUT/$name.log" 2>&1 \
+    || { [ -s "$OUT/$name.partial.jsonl" ] && $py benchmarks/b1_federated.py "${args[@]}" \
+         --finalize "cut off at the ${budget} s device budget" >>"$OUT/$name.log" 2>&1; }
+}
+
+for job in "${queue[@]}"; do
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs" ]; do wait -n; done
+  # shellcheck disable=SC2086
+  run $job &
+done
+wait
+grep -h -v -i warn "$OUT"/*.log | grep -E "accuracy|Error|error" | cut -c1-200
+tar -C "$OUT" -czf /tmp/gpu_scoreboard.tar.gz . && rm -f "$OUT"/* && mv /tmp/gpu_scoreboard.tar.gz "$OUT"/
+ls -la "$OUT"
