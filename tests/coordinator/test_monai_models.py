@@ -70,17 +70,22 @@ def test_densenet_keeps_records_independent_and_takes_per_example_gradients():
     """Instance norm instead of batch norm: a record's output (train mode) does not depend on its batch-mates, so
     DP-SGD's per-record sensitivity holds and Opacus computes per-example gradients (hybrid mode)."""
     model = _densenet().train()
-    x, y = torch.rand(4, 1, *SIZE), torch.tensor([0, 1, 2, 0])
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(4, 1, *SIZE, generator=g), torch.tensor([0, 1, 2, 0])
     with torch.no_grad():
         together, alone = model(x)[0], model(x[:1])[0]
     assert torch.allclose(together, alone, atol=1e-5)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     net = trainable_copy(model)
     grads = per_example_gradients(net, x[:2], y[:2])
-    net.zero_grad()
-    torch.nn.functional.cross_entropy(net(x[:1]), y[:1], reduction="sum").backward()
-    single = torch.cat([p.grad.flatten() for p in net.parameters()])
-    assert (grads[0] - single).norm() / single.norm() < 1e-3  # float32 sums through 121 layers: not bit-equal
+    exact = trainable_copy(model).double()  # float32 sums through 121 layers drift ~1e-3 from the exact gradient
+    torch.nn.functional.cross_entropy(exact(x[:1].double()), y[:1], reduction="sum").backward()
+    single = torch.cat([p.grad.flatten() for p in exact.parameters()])
+
+    def rel(a: torch.Tensor) -> float:
+        return float((a.double() - single).norm() / single.norm())
+
+    assert rel(grads[0]) < 1e-2 < 0.5 < rel(grads[1])  # record 0's own gradient, not its batch-mate's
 
 
 def test_embed_is_what_the_classifier_head_reads():
