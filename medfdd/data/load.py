@@ -416,9 +416,10 @@ def preprocess_transform(cfg: DataConfig):
 
 
 def bundle_preprocessing(cfg: DataConfig) -> list[dict]:
-    """The MONAI bundle config (`monai.bundle.ConfigParser` syntax) of the chain a NIfTI scan goes through here:
-    load -> channel first -> row-major spatial axes -> intensity -> resize. Mirrors `_load_nifti`,
-    `_to_channel_first` (single-channel NIfTI) and `preprocess_transform`; a test keeps both equal on real files."""
+    """The MONAI bundle config (`monai.bundle.ConfigParser` syntax) of the chain a NIfTI scan with a set affine
+    (sform/qform) goes through here: load -> channel first -> orientation (-> spacing) -> row-major spatial axes ->
+    intensity -> resize. Mirrors `_load_nifti`, `_canonical` (a 2D scan: an axial slice), `_to_channel_first`
+    (single-channel) and `preprocess_transform`; a test keeps both equal on real files."""
     rank = len(cfg.spatial_size)
     intensity = cfg.intensity
     if isinstance(intensity, CTWindow):
@@ -432,6 +433,8 @@ def bundle_preprocessing(cfg: DataConfig) -> list[dict]:
     chain = [
         {"_target_": "LoadImaged", "reader": "NibabelReader", "image_only": True, "dtype": "$np.float32"},
         {"_target_": "EnsureChannelFirstd", "channel_dim": "no_channel"},
+        {"_target_": "Orientationd", "axcodes": cfg.orientation},
+        *([{"_target_": "Spacingd", "pixdim": list(cfg.spacing), "mode": "bilinear"}] if cfg.spacing else []),
         # NIfTI (x, y[, z]) -> medfdd's row-major ([z,] y, x)
         {"_target_": "Transposed", "indices": [0, *range(rank, 0, -1)]},
         *([{"_target_": "RepeatChanneld", "repeats": 3}] if cfg.channels == 3 else []),

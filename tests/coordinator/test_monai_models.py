@@ -119,9 +119,12 @@ def densenet_run(tmp_path_factory):
     return coord, run_inprocess(cfg)
 
 
+FLIPS = [(1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0)]  # RAS, LAS, LPS
+
+
 def _nifti_scans(coord: Path, folder: Path, n: int) -> tuple[list[Path], Path]:
     """The first `n` scans of the first site, written as 2D NIfTI files (x = columns, y = rows, as NIfTI stores
-    them); returns the files and the site config."""
+    them) in RAS, LAS and LPS storage order; returns the files and the site config."""
     site_path = load_coordinator_config(coord).site_paths[0]
     site = load_site_config(site_path)
     rows = list(csv.DictReader((site.data_root / site.data.manifest).open()))[:n]
@@ -132,7 +135,9 @@ def _nifti_scans(coord: Path, folder: Path, n: int) -> tuple[list[Path], Path]:
 
         pixels = pydicom.dcmread(site.data_root / row["path"]).pixel_array.astype(np.float32)
         files.append(folder / f"scan{i}.nii.gz")
-        nib.save(nib.Nifti1Image(np.ascontiguousarray(pixels.T), np.eye(4)), files[-1])
+        flip = FLIPS[i % len(FLIPS)]  # stored mirrored, with the affine that says so: both loaders reorient
+        data = pixels.T[::-1 if flip[0] < 0 else 1, ::-1 if flip[1] < 0 else 1]
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(data), np.diag([*flip, 1.0, 1.0])), files[-1])
     return files, site_path
 
 
