@@ -75,19 +75,18 @@ def one_draw(out: Path, name: str, draw: int, *, seed: int, iterations: int, tra
         k = len(data.classes)
         glob = load_model(run_dir / "global_model.safetensors")
         hx, hy = data.images[data.holdout], data.labels[data.holdout]
-        width = glob.arch["width"]
         row = {"n_train": int(len(train)), "n_holdout": int(len(hx)),
                "train_classes": int(len(np.unique(data.labels[train]))),
                "global": evaluate(glob, hx, hy, k)["accuracy"], "fine_tuned": {}}
         for rname, recipe in RECIPES.items():
             t1 = time.perf_counter()
             m = train_classifier(data.images[train], data.labels[train], k,
-                                 recipe_settings(SiteEvaluateConfig(**recipe), width), seed=site.seed, init=glob)
+                                 recipe_settings(SiteEvaluateConfig(**recipe), glob.arch), seed=site.seed, init=glob)
             row["fine_tuned"][rname] = evaluate(m, hx, hy, k)["accuracy"]
             row.setdefault("seconds", {})[rname] = time.perf_counter() - t1
         if site.site_id not in local:
             local[site.site_id] = {rname: evaluate(train_classifier(
-                data.images[train], data.labels[train], k, recipe_settings(SiteEvaluateConfig(**recipe), width),
+                data.images[train], data.labels[train], k, recipe_settings(SiteEvaluateConfig(**recipe), glob.arch),
                 seed=site.seed), hx, hy, k)["accuracy"] for rname, recipe in {**RECIPES, **LOCAL_REFERENCE}.items()}
         sites[site.site_id] = row
         print(name, draw, site.site_id, {k: v for k, v in row.items() if k != "seconds"}, local[site.site_id],

@@ -20,7 +20,7 @@ from medfdd import __version__
 from medfdd.charts import png_bytes, pyplot
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_safe
-from medfdd.nets import ConvNet
+from medfdd.nets import ConvNet, model_from_arch
 
 NPZ_KEYS = ("images", "labels")
 META_KEYS = ("site_id", "round", "method", "ipc", "classes", "spatial_size", "channels", "epsilon", "epsilon_round",
@@ -133,15 +133,16 @@ def save_volumes_nifti(path: Path, images: np.ndarray) -> Path:
     return atomic_write_bytes(Path(path), gzip.compress(img.to_bytes(), mtime=0))
 
 
-def save_model(path: Path, model: ConvNet) -> Path:
+def save_model(path: Path, model: nn.Module) -> Path:
     """Weights as safetensors with the architecture in the header metadata."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return atomic_write_bytes(Path(path), save(state, metadata={"arch": json.dumps(model.arch),
                                                                 "medfdd_version": __version__}))
 
 
-def load_model(path: Path, expect: dict | None = None) -> ConvNet:
-    """Load a ConvNet from safetensors; `expect` (in_channels, num_classes, spatial_size, width) must match."""
+def load_model(path: Path, expect: dict | None = None) -> nn.Module:
+    """Load a model written by `save_model` (ConvNet-3 or an allow-listed MONAI network, as its header says);
+    `expect` (e.g. in_channels, num_classes, spatial_size) must match the header."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -162,22 +163,20 @@ def load_model(path: Path, expect: dict | None = None) -> ConvNet:
             raise ArtifactError(str(path), f"architecture does not match the agreed one: {bad} (got, expected)",
                                 "the coordinator and the sites must agree on classes, channels and spatial size")
     try:
-        args = (int(arch["in_channels"]), int(arch["num_classes"]), tuple(int(s) for s in arch["spatial_size"]),
-                int(arch["width"]), int(arch.get("depth", 3)))
         with torch.device("meta"):  # shapes only: a header announcing a huge width allocates nothing
-            skeleton = ConvNet(*args)
+            skeleton = model_from_arch(arch)
     except (KeyError, TypeError, ValueError) as e:
         raise ArtifactError(str(path), f"architecture metadata unusable ({type(e).__name__}: {e})"[:300],
                             "use a model written by medfdd") from None
     # a model written before the convolutions lost their bias loads too: instance norm subtracts a conv bias exactly
     conv_biases = {f"features.{i}.bias" for i, m in enumerate(skeleton.features)
-                   if isinstance(m, nn.Conv2d | nn.Conv3d)}
+                   if isinstance(m, nn.Conv2d | nn.Conv3d)} if isinstance(skeleton, ConvNet) else set()
     state = {k: v for k, v in state.items() if k not in conv_biases}
     declared = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     if declared != {k: tuple(v.shape) for k, v in state.items()}:
         raise ArtifactError(str(path), "the weights' shapes do not match the architecture in the header",
                             "use the model file as the coordinator wrote it")
-    model = ConvNet(*args)
+    model = model_from_arch(arch)
     try:
         model.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()}, strict=True)
     except RuntimeError as e:
@@ -186,7 +185,7 @@ def load_model(path: Path, expect: dict | None = None) -> ConvNet:
     return model.eval()
 
 
-def load_agreed_model(path: Path, *, in_channels: int, num_classes: int, spatial_size) -> ConvNet:
+def load_agreed_model(path: Path, *, in_channels: int, num_classes: int, spatial_size) -> nn.Module:
     """A consortium's global model as a site accepts it: the agreed architecture (`load_model` with `expect`) and
     finite weights; anything else is refused with an ArtifactError naming the file."""
     model = load_model(path, expect={"in_channels": int(in_channels), "num_classes": int(num_classes),

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfdd.config import CoordinatorConfig
 from medfdd.coordinator.run import load_test_set
 from medfdd.federation.consortium import consortium_of, shared_intensity
-from medfdd.nets import ConvNet, convnet_for, quiet_backward_hooks
+from medfdd.nets import Classifier, convnet_for, quiet_backward_hooks
 from medfdd.training import TrainSettings, evaluate, train_classifier
 from privacy.accounting import calibrate_round_noise, epsilon_for
 
@@ -76,7 +76,7 @@ def random_subset(sites: list[SiteRecords], test, k: int, settings: TrainSetting
     return {**evaluate(train_classifier(x, y, k, settings, seed=seed), *test, k), "n_images": int(len(y))}
 
 
-def _local_sgd(model: ConvNet, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int,
+def _local_sgd(model: Classifier, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float, batch_size: int,
                noise_multiplier: float | None, clip: float, seed: int) -> dict[str, torch.Tensor]:
     """Local epochs of SGD (or Opacus DP-SGD with Poisson sampling when noise_multiplier is given)."""
     g = torch.Generator().manual_seed(seed)
@@ -113,7 +113,7 @@ def poisson_loader_plan(n: int, batch_size: int) -> tuple[float, int]:
 
 def fedavg(sites: list[SiteRecords], test, k: int, *, rounds: int, local_epochs: int = 1, lr: float = 0.01,
            batch_size: int = 64, width: int = 128, epsilon: float | None = None, delta: float = 1e-5,
-           clip: float = 1.0, seed: int = 0, start: ConvNet | None = None,
+           clip: float = 1.0, seed: int = 0, start: Classifier | None = None,
            already_spent: dict[str, list] | None = None) -> dict:
     """FedAvg, or DP-FedAvg when `epsilon` is given (per-site budget over all rounds, Opacus-calibrated).
 

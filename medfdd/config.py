@@ -326,11 +326,19 @@ class TestSetConfig(_Strict):
                                         "all in-process site configs share; `minmax` when there are none)")
 
 
+# the global model's architectures (medfdd.nets builds them; a test keeps the two lists equal)
+Architecture = Literal["convnet3", "densenet121"]
+
+
 class TrainConfig(_Strict):
     epochs: int = Field(300, ge=1, description="epochs of global-model training on the merged set")
     lr: float = Field(0.01, gt=0, description="SGD learning rate (momentum 0.9, divided by 10 at half the epochs)")
     batch_size: int = Field(256, ge=1, description="training batch size")
-    width: int = Field(128, ge=1, description="channels of the global ConvNet-3")
+    architecture: Architecture = Field("convnet3", description="the global model: `convnet3` (ConvNet-3 at `width`) "
+                                       "or a MONAI network (`densenet121`: monai.networks.nets.DenseNet121 with "
+                                       "instance norm, 2D or 3D, images of at least 64 per side), exported as a MONAI "
+                                       "bundle either way")
+    width: int = Field(128, ge=1, description="channels of the global ConvNet-3 (`architecture: convnet3`)")
     augment: bool = Field(True, description="differentiable augmentation (DSA) during training")
 
 

@@ -11,6 +11,7 @@ deployment commands read it.
       rounds/round-R/              merged.npz, global_model.safetensors, sites/SITE/synthetic.{npz,json}
       finetune/round-K/            global_model.safetensors, sites/SITE.safetensors (the sites' DP updates)
       sites/SITE/                  the site's latest release and (in-process) a copy of its privacy ledger
+      bundle/                      the final global model as a MONAI bundle (medfdd.coordinator.bundle)
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ class RunDir:
     @property
     def global_model(self) -> Path:
         return self.root / MODEL
+
+    @property
+    def bundle(self) -> Path:
+        return self.root / "bundle"
 
     @property
     def warm_start_model(self) -> Path:

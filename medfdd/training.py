@@ -1,4 +1,4 @@
-"""Train a ConvNet-3 from scratch on a (synthetic) set and evaluate it: the protocol of DC/DSA/DM.
+"""Train a classifier (ConvNet-3, or a MONAI network) on a (synthetic) set and evaluate it: the protocol of DC/DSA/DM.
 
 SGD (momentum 0.9, weight decay 5e-4), learning rate divided by 10 at half the epochs, DSA augmentation.
 """
@@ -14,9 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_score
+from torch import nn
 
 from medfdd.augment import FAMILIES, augment
-from medfdd.nets import ConvNet, convnet_for
+from medfdd.nets import CONVNET, model_for
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class TrainSettings:
     width: int = 128
     augment: bool = True
     flip: bool = False
+    architecture: str = CONVNET  # or an allow-listed MONAI network (medfdd.nets.monai_nets); `width` is ConvNet-3's
 
 
 def pick_device(setting: str = "auto") -> torch.device:
@@ -37,16 +39,16 @@ def pick_device(setting: str = "auto") -> torch.device:
 
 def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, settings: TrainSettings, *,
                      seed: int, device: torch.device | None = None, weights: np.ndarray | None = None,
-                     on_epoch: Callable[[int], None] | None = None, init: ConvNet | None = None) -> ConvNet:
+                     on_epoch: Callable[[int], None] | None = None, init: nn.Module | None = None) -> nn.Module:
     """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example;
     `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model). `init`: start
-    from a copy of this model (fine-tuning; `settings.width` is then unused) instead of a fresh seeded one."""
+    from a copy of this model (fine-tuning; `settings.architecture` and `width` are then unused) instead of a fresh seeded one."""
     device = device or pick_device()
     x = torch.as_tensor(images, dtype=torch.float32, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
-    model = (convnet_for(tuple(x.shape[1:]), num_classes, width=settings.width, seed=seed) if init is None
-             else copy.deepcopy(init)).to(device)
+    model = (model_for(tuple(x.shape[1:]), num_classes, architecture=settings.architecture, width=settings.width,
+                       seed=seed) if init is None else copy.deepcopy(init)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=settings.lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[settings.epochs // 2], gamma=0.1)
     g = torch.Generator().manual_seed(seed)

@@ -21,7 +21,7 @@ from medfdd.config import ConsortiumConfig, FinetuneConfig
 from medfdd.coordinator.validate import OfferRejected, Reason
 from medfdd.io import atomic_write_bytes, json_number
 from medfdd.messages import UPDATE_META, LocalUpdate
-from medfdd.nets import ConvNet
+from medfdd.nets import Classifier
 
 
 @dataclass
@@ -64,7 +64,7 @@ def _check_meta(update: LocalUpdate, spec: ConsortiumConfig, previous_epsilon: f
     return {**meta, "epsilon": eps}
 
 
-def validate_update(update: LocalUpdate, spec: ConsortiumConfig, *, reference: ConvNet, recipe: FinetuneConfig,
+def validate_update(update: LocalUpdate, spec: ConsortiumConfig, *, reference: Classifier, recipe: FinetuneConfig,
                     received: Path, previous_epsilon: float | None = None) -> AcceptedUpdate:
     """Metadata -> size -> the model as received (written to `received`) loaded as the agreed architecture, finite,
     with the broadcast model's shapes. Raises OfferRejected; any other error while reading it is `malformed`."""
@@ -77,7 +77,7 @@ def validate_update(update: LocalUpdate, spec: ConsortiumConfig, *, reference: C
                             f"could not be validated ({type(e).__name__}: {str(e)[:200]})") from None
 
 
-def _validate(update: LocalUpdate, spec: ConsortiumConfig, reference: ConvNet, recipe: FinetuneConfig,
+def _validate(update: LocalUpdate, spec: ConsortiumConfig, reference: Classifier, recipe: FinetuneConfig,
               received: Path, previous_epsilon: float | None) -> AcceptedUpdate:
     sid = update.site_id
     meta = _check_meta(update, spec, previous_epsilon)
@@ -99,7 +99,7 @@ def _validate(update: LocalUpdate, spec: ConsortiumConfig, reference: ConvNet, r
     return AcceptedUpdate(sid, state, meta, recipe.batch_size / json_number(meta["sample_rate"]), update.nbytes())
 
 
-def average(updates: list[AcceptedUpdate], reference: ConvNet) -> ConvNet:
+def average(updates: list[AcceptedUpdate], reference: Classifier) -> Classifier:
     """The n~-weighted mean of the accepted models (float64 sums), in a copy of `reference`."""
     total = sum(u.weight for u in updates)
     avg = {k: sum((u.weight / total) * u.state[k].double() for u in updates).to(v.dtype)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -37,11 +38,13 @@ from medfdd.config import (
     dump_config,
 )
 from medfdd.coordinator.average import AcceptedUpdate, average, validate_update
+from medfdd.coordinator.bundle import export_bundle
 from medfdd.coordinator.merge import MergedSet, load_merged, merge, union_of_rounds
 from medfdd.coordinator.validate import AcceptedOffer, OfferRejected, Reason, check_identity, validate_offer
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_save_npz, atomic_write_bytes, atomic_write_json, json_safe
 from medfdd.messages import Broadcast, FinetuneRound, LocalUpdate, SiteOffer
+from medfdd.nets import model_for
 from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 from privacy.accounting import LEDGER_FILENAME
@@ -62,13 +65,18 @@ def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path,
 
     data_cfg = DataConfig(root=(cfg.base_dir / cfg.test.root).resolve(), manifest=cfg.test.manifest,
                           format=cfg.test.format, classes=spec.classes, spatial_size=spec.spatial_size,
-                          channels=spec.channels, intensity=cfg.test.intensity or site_intensity or MinMax(),
+                          channels=spec.channels, intensity=scan_intensity(cfg, site_intensity),
                           holdout_fraction=0.0)
     data = load_site_data(SiteConfig(site_id="test-set", data=data_cfg, output=out / "test-cache", base_dir=out))
     if len(data.labels) == 0:
         raise CoordinatorError(f"test set {data_cfg.root}", "no usable test image",
                                "check the test manifest with `medfdd site check`")
     return data.images, data.labels
+
+
+def scan_intensity(cfg: CoordinatorConfig, site_intensity: Intensity | None) -> Intensity:
+    """How the consortium scales a scan's intensities: `test.intensity`, else the sites' shared setting, else minmax."""
+    return (cfg.test.intensity if cfg.test is not None else None) or site_intensity or MinMax()
 
 
 def _fingerprint(cfg: CoordinatorConfig, spec: ConsortiumConfig) -> str:
@@ -133,6 +141,7 @@ class CoordinatorRun:
                                                      for s, b in spec.sites.items()}})
         run = cls(cfg, spec, sites or {}, engine=engine, console=console or Console(), site_intensity=site_intensity)
         run._check_finetune_plans()
+        run._check_architecture()
         run._resume()
         return run
 
@@ -150,6 +159,20 @@ class CoordinatorRun:
             if k == 0 and planned:
                 self.console.print(f"[yellow]{sid} keeps part of its budget for {planned} fine-tuning round(s) "
                                    "(privacy.finetune_share) but `finetune.rounds` is 0: that part stays unspent[/]")
+
+    def _check_architecture(self) -> None:
+        """The global model's architecture must run on the consortium's images (DenseNet121 pools 32x and its
+        instance norm needs more than one value per map): one forward pass on random images before any round."""
+        tc, shape = self.cfg.train, (self.spec.channels, *self.spec.spatial_size)
+        try:
+            with torch.no_grad():
+                model_for(shape, len(self.spec.classes), architecture=tc.architecture, width=tc.width,
+                          seed=0).train()(torch.rand(2, *shape))
+        except (RuntimeError, ValueError) as e:
+            raise CoordinatorError("coordinator config: train.architecture",
+                                   f"{tc.architecture} does not run on images of {list(shape)} (channels, "
+                                   f"*spatial_size): {e}"[:400], "choose `convnet3`, or larger images "
+                                   "(data.spatial_size, e.g. 64 per side or more for densenet121)") from None
 
     def _resume(self) -> None:
         ckpt = self.dir.checkpoint
@@ -283,7 +306,7 @@ class CoordinatorRun:
             task = bar.add_task(f"round {rd.round}: training the global model (epochs)", total=tc.epochs)
             model = train_classifier(training.images, training.labels, k,
                                      TrainSettings(epochs=tc.epochs, lr=tc.lr, batch_size=tc.batch_size,
-                                                   width=tc.width, augment=tc.augment),
+                                                   width=tc.width, augment=tc.augment, architecture=tc.architecture),
                                      seed=self.cfg.seed + rd.round, device=self.device,
                                      weights=training.training_weights,
                                      on_epoch=lambda done: bar.update(task, completed=done))
@@ -310,6 +333,8 @@ class CoordinatorRun:
                          for s in self.expected_sites}})
         self.current = None
         self._checkpoint()
+        if self.complete:
+            self._export_bundle(model, metrics)
         self._write_run_json(status="completed" if self.complete else "running")
         self._write_progress()
         self._print_round(self.history[-1])
@@ -389,6 +414,8 @@ class CoordinatorRun:
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics})
         self.current = self._reference = None
         self._checkpoint()
+        if self.complete:
+            self._export_bundle(model, metrics)
         self._write_run_json(status="completed" if self.complete else "running")
         self._write_progress()
         self._print_finetune_round(self.finetune_history[-1])
@@ -444,6 +471,13 @@ class CoordinatorRun:
         atomic_save_npz(self.dir.merged, images=merged.images, labels=merged.labels,
                         weights=merged.weights)
         save_model(self.dir.global_model, model)
+
+    def _export_bundle(self, model, metrics: dict | None) -> None:
+        """The final global model as a MONAI bundle (`medfdd.coordinator.bundle`), preprocessing as the sites'."""
+        data = DataConfig(root=self.out, classes=self.spec.classes, spatial_size=self.spec.spatial_size,
+                          channels=self.spec.channels, intensity=scan_intensity(self.cfg, self.site_intensity))
+        export_bundle(model, self.dir.bundle, data, run_name=self.out.name,
+                      accuracy=None if metrics is None else metrics.get("accuracy"))
 
     def _site_ledger(self, sid: str) -> Path | None:
         """In-process runs can copy the site's own ledger (same machine); under Flower it stays at the site."""

@@ -415,6 +415,37 @@ def preprocess_transform(cfg: DataConfig):
     ])
 
 
+def bundle_preprocessing(cfg: DataConfig) -> list[dict]:
+    """The MONAI bundle config (`monai.bundle.ConfigParser` syntax) of the chain a NIfTI scan with a set affine
+    (sform/qform) goes through here: load -> channel first -> orientation (-> spacing) -> row-major spatial axes ->
+    intensity -> resize. Mirrors `_load_nifti`, `_canonical` (a 2D scan: an axial slice), `_to_channel_first`
+    (single-channel) and `preprocess_transform`; a test keeps both equal on real files."""
+    rank = len(cfg.spatial_size)
+    intensity = cfg.intensity
+    if isinstance(intensity, CTWindow):
+        lo, hi = intensity.center - intensity.width / 2, intensity.center + intensity.width / 2
+        scale = {"_target_": "ScaleIntensityRanged", "a_min": lo, "a_max": hi, "b_min": 0.0, "b_max": 1.0, "clip": True}
+    elif isinstance(intensity, Percentile):
+        scale = {"_target_": "ScaleIntensityRangePercentilesd", "lower": intensity.lower, "upper": intensity.upper,
+                 "b_min": 0.0, "b_max": 1.0, "clip": True}
+    else:
+        scale = {"_target_": "ScaleIntensityd", "minv": 0.0, "maxv": 1.0}
+    chain = [
+        {"_target_": "LoadImaged", "reader": "NibabelReader", "image_only": True, "dtype": "$np.float32"},
+        {"_target_": "EnsureChannelFirstd", "channel_dim": "no_channel"},
+        {"_target_": "Orientationd", "axcodes": cfg.orientation},
+        *([{"_target_": "Spacingd", "pixdim": list(cfg.spacing), "mode": "bilinear"}] if cfg.spacing else []),
+        # NIfTI (x, y[, z]) -> medfdd's row-major ([z,] y, x)
+        {"_target_": "Transposed", "indices": [0, *range(rank, 0, -1)]},
+        *([{"_target_": "RepeatChanneld", "repeats": 3}] if cfg.channels == 3 else []),
+        scale,
+        {"_target_": "Resized", "spatial_size": list(cfg.spatial_size), "mode": "bilinear" if rank == 2 else "trilinear",
+         "anti_aliasing": True},
+        {"_target_": "EnsureTyped", "data_type": "tensor", "dtype": "$torch.float32"},
+    ]
+    return [{**t, "keys": "image"} for t in chain]
+
+
 def load_scan(path: Path, *, root: Path, cfg: DataConfig, transform=None) -> tuple[np.ndarray, ScanInfo]:
     """Read, validate and preprocess one scan (file, or folder = DICOM series) -> ([C, *spatial_size], info)."""
     path = Path(path)

@@ -21,7 +21,7 @@ import torch
 from medfdd.augment import FAMILIES, augment
 from medfdd.config import DistillConfig
 from medfdd.distill.mechanism import SECURE, Rng, uniforms
-from medfdd.nets import ConvNet, convnet_for
+from medfdd.nets import Classifier, convnet_for
 
 STREAMS = {"net": 0, "sample": 1, "augment_real": 2, "augment_syn": 3, "noise": 4, "init": 5, "pick": 6}
 
@@ -137,7 +137,7 @@ class Distiller(ABC):
 
     def __init__(self, cfg: DistillConfig, plan: PrivacyPlan, *, num_classes: int, image_shape: tuple[int, ...],
                  seed: int, round_: int = 1, device: torch.device | None = None,
-                 matching_net: ConvNet | None = None, start: WarmStart | None = None):
+                 matching_net: Classifier | None = None, start: WarmStart | None = None):
         self.cfg, self.plan = cfg, plan
         self.num_classes, self.image_shape = num_classes, tuple(image_shape)
         self.seed, self.round = seed, round_
@@ -194,7 +194,7 @@ class Distiller(ABC):
         g = self.g(0, "init")
         return (0.5 + 0.2 * torch.randn((n, *self.image_shape), generator=g)).clamp(0, 1).to(self.device)
 
-    def network(self, t: int) -> ConvNet:
+    def network(self, t: int) -> Classifier:
         """The matching network of step t: a fresh random ConvNet-3, or (FedDM rounds) the broadcast global model
         on every other step."""
         if self.matching_net is not None and t % 2 == 1:

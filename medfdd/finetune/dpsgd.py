@@ -21,7 +21,7 @@ import torch
 from medfdd.distill.base import seeded_generator
 from medfdd.distill.gradient_matching import per_example_gradients, trainable_copy
 from medfdd.distill.mechanism import standard_normal, uniforms
-from medfdd.nets import ConvNet
+from medfdd.nets import Classifier
 
 SAMPLE_STREAM, NOISE_STREAM = 0x66740001, 0x66740002  # "ft": apart from distillation's and the record count's streams
 MOMENTUM = 0.9
@@ -54,8 +54,8 @@ def gaussian_noise(size: int, std: float, g: torch.Generator) -> torch.Tensor:
     return std * standard_normal((size,), g)
 
 
-def dp_sgd(model: ConvNet, x: torch.Tensor, y: torch.Tensor, plan: DPSGDPlan, *, lr: float, seed: int, round_: int,
-           device: torch.device, on_step: Callable[[int], None] | None = None) -> ConvNet:
+def dp_sgd(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: DPSGDPlan, *, lr: float, seed: int, round_: int,
+           device: torch.device, on_step: Callable[[int], None] | None = None) -> Classifier:
     """`plan.steps` DP-SGD steps on a copy of `model` over the records (x, y); returns the trained copy (eval mode).
     `noise_multiplier` 0 (the --no-dp baseline) adds no noise."""
     net = trainable_copy(model).to(device)

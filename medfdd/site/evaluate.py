@@ -28,13 +28,14 @@ from pathlib import Path
 import numpy as np
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from medfdd.artifacts import load_agreed_model, save_model
 from medfdd.charts import png_bytes, pyplot
 from medfdd.config import SiteConfig, SiteEvaluateConfig
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json
-from medfdd.nets import ConvNet
+from medfdd.nets import CONVNET
 from medfdd.site.check import load_with_progress
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 
@@ -80,16 +81,20 @@ def confusion_png(results: dict, classes: list[str], title: str) -> bytes:
     return png_bytes(fig)
 
 
-def recipe_settings(ev: SiteEvaluateConfig, width: int) -> TrainSettings:
-    """The site models' recipe: `train_classifier` with the config's epochs, lr and batch size, at `width`."""
-    return TrainSettings(epochs=ev.epochs, lr=ev.lr, batch_size=ev.batch_size, width=width, augment=ev.augment)
+def recipe_settings(ev: SiteEvaluateConfig, arch: dict) -> TrainSettings:
+    """The site models' recipe: `train_classifier` with the config's epochs, lr and batch size, for the global
+    model's architecture `arch` (its file header: ConvNet-3 at its width, or the MONAI network it names)."""
+    architecture = arch["name"] if arch.get("family") == "monai" else CONVNET
+    return TrainSettings(epochs=ev.epochs, lr=ev.lr, batch_size=ev.batch_size, width=int(arch.get("width", 128)),
+                         augment=ev.augment, architecture=architecture)
 
 
-def train_site_models(global_model: ConvNet, images: np.ndarray, labels: np.ndarray, num_classes: int,
-                      ev: SiteEvaluateConfig, *, seed: int, device) -> dict[str, ConvNet]:
-    """The fine-tuned global model and a local-only one (from scratch, the global model's width), both trained on
-    `images` (the site's training patients only: the caller never passes holdout records) with one recipe."""
-    settings = recipe_settings(ev, global_model.arch["width"])
+def train_site_models(global_model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int,
+                      ev: SiteEvaluateConfig, *, seed: int, device) -> dict[str, nn.Module]:
+    """The fine-tuned global model and a local-only one (from scratch, the global model's architecture), both
+    trained on `images` (the site's training patients only: the caller never passes holdout records) with one
+    recipe."""
+    settings = recipe_settings(ev, global_model.arch)
     return {"fine_tuned": train_classifier(images, labels, num_classes, settings, seed=seed, device=device,
                                            init=global_model),
             "local_only": train_classifier(images, labels, num_classes, settings, seed=seed, device=device)}
@@ -121,7 +126,7 @@ def evaluate_at_site(cfg: SiteConfig, model_path: Path, *, console: Console | No
                             for g, idx in groups.items() if len(idx)}
         saved = save_model(out / FINE_TUNED_FILE, site_models["fine_tuned"])
         extra = {"fine_tuned_model": {"file": FINE_TUNED_FILE, "sha256": hashlib.sha256(saved.read_bytes()).hexdigest()},
-                 "site_recipe": {**recipe_settings(cfg.evaluate, model.arch["width"]).__dict__,
+                 "site_recipe": {**recipe_settings(cfg.evaluate, model.arch).__dict__,
                                  "trained_on": "training", "seed": cfg.seed}}
     for per_group in models.values():
         for r in per_group.values():

@@ -21,7 +21,7 @@ import torch
 from medfdd.config import DistillConfig
 from medfdd.distill import create_distiller
 from medfdd.distill.base import PrivacyPlan, WarmStart
-from medfdd.nets import ConvNet
+from medfdd.nets import Classifier
 from medfdd.training import TrainSettings, train_classifier
 from privacy.accounting import calibrate_noise, epsilon_for
 
@@ -38,7 +38,7 @@ class PipelineSettings:
     accountant: str = "rdp"
     mechanism: PrivacyPlan | None = None  # the audited release's (sigma, q, steps, clip), replayed as is
     round_: int = 1  # the audited round (its seed stream)
-    matching_net: ConvNet | None = None  # the model broadcast for that round (rounds >= 2, FedDM)
+    matching_net: Classifier | None = None  # the model broadcast for that round (rounds >= 2, FedDM)
     start: WarmStart | None = None  # the site's previous release, when that round warm-started from it
 
     @property
@@ -50,7 +50,7 @@ class PipelineSettings:
 class PipelineOutput:
     synthetic_images: np.ndarray
     synthetic_labels: np.ndarray
-    model: ConvNet | None
+    model: Classifier | None
     epsilon_accounted: float  # what Opacus accounts for this run (inf without DP)
     noise_multiplier: float
     sample_rate: float

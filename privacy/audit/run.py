@@ -39,7 +39,7 @@ from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
 from medfdd.distill.base import PrivacyPlan, WarmStart, check_warm_start
 from medfdd.errors import MedfddError
 from medfdd.io import json_number
-from medfdd.nets import ConvNet
+from medfdd.nets import Classifier
 from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings
 from privacy.accounting import PURPOSE_DISTILL, PURPOSE_RECORD_COUNT, RECORD_COUNT_ROUND, PrivacyLedger, epsilon_for
@@ -129,7 +129,7 @@ def _inf(x) -> float:
 
 def _train_settings(run: dict) -> TrainSettings:
     t = run["config"].get("train") or {}
-    known = {k: t[k] for k in ("epochs", "lr", "batch_size", "width", "augment") if k in t}
+    known = {k: t[k] for k in ("epochs", "lr", "batch_size", "width", "augment", "architecture") if k in t}
     return TrainSettings(**known)
 
 
@@ -211,7 +211,7 @@ class Replay:
 
     plan: PrivacyPlan
     round_: int
-    matching_net: ConvNet | None
+    matching_net: Classifier | None
     start: WarmStart | None
     details: dict
 

@@ -5,6 +5,8 @@ The convolutions carry no bias: instance norm subtracts it exactly, and with it 
 constant channel whose normalised value was rounding noise that depended on the other records in the batch, so
 one record's contribution to a private release was no longer a function of that record alone.
 2D and 3D variants share the code; `embed` returns the flattened features before the linear classifier.
+`model_for` / `model_from_arch` also build the allow-listed MONAI networks (`medfdd.nets.monai_nets`) behind the same
+interface (`arch`, `embed`, `forward`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+
+from medfdd.nets.monai_nets import ARCHITECTURES, MonaiClassifier
 
 
 class ConvNet(nn.Module):
@@ -49,21 +53,57 @@ class ConvNet(nn.Module):
         return self.classifier(self.embed(x))
 
 
-def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None
-                ) -> ConvNet:
-    """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible.
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed the CPU generator for building a module (restored after; None: leave it alone).
 
-    The module is built on the CPU, so only the CPU generator is seeded (and restored after): `torch.manual_seed`
-    also queues a seed for every accelerator, recording a stack trace each time, which cost more than building a
-    small network (a distillation builds one per step)."""
+    Modules are built on the CPU, so only the CPU generator is seeded: `torch.manual_seed` also queues a seed for
+    every accelerator, recording a stack trace each time, which cost more than building a small network (a
+    distillation builds one per step)."""
     if seed is None:
-        return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+        yield
+        return
     saved = torch.default_generator.get_state()
     try:
         torch.default_generator.manual_seed(seed)
-        return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+        yield
     finally:
         torch.default_generator.set_state(saved)
+
+
+def convnet_for(images_shape: tuple[int, ...], num_classes: int, width: int = 128, seed: int | None = None
+                ) -> ConvNet:
+    """A freshly initialised ConvNet-3 for images of shape [C, *spatial]; `seed` makes the init reproducible."""
+    with _seeded(seed):
+        return ConvNet(images_shape[0], num_classes, tuple(images_shape[1:]), width)
+
+
+Classifier = ConvNet | MonaiClassifier  # what medfdd trains, broadcasts, fine-tunes and loads
+CONVNET = "convnet3"
+ARCHITECTURE_NAMES = (CONVNET, *ARCHITECTURES)
+
+
+def model_from_arch(arch: dict, seed: int | None = None) -> Classifier:
+    """A freshly initialised model of the architecture a model file's header records (`model.arch`): ConvNet-3 (no
+    `family`, or "convnet") or an allow-listed MONAI network. Raises KeyError / ValueError / TypeError on anything
+    else (the caller says which file)."""
+    family = arch.get("family", "convnet")
+    shape = (int(arch["in_channels"]), *(int(s) for s in arch["spatial_size"]))
+    with _seeded(seed):
+        if family == "convnet":
+            return ConvNet(shape[0], int(arch["num_classes"]), shape[1:], int(arch["width"]), int(arch.get("depth", 3)))
+        if family == "monai":
+            return MonaiClassifier(str(arch["name"]), shape[0], int(arch["num_classes"]), shape[1:])
+    raise ValueError(f"unknown model family {family!r}")
+
+
+def model_for(images_shape: tuple[int, ...], num_classes: int, *, architecture: str = CONVNET, width: int = 128,
+              seed: int | None = None) -> Classifier:
+    """A fresh model for images of shape [C, *spatial]: ConvNet-3 at `width`, or the named MONAI network."""
+    if architecture == CONVNET:
+        return convnet_for(images_shape, num_classes, width=width, seed=seed)
+    return model_from_arch({"family": "monai", "name": architecture, "in_channels": images_shape[0],
+                            "num_classes": num_classes, "spatial_size": list(images_shape[1:])}, seed=seed)
 
 
 @contextlib.contextmanager
