@@ -147,9 +147,17 @@ def test_a_broadcast_the_site_cannot_read_leaves_only_its_code(consortium):
     assert set(reply) == {"__headers__"}  # nothing but NVFlare's headers: no offer, no error text
 
 
-def test_job_exports_one_client_per_site(consortium, tmp_path):
-    assert main(["--config", str(consortium), "--export", str(tmp_path)]) == 0
-    meta = json.loads((tmp_path / "medfdd" / "meta.json").read_text())
+def test_job_exports_one_client_per_site(consortium, tmp_path, capsys):
     sites = sorted(load_site_config(p).site_id for p in load_coordinator_config(consortium).site_paths)
-    assert sorted(s for app in meta["deploy_map"].values() for s in app if s != "server") == sites
-    assert not list((tmp_path / "medfdd").rglob("custom/*"))  # medfdd is installed at every party, not shipped
+    assert main(["--config", str(consortium), "--export", str(tmp_path / "listed")]) == 0
+    meta = json.loads((tmp_path / "listed" / "medfdd" / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app_server": ["server"], **{f"app_{s}": [s] for s in sites}}
+    assert not list((tmp_path / "listed").rglob("custom/*"))  # medfdd is installed at every party, not shipped
+    # a real deployment: each hospital's client gets its config path as on its own machine
+    argv = ["--config", str(consortium), "--export", str(tmp_path / "real"), "--site", f"{sites[0]}=/srv/a/site.yaml"]
+    assert main(argv) == 0
+    client = json.loads((tmp_path / "real" / "medfdd" / f"app_{sites[0]}" / "config" / "config_fed_client.json")
+                        .read_text())
+    assert client["executors"][0]["executor"]["args"] == {"site_config": "/srv/a/site.yaml"}
+    assert main([*argv[:3], str(tmp_path / "bad"), "--site", "hospital-z=/srv/z.yaml"]) == 1
+    assert "['hospital-z'] are not in the consortium" in capsys.readouterr().err
