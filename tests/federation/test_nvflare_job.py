@@ -13,7 +13,9 @@ import yaml
 from conftest import assert_final_model_delivered, pin_noise_keys, small_digits_consortium
 from rich.console import Console
 
-nvflare = pytest.importorskip("nvflare", reason="the NVFlare engine needs the extra: pip install 'medfdd[nvflare]'")
+pytest.importorskip("nvflare", reason="the NVFlare engine needs the extra: pip install 'medfdd[nvflare]'")
+
+from nvflare.apis.shareable import Shareable  # noqa: E402
 
 from medfdd.config import load_coordinator_config, load_site_config  # noqa: E402
 from medfdd.coordinator.run import CoordinatorRun  # noqa: E402
@@ -120,10 +122,14 @@ def test_hostile_client_results_get_the_flower_paths_reasons(open_round):
     extra = codec.offer_to_shareable(_offer(c))
     extra["patient_ids"] = ["P-001"]  # a key outside the allow-list
     assert take_offer(run, c, extra)
+    unsigned = Shareable()  # a non-OK return code without medfdd's failure header: NVFlare's error, or made up
+    unsigned.set_return_code("patient P-001 in /data/x.dcm")
+    assert take_offer(run, b, unsigned)
     reasons = [(r["site_id"], r["reason"]) for r in run.current.rejected]
     assert reasons == [(a, Reason.MALFORMED), (b, Reason.OVERSIZED), (c, Reason.SPOOFED_SITE), (a, Reason.SITE_FAILED),
-                       (c, Reason.MALFORMED)]
+                       (c, Reason.MALFORMED), (b, Reason.NO_ANSWER)]
     assert run.current.rejected[3]["detail"] == "site error: site-failed"
+    assert run.current.rejected[5]["detail"] == "no offer (NVFlare: unrecognised)"  # no text of the client's recorded
     assert run.current.accepted == {}
 
 

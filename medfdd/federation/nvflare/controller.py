@@ -50,8 +50,12 @@ def take_offer(run, client: str, result: Shareable | None) -> bool:
         return False
     rc = result.get_return_code(ReturnCode.OK) if isinstance(result, Shareable) else ReturnCode.OK
     if rc != ReturnCode.OK:
-        run.no_answer(client, f"site error: {code_in(result.get_header(codec.FAILURE_HEADER, rc))}",
-                      code=Reason.SITE_FAILED)
+        failure = result.get_header(codec.FAILURE_HEADER)
+        if failure is None:  # NVFlare's own error (the client runner, a lost connection): no offer, no site code
+            known = {v for k, v in vars(ReturnCode).items() if not k.startswith("_")}
+            run.no_answer(client, f"no offer (NVFlare: {rc if rc in known else 'unrecognised'})")
+        else:
+            run.no_answer(client, f"site error: {code_in(failure)}", code=Reason.SITE_FAILED)
         return True
     try:
         offer = codec.shareable_to_offer(result)
