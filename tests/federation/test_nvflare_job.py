@@ -125,9 +125,12 @@ def test_hostile_client_results_get_the_flower_paths_reasons(open_round):
     unsigned = Shareable()  # a non-OK return code without medfdd's failure header: NVFlare's error, or made up
     unsigned.set_return_code("patient P-001 in /data/x.dcm")
     assert take_offer(run, b, unsigned)
+    odd = codec.offer_to_shareable(_offer(b))
+    odd["__headers__"] = ["not", "a", "dict"]  # NVFlare's header slot in a shape NVFlare never sends
+    assert take_offer(run, b, odd)
     reasons = [(r["site_id"], r["reason"]) for r in run.current.rejected]
     assert reasons == [(a, Reason.MALFORMED), (b, Reason.OVERSIZED), (c, Reason.SPOOFED_SITE), (a, Reason.SITE_FAILED),
-                       (c, Reason.MALFORMED), (b, Reason.NO_ANSWER)]
+                       (c, Reason.MALFORMED), (b, Reason.NO_ANSWER), (b, Reason.MALFORMED)]
     assert run.current.rejected[3]["detail"] == "site error: site-failed"
     assert run.current.rejected[5]["detail"] == "no offer (NVFlare: unrecognised)"  # no text of the client's recorded
     assert run.current.accepted == {}

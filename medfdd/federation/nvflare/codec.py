@@ -45,6 +45,8 @@ def _only(s: dict, names: set[str], where: str) -> None:
     extra = sorted(str(k) for k in set(s) - names - {ReservedHeaderKey.HEADERS})
     if extra:
         raise _fail(where, f"unexpected keys {extra} (allowed: {sorted(names)})")
+    if not isinstance(s.get(ReservedHeaderKey.HEADERS, {}), dict):
+        raise _fail(f"{where}: {ReservedHeaderKey.HEADERS}", "not a dict (NVFlare's headers)")
 
 
 def _fields(value, keys: dict[str, type], where: str) -> dict:

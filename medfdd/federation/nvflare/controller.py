@@ -43,19 +43,30 @@ def check_supported(cfg, config_path: Path) -> None:
                               "run hybrid mode in-process or over Flower, or set finetune.rounds: 0")
 
 
+def _outcome(result) -> tuple[bool, str]:
+    """(ok, what to record otherwise) of a client's result, from its return code and medfdd's failure header only:
+    no text of the client's reaches the run."""
+    try:
+        rc = result.get_return_code(ReturnCode.OK)
+        failure = result.get_header(codec.FAILURE_HEADER)
+    except Exception:  # noqa: BLE001 - headers that are not NVFlare's shape: the body's checks name the problem
+        return True, ""
+    if rc == ReturnCode.OK:
+        return True, ""
+    if failure is not None:
+        return False, f"site error: {code_in(failure)}"
+    known = {v for k, v in vars(ReturnCode).items() if not k.startswith("_")}
+    return False, f"no offer (NVFlare: {rc if isinstance(rc, str) and rc in known else 'unrecognised'})"
+
+
 def take_offer(run, client: str, result: Shareable | None) -> bool:
     """Hand one client's result for the open round to `run` (the checks and reasons of the Flower ServerApp);
     True when it answered at all (an offer or an error code)."""
     if result is None:
         return False
-    rc = result.get_return_code(ReturnCode.OK) if isinstance(result, Shareable) else ReturnCode.OK
-    if rc != ReturnCode.OK:
-        failure = result.get_header(codec.FAILURE_HEADER)
-        if failure is None:  # NVFlare's own error (the client runner, a lost connection): no offer, no site code
-            known = {v for k, v in vars(ReturnCode).items() if not k.startswith("_")}
-            run.no_answer(client, f"no offer (NVFlare: {rc if rc in known else 'unrecognised'})")
-        else:
-            run.no_answer(client, f"site error: {code_in(failure)}", code=Reason.SITE_FAILED)
+    ok, why = _outcome(result) if isinstance(result, Shareable) else (True, "")
+    if not ok:  # a failure code from medfdd's executor, else NVFlare's own error (a crash, a lost connection)
+        run.no_answer(client, why, code=Reason.SITE_FAILED if why.startswith("site error") else Reason.NO_ANSWER)
         return True
     try:
         offer = codec.shareable_to_offer(result)
@@ -140,8 +151,7 @@ def serve(ctl: Controller, config_path: Path, fl_ctx: FLContext, abort_signal: S
     if final is not None and targets and not abort_signal.triggered:
         done = _exchange(ctl, FINAL_TASK, codec.broadcast_to_shareable(final), run, targets, fl_ctx, abort_signal)
         for ct in done:
-            ok = ct.result is not None and ct.result.get_return_code(ReturnCode.OK) == ReturnCode.OK
-            if ok:
+            if isinstance(ct.result, Shareable) and _outcome(ct.result)[0]:
                 run.delivered(ct.client.name, final.nbytes())
             else:
                 console.print(f"{ct.client.name} did not take the final model")
