@@ -15,6 +15,8 @@ import numpy as np
 from medfdd.errors import MedfddError
 
 ALLOWED_DTYPES = ("float32", "int64")
+MAX_META_CHARS = 64 * 1024  # a metadata or recipe JSON text from another party
+MAX_MODEL_BYTES = 512 * 1024 * 1024  # a model's safetensors bytes from another party
 
 
 class WireError(MedfddError):
@@ -56,6 +58,26 @@ def from_wire(w: WireArray, *, max_bytes: int, name: str = "array") -> np.ndarra
         raise WireError(name, f"{len(w.data)} bytes sent but dtype {w.dtype} x shape {w.shape} needs {n}",
                         "send the array's full contents")
     return np.frombuffer(w.data, dtype=np.dtype(w.dtype).newbyteorder("<")).astype(w.dtype).reshape(w.shape)
+
+
+def _no_constants(token: str) -> float:
+    if token == "Infinity":  # epsilon = inf marks a --no-dp offer; NaN and -Infinity have no meaning here
+        return math.inf
+    raise ValueError(f"{token} is not allowed")
+
+
+def json_object(text: str) -> dict:
+    """A JSON object received from another party (metadata, a recipe), at most MAX_META_CHARS long; ValueError names
+    the problem (each engine's codec wraps it in its own error)."""
+    if len(text) > MAX_META_CHARS:
+        raise ValueError(f"{len(text)} characters, more than {MAX_META_CHARS}")
+    try:
+        value = json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting deep enough to exhaust the parser's stack
+        raise ValueError(f"not valid JSON ({type(e).__name__})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"a JSON {type(value).__name__}, expected an object")
+    return value
 
 
 def _meta_bytes(meta: dict) -> int:

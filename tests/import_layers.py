@@ -19,7 +19,7 @@ LAYERS = (
     "privacy.audit", "privacy.report",  # membership-inference audits and the privacy officer's report
     "medfdd.site",  # what `medfdd site ...` runs at a hospital
     "medfdd.coordinator",  # validate, merge, train, average: engine-neutral
-    "medfdd.federation",  # engines: in-process and Flower
+    "medfdd.federation",  # engines: in-process, Flower and NVFlare
     "medfdd.baselines", "medfdd.demo", "medfdd.config_reference", "privacy.cli",  # entry points
     "medfdd.cli",
 )

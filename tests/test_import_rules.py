@@ -1,6 +1,6 @@
 """Import rules: the packages form layers along the data flow (docs/design.md draws them), so no import runs back up
 and no two folders import each other; and only `medfdd/federation/flower/` imports `flwr`: the core stays
-engine-neutral."""
+engine-neutral; likewise only `medfdd/federation/nvflare/` imports `nvflare`."""
 
 from __future__ import annotations
 
@@ -13,23 +13,45 @@ from import_layers import FIRST_PARTY, LAYERS, edges, module_of, unit
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = ROOT / "medfdd" / "federation" / "flower"
+NVFLARE = ROOT / "medfdd" / "federation" / "nvflare"
 SCANNED = ("medfdd", "privacy", "benchmarks")
 
 
-def _imports_flwr(path: Path) -> list[int]:
+def _imports(path: Path, top: str) -> list[int]:
+    """Lines of `path` that import the package `top` (import, from-import, importlib)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Import) and any(a.name == "flwr" or a.name.startswith("flwr.") for a in node.names):
+        if isinstance(node, ast.Import) and any(a.name == top or a.name.startswith(f"{top}.") for a in node.names):
             lines.append(node.lineno)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and (
-                node.module == "flwr" or node.module.startswith("flwr.")):
+                node.module == top or node.module.startswith(f"{top}.")):
             lines.append(node.lineno)
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
                 "import_module", "__import__") and node.args and isinstance(node.args[0], ast.Constant) and \
-                str(node.args[0].value).split(".")[0] == "flwr":
+                str(node.args[0].value).split(".")[0] == top:
             lines.append(node.lineno)
     return lines
+
+
+def _imports_flwr(path: Path) -> list[int]:
+    return _imports(path, "flwr")
+
+
+def test_no_nvflare_import_outside_the_nvflare_package():
+    offenders = []
+    for top in SCANNED:
+        for path in sorted((ROOT / top).rglob("*.py")) if (ROOT / top).is_dir() else []:
+            if NVFLARE not in path.parents:
+                offenders += [f"{path.relative_to(ROOT)}:{n}" for n in _imports(path, "nvflare")]
+    assert offenders == [], f"only medfdd/federation/nvflare/ may import nvflare: {offenders}"
+    assert _imports(NVFLARE / "codec.py", "nvflare")  # the rule would pass vacuously if the scan were broken
+
+
+def test_the_nvflare_package_imports_no_flwr_and_loads_without_nvflare():
+    assert [p.name for p in sorted(NVFLARE.rglob("*.py")) if _imports_flwr(p)] == []
+    code = ("import sys, medfdd.federation.nvflare; assert 'nvflare' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
 def test_no_flwr_import_outside_the_flower_package():
