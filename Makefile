@@ -11,7 +11,7 @@ $(BIN)/medfdd: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# The CPU build of torch first: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,nvflare]'
 	touch $(BIN)/medfdd
 
 install: $(BIN)/medfdd
