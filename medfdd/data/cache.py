@@ -67,6 +67,10 @@ class PreprocessCache:
     def _file(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.npy"
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored for `key` (not counted as a hit or a miss; `get` may still find it unreadable)."""
+        return self._file(key).exists()
+
     def get(self, key: str, parse_info: Callable[[dict], T]) -> tuple[np.ndarray, T] | None:
         """(tensor, parse_info(info)) or None on a miss; an unreadable entry, or info that `parse_info` refuses
         (another version's fields), counts as a miss."""

@@ -46,3 +46,15 @@ class RecordRejected(Exception):
     def __init__(self, reason: Reason, detail: str, fix: str):
         self.reason, self.detail, self.fix = reason, detail, fix
         super().__init__(f"{reason}: {detail}")
+
+
+def as_rejection(err: Exception) -> RecordRejected:
+    """What reading one record raised, as that row's rejection: an OSError (permission denied, I/O error, vanished
+    file) is unreadable, anything else unexpected is reported with its type; one file never stops the site."""
+    if isinstance(err, RecordRejected):
+        return err
+    if isinstance(err, OSError):
+        return RecordRejected(Reason.UNREADABLE, f"{type(err).__name__}: {err}",
+                              "make the file readable by the site runner's user")
+    return RecordRejected(Reason.UNREADABLE, f"unexpected {type(err).__name__} while reading it: {err}"[:500],
+                          "re-export the file; report it to the medfdd maintainers if it opens in other viewers")

@@ -9,9 +9,10 @@ import numpy as np
 
 from medfdd.config import SiteConfig
 from medfdd.data.cache import PreprocessCache, content_key, settings_fingerprint
-from medfdd.data.load import ScanInfo, load_scan, preprocess_transform
+from medfdd.data.decode import ScanDecoder, decode_workers
+from medfdd.data.load import ScanInfo
 from medfdd.data.manifest import read_manifest
-from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected
+from medfdd.data.quarantine import QuarantineEntry, Reason, RecordRejected, as_rejection
 from medfdd.data.split import one_scan_per_patient, site_split
 from medfdd.io import OutputWriteError
 
@@ -66,13 +67,14 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     The same scan under two patients (or under a patient and in the pool without ids) stays two records, listed in
     `shared_content`: its content is protected as a group of that size (`privacy.report.channels`).
 
+    Scans are decoded by `cfg.workers` processes ahead of this loop (`decode.ScanDecoder`); every decision above is
+    taken here, in manifest order, so the result is the same for any number of workers.
     `on_record(done, total)` is called after each row (progress bars).
     """
     root = cfg.data_root
     entries, quarantine = read_manifest(root, cfg.data.manifest, cfg.data.classes)
     n_rows = len(entries) + len(quarantine)
     cache = PreprocessCache(cfg.cache_folder, cfg.data) if cfg.data.cache else None
-    transform = preprocess_transform(cfg.data)
     spatial = tuple(cfg.data.spatial_size)
     images = np.empty((len(entries), cfg.data.channels, *spatial), dtype=np.float32)
     kept: list[int] = []
@@ -86,6 +88,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     owners: dict[str, dict] = {}  # content key or instance digest -> {group: manifest row}, for `shared_content`
     relabelled: set[int] = set()  # positions whose scan comes again later in its group under another label
     per_patient = cfg.privacy.unit == "patient"
+    keys: dict[int, str | Exception] = {}  # row index -> content key (or why it has none), computed a window ahead
 
     def duplicate(pos: int, e, what: str) -> RecordRejected:
         """The same scan exported twice in one group: one record counted twice by the accountant."""
@@ -95,50 +98,67 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         return RecordRejected(Reason.DUPLICATE_ROW, f"{what} as row {first.row}" + (
             "" if first.label == e.label else " with a different label"), "list each scan once")
 
-    for i, e in enumerate(entries):
+    def look_ahead(j: int, decoder: ScanDecoder) -> None:
+        """Hash row j's file and, unless its content is already loaded or cached, start decoding it."""
+        e = entries[j]
+        if per_patient and e.patient_id is None:
+            return
         try:
-            if per_patient and e.patient_id is None:  # its scans could not be bounded to one per patient
-                raise RecordRejected(Reason.NO_PATIENT_ID, "privacy.unit is patient but this row has no patient_id",
-                                     "add the patient_id column (the same id for all scans of a patient)")
-            key = content_key(e.file, fingerprint, root)
-            group = dedup_group(e.patient_id)
-            if (group, key) in first_of:
-                raise duplicate(first_of[(group, key)], e, "same content")
-            if key in any_of:  # the same bytes in another group: a separate record, read once
-                x, info = images[any_of[key]], infos[any_of[key]]
+            keys[j] = key = content_key(e.file, fingerprint, root)
+        except Exception as err:  # noqa: BLE001 - raised again when row j's turn comes
+            keys[j] = err
+            return
+        if key not in any_of and not (cache and cache.has(key)):
+            decoder.ahead(key, e.file)
+
+    def load_row(i: int, decoder: ScanDecoder) -> None:
+        e = entries[i]
+        if per_patient and e.patient_id is None:  # its scans could not be bounded to one per patient
+            raise RecordRejected(Reason.NO_PATIENT_ID, "privacy.unit is patient but this row has no patient_id",
+                                 "add the patient_id column (the same id for all scans of a patient)")
+        key = keys.pop(i)
+        if isinstance(key, Exception):
+            raise key
+        group = dedup_group(e.patient_id)
+        if (group, key) in first_of:
+            raise duplicate(first_of[(group, key)], e, "same content")
+        if key in any_of:  # the same bytes in another group: a separate record, read once
+            x, info = images[any_of[key]], infos[any_of[key]]
+        else:
+            cached = cache.get(key, _cached_info) if cache else None
+            if cached is not None and cached[0].shape == images.shape[1:]:
+                x, info = cached
             else:
-                cached = cache.get(key, _cached_info) if cache else None
-                if cached is not None and cached[0].shape == images.shape[1:]:
-                    x, info = cached
-                else:
-                    x, info = load_scan(e.file, root=root, cfg=cfg.data, transform=transform)
-                    if cache:
-                        cache.put(key, x, asdict(info))
-            again = next((first_instance[(group, d)] for d in info.instances if (group, d) in first_instance), None)
-            if again is not None:  # other bytes (re-encoded, re-anonymised), same DICOM object
-                raise duplicate(again, e, "same DICOM object (SOPInstanceUID)")
-            images[len(kept)] = x
-            first_instance.update(dict.fromkeys(((group, d) for d in info.instances), len(kept)))
-            first_of[(group, key)] = len(kept)
-            any_of.setdefault(key, len(kept))
-            for k in (key, *info.instances):
-                owners.setdefault(k, {}).setdefault(group, e.row)
-            kept.append(i)
-            infos.append(info)
-        except RecordRejected as r:
-            quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
-        except OutputWriteError:  # the cache cannot be written (disk full, read-only output): not this scan's fault
-            raise
-        except OSError as err:  # permission denied, I/O error, vanished file
-            quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE, f"{type(err).__name__}: {err}",
-                                              "make the file readable by the site runner's user"))
-        except Exception as err:  # noqa: BLE001 - whatever else one file does, it must not stop the site
-            quarantine.append(QuarantineEntry(e.row, e.path, Reason.UNREADABLE,
-                                              f"unexpected {type(err).__name__} while reading it: {err}"[:500],
-                                              "re-export the file; report it to the medfdd maintainers if it "
-                                              "opens in other viewers"))
-        if on_record:
-            on_record(i + 1, len(entries))
+                x, info = decoder.load(key, e.file)
+                if cache:
+                    cache.put(key, x, asdict(info))
+        again = next((first_instance[(group, d)] for d in info.instances if (group, d) in first_instance), None)
+        if again is not None:  # other bytes (re-encoded, re-anonymised), same DICOM object
+            raise duplicate(again, e, "same DICOM object (SOPInstanceUID)")
+        images[len(kept)] = x
+        first_instance.update(dict.fromkeys(((group, d) for d in info.instances), len(kept)))
+        first_of[(group, key)] = len(kept)
+        any_of.setdefault(key, len(kept))
+        for k in (key, *info.instances):
+            owners.setdefault(k, {}).setdefault(group, e.row)
+        kept.append(i)
+        infos.append(info)
+
+    with ScanDecoder(root, cfg.data, decode_workers(cfg.workers, len(entries))) as decoder:
+        ahead = 0  # rows hashed (and their decoding started) so far
+        for i, e in enumerate(entries):
+            while ahead < min(len(entries), i + 1 + decoder.window):
+                look_ahead(ahead, decoder)
+                ahead += 1
+            try:
+                load_row(i, decoder)
+            except OutputWriteError:  # the cache cannot be written (disk full, read-only output): not this scan's fault
+                raise
+            except Exception as err:  # noqa: BLE001 - whatever one file does, it must not stop the site
+                r = as_rejection(err)
+                quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
+            if on_record:
+                on_record(i + 1, len(entries))
     if relabelled:  # the first row of a scan listed under two labels is ambiguous too
         for pos in sorted(relabelled):
             e = entries[kept[pos]]
