@@ -287,7 +287,7 @@ class SiteConfig(_Strict):
     output: Path = Field(description="where artifacts go, relative to the config file")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="`auto` (CUDA if present) | `cpu` | `cuda`")
     workers: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
-        "auto", description="processes decoding the scans: `auto` = this machine's cores (one per 500 manifest rows, "
+        "auto", description="processes decoding the scans: `auto` = this machine's cores (one per 2,000 manifest rows, "
         "so a small site decodes in-process) | a number (1 = in-process); the result is the same for any number")
     seed: int = Field(0, ge=0, description="seeds the split, and the distillation together with the site's secret "
                       "`output/noise_key` (created on the first run)")

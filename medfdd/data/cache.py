@@ -4,13 +4,19 @@ A key is the BLAKE2b hash of the scan's bytes (every slice of a series, with nam
 shape the tensor, so editing a file, swapping it, or changing spatial_size / intensity / channels invalidates
 its entry. Labels are never cached (they come from the manifest on every run). Entries are `.npy` files written
 atomically and read with `allow_pickle=False`; an unreadable entry is recomputed.
+
+`SiteStore` is the site's storage: every load writes the kept records, in order, into one `.npy` file under
+output/cache, then reads it memory-mapped, so a site larger than memory is read by index, never held whole.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
 import stat
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -19,7 +25,7 @@ import numpy as np
 
 from medfdd.config import DataConfig
 from medfdd.data.quarantine import Reason, RecordRejected
-from medfdd.io import atomic_save_npy, atomic_write_json
+from medfdd.io import atomic_save_npy, atomic_write_json, write_error
 
 T = TypeVar("T")
 PREPROCESS_VERSION = 1  # bump when the loading/preprocessing code changes what it produces
@@ -88,3 +94,88 @@ class PreprocessCache:
         # info first: the .npy marks completion; no fsync (a lost entry is simply recomputed)
         atomic_write_json(self._file(key).with_suffix(".json"), info, durable=False)
         atomic_save_npy(self._file(key), array.astype(np.float32, copy=False), durable=False)
+
+
+class SiteStore:
+    """One site's preprocessed records, appended one by one to a `.npy` file and published atomically.
+
+    Records go to disk with plain file writes (never through a mapping), so the site's pixels do not stay in this
+    process's memory while it loads; `finish` renames the finished file into place and opens it memory-mapped
+    (`np.load(mmap_mode="r", allow_pickle=False)`), to be read by index (`records.RecordView`). The header is written
+    for the manifest's row count and rewritten in place for the rows kept (numpy leaves room to change axis 0).
+    """
+
+    def __init__(self, path: Path, capacity: int, record_shape: tuple[int, ...]):
+        self.path = Path(path)
+        self.record_shape = tuple(record_shape)
+        self.row_bytes = 4 * math.prod(self.record_shape)
+        self.n = 0
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+            self._tmp = Path(tmp)
+            self._file = os.fdopen(fd, "r+b", buffering=0)
+            self.offset = self._write_header(capacity)
+        except OSError as e:
+            self.close()
+            raise write_error(self.path, e) from e
+
+    def _write_header(self, rows: int) -> int:
+        self._file.seek(0)
+        np.lib.format.write_array_header_1_0(self._file, {"descr": "<f4", "fortran_order": False,
+                                                          "shape": (rows, *self.record_shape)})
+        return self._file.tell()
+
+    def _io(self, fn, *args):
+        try:
+            return fn(*args)
+        except OSError as e:
+            self.close()
+            raise write_error(self.path, e) from e
+
+    def append(self, record: np.ndarray) -> int:
+        """Write one record [*record_shape] after the others; returns its position."""
+        data = np.ascontiguousarray(record, dtype="<f4")
+        if data.shape != self.record_shape:
+            raise ValueError(f"record of shape {data.shape}, the store holds {self.record_shape}")
+        self._io(os.pwrite, self._file.fileno(), data.data, self.offset + self.n * self.row_bytes)
+        self.n += 1
+        return self.n - 1
+
+    def read(self, pos: int) -> np.ndarray:
+        raw = self._io(os.pread, self._file.fileno(), self.row_bytes, self.offset + pos * self.row_bytes)
+        return np.frombuffer(raw, dtype="<f4").reshape(self.record_shape).copy()
+
+    def keep(self, positions: list[int]) -> None:
+        """Keep only the records at `positions` (ascending), moved down in order, one record at a time."""
+        for new, old in enumerate(positions):
+            if new != old:
+                self._io(os.pwrite, self._file.fileno(), self.read(old).data, self.offset + new * self.row_bytes)
+        self.n = len(positions)
+
+    def finish(self) -> np.ndarray:
+        """Publish the file (header for the records written, atomically renamed) -> read-only memory map [n, ...]."""
+        if self._io(self._write_header, self.n) != self.offset:  # numpy >= 1.23 pads for this; a guard
+            raise RuntimeError(f"{self.path}: the .npy header changed length when rewritten")
+        self._io(os.ftruncate, self._file.fileno(), self.offset + self.n * self.row_bytes)
+        self._file.close()
+        self._io(os.replace, self._tmp, self.path)
+        self._tmp = None
+        if self.n == 0:  # nothing to map
+            return np.empty((0, *self.record_shape), dtype=np.float32)
+        return np.load(self.path, mmap_mode="r", allow_pickle=False)
+
+    def close(self) -> None:
+        """Drop an unfinished store (its temp file)."""
+        f = getattr(self, "_file", None)
+        if f is not None and not f.closed:
+            f.close()
+        if getattr(self, "_tmp", None) is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
+
+    def __enter__(self) -> SiteStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

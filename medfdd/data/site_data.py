@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from medfdd.config import SiteConfig
-from medfdd.data.cache import PreprocessCache, content_key, settings_fingerprint
+from medfdd.data.cache import PreprocessCache, SiteStore, content_key, settings_fingerprint
 from medfdd.data.decode import ScanDecoder, decode_workers
 from medfdd.data.load import ScanInfo
 from medfdd.data.manifest import read_manifest
@@ -20,7 +21,7 @@ from medfdd.io import OutputWriteError
 @dataclass
 class SiteData:
     classes: list[str]
-    images: np.ndarray  # float32 [N, C, *spatial], values in [0, 1]
+    images: np.ndarray  # float32 [N, C, *spatial] in [0, 1], read-only memory map of `site_store_path` (read by index)
     labels: np.ndarray  # int64 [N], class indices
     rows: np.ndarray  # int64 [N], manifest line numbers
     patient_ids: list[str | None]
@@ -46,6 +47,11 @@ class SiteData:
 def _cached_info(raw: dict) -> ScanInfo:
     """A cache entry's ScanInfo (TypeError / KeyError when another version wrote other fields: a miss)."""
     return ScanInfo(**{**raw, "original_shape": tuple(raw["original_shape"]), "instances": tuple(raw["instances"])})
+
+
+def site_store_path(cfg: SiteConfig) -> Path:
+    """The site's preprocessed records, one memory-mapped `.npy` rewritten by each load (`cache.SiteStore`)."""
+    return cfg.output_dir / "cache" / "site_records.npy"
 
 
 def dedup_group(patient_id: str | None) -> str | None:
@@ -76,7 +82,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     n_rows = len(entries) + len(quarantine)
     cache = PreprocessCache(cfg.cache_folder, cfg.data) if cfg.data.cache else None
     spatial = tuple(cfg.data.spatial_size)
-    images = np.empty((len(entries), cfg.data.channels, *spatial), dtype=np.float32)
+    store = SiteStore(site_store_path(cfg), len(entries), (cfg.data.channels, *spatial))
     kept: list[int] = []
     infos: list[ScanInfo] = []
     fingerprint = cache.fingerprint if cache else settings_fingerprint(cfg.data)
@@ -123,10 +129,10 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         if (group, key) in first_of:
             raise duplicate(first_of[(group, key)], e, "same content")
         if key in any_of:  # the same bytes in another group: a separate record, read once
-            x, info = images[any_of[key]], infos[any_of[key]]
+            x, info = store.read(any_of[key]), infos[any_of[key]]
         else:
             cached = cache.get(key, _cached_info) if cache else None
-            if cached is not None and cached[0].shape == images.shape[1:]:
+            if cached is not None and cached[0].shape == store.record_shape:
                 x, info = cached
             else:
                 x, info = decoder.load(key, e.file)
@@ -135,7 +141,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         again = next((first_instance[(group, d)] for d in info.instances if (group, d) in first_instance), None)
         if again is not None:  # other bytes (re-encoded, re-anonymised), same DICOM object
             raise duplicate(again, e, "same DICOM object (SOPInstanceUID)")
-        images[len(kept)] = x
+        store.append(x)
         first_instance.update(dict.fromkeys(((group, d) for d in info.instances), len(kept)))
         first_of[(group, key)] = len(kept)
         any_of.setdefault(key, len(kept))
@@ -144,29 +150,31 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
         kept.append(i)
         infos.append(info)
 
-    with ScanDecoder(root, cfg.data, decode_workers(cfg.workers, len(entries))) as decoder:
-        ahead = 0  # rows hashed (and their decoding started) so far
-        for i, e in enumerate(entries):
-            while ahead < min(len(entries), i + 1 + decoder.window):
-                look_ahead(ahead, decoder)
-                ahead += 1
-            try:
-                load_row(i, decoder)
-            except OutputWriteError:  # the cache cannot be written (disk full, read-only output): not this scan's fault
-                raise
-            except Exception as err:  # noqa: BLE001 - whatever one file does, it must not stop the site
-                r = as_rejection(err)
-                quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
-            if on_record:
-                on_record(i + 1, len(entries))
-    if relabelled:  # the first row of a scan listed under two labels is ambiguous too
-        for pos in sorted(relabelled):
-            e = entries[kept[pos]]
-            quarantine.append(QuarantineEntry(e.row, e.path, Reason.DUPLICATE_ROW, "its content is listed again "
-                                              "later with a different label", "keep one row with the correct label"))
-        keep = [p for p in range(len(kept)) if p not in relabelled]
-        images[: len(keep)] = images[keep]
-        kept, infos = [kept[p] for p in keep], [infos[p] for p in keep]
+    with store:  # an error or Ctrl-C removes the unfinished file
+        with ScanDecoder(root, cfg.data, decode_workers(cfg.workers, len(entries))) as decoder:
+            ahead = 0  # rows hashed (and their decoding started) so far
+            for i, e in enumerate(entries):
+                while ahead < min(len(entries), i + 1 + decoder.window):
+                    look_ahead(ahead, decoder)
+                    ahead += 1
+                try:
+                    load_row(i, decoder)
+                except OutputWriteError:  # the cache cannot be written (disk full, read-only output): not this scan's fault
+                    raise
+                except Exception as err:  # noqa: BLE001 - whatever one file does, it must not stop the site
+                    r = as_rejection(err)
+                    quarantine.append(QuarantineEntry(e.row, e.path, r.reason, r.detail, r.fix))
+                if on_record:
+                    on_record(i + 1, len(entries))
+        if relabelled:  # the first row of a scan listed under two labels is ambiguous too
+            for pos in sorted(relabelled):
+                e = entries[kept[pos]]
+                quarantine.append(QuarantineEntry(e.row, e.path, Reason.DUPLICATE_ROW, "its content is listed again "
+                                                  "later with a different label", "keep one row with the correct label"))
+            keep = [p for p in range(len(kept)) if p not in relabelled]
+            store.keep(keep)
+            kept, infos = [kept[p] for p in keep], [infos[p] for p in keep]
+        images = store.finish()
     used = [entries[i] for i in kept]
     used_rows = {e.row for e in used}
     shared = sorted({tuple(sorted(r for r in by.values() if r in used_rows)) for by in owners.values()})
@@ -178,7 +186,7 @@ def load_site_data(cfg: SiteConfig, *, on_record: Callable[[int, int], None] | N
     if per_patient:
         train, unused = one_scan_per_patient(train, pids, paths, cfg.seed)
     return SiteData(
-        classes=list(cfg.data.classes), images=images[: len(kept)], labels=labels,
+        classes=list(cfg.data.classes), images=images, labels=labels,
         rows=np.array([e.row for e in used], dtype=np.int64), patient_ids=pids, infos=infos,
         train=train, holdout=holdout, n_rows=n_rows, quarantine=sorted(quarantine, key=lambda q: q.row),
         cache_hits=cache.hits if cache else 0, cache_misses=cache.misses if cache else 0, unused=unused,

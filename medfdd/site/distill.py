@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from safetensors.torch import load_file, save
 from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.charts import loss_png
 from medfdd.config import SiteConfig
+from medfdd.data.records import RecordView
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill import create_distiller
 from medfdd.distill.base import DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
@@ -128,13 +130,19 @@ def _runtime(cfg: SiteConfig, device: torch.device) -> dict:
             "torch": torch.__version__}
 
 
-def _tensor_chunks(t: torch.Tensor) -> tuple[bytes, memoryview]:
-    """dtype and shape, then the raw values (not copied: a site's training tensor may be large)."""
+def _tensor_chunks(t: torch.Tensor | RecordView) -> Iterator[bytes | memoryview]:
+    """dtype and shape, then the raw values (not copied; a site's records are read a chunk at a time)."""
+    if isinstance(t, RecordView):
+        yield f"{np.dtype(np.float32).str}{tuple(t.shape)}".encode()
+        for a in t.chunks():
+            yield memoryview(a).cast("B")
+        return
     a = np.ascontiguousarray(t.detach().cpu().numpy())
-    return f"{a.dtype.str}{a.shape}".encode(), memoryview(a).cast("B")
+    yield f"{a.dtype.str}{a.shape}".encode()
+    yield memoryview(a).cast("B")
 
 
-def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: torch.Tensor, y: torch.Tensor,
+def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: RecordView, y: torch.Tensor,
                  runtime: dict, start: WarmStart | None, global_model: Path | None) -> str:
     """The release's identity (DESIGN invariant 9): digests of everything its noisy statistics and images depend on,
     the training tensors and labels exactly as the mechanism consumes them included. A 128-bit digest of all parts,
@@ -143,20 +151,21 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: 
     candidate data sets test which one trained. Recorded with the ledger charge and in checkpoints."""
     key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
 
-    def digest(*chunks: bytes | memoryview) -> bytes:
+    def digest(*chunks: bytes | memoryview | Iterator[bytes | memoryview]) -> bytes:
         h = hashlib.blake2b(key=key, digest_size=16)
         for chunk in chunks:
-            h.update(chunk)
+            for part in (chunk,) if isinstance(chunk, bytes | memoryview) else chunk:
+                h.update(part)
         return h.digest()
 
     settings = [cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), round_, plan.__dict__]
     parts = {
         "k": digest(b"noise key"),
-        "l": digest(*_tensor_chunks(y)),
-        "c": digest(*_tensor_chunks(x)),
+        "l": digest(_tensor_chunks(y)),
+        "c": digest(_tensor_chunks(x)),
         "s": digest(json.dumps(settings, sort_keys=True, default=str).encode()),
         "r": digest(json.dumps(runtime, sort_keys=True).encode()),
-        "w": digest(*_tensor_chunks(start.images), *_tensor_chunks(start.labels)) if start else digest(b"none"),
+        "w": digest(_tensor_chunks(start.images), _tensor_chunks(start.labels)) if start else digest(b"none"),
         "g": digest(b"model", Path(global_model).read_bytes()) if global_model is not None else digest(b"none"),
     }
     return digest(*parts.values()).hex() + ":" + ",".join(f"{t}={d.hex()[:8]}" for t, d in parts.items())
@@ -296,7 +305,7 @@ def distill_site(cfg: SiteConfig, *, round_: int = 1, global_model: Path | None 
     if len(train) == 0:
         raise DistillError(f"{cfg.site_id}: data", "the training split is empty",
                            "run `medfdd site check` and fix the quarantined rows")
-    x = torch.as_tensor(data.images[train])
+    x = RecordView(data.images, train)  # read by index: a Poisson sample reads only its rows
     y = torch.as_tensor(data.labels[train])
     device = pick_device(cfg.device)
     # a broadcast model that is not the agreed architecture is refused before anything is charged

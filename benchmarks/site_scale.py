@@ -1,0 +1,156 @@
+"""Out-of-core sites: peak memory and seconds per paid step of `site distill` against the number of scans.
+
+One folder of 28x28 DICOM scans (2 classes) is written once; the site of size N lists its first N rows, and all
+sizes share one preprocessing cache (`data.cache_dir`), so every scan is decoded once. Each size then runs
+`distill_site` (DP, a few paid steps) in a fresh child process that reports its peak RSS (`ru_maxrss`), the seconds
+to load the site and the seconds per paid step (the distillation after loading, divided by the paid steps). With
+`--baseline DIR` the same children also run the code of another checkout (e.g. the main branch, in-memory arrays).
+Run: `PYTHONPATH=. .venv/bin/python benchmarks/site_scale.py [--sizes 1000 2000 5000 10000] [--baseline /work/main]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int) -> dict[int, Path]:
+    from medfdd.prepare.writers import write_dicom
+
+    rng = np.random.default_rng(0)
+    root = base / "scans"
+    rows = []
+    for i in range(n):
+        rel = f"{i // 1000:03d}/{i:06d}.dcm"
+        label = "ab"[i % 2]
+        pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
+        pixels[: 14 if label == "a" else 28, :14] //= 2  # a class signal
+        write_dicom(root / rel, pixels, patient_id=f"P{i}", rng=rng)
+        rows.append([rel, label, f"P{i}"])
+    configs = {}
+    for size in sizes:
+        with open(root / f"labels_{size}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["path", "label", "patient_id"], *rows[:size]])
+        cfg = {"site_id": f"scale-{size}", "data": {"root": str(root), "manifest": f"labels_{size}.csv",
+               "classes": ["a", "b"], "spatial_size": [spatial, spatial], "cache_dir": str(base / "cache")},
+               "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "rounds": 1},
+               "distill": {"method": "dm", "ipc": 10, "iterations": steps, "allocation": "uniform"},
+               "output": str(base / f"out-{size}"), "device": "cpu"}
+        configs[size] = base / f"site-{size}.yaml"
+        configs[size].write_text(yaml.safe_dump(cfg))
+    return configs
+
+
+def child(config: str) -> None:
+    """In a fresh process: load the site, then distill it; print one JSON line."""
+    from rich.console import Console
+
+    from medfdd.config import load_site_config
+    from medfdd.data.site_data import load_site_data
+    from medfdd.site.distill import distill_site
+
+    cfg = load_site_config(Path(config))
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    t0 = time.perf_counter()
+    data = load_site_data(cfg)
+    n_train, t_load = len(data.train), time.perf_counter() - t0
+    del data
+    t1 = time.perf_counter()
+    distill_site(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115 - closed at exit
+    t_distill = time.perf_counter() - t1 - t_load  # distill_site loads the site again first
+    print(json.dumps({"records_train": n_train, "load_s": t_load, "seconds_per_paid_step": t_distill
+                      / cfg.distill.iterations, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+                      / 1024, "rss_after_imports_mb": rss0}))
+
+
+def run_child(code: Path, config: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(HERE / "site_scale.py"), "--child", str(config)], env=env, cwd=code,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        return {"error": out.stderr[-2000:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    for code in sorted({r["code"] for r in rows}):
+        sub = sorted((r for r in rows if r["code"] == code and "peak_rss_mb" in r), key=lambda r: r["scans"])
+        a.plot([r["scans"] for r in sub], [r["peak_rss_mb"] for r in sub], "o-", label=code)
+        b.plot([r["scans"] for r in sub], [r["seconds_per_paid_step"] for r in sub], "o-", label=code)
+    a.set(xlabel="scans in the site", ylabel="peak RSS of site distill (MiB)", title="peak memory")
+    b.set(xlabel="scans in the site", ylabel="s / paid step", title="time per paid step")
+    for ax in (a, b):
+        ax.set_xscale("log")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 2000, 5000, 10000])
+    ap.add_argument("--spatial", type=int, default=64, help="preprocessed size (28x28 scans resized to it)")
+    ap.add_argument("--steps", type=int, default=10, help="paid steps per distillation")
+    ap.add_argument("--baseline", type=Path, help="another checkout to run the same children with")
+    ap.add_argument("--name", default="site_scale")
+    ap.add_argument("--note", default="shared 2-core machine (a long benchmark and another helper ran beside it): "
+                    "times are noisy; peak RSS is per child process")
+    args = ap.parse_args()
+    if args.child:
+        return child(args.child)
+    sys.path.insert(0, str(HERE))
+    import medfdd
+    from common import RESULTS, write_result
+
+    if Path(medfdd.__file__).resolve().parents[1] != HERE.parent:
+        sys.exit(f"medfdd is imported from {medfdd.__file__}, not this checkout: run with PYTHONPATH=<this checkout>")
+    from medfdd.config import load_site_config
+    from medfdd.data.site_data import load_site_data
+
+    codes = {"out-of-core (this commit)": HERE.parent}
+    if args.baseline:
+        codes[f"in-memory ({args.baseline})"] = args.baseline.resolve()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        configs = write_site(Path(tmp), max(args.sizes), sorted(args.sizes), args.spatial, args.steps)
+        cfg = load_site_config(configs[max(args.sizes)])
+        load_site_data(cfg.model_copy(update={"workers": "auto"}))  # fill the shared cache once
+        print(f"wrote and decoded {max(args.sizes)} scans in {time.perf_counter() - t:.0f} s", flush=True)
+        for size in sorted(args.sizes):
+            for code, path in codes.items():
+                row = {"scans": size, "code": code, **run_child(path, configs[size])}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps,
+                                         "note": args.note, "complete": False})
+    figure(rows, RESULTS / f"{args.name}.png")
+    out = write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps, "note": args.note,
+                                   "complete": True})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

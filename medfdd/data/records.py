@@ -1,0 +1,53 @@
+"""A view of some of a site's records that reads only the rows asked for: the distiller's real data, out of core.
+
+`RecordView(images, index)` stands where a [n, C, *spatial] tensor stood: `len`, `shape`, `to(device)` and
+`view[idx]` (an index tensor, e.g. a Poisson sample) -> the float32 rows `images[index[idx]]` on the view's device.
+Over a memory map (`cache.SiteStore`), the pages read are released after each read, so the process's resident memory
+does not grow with the site: only the sampled rows are ever in memory.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+CHUNK_BYTES = 64 << 20  # `chunks` reads this much at a time
+
+
+class RecordView:
+    def __init__(self, images: np.ndarray, index: np.ndarray, device: torch.device | str = "cpu"):
+        self.images, self.index = images, np.asarray(index, dtype=np.int64)
+        self.device = torch.device(device)
+        self.shape = (len(self.index), *images.shape[1:])
+        self.dtype = torch.float32
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def to(self, device: torch.device | str) -> RecordView:
+        return RecordView(self.images, self.index, device)
+
+    def _release(self) -> None:
+        """Let the kernel drop the mapped pages from this process (they stay in the page cache, re-read on demand)."""
+        m = getattr(self.images, "_mmap", None)  # np.memmap's mapping (np.load(mmap_mode="r"))
+        if isinstance(m, mmap.mmap) and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+    def rows(self, idx: torch.Tensor | np.ndarray) -> np.ndarray:
+        """The records at view positions `idx`, in that order, as an in-memory float32 array."""
+        positions = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+        out = np.ascontiguousarray(self.images[self.index[positions]], dtype=np.float32)
+        self._release()
+        return out
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.rows(idx)).to(self.device)
+
+    def chunks(self) -> Iterator[np.ndarray]:
+        """Every record in view order, a few MiB at a time (digests, batched evaluation)."""
+        step = max(1, CHUNK_BYTES // max(1, 4 * int(np.prod(self.shape[1:]))))
+        for start in range(0, len(self), step):
+            yield self.rows(np.arange(start, min(len(self), start + step)))
