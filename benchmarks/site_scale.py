@@ -27,30 +27,33 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int) -> dict[int, Path]:
+def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int, codes: int) -> dict[tuple, Path]:
+    """Scans (kept when `base` already holds them: --workdir) and one config per (size, code) with its own output."""
     from medfdd.prepare.writers import write_dicom
 
     rng = np.random.default_rng(0)
     root = base / "scans"
     rows = []
+    written = (root / f"{(n - 1) // 1000:03d}/{n - 1:06d}.dcm").exists()
     for i in range(n):
         rel = f"{i // 1000:03d}/{i:06d}.dcm"
         label = "ab"[i % 2]
-        pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
-        pixels[: 14 if label == "a" else 28, :14] //= 2  # a class signal
-        write_dicom(root / rel, pixels, patient_id=f"P{i}", rng=rng)
+        if not written:
+            pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
+            pixels[: 14 if label == "a" else 28, :14] //= 2  # a class signal
+            write_dicom(root / rel, pixels, patient_id=f"P{i}", rng=rng)
         rows.append([rel, label, f"P{i}"])
     configs = {}
-    for size in sizes:
+    for size, code in ((size, code) for size in sizes for code in range(codes)):
         with open(root / f"labels_{size}.csv", "w", newline="") as f:
             csv.writer(f).writerows([["path", "label", "patient_id"], *rows[:size]])
         cfg = {"site_id": f"scale-{size}", "data": {"root": str(root), "manifest": f"labels_{size}.csv",
                "classes": ["a", "b"], "spatial_size": [spatial, spatial], "cache_dir": str(base / "cache")},
                "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "rounds": 1},
                "distill": {"method": "dm", "ipc": 10, "iterations": steps, "allocation": "uniform"},
-               "output": str(base / f"out-{size}"), "device": "cpu"}
-        configs[size] = base / f"site-{size}.yaml"
-        configs[size].write_text(yaml.safe_dump(cfg))
+               "output": str(base / f"out-{size}-{code}"), "device": "cpu"}
+        configs[size, code] = base / f"site-{size}-{code}.yaml"
+        configs[size, code].write_text(yaml.safe_dump(cfg))
     return configs
 
 
@@ -115,14 +118,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10, help="paid steps per distillation")
     ap.add_argument("--baseline", type=Path, help="another checkout to run the same children with")
     ap.add_argument("--name", default="site_scale")
+    ap.add_argument("--workdir", type=Path, help="keep the scans and cache here (reused by a later run)")
     ap.add_argument("--note", default="shared 2-core machine (a long benchmark and another helper ran beside it): "
                     "times are noisy; peak RSS is per child process")
     args = ap.parse_args()
     if args.child:
         return child(args.child)
     sys.path.insert(0, str(HERE))
-    import medfdd
     from common import RESULTS, write_result
+
+    import medfdd
 
     if Path(medfdd.__file__).resolve().parents[1] != HERE.parent:
         sys.exit(f"medfdd is imported from {medfdd.__file__}, not this checkout: run with PYTHONPATH=<this checkout>")
@@ -134,14 +139,15 @@ def main() -> None:
         codes[f"in-memory ({args.baseline})"] = args.baseline.resolve()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        base = args.workdir or Path(tmp)
         t = time.perf_counter()
-        configs = write_site(Path(tmp), max(args.sizes), sorted(args.sizes), args.spatial, args.steps)
-        cfg = load_site_config(configs[max(args.sizes)])
+        configs = write_site(base, max(args.sizes), sorted(args.sizes), args.spatial, args.steps, len(codes))
+        cfg = load_site_config(configs[max(args.sizes), 0])
         load_site_data(cfg.model_copy(update={"workers": "auto"}))  # fill the shared cache once
         print(f"wrote and decoded {max(args.sizes)} scans in {time.perf_counter() - t:.0f} s", flush=True)
         for size in sorted(args.sizes):
-            for code, path in codes.items():
-                row = {"scans": size, "code": code, **run_child(path, configs[size])}
+            for k, (code, path) in enumerate(codes.items()):
+                row = {"scans": size, "code": code, **run_child(path, configs[size, k])}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps,

@@ -5,8 +5,8 @@ shape the tensor, so editing a file, swapping it, or changing spatial_size / int
 its entry. Labels are never cached (they come from the manifest on every run). Entries are `.npy` files written
 atomically and read with `allow_pickle=False`; an unreadable entry is recomputed.
 
-`SiteStore` is the site's storage: every load writes the kept records, in order, into one `.npy` file under
-output/cache, then reads it memory-mapped, so a site larger than memory is read by index, never held whole.
+`SiteStore` is the site's storage: every load writes the kept records, in order, into one `.npy` file (under
+output/records), then reads it memory-mapped, so a site larger than memory is read by index, never held whole.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A view of some of a site's records that reads only the rows asked for: the distiller's real data, out of core.
 
 `RecordView(images, index)` stands where a [n, C, *spatial] tensor stood: `len`, `shape`, `to(device)` and
-`view[idx]` (an index tensor, e.g. a Poisson sample) -> the float32 rows `images[index[idx]]` on the view's device.
+`view[idx]` (an index tensor, e.g. a Poisson sample, or a slice: a batch) -> the float32 rows `images[index[idx]]` on the view's device.
 Over a memory map (`cache.SiteStore`), the pages read are released after each read, so the process's resident memory
 does not grow with the site: only the sampled rows are ever in memory.
 """
@@ -36,14 +36,17 @@ class RecordView:
         if isinstance(m, mmap.mmap) and hasattr(m, "madvise"):
             m.madvise(mmap.MADV_DONTNEED)
 
-    def rows(self, idx: torch.Tensor | np.ndarray) -> np.ndarray:
-        """The records at view positions `idx`, in that order, as an in-memory float32 array."""
-        positions = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
+    def rows(self, idx: torch.Tensor | np.ndarray | slice) -> np.ndarray:
+        """The records at view positions `idx` (indices or a slice), in that order, as an in-memory float32 array."""
+        if isinstance(idx, slice):
+            positions = np.arange(len(self))[idx]
+        else:
+            positions = idx.detach().cpu().numpy() if isinstance(idx, torch.Tensor) else np.asarray(idx)
         out = np.ascontiguousarray(self.images[self.index[positions]], dtype=np.float32)
         self._release()
         return out
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+    def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
         return torch.from_numpy(self.rows(idx)).to(self.device)
 
     def chunks(self) -> Iterator[np.ndarray]:

@@ -51,7 +51,7 @@ def _cached_info(raw: dict) -> ScanInfo:
 
 def site_store_path(cfg: SiteConfig) -> Path:
     """The site's preprocessed records, one memory-mapped `.npy` rewritten by each load (`cache.SiteStore`)."""
-    return cfg.output_dir / "cache" / "site_records.npy"
+    return cfg.output_dir / "records" / "site_records.npy"
 
 
 def dedup_group(patient_id: str | None) -> str | None:

@@ -33,6 +33,7 @@ from torch import nn
 from medfdd.artifacts import load_agreed_model, save_model
 from medfdd.charts import png_bytes, pyplot
 from medfdd.config import SiteConfig, SiteEvaluateConfig
+from medfdd.data.records import RecordView
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_bytes, atomic_write_json
 from medfdd.nets import CONVNET
@@ -108,8 +109,8 @@ def evaluate_at_site(cfg: SiteConfig, model_path: Path, *, console: Console | No
                               spatial_size=cfg.data.spatial_size).to(pick_device(cfg.device))
     data = load_with_progress(cfg, console)
     groups = {"holdout": data.holdout, "training": np.union1d(data.train, data.unused)}
-    results = {g: evaluate(model, data.images[idx], data.labels[idx], len(data.classes))
-               for g, idx in groups.items() if len(idx)}
+    results = {g: evaluate(model, RecordView(data.images, idx), data.labels[idx], len(data.classes))
+               for g, idx in groups.items() if len(idx)}  # read in batches from the site's memory map
     if not results:
         raise SiteEvaluationError(f"{cfg.site_id}: data", "no usable record to evaluate on",
                                   "run `medfdd site check` and fix the quarantined rows")
@@ -122,7 +123,7 @@ def evaluate_at_site(cfg: SiteConfig, model_path: Path, *, console: Console | No
             site_models = train_site_models(model, data.images[train_idx], data.labels[train_idx],
                                             len(data.classes), cfg.evaluate, seed=cfg.seed, device=pick_device(cfg.device))
         for name, m in site_models.items():
-            models[name] = {g: evaluate(m, data.images[idx], data.labels[idx], len(data.classes))
+            models[name] = {g: evaluate(m, RecordView(data.images, idx), data.labels[idx], len(data.classes))
                             for g, idx in groups.items() if len(idx)}
         saved = save_model(out / FINE_TUNED_FILE, site_models["fine_tuned"])
         extra = {"fine_tuned_model": {"file": FINE_TUNED_FILE, "sha256": hashlib.sha256(saved.read_bytes()).hexdigest()},
