@@ -8,6 +8,7 @@ does not grow with the site: only the sampled rows are ever in memory.
 
 from __future__ import annotations
 
+import math
 import mmap
 from collections.abc import Iterator
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 CHUNK_BYTES = 64 << 20  # `chunks` reads this much at a time
+DEVICE_RESIDENT_BYTES = 4 << 30  # `to(accelerator)`: a site up to this size is held on the device
 
 
 class RecordView:
@@ -27,8 +29,18 @@ class RecordView:
     def __len__(self) -> int:
         return len(self.index)
 
-    def to(self, device: torch.device | str) -> RecordView:
-        return RecordView(self.images, self.index, device)
+    def to(self, device: torch.device | str) -> RecordView | torch.Tensor:
+        """The view gathering onto `device`; on an accelerator, a site of at most `DEVICE_RESIDENT_BYTES` is copied
+        there whole instead (a chunk at a time through host memory), so that a step's gather stays on the device."""
+        device = torch.device(device)
+        if device.type == "cpu" or 4 * math.prod(self.shape) > DEVICE_RESIDENT_BYTES:
+            return RecordView(self.images, self.index, device)
+        out = torch.empty(self.shape, dtype=torch.float32, device=device)
+        done = 0
+        for chunk in self.chunks():
+            out[done:done + len(chunk)] = torch.from_numpy(chunk).to(device)
+            done += len(chunk)
+        return out
 
     def _release(self) -> None:
         """Let the kernel drop the mapped pages from this process (they stay in the page cache, re-read on demand)."""
@@ -51,6 +63,6 @@ class RecordView:
 
     def chunks(self) -> Iterator[np.ndarray]:
         """Every record in view order, a few MiB at a time (digests, batched evaluation)."""
-        step = max(1, CHUNK_BYTES // max(1, 4 * int(np.prod(self.shape[1:]))))
+        step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(self.shape[1:])))
         for start in range(0, len(self), step):
             yield self.rows(np.arange(start, min(len(self), start + step)))

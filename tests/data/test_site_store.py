@@ -53,6 +53,8 @@ def test_a_record_view_reads_the_rows_asked_for_and_digests_like_the_tensor(tmp_
     idx = torch.tensor([0, 2, 9, 2])
     np.testing.assert_array_equal(view[idx].numpy(), records[train[[0, 2, 9, 2]]])
     assert view.to("cpu")[idx].dtype == torch.float32
+    on_device = view.to("meta")  # an accelerator: a small site is copied there whole (meta: shapes only)
+    assert isinstance(on_device, torch.Tensor) and tuple(on_device.shape) == view.shape
     # the release fingerprint reads the view a chunk at a time and digests the same bytes as the whole tensor did
     as_tensor = torch.as_tensor(records[train])
     assert b"".join(bytes(c) for c in _tensor_chunks(view)) == b"".join(bytes(c) for c in _tensor_chunks(as_tensor))
