@@ -3,7 +3,8 @@
 One folder of 28x28 DICOM scans (2 classes) is written once; the site of size N lists its first N rows, and all
 sizes share one preprocessing cache (`data.cache_dir`), so every scan is decoded once. Each size then runs
 `distill_site` (DP, a few paid steps) in a fresh child process that reports its peak RSS (`ru_maxrss`), the seconds
-to load the site and the seconds per paid step (the distillation after loading, divided by the paid steps). With
+its load took and the seconds per paid step (the distiller's run, divided by the paid steps: under the default
+decoupled schedule this includes the synthetic updates). With
 `--baseline DIR` the same children also run the code of another checkout (e.g. the main branch, in-memory arrays).
 Run: `PYTHONPATH=. .venv/bin/python benchmarks/site_scale.py [--sizes 1000 2000 5000 10000] [--baseline /work/main]`.
 """
@@ -58,25 +59,43 @@ def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int, c
 
 
 def child(config: str) -> None:
-    """In a fresh process: load the site, then distill it; print one JSON line."""
+    """In a fresh process: `distill_site`, timing its load and its distiller's run; print one JSON line."""
     from rich.console import Console
 
+    import medfdd.site.distill as site_distill
     from medfdd.config import load_site_config
-    from medfdd.data.site_data import load_site_data
-    from medfdd.site.distill import distill_site
 
+    timed: dict = {}
+
+    def load(*args, **kwargs):
+        t = time.perf_counter()
+        data = load_with_progress(*args, **kwargs)
+        timed.update(load_s=time.perf_counter() - t, records_train=len(data.train))
+        return data
+
+    def create(*args, **kwargs):
+        distiller = create_distiller(*args, **kwargs)
+        run = distiller.run
+
+        def timed_run(*a, **k):
+            t = time.perf_counter()
+            out = run(*a, **k)
+            timed["run_s"] = time.perf_counter() - t
+            return out
+
+        distiller.run = timed_run
+        return distiller
+
+    load_with_progress, create_distiller = site_distill.load_with_progress, site_distill.create_distiller
+    site_distill.load_with_progress, site_distill.create_distiller = load, create
     cfg = load_site_config(Path(config))
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
-    data = load_site_data(cfg)
-    n_train, t_load = len(data.train), time.perf_counter() - t0
-    del data
-    t1 = time.perf_counter()
-    distill_site(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115 - closed at exit
-    t_distill = time.perf_counter() - t1 - t_load  # distill_site loads the site again first
-    print(json.dumps({"records_train": n_train, "load_s": t_load, "seconds_per_paid_step": t_distill
-                      / cfg.distill.iterations, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-                      / 1024, "rss_after_imports_mb": rss0}))
+    site_distill.distill_site(cfg, console=Console(file=open(os.devnull, "w")))  # noqa: SIM115 - closed at exit
+    print(json.dumps({**timed, "distill_site_s": time.perf_counter() - t0, "paid_steps": cfg.distill.iterations,
+                      "seconds_per_paid_step": timed["run_s"] / cfg.distill.iterations,
+                      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      "rss_after_imports_mb": rss0}))
 
 
 def run_child(code: Path, config: Path) -> dict:
