@@ -66,8 +66,9 @@ SETTINGS = {
     # 10,000 of the 60,000 training images (1,000 per class) over three hospitals of 2,200-4,700 scans (alpha 0.5,
     # seed 0): a few hundred per class, where epsilon 1 leaves enough signal. Few paid DP steps of 128 expected
     # records, each reused for 20 synthetic updates; images per class shared by the site's noisy class counts and
-    # merged by evidence. Each hospital's own models: 5 epochs (150-350 SGD steps at these sizes; with so short a
-    # recipe the fine-tuned global model's head start shows); baselines 15 epochs (B1 trained its 6,000-18,000-record
+    # merged by evidence. Each hospital's own models: 10 epochs (300-700 SGD steps at these sizes: fine-tuned above
+    # local-only at every hospital, where 5 left it level at the largest; benchmarks/results/demo_site_epochs.json);
+    # baselines 15 epochs (B1 trained its 6,000-18,000-record
     # sites for 5). DP-FedAvg: the width-32 recipe tuned on the B1 split (lr 0.2, batch 256), 10 rounds. The audit:
     # the loss attack on the global model, DCR on the synthetic sets and the one-run canary audit (one pipeline per
     # site, with as many canaries as the holdout allows up to what could certify the round's epsilon: they cost the
@@ -77,7 +78,7 @@ SETTINGS = {
     "fashion-mnist": DemoSetting(
         source="fashion-mnist", max_per_class=1000, iterations=20,
         distill={"batch_size": 128, "inner_steps": 20, "lr": 3.0, "width": 32, "allocation": "evidence"},
-        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=5, baseline_epochs=15,
+        merge="evidence", train_epochs=100, train_width=DEMO_TRAIN_WIDTH, site_epochs=10, baseline_epochs=15,
         fedavg={"rounds": 10, "local_epochs": 1, "lr": 0.2, "batch_size": 256, "clip": 1.0},
         canaries="auto", attacks=("loss", "dcr", "canary")),
     "digits": DemoSetting(
