@@ -31,6 +31,13 @@ class TrainSettings:
     architecture: str = CONVNET  # or an allow-listed MONAI network (medfdd.nets.monai_nets); `width` is ConvNet-3's
 
 
+def as_tensor(a, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+    """`torch.as_tensor`, except that a read-only array (a site's memory-mapped records) is copied: torch cannot
+    share read-only memory (it warns, and a write through the tensor would be undefined)."""
+    a = np.asarray(a)
+    return torch.as_tensor(a if a.flags.writeable else np.array(a), dtype=dtype, device=device)
+
+
 def pick_device(setting: str = "auto") -> torch.device:
     if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -44,7 +51,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
     `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model). `init`: start
     from a copy of this model (fine-tuning; `settings.architecture` and `width` are then unused) instead of a fresh seeded one."""
     device = device or pick_device()
-    x = torch.as_tensor(images, dtype=torch.float32, device=device)
+    x = as_tensor(images, device=device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     model = (model_for(tuple(x.shape[1:]), num_classes, architecture=settings.architecture, width=settings.width,
@@ -78,7 +85,7 @@ def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int = 
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        xb = torch.as_tensor(images[start:start + batch_size], dtype=torch.float32, device=device)
+        xb = as_tensor(images[start:start + batch_size], device=device)
         out.append(torch.softmax(model(xb).float(), dim=1).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float32)
 

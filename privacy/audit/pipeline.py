@@ -22,7 +22,7 @@ from medfdd.config import DistillConfig
 from medfdd.distill import create_distiller
 from medfdd.distill.base import PrivacyPlan, WarmStart
 from medfdd.nets import Classifier
-from medfdd.training import TrainSettings, train_classifier
+from medfdd.training import TrainSettings, as_tensor, train_classifier
 from privacy.accounting import calibrate_noise, epsilon_for
 
 
@@ -81,7 +81,7 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
     distiller = create_distiller(
         settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
         round_=settings.round_, device=device, matching_net=settings.matching_net, start=settings.start)
-    state = distiller.run(torch.as_tensor(images, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
+    state = distiller.run(as_tensor(images), as_tensor(labels, dtype=torch.long))
     syn_x = state.result().cpu().numpy().astype(np.float32)
     syn_y = state.labels.cpu().numpy().astype(np.int64)
     model = None

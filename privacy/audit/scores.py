@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medfdd.training import as_tensor
+
 
 @torch.no_grad()
 def logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     device = next(model.parameters()).device
     model.eval()
-    out = [model(torch.as_tensor(images[i:i + batch_size], dtype=torch.float32, device=device)).float().cpu()
+    out = [model(as_tensor(images[i:i + batch_size], device=device)).float().cpu()
            for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros((0, 0))
 

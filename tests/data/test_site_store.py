@@ -73,3 +73,26 @@ def test_load_site_data_returns_the_site_file_memory_mapped(site_builder):
     again = load_site_data(cfg)  # a second load replaces the file atomically; the first map still reads its data
     np.testing.assert_array_equal(again.images, data.images)
     assert [p.name for p in site_store_path(cfg).parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_read_only_records_train_and_score_without_sharing_their_memory(tmp_path):
+    """torch cannot share a read-only map (it warns, and writes through the tensor would be undefined): the store's
+    records are copied where a tensor is made of them, in training, scoring and the audit's scores."""
+    import warnings
+
+    from medfdd.nets import convnet_for
+    from medfdd.training import TrainSettings, as_tensor, predict_proba, train_classifier
+    from privacy.audit.scores import logits
+
+    path = tmp_path / "records.npy"
+    np.save(path, np.random.default_rng(0).random((6, 1, 16, 16), dtype=np.float32))
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    net = convnet_for((1, 16, 16), 2, width=8, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = as_tensor(images)
+        train_classifier(images, np.array([0, 1] * 3), 2, TrainSettings(epochs=1, width=8), seed=0)
+        predict_proba(net, images)
+        logits(net, images)
+    t += 1  # a copy: the file's map is untouched
+    np.testing.assert_array_equal(np.load(path, allow_pickle=False), images)
