@@ -116,10 +116,11 @@ def export_bundle(model: Classifier, out: Path, data: DataConfig, *, run_name: s
     buf = io.BytesIO()
     torch.save(_weights(model), buf)
     atomic_write_bytes(out / WEIGHTS, buf.getvalue())
+    meta = metadata(model, data, run_name=run_name, accuracy=accuracy)
     atomic_write_json(out / INFERENCE, inference_config(model, data))
-    atomic_write_json(out / METADATA, metadata(model, data, run_name=run_name, accuracy=accuracy))
-    atomic_write_bytes(out / "docs" / "README.md", README.format(run=run_name, task=metadata(
-        model, data, run_name=run_name, accuracy=accuracy)["task"], classes=", ".join(data.classes)).encode())
+    atomic_write_json(out / METADATA, meta)
+    atomic_write_bytes(out / "docs" / "README.md",
+                       README.format(run=run_name, task=meta["task"], classes=", ".join(data.classes)).encode())
     return out
 
 
