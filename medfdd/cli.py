@@ -1,4 +1,5 @@
-"""The `medfdd` command line: prepare, site {check,distill,budget,evaluate}, coordinator run, audit, demo.
+"""The `medfdd` command line: prepare, site {init,check,distill,budget,evaluate}, coordinator {run,agreement}, config
+schema, audit, demo.
 
 Habits: `--version`; `-q/-v`; `--json` (the result alone on stdout, messages on stderr) where a script wants the
 result; exit codes from `medfdd.exit_codes` (docs/troubleshooting.md); Ctrl-C exits 130 with a resume hint; messages
@@ -31,6 +32,10 @@ EXAMPLES = {
     "site evaluate": "medfdd site evaluate consortium/site_configs/hospital-a.yaml "
                      "--model consortium/runs/hospital-a/global_model.safetensors",
     "coordinator run": "medfdd coordinator run consortium/site_configs/coordinator.yaml",
+    "coordinator agreement": "medfdd coordinator agreement site_configs/coordinator.yaml --out agreement.yaml",
+    "site init": "medfdd site init --agreement agreement.yaml --site-id hospital-a --data /srv/export "
+                 "--out site_configs/hospital-a.yaml",
+    "config schema": "medfdd config schema site --out site_configs/medfdd-site.schema.json",
 }
 
 
@@ -90,6 +95,35 @@ def _parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="commands a hospital site operator runs").add_subparsers(
         dest="site_command", required=True, metavar="SITE_COMMAND")
+    it = site.add_parser("init", help="write this site's config and labels.csv from the consortium agreement and a "
+                         "folder-per-class export", formatter_class=fmt, parents=[common],
+                         epilog="example:\n  " + EXAMPLES["site init"],
+                         description="Walk DATA/<class>/... (one folder per agreed class), write DATA/labels.csv "
+                                     "(path,label,patient_id; the patient id from the DICOM PatientID, else the folder "
+                                     "below the class folder) and a site config holding the agreed classes, sizes, "
+                                     "intensity, rounds and this site's budget, every other key at its default, plus "
+                                     "the config's JSON Schema beside it. Refuses before writing anything: a folder "
+                                     "that is no agreed class, an agreed class without scans, a file that is no scan, "
+                                     "a site id not in the agreement, an existing config or labels.csv.")
+    it.add_argument("--agreement", type=Path, required=True, help="the agreement file the coordinator published")
+    it.add_argument("--site-id", required=True, help="this site's id in the agreement")
+    it.add_argument("--data", type=Path, required=True, help="the export: one sub-folder per class, named as the class")
+    it.add_argument("--out", type=Path, required=True, help="site config to write (e.g. site_configs/SITE.yaml)")
+    it.add_argument("--output", type=Path, default=None,
+                    help="the site's artifact folder (ledger, noise key, synthetic sets; default runs/SITE_ID here)")
+    it.add_argument("--format", choices=["auto", "dicom", "nifti", "png"], default="auto", dest="fmt",
+                    help="scan format (auto: by suffix or DICOM magic, per file); written as data.format")
+    it.add_argument("--patient-id", choices=["auto", "folder", "none"], default="auto",
+                    help="auto: DICOM PatientID, else the folder below the class folder; folder: that folder only; "
+                         "none: no patient ids")
+    it.add_argument("--skip-unknown", action="store_true", help="skip (and list) files that are no scan instead of "
+                    "refusing the export")
+    it.add_argument("--allow-missing-classes", action="store_true",
+                    help="accept agreed classes this site has no scans of (listed)")
+    it.add_argument("--force", action="store_true", help="replace an existing config and labels.csv")
+    _json_flag(it)
+    it.set_defaults(handler=_site_init)
+
     ck = site.add_parser("check", help="load and validate every scan; write quarantine.json",
                          formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["site check"],
                          description="Load every manifest row through MONAI, preprocess it, report per-class and "
@@ -154,11 +188,32 @@ def _parser() -> argparse.ArgumentParser:
                     help="NON-PRIVATE run of every site for baselines and positive controls (epsilon = inf)")
     _json_flag(cr)
     cr.set_defaults(handler=_coordinator_run, output_of=_coordinator_output)
+    ag = coord.add_parser("agreement", help="publish what every site must agree to (for `medfdd site init`)",
+                          formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["coordinator agreement"],
+                          description="Write the consortium agreement derived from the coordinator config: classes in "
+                                      "order, spatial size, channels, the intensity scaling of the test split, "
+                                      "orientation and spacing, ipc, rounds and every site's budget (the `consortium` "
+                                      "block, or the listed site configs). Send it to every site.")
+    ag.add_argument("config", type=Path, help="coordinator config YAML")
+    ag.add_argument("--out", type=Path, required=True, help="agreement file to write (replaced atomically)")
+    ag.set_defaults(handler=_coordinator_agreement)
     flower_cli.add_coordinator_parsers(coord)
     for name in ("superlink", "register", "flower-run"):
         coord.choices[name].set_defaults(handler=_flower_coordinator)
     flower_cli.add_federation_parser(sub)
     sub.choices["federation"].set_defaults(handler=_flower_federation)
+
+    conf = sub.add_parser("config", help="config tools: JSON Schemas for editors").add_subparsers(
+        dest="config_command", required=True, metavar="CONFIG_COMMAND")
+    sc = conf.add_parser("schema", help="print or write the JSON Schema of a config file",
+                         formatter_class=fmt, parents=[common], epilog="example:\n  " + EXAMPLES["config schema"],
+                         description="The JSON Schema (draft 2020-12) of a site config, coordinator config or "
+                                     "consortium agreement, from the same models that validate them. Editors with "
+                                     "yaml-language-server validate and complete a config whose first line is "
+                                     "`# yaml-language-server: $schema=PATH`.")
+    sc.add_argument("kind", choices=["site", "coordinator", "agreement"])
+    sc.add_argument("--out", type=Path, help="file to write (default: stdout)")
+    sc.set_defaults(handler=_config_schema)
 
     from privacy.cli import add_audit_parser
 
@@ -210,6 +265,41 @@ def _site_config(args):
 
         args.site_config = load_site_config(args.config)
     return args.site_config
+
+
+def _site_init(args, out: Console, err: Console) -> None:
+    from medfdd.config import load_agreement
+    from medfdd.site.init import init_site
+
+    result = init_site(load_agreement(args.agreement), agreement_path=args.agreement, site_id=args.site_id,
+                       data=args.data, out=args.out, output=args.output, fmt=args.fmt, patient_id=args.patient_id,
+                       skip_unknown=args.skip_unknown, allow_missing_classes=args.allow_missing_classes,
+                       force=args.force, console=out)
+    _emit(args, dataclasses.asdict(result))
+
+
+def _coordinator_agreement(args, out: Console, err: Console) -> None:
+    from medfdd.federation.consortium import agreement_of, agreement_text
+    from medfdd.io import atomic_write_text
+
+    agreement = agreement_of(_coordinator_config(args))
+    atomic_write_text(args.out, agreement_text(agreement, args.config.name))
+    out.print(f"wrote {args.out}: {len(agreement.classes)} classes, {len(agreement.sites)} sites "
+              f"({', '.join(agreement.sites)}), {agreement.rounds} round(s); send it to every site "
+              "(`medfdd site init --agreement ...`)", highlight=False)
+
+
+def _config_schema(args, out: Console, err: Console) -> None:
+    from medfdd.config import json_schema
+
+    text = json.dumps(json_schema(args.kind), indent=2) + "\n"
+    if args.out is None:
+        sys.stdout.write(text)
+        return
+    from medfdd.io import atomic_write_text
+
+    atomic_write_text(args.out, text)
+    out.print(f"wrote {args.out}", highlight=False)
 
 
 def _site_check(args, out: Console, err: Console) -> None:
@@ -334,7 +424,8 @@ def _write_log(log: Console, folder: Path, name: str, started: datetime, err: Co
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)  # a usage error exits with exit_codes.USAGE (argparse's 2)
     command = " ".join(x for x in (args.command, getattr(args, "site_command", None),
-                                   getattr(args, "coordinator_command", None)) if x)
+                                   getattr(args, "coordinator_command", None), getattr(args, "config_command", None))
+                       if x)
     log = Console(file=io.StringIO(), width=WIDE, soft_wrap=True, color_system=None, force_terminal=False,
                   force_jupyter=False, force_interactive=False)
     as_json = getattr(args, "json", False)

@@ -391,6 +391,39 @@ class ConsortiumConfig(_Strict):
         return v
 
 
+AGREEMENT_VERSION = 1
+
+
+class Agreement(_Strict):
+    """What every site of a consortium agrees to, published by the coordinator (`medfdd coordinator agreement`) from
+    its config and read by `medfdd site init`: the data layout the offers are validated against, the intensity scaling
+    the coordinator's test split uses, the rounds, and each site's declared budget."""
+
+    medfdd_agreement: Literal[1] = Field(AGREEMENT_VERSION, description="format version of this file")
+    classes: list[str] = Field(min_length=2, description="class names in index order (`data.classes`)")
+    spatial_size: list[int] = Field(min_length=2, max_length=3, description="[H, W] or [D, H, W] (`data.spatial_size`)")
+    channels: Literal[1, 3] = Field(1, description="image channels (`data.channels`)")
+    intensity: Intensity = Field(default_factory=MinMax, description="intensity scaling every site and the "
+                                 "coordinator's test split use (`data.intensity`)")
+    orientation: str = Field("RAS", description="axis codes every volume is reoriented to (`data.orientation`)")
+    spacing: list[float] | None = Field(None, min_length=3, max_length=3, description="voxel size in mm 3D volumes "
+                                        "are resampled to (`data.spacing`); null: none")
+    ipc: int = Field(10, ge=1, le=1000, description="synthetic images per class one site offers (`distill.ipc`)")
+    rounds: int = Field(DEFAULT_ROUNDS, ge=1, description="federated rounds the sites plan their budget over "
+                        "(`privacy.rounds`)")
+    finetune_rounds: int = Field(0, ge=0, description="hybrid mode: DP fine-tuning rounds after them "
+                                 "(`privacy.finetune_rounds`; 0 = off)")
+    sites: dict[str, SiteBudget] = Field(min_length=1, description="site_id -> `{dp, epsilon, delta, unit}`: each "
+                                         "site's budget (`privacy.dp`, `epsilon`, `delta`, `unit`)")
+    base_dir: Path = Field(Path("."), exclude=True)
+
+    _classes_unique = field_validator("classes")(DataConfig._unique.__func__)
+    _sizes = field_validator("spatial_size")(DataConfig._positive.__func__)
+    _axcodes = field_validator("orientation")(DataConfig._axcodes.__func__)
+    _spacing = field_validator("spacing")(DataConfig._positive_spacing.__func__)
+    _site_ids = field_validator("sites")(ConsortiumConfig._ids.__func__)
+
+
 class RedistillConfig(_Strict):
     """Server-side re-distillation of the merged union (post-processing: no privacy cost)."""
 
@@ -517,6 +550,31 @@ def load_site_config(path: Path | str) -> SiteConfig:
 def load_coordinator_config(path: Path | str) -> CoordinatorConfig:
     path = Path(path)
     return parse_config(load_yaml(path), CoordinatorConfig, str(path), path.resolve().parent)
+
+
+def load_agreement(path: Path | str) -> Agreement:
+    """A consortium agreement file (`medfdd coordinator agreement` writes it)."""
+    path = Path(path)
+    data = load_yaml(path)
+    if isinstance(data, dict) and "medfdd_agreement" not in data:
+        raise ConfigError(str(path), "not a consortium agreement (no `medfdd_agreement` key)",
+                          "pass the file the coordinator published with `medfdd coordinator agreement`")
+    return parse_config(data, Agreement, str(path), path.resolve().parent)
+
+
+SCHEMA_MODELS: dict[str, type[BaseModel]] = {"site": SiteConfig, "coordinator": CoordinatorConfig,
+                                             "agreement": Agreement}
+SCHEMA_FILE = "medfdd-{kind}.schema.json"  # the name `medfdd config schema` and `medfdd site init` give the files
+
+
+def json_schema(kind: str) -> dict[str, Any]:
+    """JSON Schema (draft 2020-12) of a config file as written: the model's validation schema without the keys the
+    loader sets, for editors (yaml-language-server) and other tools."""
+    model = SCHEMA_MODELS[kind]
+    schema = model.model_json_schema(mode="validation")
+    for key in LOADER_KEYS:
+        schema["properties"].pop(key, None)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -25,3 +25,12 @@ class NoUsableDataError(MedfddError):
 
 class SourceUnavailableError(MedfddError):
     """A `medfdd prepare` source (dataset) is not installed on this machine."""
+
+
+class ExportError(MedfddError):
+    """A folder-per-class export cannot become a manifest (`medfdd site init`): a folder that is no agreed class, an
+    agreed class without scans, a file of unknown format."""
+
+
+class OutputExistsError(MedfddError):
+    """A file a command would write already exists and is kept (rerun with `--force` to replace it)."""

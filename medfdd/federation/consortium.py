@@ -1,11 +1,25 @@
 """What an engine reads from the site configs a coordinator config lists (`sites`): the consortium spec when the
 config gives none, and the intensity scaling the sites share (the coordinator's test split must be scaled alike).
-Engines load the site configs once, here, and hand the coordinator typed configs."""
+Engines load the site configs once, here, and hand the coordinator typed configs. The agreement a coordinator
+publishes for new sites (`medfdd coordinator agreement`) is derived from the same spec."""
 
 from __future__ import annotations
 
-from medfdd.config import ConsortiumConfig, CoordinatorConfig, Intensity, SiteBudget, SiteConfig, load_site_config
-from medfdd.coordinator.run import CoordinatorError
+from typing import Any
+
+from medfdd.config import (
+    AGREEMENT_VERSION,
+    Agreement,
+    ConsortiumConfig,
+    CoordinatorConfig,
+    DataConfig,
+    Intensity,
+    SiteBudget,
+    SiteConfig,
+    dump_config,
+    load_site_config,
+)
+from medfdd.coordinator.run import CoordinatorError, scan_intensity
 
 
 def consortium_of(cfg: CoordinatorConfig) -> tuple[ConsortiumConfig, dict[str, SiteConfig]]:
@@ -39,3 +53,32 @@ def shared_intensity(cfg: CoordinatorConfig, sites: dict[str, SiteConfig]) -> In
                                f"({', '.join(sorted(used))}), so the test split's scaling is ambiguous",
                                "set `test.intensity` in the coordinator config (and agree one setting across sites)")
     return next(iter(used.values()), None)
+
+
+def _shared(cfg: CoordinatorConfig, sites: dict[str, SiteConfig], key: str) -> Any:
+    """The value of `data.<key>` every listed site uses (the DataConfig default when none is listed)."""
+    used = {repr(getattr(s.data, key)): getattr(s.data, key) for s in sites.values()}
+    if len(used) > 1:
+        raise CoordinatorError(f"{cfg.base_dir}: sites", f"the listed sites set data.{key} differently "
+                               f"({', '.join(sorted(used))}), so the agreement's value is ambiguous",
+                               f"agree one data.{key} across the site configs")
+    return next(iter(used.values()), DataConfig.model_fields[key].get_default(call_default_factory=True))
+
+
+def agreement_of(cfg: CoordinatorConfig) -> Agreement:
+    """What every site must agree to, from the coordinator config alone: the consortium spec (given, or derived from
+    the listed sites), the rounds, and the intensity scaling the coordinator's test split uses (`test.intensity`, else
+    the one the listed sites share, else minmax); orientation and spacing as the listed sites set them."""
+    spec, sites = consortium_of(cfg)
+    shared = shared_intensity(cfg, sites) if cfg.test is not None else _shared(cfg, sites, "intensity")
+    return Agreement(medfdd_agreement=AGREEMENT_VERSION, classes=spec.classes, spatial_size=spec.spatial_size,
+                     channels=spec.channels, intensity=scan_intensity(cfg, shared),
+                     orientation=_shared(cfg, sites, "orientation"), spacing=_shared(cfg, sites, "spacing"),
+                     ipc=spec.ipc, rounds=cfg.rounds, finetune_rounds=cfg.finetune.rounds, sites=spec.sites)
+
+
+def agreement_text(agreement: Agreement, source: str) -> str:
+    """The agreement file: a header naming where it came from, then the keys (version first)."""
+    return (f"# Consortium agreement, published by `medfdd coordinator agreement` from {source}.\n"
+            "# Each site builds its config from it: medfdd site init --agreement THIS_FILE --site-id ID --data EXPORT\n"
+            + dump_config(agreement))
