@@ -290,9 +290,9 @@ def _coordinator_agreement(args, out: Console, err: Console) -> None:
 
 
 def _config_schema(args, out: Console, err: Console) -> None:
-    from medfdd.config import json_schema
+    from medfdd.config_reference import schema_text
 
-    text = json.dumps(json_schema(args.kind), indent=2) + "\n"
+    text = schema_text(args.kind)
     if args.out is None:
         sys.stdout.write(text)
         return

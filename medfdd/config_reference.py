@@ -1,8 +1,9 @@
-"""The config reference tables of docs/configuration.md, generated from the pydantic models (`make docs` rewrites
-them; a test fails when docs/configuration.md and the models disagree)."""
+"""The config reference tables of docs/configuration.md and the JSON Schemas under docs/schemas/, generated from the
+pydantic models (`make docs` rewrites them; a test fails when either disagrees with the models)."""
 
 from __future__ import annotations
 
+import json
 import re
 import types
 import typing
@@ -11,11 +12,12 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from medfdd.config import CoordinatorConfig, SiteConfig
+from medfdd.config import SCHEMA_FILE, SCHEMA_MODELS, Agreement, CoordinatorConfig, SiteConfig, json_schema
 from medfdd.io import atomic_write_text
 
-TABLES = {"site": SiteConfig, "coordinator": CoordinatorConfig}
+TABLES = {"site": SiteConfig, "coordinator": CoordinatorConfig, "agreement": Agreement}
 DOC = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+SCHEMAS = DOC.parent / "schemas"  # one JSON Schema per config kind, for editors (site_configs/*.yaml point here)
 LEAVES = {"intensity"}  # unions documented in their description
 
 
@@ -78,8 +80,19 @@ def render(readme: str) -> str:
     return readme
 
 
+def schema_text(kind: str) -> str:
+    """The committed schema file of a config kind: `medfdd config schema KIND` prints the same."""
+    return json.dumps(json_schema(kind), indent=2) + "\n"
+
+
+def schema_path(kind: str) -> Path:
+    return SCHEMAS / SCHEMA_FILE.format(kind=kind)
+
+
 def main() -> None:
     atomic_write_text(DOC, render(DOC.read_text()))
+    for kind in SCHEMA_MODELS:
+        atomic_write_text(schema_path(kind), schema_text(kind))
 
 
 if __name__ == "__main__":
