@@ -49,6 +49,6 @@ bench-loading: install
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# docs/configuration.md from the config models (a test fails when it is stale)
+# docs/configuration.md and docs/schemas/ from the config models (a test fails when either is stale)
 docs: install
 	$(BIN)/python -m medfdd.config_reference

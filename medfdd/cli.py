@@ -290,7 +290,7 @@ def _coordinator_agreement(args, out: Console, err: Console) -> None:
 
 
 def _config_schema(args, out: Console, err: Console) -> None:
-    from medfdd.config_reference import schema_text
+    from medfdd.config import schema_text
 
     text = schema_text(args.kind)
     if args.out is None:

@@ -6,6 +6,7 @@ Relative paths in a config file are resolved against the directory holding that 
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
@@ -575,6 +576,11 @@ def json_schema(kind: str) -> dict[str, Any]:
     for key in LOADER_KEYS:
         schema["properties"].pop(key, None)
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def schema_text(kind: str) -> str:
+    """The schema file of a config kind (`medfdd config schema KIND`; docs/schemas/ holds each)."""
+    return json.dumps(json_schema(kind), indent=2) + "\n"
 
 
 def dump_config(cfg: BaseModel) -> str:

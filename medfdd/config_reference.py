@@ -3,7 +3,6 @@ pydantic models (`make docs` rewrites them; a test fails when either disagrees w
 
 from __future__ import annotations
 
-import json
 import re
 import types
 import typing
@@ -12,7 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from medfdd.config import SCHEMA_FILE, SCHEMA_MODELS, Agreement, CoordinatorConfig, SiteConfig, json_schema
+from medfdd.config import SCHEMA_FILE, SCHEMA_MODELS, Agreement, CoordinatorConfig, SiteConfig, schema_text
 from medfdd.io import atomic_write_text
 
 TABLES = {"site": SiteConfig, "coordinator": CoordinatorConfig, "agreement": Agreement}
@@ -78,11 +77,6 @@ def render(readme: str) -> str:
         generated = table(model)
         readme = _block(name).sub(lambda m, t=generated: m.group(1) + t + m.group(3), readme)
     return readme
-
-
-def schema_text(kind: str) -> str:
-    """The committed schema file of a config kind: `medfdd config schema KIND` prints the same."""
-    return json.dumps(json_schema(kind), indent=2) + "\n"
 
 
 def schema_path(kind: str) -> Path:

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from medfdd.cli import main
-from medfdd.config import SCHEMA_MODELS, SiteConfig, json_schema, parse_config
-from medfdd.config_reference import schema_path, schema_text
+from medfdd.config import SCHEMA_MODELS, SiteConfig, json_schema, parse_config, schema_text
+from medfdd.config_reference import schema_path
 from medfdd.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

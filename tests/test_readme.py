@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from medfdd.cli import _parser
-from medfdd.config import CoordinatorConfig, SiteConfig, parse_config
+from medfdd.config import Agreement, CoordinatorConfig, SiteConfig, parse_config
 from medfdd.config_reference import DOC as CONFIG_DOC
 from medfdd.config_reference import render
 from privacy.audit.spec import AuditSpec
@@ -70,9 +70,10 @@ def test_config_reference_tables_are_generated_from_the_models():
 
 
 def test_the_docs_have_commands_for_every_user():
-    subcommands = {" ".join(a[1:3]) if a[1] in {"site", "coordinator", "federation"} else a[1] for _, a in MEDFDD}
-    for expected in ["prepare", "site check", "site distill", "site budget", "site evaluate",
-                     "site join", "coordinator run", "coordinator superlink", "coordinator register",
+    subcommands = {" ".join(a[1:3]) if a[1] in {"site", "coordinator", "federation", "config"} else a[1]
+                   for _, a in MEDFDD}
+    for expected in ["prepare", "site init", "site check", "site distill", "site budget", "site evaluate",
+                     "site join", "coordinator agreement", "config schema", "coordinator run", "coordinator superlink", "coordinator register",
                      "coordinator flower-run", "federation certs", "federation keys", "audit"]:
         assert expected in subcommands, expected
 
@@ -128,7 +129,9 @@ def test_every_benchmark_command_names_a_script_and_its_flags(doc, argv):
 def test_yaml_examples_are_valid_configs(doc, block):
     data = yaml.safe_load(block)
     assert isinstance(data, dict), f"{_name(doc)}: a YAML block that is no mapping: {block!r}"
-    if "site_id" in data:
+    if "medfdd_agreement" in data:
+        parse_config(data, Agreement, f"{_name(doc)} agreement example", ROOT)
+    elif "site_id" in data:
         parse_config(data, SiteConfig, f"{_name(doc)} site example", ROOT)
     elif "output" in data:
         parse_config(data, CoordinatorConfig, f"{_name(doc)} coordinator example", ROOT)
@@ -144,9 +147,9 @@ def test_yaml_examples_are_valid_configs(doc, block):
 
 
 def test_there_are_yaml_examples_of_every_kind():
-    kinds = {"site" if "site_id" in d else "coordinator" if "output" in d else "other"
-             for d in (yaml.safe_load(b) for _, b in YAML)}
-    assert kinds == {"site", "coordinator", "other"}
+    kinds = {"agreement" if "medfdd_agreement" in d else "site" if "site_id" in d else "coordinator" if "output" in d
+             else "other" for d in (yaml.safe_load(b) for _, b in YAML)}
+    assert kinds == {"agreement", "site", "coordinator", "other"}
 
 
 def test_csv_examples_are_manifests():

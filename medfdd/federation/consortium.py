@@ -80,5 +80,6 @@ def agreement_of(cfg: CoordinatorConfig) -> Agreement:
 def agreement_text(agreement: Agreement, source: str) -> str:
     """The agreement file: a header naming where it came from, then the keys (version first)."""
     return (f"# Consortium agreement, published by `medfdd coordinator agreement` from {source}.\n"
-            "# Each site builds its config from it: medfdd site init --agreement THIS_FILE --site-id ID --data EXPORT\n"
+            "# Each site builds its config from it: medfdd site init --agreement THIS_FILE --site-id ID --data EXPORT "
+            "--out site_configs/ID.yaml\n"
             + dump_config(agreement))

@@ -1,6 +1,8 @@
 """What a hospital site runs (`medfdd site ...`), one module per step, over the site-data library (`medfdd.data`)
 and the algorithms (`medfdd.distill`, `medfdd.finetune`):
 
+- `init`: the site config and labels.csv from the consortium agreement and a folder-per-class export
+  (`site init`).
 - `check`: load every scan through MONAI, quarantine what cannot be used, report (`site check`).
 - `distill`: the runner of one private distillation round: plan the noise, charge the ledger write-ahead, distill
   with resumable checkpoints, write the allow-listed artifact (`site distill`).

@@ -35,14 +35,14 @@ from medfdd.config import (
     Agreement,
     SiteConfig,
     dump_config,
-    json_schema,
     load_site_config,
     parse_config,
+    schema_text,
 )
 from medfdd.data.load import detect_format
 from medfdd.data.quarantine import RecordRejected
 from medfdd.errors import ConfigError, ExportError, OutputExistsError
-from medfdd.io import atomic_write_json, atomic_write_text
+from medfdd.io import atomic_write_text
 
 MANIFEST = "labels.csv"
 FORMATS = ("auto", "dicom", "nifti", "png")
@@ -279,7 +279,7 @@ def init_site(agreement: Agreement, *, agreement_path: Path, site_id: str, data:
     w.writerow(["path", "label", "patient_id"])
     w.writerows((s.path, s.label, s.patient_id) for s in scans)
     atomic_write_text(manifest, text.getvalue())
-    schema = atomic_write_json(out.parent / SCHEMA_FILE.format(kind="site"), json_schema("site"))
+    schema = atomic_write_text(out.parent / SCHEMA_FILE.format(kind="site"), schema_text("site"))
     atomic_write_text(out, _header(site_id, agreement_path) + dump_config(cfg))
     written = load_site_config(out)  # what `site check` will read
     budget = agreement.sites[site_id]

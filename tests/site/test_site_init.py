@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 import yaml
 
 from medfdd import exit_codes
@@ -21,13 +20,14 @@ CLASSES = ["normal", "pneumonia"]
 WINDOW = {"mode": "ct_window", "center": -600.0, "width": 1500.0}
 
 
-def _coordinator(folder: Path, *, spatial_size=(16, 16), rounds: int = 2) -> Path:
+def _coordinator(folder: Path, *, spatial_size=(16, 16), rounds: int = 2, finetune_rounds: int = 0) -> Path:
     """A Flower-style coordinator config: the consortium block is the single source of truth."""
     cfg = {
         "consortium": {"classes": CLASSES, "spatial_size": list(spatial_size), "channels": 1, "ipc": 4,
                        "sites": {"hospital-a": {"dp": True, "epsilon": 2.0, "delta": 1e-6},
                                  "hospital-b": {"epsilon": 1.0, "delta": 1e-5, "unit": "patient"}}},
         "rounds": rounds,
+        "finetune": {"rounds": finetune_rounds},
         "test": {"root": "../test", "intensity": WINDOW},
         "output": "../runs/coordinator",
     }
@@ -167,6 +167,20 @@ def test_patient_ids_by_folder_only_or_none(tmp_path, capsys):
     assert rows["normal/P001/img1.dcm"] == ("normal", "P001") and rows["pneumonia/scan1.dcm"] == ("pneumonia", "")
     assert main([*_init(tmp_path, agreement, export), "--patient-id", "none", "--force"]) == 0
     assert _rows(export / "labels.csv") == {p: (label, "") for p, (label, _) in expected.items()}
+
+
+def test_a_hybrid_consortium_and_a_patient_level_budget_reach_the_site_config(tmp_path, capsys):
+    agreement = _agreement(tmp_path, finetune_rounds=3)
+    assert load_agreement(agreement).finetune_rounds == 3
+    export = tmp_path / "export"
+    _export(export)
+    capsys.readouterr()
+    assert main(_init(tmp_path, agreement, export, site="hospital-b")) == 0
+    assert "1 scan(s) have no patient id" in " ".join(capsys.readouterr().out.split())  # quarantined under `patient`
+    cfg = load_site_config(tmp_path / "site_configs" / "hospital-b.yaml")
+    assert (cfg.privacy.epsilon, cfg.privacy.delta, cfg.privacy.unit) == (1.0, 1e-5, "patient")
+    assert cfg.privacy.finetune_rounds == 3 and 0 < cfg.privacy.finetune_share < 1  # the share: the site's default
+    assert cfg.privacy.rounds * cfg.distill.iterations >= 100  # about the recommended 100 paid steps over the rounds
 
 
 def test_a_3d_export_lists_each_series_folder_once(tmp_path, capsys):
