@@ -166,7 +166,7 @@ def scan_export(root: Path, agreement: Agreement, *, fmt: str = "auto", patient_
                     skip("/".join((*rel_here, d)), "symlinked folder (not followed)")
             dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (here_p / d).is_symlink())
             slices: list[tuple[str, pydicom.Dataset | None]] = []
-            others: list[str] = []
+            others: list[str] = []  # what else the folder holds (hidden files aside): never part of a series
             for name in sorted(files):
                 rel = "/".join((*rel_here, name))
                 if name.startswith("."):
@@ -174,10 +174,12 @@ def scan_export(root: Path, agreement: Agreement, *, fmt: str = "auto", patient_
                     continue
                 if name.upper() in SKIPPED_NAMES:
                     skip(rel, "DICOM media index (no image)")
+                    others.append(name)
                     continue
                 kind = _file_format(here_p / name, fmt)
                 if kind is None:
                     unknown.append(rel)
+                    others.append(name)
                     continue
                 ds = _dicom_header(here_p / name) if kind == "dicom" else None
                 if volumes and kind == "dicom" and _frames(ds) == 1:

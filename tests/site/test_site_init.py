@@ -203,10 +203,15 @@ def test_a_3d_export_lists_each_series_folder_once(tmp_path, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["n_used"] == 9, report["by_reason"]
 
-    write_png(export / "normal" / "P0" / "series1" / "note.png", rng.integers(0, 255, (16, 16), dtype=np.uint8))
-    capsys.readouterr()
-    assert main([*_init(tmp_path, agreement, export), "--force"]) == exit_codes.RUNTIME_ERROR
-    assert "series1" in capsys.readouterr().err
+    for extra in ("note.png", "notes.txt"):  # a scan or an unknown file beside the slices: refused, even skipped
+        if extra.endswith(".png"):
+            write_png(export / "normal" / "P0" / "series1" / extra, rng.integers(0, 255, (16, 16), dtype=np.uint8))
+        else:
+            (export / "normal" / "P0" / "series1" / extra).write_text("text")
+        capsys.readouterr()
+        assert main([*_init(tmp_path, agreement, export), "--force", "--skip-unknown"]) == exit_codes.RUNTIME_ERROR
+        assert f"next to ['{extra}']" in " ".join(capsys.readouterr().err.split())
+        (export / "normal" / "P0" / "series1" / extra).unlink()
 
 
 # ------------------------------------------------------------------------------------------------------- refusals
