@@ -199,7 +199,7 @@ def scan_export(root: Path, agreement: Agreement, *, fmt: str = "auto", patient_
                 scans.append(Scan("/".join(rel_here), label, pid, "dicom", source))
 
     if unknown and not skip_unknown:
-        what = "no PNG, NIfTI or DICOM file" if fmt == "auto" else f"not {fmt} files"
+        what = "neither PNG, NIfTI nor DICOM" if fmt == "auto" else f"not {fmt} files"
         raise ExportError(f"--data {root}", f"{len(unknown)} file(s) are {what} or lie outside every class folder: "
                           f"{_listing(unknown)}", "move them out of the export, or pass --skip-unknown to skip them "
                           "(each is listed)" + ("" if fmt == "auto" else ", or use --format auto"))
@@ -241,7 +241,8 @@ def site_config_data(agreement: Agreement, site_id: str, *, data_root: str, outp
 def _header(site_id: str, agreement_path: Path) -> str:
     return (f"# yaml-language-server: $schema={SCHEMA_FILE.format(kind='site')}\n"
             f"# Site config of {site_id}, written by `medfdd site init` from {agreement_path.name}.\n"
-            f"# Agreed with the consortium (keep as written): {', '.join(AGREED_KEYS)}.\n"
+            f"# Agreed with the consortium (keep as written): {', '.join(AGREED_KEYS[:6])},\n"
+            f"#   {', '.join(AGREED_KEYS[6:])}.\n"
             "# Every other key is this site's choice, shown at its default (docs/configuration.md).\n")
 
 
