@@ -33,6 +33,7 @@ SITE = "hospital-a"
 
 # medfdd commands that need a consortium, a SuperLink or the network: the test that runs each one for real
 RUN_BY = {
+    ("coordinator", "agreement"): "tests/site/test_site_init.py",
     ("coordinator", "run"): "tests/integration/test_inprocess_run.py",
     ("coordinator", "superlink"): "tests/integration/test_flower_deployment.py",
     ("coordinator", "register"): "tests/integration/test_flower_deployment.py",
