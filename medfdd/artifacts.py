@@ -124,12 +124,40 @@ def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: li
     return atomic_write_bytes(Path(path), preview_png(images, labels, classes, title))
 
 
-def save_volumes_nifti(path: Path, images: np.ndarray) -> Path:
-    """3D synthetic sets as one 4D NIfTI (x, y, z, N) of the first channel, for viewing in a medical viewer."""
+AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
+
+
+def volume_affine(shape: tuple[int, int, int], orientation: str = "RAS",
+                  voxel_size: list[float] | None = None) -> np.ndarray:
+    """The voxel-to-RAS+ affine (NIfTI-1 sform) of a preprocessed volume stored as (x, y, z) = its `orientation`
+    axes (`data.orientation`, the axes MONAI `Orientation` gave it): each column the axis' direction in RAS+ times
+    its voxel size (`voxel_size`, else a nominal 1 mm), the volume's centre at the origin (a synthetic volume belongs
+    to no scanner position)."""
+    direction = np.zeros((3, 3))
+    for axis, code in enumerate(orientation.upper()):
+        row, sign = AXIS_CODES[code]
+        direction[row, axis] = sign
+    affine = np.eye(4)
+    affine[:3, :3] = direction @ np.diag(voxel_size or [1.0, 1.0, 1.0])
+    affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
+    return affine
+
+
+def save_volumes_nifti(path: Path, images: np.ndarray, *, orientation: str = "RAS",
+                       voxel_size: list[float] | None = None) -> Path:
+    """3D synthetic sets as one 4D NIfTI-1 (x, y, z, N) of the first channel, for viewing in a medical viewer: the
+    site's orientation and, when fixed (`DataConfig.voxel_size`), its voxel size in mm as sform and qform (code 2,
+    aligned); otherwise 1 mm, which the header's description calls nominal."""
     import nibabel as nib
 
-    vols = images[:, 0].transpose(3, 2, 1, 0)  # [N, D, H, W] -> (x, y, z, N)
-    img = nib.Nifti1Image(np.ascontiguousarray(vols.astype(np.float32)), np.eye(4))
+    vols = images[:, 0].transpose(3, 2, 1, 0)  # [N, D, H, W] -> (x, y, z, N): row-major back to the orientation axes
+    affine = volume_affine(vols.shape[:3], orientation, voxel_size)
+    img = nib.Nifti1Image(np.ascontiguousarray(vols.astype(np.float32)), affine)
+    img.set_sform(affine, code=2)
+    img.set_qform(affine, code=2)
+    img.header.set_xyzt_units("mm")
+    img.header["descrip"] = (b"medfdd synthetic volumes" if voxel_size else
+                             b"medfdd synthetic volumes; voxel size nominal (resized scans)")
     return atomic_write_bytes(Path(path), gzip.compress(img.to_bytes(), mtime=0))
 
 

@@ -85,6 +85,10 @@ class DataConfig(_Strict):
     spacing: list[float] | None = Field(
         None, min_length=3, max_length=3, description="voxel size in mm along the `orientation` axes to resample "
         "reoriented 3D volumes to (MONAI `Spacing`) before resizing; null: no resampling")
+    fit: Literal["resize", "crop_or_pad"] = Field(
+        "resize", description="how a scan reaches spatial_size: `resize` (interpolated; the voxel size then differs "
+        "from scan to scan) | `crop_or_pad` (centre crop or zero pad, MONAI `ResizeWithPadOrCrop`: with data.spacing "
+        "every voxel is exactly that size, and the synthetic NIfTI says so)")
 
     @field_validator("orientation")
     @classmethod
@@ -107,6 +111,12 @@ class DataConfig(_Strict):
         if self.spacing is not None and len(self.spatial_size) != 3:
             raise ValueError("data.spacing resamples 3D volumes: set it only with a 3-entry spatial_size [D, H, W]")
         return self
+
+    @property
+    def voxel_size(self) -> list[float] | None:
+        """Every preprocessed voxel's size in mm along the `orientation` axes when it is fixed (`spacing` with
+        `fit: crop_or_pad`); None when resizing makes it differ from scan to scan."""
+        return list(self.spacing) if self.spacing is not None and self.fit == "crop_or_pad" else None
 
     @field_validator("spatial_size")
     @classmethod

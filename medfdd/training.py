@@ -17,7 +17,7 @@ from sklearn.metrics import balanced_accuracy_score, confusion_matrix, roc_auc_s
 from torch import nn
 
 from medfdd.augment import FAMILIES, augment
-from medfdd.nets import CONVNET, model_for
+from medfdd.nets import CONVNET, model_chunk, model_for
 
 
 @dataclass(frozen=True)
@@ -60,18 +60,26 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[settings.epochs // 2], gamma=0.1)
     g = torch.Generator().manual_seed(seed)
     families = FAMILIES + (("flip",) if settings.flip else ())
+    micro = model_chunk(model, tuple(x.shape[1:]), backward=True, cap=settings.batch_size)
     model.train()
     for epoch in range(settings.epochs):
         order = torch.randperm(len(x), generator=g).to(device)
         for start in range(0, len(x), settings.batch_size):
             idx = order[start:start + settings.batch_size]
             xb = augment(x[idx], g, families) if settings.augment else x[idx]
-            if w is None:
-                loss = F.cross_entropy(model(xb), y[idx])
-            else:
-                loss = (w[idx] * F.cross_entropy(model(xb), y[idx], reduction="none")).sum() / w[idx].sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx) <= micro:
+                if w is None:
+                    loss = F.cross_entropy(model(xb), y[idx])
+                else:
+                    loss = (w[idx] * F.cross_entropy(model(xb), y[idx], reduction="none")).sum() / w[idx].sum()
+                loss.backward()
+            else:  # volumes: the batch's gradient accumulated a micro-batch at a time (memory of one micro-batch)
+                wb = torch.ones(len(idx), device=device) if w is None else w[idx]
+                for s in range(0, len(idx), micro):
+                    part = slice(s, s + micro)
+                    (wb[part] * F.cross_entropy(model(xb[part]), y[idx][part], reduction="none")).sum().div(
+                        wb.sum()).backward()
             opt.step()
         sched.step()
         if on_epoch is not None:
@@ -80,8 +88,11 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
 
 
 @torch.no_grad()
-def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def predict_proba(model: torch.nn.Module, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+    """Class probabilities, `batch_size` images at a time (default: as many as fit `nets.records_per_chunk`, at
+    most 1,024)."""
     device = next(model.parameters()).device
+    batch_size = batch_size or model_chunk(model, tuple(images.shape[1:]), cap=1024)
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):

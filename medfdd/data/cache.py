@@ -34,7 +34,8 @@ PREPROCESS_VERSION = 1  # bump when the loading/preprocessing code changes what 
 def settings_fingerprint(cfg: DataConfig) -> str:
     settings = {"v": PREPROCESS_VERSION, "format": cfg.format, "spatial_size": list(cfg.spatial_size),
                 "channels": cfg.channels, "intensity": cfg.intensity.model_dump(mode="json"),
-                "orientation": cfg.orientation, "spacing": cfg.spacing}
+                "orientation": cfg.orientation, "spacing": cfg.spacing,
+                **({"fit": cfg.fit} if cfg.fit != "resize" else {})}  # the default's keys as they were: caches kept
     return hashlib.blake2b(json.dumps(settings, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

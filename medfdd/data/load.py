@@ -404,13 +404,16 @@ def intensity_transform(intensity: MinMax | Percentile | CTWindow):
 
 
 def preprocess_transform(cfg: DataConfig):
-    """MONAI Compose of dict transforms: intensity -> resize (anti-aliased) -> float32."""
-    from monai.transforms import Compose, EnsureTyped, Resized
+    """MONAI Compose of dict transforms: intensity -> resize (anti-aliased) or centre crop / zero pad
+    (`data.fit`) -> float32."""
+    from monai.transforms import Compose, EnsureTyped, Resized, ResizeWithPadOrCropd
 
     mode = "bilinear" if len(cfg.spatial_size) == 2 else "trilinear"
+    fit = (ResizeWithPadOrCropd("image", spatial_size=tuple(cfg.spatial_size)) if cfg.fit == "crop_or_pad"
+           else Resized("image", spatial_size=tuple(cfg.spatial_size), mode=mode, anti_aliasing=True))
     return Compose([
         intensity_transform(cfg.intensity),
-        Resized("image", spatial_size=tuple(cfg.spatial_size), mode=mode, anti_aliasing=True),
+        fit,
         EnsureTyped("image", data_type="numpy", dtype=np.float32, track_meta=False),
     ])
 
@@ -439,6 +442,7 @@ def bundle_preprocessing(cfg: DataConfig) -> list[dict]:
         {"_target_": "Transposed", "indices": [0, *range(rank, 0, -1)]},
         *([{"_target_": "RepeatChanneld", "repeats": 3}] if cfg.channels == 3 else []),
         scale,
+        {"_target_": "ResizeWithPadOrCropd", "spatial_size": list(cfg.spatial_size)} if cfg.fit == "crop_or_pad" else
         {"_target_": "Resized", "spatial_size": list(cfg.spatial_size), "mode": "bilinear" if rank == 2 else "trilinear",
          "anti_aliasing": True},
         {"_target_": "EnsureTyped", "data_type": "tensor", "dtype": "$torch.float32"},

@@ -217,6 +217,10 @@ class Distiller(ABC):
     def sgd_update(self, state: DistillState, loss: torch.Tensor) -> None:
         """SGD with momentum 0.5 on the images (DM's optimiser), projected back to [0, 1]."""
         (grad,) = torch.autograd.grad(loss, state.images)
+        self.sgd_step(state, grad)
+
+    def sgd_step(self, state: DistillState, grad: torch.Tensor) -> None:
+        """The same update from the loss's gradient with respect to the images."""
         with torch.no_grad():
             state.momentum.mul_(0.5).add_(grad)
             state.images.sub_(self.cfg.lr * state.momentum).clamp_(0, 1)

@@ -41,8 +41,8 @@ from medfdd.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, secure_replay_refused, unit_rows
 from medfdd.io import atomic_write_bytes
+from medfdd.nets import model_chunk
 
-CHUNK = 256
 POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
 
 
@@ -105,8 +105,9 @@ class DistributionMatching(Distiller):
         """The synthetic set's mean feature (no real record involved), or None when centring is off."""
         if not self.cfg.center:
             return None
+        chunk = model_chunk(net, self.image_shape)
         with torch.no_grad():
-            return net.embed(images).float().mean(0)
+            return torch.cat([net.embed(images[s:s + chunk]).float() for s in range(0, len(images), chunk)]).mean(0)
 
     @torch.no_grad()
     def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None,
@@ -121,8 +122,9 @@ class DistributionMatching(Distiller):
         if family is None:
             family = choose_family(g_aug, self.families)
         feats = []
-        for start in range(0, len(idx), CHUNK):
-            xb = apply_family(x[idx[start:start + CHUNK]], g_aug, family)
+        chunk = model_chunk(net, self.image_shape)  # peak memory follows the record size, not the sample's
+        for start in range(0, len(idx), chunk):
+            xb = apply_family(x[idx[start:start + chunk]], g_aug, family)
             with self.autocast:
                 feats.append(net.embed(xb).float())
         f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
@@ -140,12 +142,32 @@ class DistributionMatching(Distiller):
         if not usable.any():
             return 0.0
         xs = self.augment(state.images, g) if family is None else apply_family(state.images, g, family)
-        f = unit_rows(net.embed(xs).float(), center)
-        syn_sums = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
-        gap = ((target - syn_sums / per_class.clamp(min=1).unsqueeze(1)) ** 2).sum(1)
-        loss = (gap * per_class / self.cfg.ipc)[usable].sum()  # weight n_c / ipc: every image moves as fast as
-        # with ipc images in its class (1 under uniform allocation), however many images its class was allocated
-        self.sgd_update(state, loss)
+
+        def matching_loss(features: torch.Tensor) -> torch.Tensor:
+            f = unit_rows(features.float(), center)
+            syn_sums = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
+            gap = ((target - syn_sums / per_class.clamp(min=1).unsqueeze(1)) ** 2).sum(1)
+            return (gap * per_class / self.cfg.ipc)[usable].sum()  # weight n_c / ipc: every image moves as fast as
+            # with ipc images in its class (1 under uniform allocation), however many images its class was allocated
+
+        chunk = model_chunk(net, self.image_shape, backward=True)
+        if len(xs) <= chunk:
+            loss = matching_loss(net.embed(xs))
+            self.sgd_update(state, loss)
+            return float(loss.detach())
+        # too large to embed with a graph at once (volumes): features without one, the loss's gradient with respect
+        # to them, then each chunk embedded again with its graph and back-propagated (the same gradient, twice the
+        # forward work, the memory of one chunk)
+        with torch.no_grad():
+            feats = torch.cat([net.embed(xs[s:s + chunk]) for s in range(0, len(xs), chunk)])
+        feats.requires_grad_(True)
+        loss = matching_loss(feats)
+        (g_feats,) = torch.autograd.grad(loss, feats)
+        leaf = xs.detach().requires_grad_(True)
+        for s in range(0, len(xs), chunk):
+            net.embed(leaf[s:s + chunk]).backward(g_feats[s:s + chunk].to(feats.dtype))
+        (grad,) = torch.autograd.grad(xs, state.images, grad_outputs=leaf.grad)
+        self.sgd_step(state, grad)
         return float(loss.detach())
 
     # ------------------------------------------------------------------ interleaved

@@ -36,7 +36,7 @@ from torch import nn
 
 from medfdd.distill.base import Distiller, DistillState
 from medfdd.distill.mechanism import NoisyClassStats, Rng, noisy_class_stats
-from medfdd.nets import quiet_backward_hooks
+from medfdd.nets import model_chunk, quiet_backward_hooks
 
 GRAD_SAMPLE_FLOATS = 2**24  # per-example gradient floats held by Opacus per chunk (64 MB in fp32)
 MAX_CHUNK = 256
@@ -61,7 +61,8 @@ def per_example_gradients(net: nn.Module, x: torch.Tensor, y: torch.Tensor, *, c
     out = torch.zeros(len(x), n_params, device=x.device)
     if len(x) == 0:
         return out
-    chunk = chunk or max(1, min(MAX_CHUNK, GRAD_SAMPLE_FLOATS // n_params))
+    chunk = chunk or max(1, min(MAX_CHUNK, GRAD_SAMPLE_FLOATS // n_params,  # volumes: their activations, too
+                                model_chunk(net, tuple(x.shape[1:]), backward=True)))
     was_training = net.training
     net.train()  # Opacus captures activations only in training mode (ConvNet-3 has no mode-dependent layer)
     gsm = GradSampleModule(net, batch_first=True, loss_reduction="sum")

@@ -6,7 +6,8 @@ constant channel whose normalised value was rounding noise that depended on the 
 one record's contribution to a private release was no longer a function of that record alone.
 2D and 3D variants share the code; `embed` returns the flattened features before the linear classifier.
 `model_for` / `model_from_arch` also build the allow-listed MONAI networks (`medfdd.nets.monai_nets`) behind the same
-interface (`arch`, `embed`, `forward`).
+interface (`arch`, `embed`, `forward`). `records_per_chunk` sizes the batches pushed through them at once, so that
+peak memory follows the record size (a 64^3 volume's first activation is 4,096 times a 28x28 scan's), never the batch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,30 @@ import torch
 from torch import nn
 
 from medfdd.nets.monai_nets import ARCHITECTURES, MonaiClassifier
+
+
+ACTIVATION_BUDGET = 512 << 20  # bytes of a chunk's largest activation (the first convolution's output, fp32)
+MAX_CHUNK = 256  # records at once however small they are (the batches 2D sites always ran with)
+BACKWARD_FACTOR = 4  # with a backward pass, each layer keeps about this many activations of its size (conv, norm,
+# ReLU, pool) until the gradient has passed
+
+
+def records_per_chunk(image_shape: tuple[int, ...], width: int = 128, *, backward: bool = False,
+                      budget: int = ACTIVATION_BUDGET, cap: int = MAX_CHUNK) -> int:
+    """Records of shape [C, *spatial] to run through a network whose first layer has `width` channels at full
+    resolution (ConvNet-3), at once, so that that layer's output (the largest activation) stays within `budget` bytes
+    (`backward`: all that is kept for the gradient): `cap` (256) for 28x28 scans at width 128, 4 for 64^3 volumes
+    (1 with a backward pass), 16 at width 32 (4). At least 1: a record larger than the budget goes alone."""
+    per_record = 4 * width * math.prod(image_shape[1:]) * (BACKWARD_FACTOR if backward else 1)
+    return max(1, min(cap, budget // max(1, per_record)))
+
+
+def model_chunk(model: nn.Module, image_shape: tuple[int, ...], *, backward: bool = False, cap: int = MAX_CHUNK) -> int:
+    """`records_per_chunk` for a built model: ConvNet-3's width from its `arch`, 128 for a MONAI network (their first
+    layers are at most that wide at full resolution)."""
+    arch = getattr(model, "arch", None)
+    width = int(arch.get("width", 128)) if isinstance(arch, dict) else 128
+    return records_per_chunk(image_shape, width, backward=backward, cap=cap)
 
 
 class ConvNet(nn.Module):

@@ -394,7 +394,8 @@ def distill_site(cfg: SiteConfig, *, round_: int = 1, global_model: Path | None 
     save_preview(cfg.output_dir / "synthetic_preview.png", images, labels, list(cfg.data.classes),
                  title=f"{cfg.site_id} round {round_}: {cfg.distill.method.upper()} ipc {cfg.distill.ipc}, {eps_text}")
     if len(cfg.data.spatial_size) == 3:
-        save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images)
+        save_volumes_nifti(cfg.output_dir / "synthetic.nii.gz", images, orientation=cfg.data.orientation,
+                           voxel_size=cfg.data.voxel_size)
     curve = _write_loss_curve(cfg, round_, state, per_update=total > plan.steps, eps_text=eps_text)
     ckpt_path.unlink(missing_ok=True)
     bank_path.unlink(missing_ok=True)

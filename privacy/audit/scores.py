@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from medfdd.nets import model_chunk
 from medfdd.training import as_tensor
 
 
 @torch.no_grad()
-def logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+def logits(model: torch.nn.Module, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
     device = next(model.parameters()).device
+    batch_size = batch_size or model_chunk(model, tuple(images.shape[1:]), cap=1024)  # volumes: a few at a time
     model.eval()
     out = [model(as_tensor(images[i:i + batch_size], device=device)).float().cpu()
            for i in range(0, len(images), batch_size)]
