@@ -30,11 +30,13 @@ BACKWARD_FACTOR = 4  # with a backward pass, each layer keeps about this many ac
 
 
 def records_per_chunk(image_shape: tuple[int, ...], width: int = 128, *, backward: bool = False,
-                      budget: int = ACTIVATION_BUDGET, cap: int = MAX_CHUNK) -> int:
+                      budget: int | None = None, cap: int = MAX_CHUNK) -> int:
     """Records of shape [C, *spatial] to run through a network whose first layer has `width` channels at full
     resolution (ConvNet-3), at once, so that that layer's output (the largest activation) stays within `budget` bytes
-    (`backward`: all that is kept for the gradient): `cap` (256) for 28x28 scans at width 128, 2 for 64^3 volumes
-    (1 with a backward pass), 8 at width 32 (1). At least 1: a record larger than the budget goes alone."""
+    (default `ACTIVATION_BUDGET`; `backward`: all that is kept for the gradient): `cap` (256) for 28x28 scans at width
+    128, 2 for 64^3 volumes (1 with a backward pass), 8 at width 32 (1). At least 1: a record larger than the budget
+    goes alone."""
+    budget = budget or ACTIVATION_BUDGET
     per_record = 4 * width * math.prod(image_shape[1:]) * (BACKWARD_FACTOR if backward else 1)
     return max(1, min(cap, budget // max(1, per_record)))
 
