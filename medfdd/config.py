@@ -58,6 +58,15 @@ class CTWindow(_Strict):
 Intensity = Annotated[MinMax | Percentile | CTWindow, Field(discriminator="mode")]
 
 
+def axis_codes(v: str) -> str:
+    """3 axis codes (one of L/R, A/P and S/I each), upper-cased; ValueError otherwise."""
+    v = v.upper()
+    pairs = [{c for c in v if c in pair} for pair in ("LR", "AP", "SI")]
+    if len(v) != 3 or any(len(p) != 1 for p in pairs):
+        raise ValueError(f"{v!r} is not 3 axis codes, one of L/R, one of A/P and one of S/I each (e.g. RAS, LPS)")
+    return v
+
+
 class DataConfig(_Strict):
     root: Path = Field(description="folder holding the scans, relative to the config file")
     manifest: str = Field("labels.csv", description="CSV under root with columns path,label[,patient_id]")
@@ -93,11 +102,7 @@ class DataConfig(_Strict):
     @field_validator("orientation")
     @classmethod
     def _axcodes(cls, v: str) -> str:
-        v = v.upper()
-        pairs = [{c for c in v if c in pair} for pair in ("LR", "AP", "SI")]
-        if len(v) != 3 or any(len(p) != 1 for p in pairs):
-            raise ValueError(f"{v!r} is not 3 axis codes, one of L/R, one of A/P and one of S/I each (e.g. RAS, LPS)")
-        return v
+        return axis_codes(v)
 
     @field_validator("spacing")
     @classmethod
@@ -338,6 +343,19 @@ class TestSetConfig(_Strict):
     format: Literal["auto", "dicom", "nifti", "png"] = Field("auto", description="as `data.format` of a site")
     intensity: Intensity | None = Field(None, description="as `data.intensity` of the sites (default: the setting "
                                         "all in-process site configs share; `minmax` when there are none)")
+    orientation: str = Field("RAS", description="as `data.orientation` of the sites")
+    spacing: list[float] | None = Field(None, min_length=3, max_length=3, description="as `data.spacing` of the "
+                                        "sites (3D)")
+    fit: Literal["resize", "crop_or_pad"] = Field("resize", description="as `data.fit` of the sites")
+
+    @field_validator("orientation")
+    @classmethod
+    def _axcodes(cls, v: str) -> str:
+        return axis_codes(v)
+
+    def geometry(self) -> dict:
+        """The `DataConfig` fields that place a scan's voxels: the test split is preprocessed as the sites are."""
+        return {"orientation": self.orientation, "spacing": self.spacing, "fit": self.fit}
 
 
 # the global model's architectures (medfdd.nets builds them; a test keeps the two lists equal)

@@ -66,7 +66,7 @@ def load_test_set(cfg: CoordinatorConfig, spec: ConsortiumConfig, out: Path,
     data_cfg = DataConfig(root=(cfg.base_dir / cfg.test.root).resolve(), manifest=cfg.test.manifest,
                           format=cfg.test.format, classes=spec.classes, spatial_size=spec.spatial_size,
                           channels=spec.channels, intensity=scan_intensity(cfg, site_intensity),
-                          holdout_fraction=0.0)
+                          holdout_fraction=0.0, **cfg.test.geometry())
     data = load_site_data(SiteConfig(site_id="test-set", data=data_cfg, output=out / "test-cache", base_dir=out))
     if len(data.labels) == 0:
         raise CoordinatorError(f"test set {data_cfg.root}", "no usable test image",
@@ -475,7 +475,8 @@ class CoordinatorRun:
     def _export_bundle(self, model, metrics: dict | None) -> None:
         """The final global model as a MONAI bundle (`medfdd.coordinator.bundle`), preprocessing as the sites'."""
         data = DataConfig(root=self.out, classes=self.spec.classes, spatial_size=self.spec.spatial_size,
-                          channels=self.spec.channels, intensity=scan_intensity(self.cfg, self.site_intensity))
+                          channels=self.spec.channels, intensity=scan_intensity(self.cfg, self.site_intensity),
+                          **(self.cfg.test.geometry() if self.cfg.test is not None else {}))
         export_bundle(model, self.dir.bundle, data, run_name=self.out.name,
                       accuracy=None if metrics is None else metrics.get("accuracy"))
 
