@@ -22,7 +22,6 @@ from torch import nn
 
 from medfdd.nets.monai_nets import ARCHITECTURES, MonaiClassifier
 
-
 ACTIVATION_BUDGET = 256 << 20  # bytes of a chunk's largest activation (the first convolution's output, fp32)
 MAX_CHUNK = 256  # records at once however small they are (the batches 2D sites always ran with)
 BACKWARD_FACTOR = 4  # with a backward pass, each layer keeps about this many activations of its size (conv, norm,
