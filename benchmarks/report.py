@@ -423,7 +423,8 @@ def b3_section(r: dict) -> list[str]:
 
 
 def scale_sections() -> list[str]:
-    """B2 parallel decoding (1 vs 2 workers) and out-of-core sites (peak RSS, s / paid step against site size)."""
+    """B2 parallel decoding (1 vs 2 workers), out-of-core sites and 3D sites (peak RSS, s / paid step against site
+    size)."""
     lines = []
     dec = _load("decoding_workers")
     if dec:
@@ -448,6 +449,27 @@ def scale_sections() -> list[str]:
             else:
                 lines.append(f"| {r['scans']} | {r['code']} | failed | | |")
         lines += ["", "![site scale](site_scale.png)", ""]
+    vol = _load("volumes_3d")
+    if vol:
+        d = vol["distill"]
+        lines += ["### 3D sites at 64^3: `site distill` against the number of volumes", "", _prov(vol), "",
+                  f"{vol['source']}; NIfTI loaded with orientation RAS, {vol['spacing_mm']:g} mm spacing, crop or pad "
+                  f"to 64^3; DP-DM (epsilon 1), width {d['width']}, ipc {d['ipc']}, expected batch {d['batch_size']}, "
+                  f"{d['inner_steps']} update(s) per statistic, {vol['steps']} paid steps, one fresh process per row "
+                  f"(warm shared cache). Peak RSS spread across the sizes: "
+                  + (f"{100 * vol['rss_spread']:.0f} %" if "rss_spread" in vol else "n/a")
+                  + f". Note: {vol['note']}" + ("" if vol.get("complete") else " (partial: the run did not finish)")
+                  + ".", "", "| volumes | peak RSS MiB | load s | s / paid step | synthetic NIfTI |",
+                  "|---|---|---|---|---|"]
+        for r in vol["rows"]:
+            if "peak_rss_mb" in r:
+                rel = r.get("release", {})
+                nifti = f"{rel.get('axcodes')}, {rel.get('voxel_mm')} mm, orthonormal {rel.get('orthonormal')}"
+                lines.append(f"| {r['volumes']} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | "
+                             f"{r['seconds_per_paid_step']:.1f} | {nifti} |")
+            else:
+                lines.append(f"| {r['volumes']} | failed | | | |")
+        lines += ["", "![volumes 3d](volumes_3d.png)", ""]
     return lines
 
 
