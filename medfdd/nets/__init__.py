@@ -22,7 +22,7 @@ from torch import nn
 
 from medfdd.nets.monai_nets import ARCHITECTURES, MonaiClassifier
 
-ACTIVATION_BUDGET = 256 << 20  # bytes of a chunk's largest activation (the first convolution's output, fp32)
+ACTIVATION_BUDGET = 1 << 30  # bytes of a chunk's largest activation (the first convolution's output, fp32)
 MAX_CHUNK = 256  # records at once however small they are (the batches 2D sites always ran with)
 BACKWARD_FACTOR = 4  # with a backward pass, each layer keeps about this many activations of its size (conv, norm,
 # ReLU, pool) until the gradient has passed
@@ -33,7 +33,8 @@ def records_per_chunk(image_shape: tuple[int, ...], width: int = 128, *, backwar
     """Records of shape [C, *spatial] to run through a network whose first layer has `width` channels at full
     resolution (ConvNet-3), at once, so that that layer's output (the largest activation) stays within `budget` bytes
     (default `ACTIVATION_BUDGET`; `backward`: all that is kept for the gradient): `cap` (256) for 28x28 scans at width
-    128, 2 for 64^3 volumes (1 with a backward pass), 8 at width 32 (1). At least 1: a record larger than the budget
+    128 (with a backward pass too: the batches 2D sites always ran with), 8 for 64^3 volumes (2 with a backward pass),
+    32 at width 32 (8). At least 1: a record larger than the budget
     goes alone."""
     budget = budget or ACTIVATION_BUDGET
     per_record = 4 * width * math.prod(image_shape[1:]) * (BACKWARD_FACTOR if backward else 1)

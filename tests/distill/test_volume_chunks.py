@@ -18,12 +18,13 @@ SHAPE = (1, 8, 8, 8)
 
 
 def test_chunk_size_follows_the_record_size():
-    assert records_per_chunk((1, 28, 28), 128) == 256  # 2D sites keep the batches they always ran with
-    assert records_per_chunk((1, 64, 64, 64), 128) == 2  # a 64^3 volume's first activation is 128 MiB
-    assert records_per_chunk((1, 64, 64, 64), 128, backward=True) == 1
-    assert records_per_chunk((1, 64, 64, 64), 32) == 8
+    for backward in (False, True):  # 2D sites keep the batches they always ran with, training included
+        assert records_per_chunk((1, 28, 28), 128, backward=backward) == 256
+    assert records_per_chunk((1, 64, 64, 64), 128) == 8  # a 64^3 volume's first activation is 128 MiB
+    assert records_per_chunk((1, 64, 64, 64), 128, backward=True) == 2
+    assert records_per_chunk((1, 64, 64, 64), 32) == 32
     assert records_per_chunk((1, 128, 128, 128), 128) == 1  # larger than the budget: alone, never 0
-    assert records_per_chunk((1, 64, 64, 64), 32, budget=1 << 30) == 32
+    assert records_per_chunk((1, 64, 64, 64), 32, budget=256 << 20) == 8
 
 
 def _volumes(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
