@@ -483,6 +483,10 @@ class CoordinatorConfig(_Strict):
                                      "fine-tuning rounds after the last distillation round (`rounds: 0` = off)")
     test: TestSetConfig | None = Field(None, description="the coordinator's test split (metrics need it)")
     site_timeout_s: float = Field(3600.0, gt=0, description="a site silent this long is left out of the round")
+    min_sites: int = Field(1, ge=1, description="quorum: a round (distillation or fine-tuning) completes only when "
+                           "at least this many sites' offers are accepted within `site_timeout_s`; otherwise the "
+                           "run stops (status `failed`, run.json `stopped`) and can be resumed. At most the number "
+                           "of sites")
     output: Path = Field(description="run directory, relative to the config file")
     seed: int = Field(0, ge=0, description="seeds merging and global training")
     base_dir: Path = Field(Path("."), exclude=True)

@@ -49,6 +49,8 @@ from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 from privacy.accounting import LEDGER_FILENAME
 
+_SILENT = frozenset({Reason.NO_ANSWER.value, Reason.SITE_UNAVAILABLE.value})  # a site that sent nothing at all
+
 
 class CoordinatorError(MedfddError):
     """The coordinator cannot go on (no usable offer in a round, sites that disagree, a foreign run folder)."""
@@ -116,6 +118,7 @@ class CoordinatorRun:
         self.rounds = cfg.rounds
         self.site_timeout_s = cfg.site_timeout_s
         self.expected_sites = sorted(spec.sites)
+        self.min_sites = cfg.min_sites  # quorum: accepted offers (or updates) a round needs to complete
         self.fingerprint = _fingerprint(cfg, spec)
         self.history: list[dict] = []
         self.bindings: dict[str, str] = {}  # engine sender -> site id (first contact binds)
@@ -140,10 +143,20 @@ class CoordinatorRun:
             spec = spec.model_copy(update={"sites": {s: b.model_copy(update={"dp": False})
                                                      for s, b in spec.sites.items()}})
         run = cls(cfg, spec, sites or {}, engine=engine, console=console or Console(), site_intensity=site_intensity)
+        run._check_quorum()
         run._check_finetune_plans()
         run._check_architecture()
         run._resume()
         return run
+
+    def _check_quorum(self) -> None:
+        """A quorum larger than the consortium could never be met: refused before any site is asked (and pays)."""
+        n = len(self.expected_sites)
+        if self.min_sites > n:
+            raise CoordinatorError("coordinator config: min_sites", f"{self.min_sites} is more than the {n} site(s) "
+                                   "of the consortium, so no round could complete",
+                                   f"set min_sites to at most {n} (1, the default: any accepted offer completes a "
+                                   "round)")
 
     def _check_finetune_plans(self) -> None:
         """Hybrid mode: every in-process DP site must have planned at least `finetune.rounds` fine-tuning rounds
@@ -317,6 +330,7 @@ class CoordinatorRun:
         self._write_round_files(rd, merged, model)
         for sid, acc in rd.accepted.items():
             self.last_epsilon[sid] = acc.meta["epsilon"]
+        outcomes = self._outcomes(rd)
         self.history.append({
             "round": rd.round, "accepted": sorted(rd.accepted), "rejected": rd.rejected,
             "n_merged": int(len(merged.labels)), "class_counts": np.bincount(merged.labels, minlength=k).tolist(),
@@ -325,7 +339,9 @@ class CoordinatorRun:
             "trained_on_rounds": trained_on, "n_trained_on": int(len(training.labels)),
             "epsilon": {s: a.meta["epsilon"] for s, a in sorted(rd.accepted.items())},
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics,
-            "per_site": {s: {"accepted": s in rd.accepted, "bytes_up": rd.bytes_up.get(s, 0),
+            "quorum": self._quorum(rd),
+            "per_site": {s: {"accepted": s in rd.accepted, "outcome": outcomes[s],
+                             "bytes_up": rd.bytes_up.get(s, 0),
                              "bytes_down": rd.bytes_down.get(s, 0),
                              "epsilon": rd.accepted[s].meta["epsilon"] if s in rd.accepted else None,
                              "privacy_unit": rd.accepted[s].meta.get("privacy_unit", "scan")
@@ -341,15 +357,39 @@ class CoordinatorRun:
         return self.history[-1]
 
     def _close_sites(self, rd: _Round, none_usable: str) -> None:
-        """Record the expected sites that sent nothing this round; with nothing accepted the run fails here."""
+        """Record the expected sites that sent nothing this round; below the quorum (`min_sites` accepted) the run
+        stops here: run.json says so (`status: failed`, `stopped`), the checkpoint keeps the finished rounds, and a
+        resumed run asks the sites for this round again (each reuses its charge: nothing is paid twice)."""
         for s in self.expected_sites:
             if s not in rd.accepted and not any(x["site_id"] == s for x in rd.rejected):
                 self.no_answer(s, f"no {rd.what} received this round")
-        if not rd.accepted:
-            self._write_run_json(status="failed")
-            raise CoordinatorError(rd.name, f"{none_usable} (rejected: "
-                                   f"{[(x['site_id'], x['reason']) for x in rd.rejected]})",
-                                   "see the reasons above; fix the sites and resume the run")
+        if len(rd.accepted) >= self.min_sites:
+            return
+        outcomes = self._outcomes(rd)
+        reason = none_usable if not rd.accepted else (
+            f"quorum not met: {len(rd.accepted)} of {len(self.expected_sites)} site(s) accepted, min_sites is "
+            f"{self.min_sites}")
+        stopped = {"round": rd.round, "finetune": rd.finetune, "reason": reason, **self._quorum(rd),
+                   "accepted": sorted(rd.accepted),
+                   "answered": sorted(s for s, o in outcomes.items() if o not in _SILENT),
+                   "missing": {s: o for s, o in outcomes.items() if o != "accepted"}}
+        self._checkpoint()  # the finished rounds (none, in round 1): the stopped run resumes with this round
+        self._write_run_json(status="failed", stopped=stopped)
+        raise CoordinatorError(rd.name, f"{reason} (rejected: {[(x['site_id'], x['reason']) for x in rd.rejected]})",
+                               "see the reasons above; fix or restart the missing sites (or lower min_sites) and "
+                               "resume the run")
+
+    def _quorum(self, rd: _Round) -> dict:
+        return {"min_sites": self.min_sites, "n_accepted": len(rd.accepted), "n_sites": len(self.expected_sites),
+                "met": len(rd.accepted) >= self.min_sites}
+
+    def _outcomes(self, rd: _Round) -> dict[str, str]:
+        """Expected site -> `accepted`, or the reason code of its first rejection this round."""
+        first: dict[str, str] = {}
+        for x in rd.rejected:
+            first.setdefault(x["site_id"], x["reason"])
+        return {s: "accepted" if s in rd.accepted else first.get(s, Reason.NO_ANSWER.value)
+                for s in self.expected_sites}
 
     def _test_metrics(self, model) -> dict | None:
         """The model's scores on the coordinator's test set (loaded once), or None without one."""
@@ -410,7 +450,7 @@ class CoordinatorRun:
                for key in ("epsilon", "noise_multiplier", "sample_rate", "steps")}
         self.finetune_history.append({
             "round": rd.round, "accepted": sorted(updates), "rejected": rd.rejected, **per,
-            "weights": {s: u.weight for s, u in sorted(updates.items())},
+            "weights": {s: u.weight for s, u in sorted(updates.items())}, "quorum": self._quorum(rd),
             "bytes_up": rd.bytes_up, "bytes_down": rd.bytes_down, "seconds": seconds, "metrics": metrics})
         self.current = self._reference = None
         self._checkpoint()
@@ -493,7 +533,7 @@ class CoordinatorRun:
             "fingerprint": self.fingerprint, "history": self.history, "bindings": self.bindings,
             "last_epsilon": self.last_epsilon, "finetune": self.finetune_history}))
 
-    def _write_run_json(self, status: str) -> Path:
+    def _write_run_json(self, status: str, stopped: dict | None = None) -> Path:
         done = [h for h in self.history if h.get("metrics") is not None]
         last = self.history[-1] if self.history else None
         up = sum(sum(h["bytes_up"].values()) for h in self.history + self.finetune_history)
@@ -522,7 +562,8 @@ class CoordinatorRun:
                           "epsilon_spent": self.last_epsilon.get(s)}
                       for s in self.expected_sites},
             "rounds": self.history, "rounds_evaluated": len(done), "final": final, "finetune": finetune,
-            "final_model_bytes_down": dict(sorted(self.final_bytes_down.items()))}
+            "final_model_bytes_down": dict(sorted(self.final_bytes_down.items())),
+            **({"stopped": stopped} if stopped else {})}
         return atomic_write_json(self.dir.run_json, json_safe(run))
 
     def _write_progress(self) -> Path:

@@ -47,6 +47,7 @@ class Reason(StrEnum):
     EPSILON_ABOVE_BUDGET = "epsilon_above_budget"
     WEAKER_UNIT = "weaker_privacy_unit"
     NO_ANSWER = "no_answer"
+    SITE_UNAVAILABLE = "site_unavailable"  # its SuperNode stopped reporting to the SuperLink during the round
     SITE_FAILED = "site_failed"
 
 

@@ -187,7 +187,11 @@ def run_coordinator_command(args, console: Console) -> int:
         run_id = deploy.submit_run(args.config, env=env)
         console.print(f"submitted run {run_id}; waiting for it to finish (its log: `flwr log {run_id} "
                       f"{deploy.CONNECTION} --show`)", highlight=False)
-        run = deploy.wait_run(run_id, env=env, timeout=args.timeout, console=console)
+        try:
+            run = deploy.wait_run(run_id, env=env, timeout=args.timeout, console=console)
+        except deploy.FlowerDeployError:
+            _print_stopped(RunDir(cfg.output_dir).run_json, console)  # e.g. the quorum (min_sites) was not met
+            raise
         Console().print(f"run {run_id} {run['status']} in {float(run.get('elapsed', 0)):.1f} s; results under "
                         f"{cfg.output_dir}", highlight=False)
         _print_final(RunDir(cfg.output_dir).run_json)
@@ -207,6 +211,20 @@ def _print_final(run_json: Path) -> None:
         Console().print(f"global model after round {final.get('round')}: accuracy {final['accuracy']:.3f}, balanced "
                         f"accuracy {final.get('balanced_accuracy', float('nan')):.3f}; {final.get('bytes_up_total', 0)} "
                         f"bytes up, {final.get('bytes_down_total', 0)} bytes down", highlight=False)
+
+
+def _print_stopped(run_json: Path, console: Console) -> None:
+    """Why the coordinator stopped the run (run.json `stopped`), when the run directory is on this machine."""
+    import json
+
+    try:
+        stopped = json.loads(run_json.read_text(encoding="utf-8")).get("stopped")
+    except (OSError, ValueError):
+        return
+    if stopped:
+        missing = ", ".join(f"{s} ({why})" for s, why in stopped["missing"].items()) or "none"
+        console.print(f"the coordinator stopped the run in round {stopped['round']}: {stopped['reason']}; accepted: "
+                      f"{', '.join(stopped['accepted']) or 'none'}; missing: {missing}", highlight=False)
 
 
 def _key_comment(path: Path) -> str | None:

@@ -3,7 +3,8 @@
 Per round: `CoordinatorRun.broadcast()` goes to every connected SuperNode; each reply is decoded to a `SiteOffer`
 and handed to `run.receive(offer, sender=str(node_id))` (an offer for another site than the one the node's key was
 registered for is rejected as spoofed first); nodes that did not answer within `site_timeout_s` (or
-answered with an error) are reported with `run.no_answer`; then `run.finish_round()`. Hybrid mode: then the
+answered with an error, or whose SuperNode stopped reporting mid-round) are reported with `run.no_answer`; then
+`run.finish_round()`, which stops the run when fewer than `min_sites` offers were accepted (the quorum). Hybrid mode: then the
 fine-tuning rounds, the same way (`run_finetune_round`: `run.finetune_task()` out, `run.receive_update` per model,
 `run.finish_finetune_round()`). After the last round the
 final global model goes to the nodes that answered it (`evaluate.final_model`). The coordinator config path
@@ -15,7 +16,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
@@ -57,14 +59,14 @@ def _label(run, sender: str, names: dict[int, str]) -> str:
     return names.get(int(sender)) or run.bindings.get(sender) or f"node-{sender}"
 
 
-def replies_by_node(msgs: list[Message], replies: list[Message]) -> tuple[dict[int, Message], dict[int, str]]:
+def replies_by_node(msgs: list[Message], replies: list[Message]) -> tuple[dict[int, Message], dict[int, Error]]:
     """Pair each reply with the node its task was sent to, by `reply_to_message_id` (ids are set when the grid
-    pushes `msgs`): (node -> the node's own reply, node -> why the SuperLink answered in its place). The SuperLink
-    itself replies for a task that expired or a node that went away (source: its own node id); that is silence from
-    the site, not an answer, and a reply to no task of this batch is ignored."""
+    pushes `msgs`): (node -> the node's own reply, node -> the error the SuperLink answered with in its place). The
+    SuperLink itself replies for a task that expired or a node that went away (source: its own node id); that is
+    silence from the site, not an answer, and a reply to no task of this batch is ignored."""
     sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
     answers: dict[int, Message] = {}
-    stand_ins: dict[int, str] = {}
+    stand_ins: dict[int, Error] = {}
     for reply in replies:
         node = sent_to.get(reply.metadata.reply_to_message_id)
         if node is None:
@@ -72,14 +74,24 @@ def replies_by_node(msgs: list[Message], replies: list[Message]) -> tuple[dict[i
         if reply.metadata.src_node_id == node:
             answers[node] = reply
         elif reply.has_error():
-            stand_ins[node] = reply.error.reason
+            stand_ins[node] = reply.error
     return answers, stand_ins
+
+
+def silence(stand_in: Error | None, timeout_s: float) -> tuple[Reason, str]:
+    """Why a node sent nothing, as (code, detail): `site_unavailable` when the SuperLink stood in because the node
+    stopped sending heartbeats (its SuperNode died or lost the network mid-round), else `no_answer` (the timeout).
+    Both depend on the site's machine, not on its records; the SuperLink's own text goes into the detail."""
+    if stand_in is not None and stand_in.code == ErrorCode.NODE_UNAVAILABLE:
+        return Reason.SITE_UNAVAILABLE, f"its SuperNode stopped reporting during the round ({stand_in.reason})"
+    return Reason.NO_ANSWER, f"no answer within {timeout_s:g} s" + (f" ({stand_in.reason})" if stand_in else "")
 
 
 def _exchange(grid: Grid, run, encode, message_type: str, nbytes: int, decode, what: str, spoofed: str, receive):
     """Send `encode()` to every connected SuperNode and hand each decoded reply to `receive(reply, sender=...)`; a
     site error, an unreadable `what` or one for another site than the node's key is registered for (`spoofed`: what
-    it did instead) goes to `run.no_answer`. Returns (nodes, node -> answer, node -> SuperLink stand-in, start time)."""
+    it did instead) goes to `run.no_answer`. Returns (nodes, node -> registered site, node -> answer, node -> SuperLink
+    stand-in, start time)."""
     nodes = sorted(grid.get_node_ids())
     names = registered_names(grid)
     # the task expires with the round: a site that picks it up later must not distill or fine-tune (and pay) for a
@@ -111,24 +123,31 @@ def _exchange(grid: Grid, run, encode, message_type: str, nbytes: int, decode, w
                           f"for {got.site_id!r}", code=Reason.SPOOFED_SITE, nbytes=got.nbytes())
             continue
         receive(got, sender=sender)
-    return nodes, answers, stand_ins, t0
+    return nodes, names, answers, stand_ins, t0
+
+
+def _silent(run, nodes: list[int], names: dict[int, str], answers: dict, stand_ins: dict[int, Error],
+            console: Console) -> None:
+    """Record each node that sent nothing under its site (registered key, or bound by an earlier offer); a node not
+    yet known as a site is only logged (`finish_round` records the expected sites that stayed silent)."""
+    for node in nodes:
+        if node in answers:
+            continue
+        code, why = silence(stand_ins.get(node), run.site_timeout_s)
+        site = names.get(node) or run.bindings.get(str(node))
+        if site is not None:
+            run.no_answer(site, why, code=code)
+        else:
+            console.print(f"SuperNode {node}: {why}")
 
 
 def run_round(grid: Grid, run, console: Console) -> set[int]:
     """One round over the connected SuperNodes; returns the nodes that answered (offer or error)."""
     broadcast = run.broadcast()
-    nodes, answers, stand_ins, t0 = _exchange(grid, run, lambda: codec.broadcast_to_records(broadcast), MESSAGE_TYPE,
-                                              broadcast.nbytes(), codec.records_to_offer, "offer", "offered",
-                                              run.receive)
-    for node in nodes:
-        if node in answers:
-            continue
-        why = f"no answer within {run.site_timeout_s:g} s" + (f" ({stand_ins[node]})" if node in stand_ins else "")
-        site = run.bindings.get(str(node))
-        if site is not None:
-            run.no_answer(site, why)
-        else:  # never answered in this run: finish_round records the expected sites that stayed silent
-            console.print(f"SuperNode {node}: {why}")
+    nodes, names, answers, stand_ins, t0 = _exchange(
+        grid, run, lambda: codec.broadcast_to_records(broadcast), MESSAGE_TYPE, broadcast.nbytes(),
+        codec.records_to_offer, "offer", "offered", run.receive)
+    _silent(run, nodes, names, answers, stand_ins, console)
     console.print(f"round {broadcast.round}: {len(answers)} of {len(nodes)} site(s) answered in "
                   f"{time.monotonic() - t0:.1f} s")
     run.finish_round()
@@ -139,14 +158,10 @@ def run_finetune_round(grid: Grid, run, console: Console) -> set[int]:
     """Hybrid mode: one DP fine-tuning round over the connected SuperNodes (`run.finetune_task()` out, each site's
     model to `run.receive_update`); returns the nodes that answered (model or error)."""
     task = run.finetune_task()
-    nodes, answers, stand_ins, t0 = _exchange(grid, run, lambda: codec.finetune_to_records(task),
-                                              FINETUNE_MESSAGE_TYPE, task.nbytes(), codec.records_to_update, "model",
-                                              "sent a model", run.receive_update)
-    for node in nodes:
-        site = run.bindings.get(str(node))
-        if node not in answers and site is not None:
-            run.no_answer(site, f"no answer within {run.site_timeout_s:g} s" +
-                          (f" ({stand_ins[node]})" if node in stand_ins else ""))
+    nodes, names, answers, stand_ins, t0 = _exchange(
+        grid, run, lambda: codec.finetune_to_records(task), FINETUNE_MESSAGE_TYPE, task.nbytes(),
+        codec.records_to_update, "model", "sent a model", run.receive_update)
+    _silent(run, nodes, names, answers, stand_ins, console)
     console.print(f"fine-tuning round {task.round}: {len(answers)} of {len(nodes)} site(s) answered in "
                   f"{time.monotonic() - t0:.1f} s")
     run.finish_finetune_round()
@@ -165,7 +180,7 @@ def deliver_final_model(grid: Grid, run, nodes: set[int], console: Console) -> N
                     ttl=run.site_timeout_s) for n in targets]
     answers, stand_ins = replies_by_node(msgs, list(grid.send_and_receive(msgs, timeout=run.site_timeout_s)))
     for node in stand_ins:
-        console.print(f"{_label(run, str(node), names)} did not take the final model: {stand_ins[node]}")
+        console.print(f"{_label(run, str(node), names)} did not take the final model: {stand_ins[node].reason}")
     for node, reply in answers.items():
         site = _label(run, str(node), names)
         if reply.has_error():
