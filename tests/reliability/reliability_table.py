@@ -32,6 +32,8 @@ PKI = "tests/federation/test_flower_pki.py"
 CODEC = "tests/federation/test_codec.py"
 APPS = "tests/federation/test_codec_apps.py"
 FAILURES = "tests/federation/test_failure_codes.py"
+QUORUM = "tests/federation/test_quorum.py"
+MANY = "tests/integration/test_flower_many_sites.py"
 
 # Kinds checked by a test of their own (no case table): (section, kind, outcome, "file::test").
 REFERENCES = [
@@ -79,6 +81,13 @@ REFERENCES = [
      f"{INPROCESS}::test_a_round_where_every_offer_is_refused_fails_loudly"),
     ("fault", "a Flower SuperNode that never answers", "left out after `site_timeout_s` as `no_answer`",
      f"{FLOWER}::test_a_site_that_never_answers_is_left_out_after_the_timeout"),
+    ("fault", "fewer accepted offers than the quorum (`min_sites`)", "run stops before merging: run.json status "
+     "`failed` with `stopped` (reason, accepted, answered, missing); exit 3; resumed later, nothing paid twice",
+     f"{QUORUM}::test_a_round_below_the_quorum_stops_the_run_and_a_resumed_run_pays_nothing_twice"),
+    ("fault", "a Flower SuperNode killed mid-round (after its write-ahead charge), 20 sites, one slow",
+     "recorded `site_unavailable`; the round completes with the 19 others (quorum met, slow site in); the killed "
+     "site resumes the round later under the same charge",
+     f"{MANY}::test_twenty_sites_one_slow_one_dropped_the_round_meets_its_quorum"),
     ("fault", "crash inside the ledger's os.replace", "previous ledger intact, LedgerWriteError",
      f"{LEDGER}::test_crash_in_replace_keeps_previous_ledger"),
     ("fault", "concurrent ledger writers", "no charge lost (flock)", f"{LEDGER}::test_concurrent_writers_lose_no_charge"),
