@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from flwr.common.constant import ErrorCode
 from rich.console import Console
 
 from medfdd.coordinator.validate import Reason
@@ -94,10 +95,11 @@ def _task(content, dst_node_id, message_type, ttl):
                            metadata=SimpleNamespace(dst_node_id=dst_node_id, message_id=f"task-{dst_node_id}"))
 
 
-def _reply(node, content=None, error=None, *, to=None, src=None):
+def _reply(node, content=None, error=None, *, to=None, src=None, code=ErrorCode.UNKNOWN):
     """`node`'s reply to the task sent to `to` (default: its own), signed by `src` (default: `node`)."""
     return SimpleNamespace(metadata=SimpleNamespace(src_node_id=src or node, reply_to_message_id=f"task-{to or node}"),
-                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error), content=content)
+                           has_error=lambda: error is not None, error=SimpleNamespace(reason=error, code=code),
+                           content=content)
 
 
 def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
@@ -110,7 +112,7 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
 
         def get_nodes(self):  # names the keys were registered under (`medfdd coordinator register --site`)
             return [SimpleNamespace(node_id=11, name="hospital-a"), SimpleNamespace(node_id=6, name="hospital-f"),
-                    SimpleNamespace(node_id=2, name="")]
+                    SimpleNamespace(node_id=2, name=""), SimpleNamespace(node_id=5, name="hospital-e")]
 
         def send_and_receive(self, msgs, timeout):
             sent.update(nodes=[m.metadata.dst_node_id for m in msgs], timeout=timeout, ttls={m.ttl for m in msgs},
@@ -123,7 +125,7 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
                     _reply(6, codec.offer_to_records(_offer("hospital-a", 2))),  # hospital-f's key claims a
                     # the SuperLink answers for tasks that expired: silence from those sites, not a site named
                     # after the SuperLink's own node id
-                    _reply(SUPERLINK, error="message expired", to=4), _reply(SUPERLINK, error="node gone", to=5),
+                    _reply(SUPERLINK, error="message expired", to=4), _reply(SUPERLINK, error="node gone", to=5, code=ErrorCode.NODE_UNAVAILABLE),
                     _reply(7, codec.offer_to_records(_offer("hospital-g", 2)), to=99)]  # no task of this round
 
     run = FakeRun({"2": "hospital-b", "3": "hospital-c", "4": "hospital-d"})
@@ -134,10 +136,12 @@ def test_server_round_maps_replies_errors_and_silence_to_the_core(monkeypatch):
                          ("no_answer", "hospital-c", Reason.MALFORMED),
                          ("no_answer", "hospital-f", Reason.SPOOFED_SITE),  # named by its registered key
                          ("no_answer", "hospital-d", Reason.NO_ANSWER),  # bound earlier in this run, silent now
-                         ("finish",)]  # nodes 5 and 7 never answered in this run: finish_round names silent sites
+                         # registered, never answered, and its SuperNode stopped reporting mid-round
+                         ("no_answer", "hospital-e", Reason.SITE_UNAVAILABLE),
+                         ("finish",)]  # node 7 never answered in this run: finish_round names silent sites
     # bytes down per SuperNode reached, under its registered site, its binding in this run, or its node id
     assert run.bytes_down == {s: Broadcast(2, b"m").nbytes() for s in
-                              ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "node-5", "hospital-f",
+                              ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e", "hospital-f",
                                "node-7")}
 
 

@@ -79,7 +79,8 @@ REFERENCES = [
      "`site-failed` only (no error class or text); the other sites are merged", f"{INPROCESS}::test_round_completes_without_a_failing_site_and_a_hostile_offer"),
     ("fault", "every offer of a round refused", "CoordinatorError, run.json status `failed`",
      f"{INPROCESS}::test_a_round_where_every_offer_is_refused_fails_loudly"),
-    ("fault", "a Flower SuperNode that never answers", "left out after `site_timeout_s` as `no_answer`",
+    ("fault", "a Flower SuperNode that never answers", "left out after `site_timeout_s` as `no_answer`, or as "
+     "`site_unavailable` as soon as the SuperLink misses its heartbeats (a frozen machine)",
      f"{FLOWER}::test_a_site_that_never_answers_is_left_out_after_the_timeout"),
     ("fault", "fewer accepted offers than the quorum (`min_sites`)", "run stops before merging: run.json status "
      "`failed` with `stopped` (reason, accepted, answered, missing); exit 3; resumed later, nothing paid twice",
