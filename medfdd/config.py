@@ -615,6 +615,7 @@ def schema_text(kind: str) -> str:
     return json.dumps(json_schema(kind), indent=2) + "\n"
 
 
-def dump_config(cfg: BaseModel) -> str:
-    """YAML text of a config (paths as strings, defaults included), loadable by the matching loader."""
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def dump_config(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+    """YAML text of a config (paths as strings, defaults included; top-level keys in `exclude` left out), loadable
+    by the matching loader."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -82,7 +82,10 @@ def scan_intensity(cfg: CoordinatorConfig, site_intensity: Intensity | None) -> 
 
 
 def _fingerprint(cfg: CoordinatorConfig, spec: ConsortiumConfig) -> str:
-    text = dump_config(cfg) + spec.model_dump_json()
+    """What a resumed run must share with the run it continues: everything but the quorum, which decides only
+    whether a round may finish (a run stopped below it resumes with a lower one; left out, so that run folders of
+    earlier versions keep their fingerprint)."""
+    text = dump_config(cfg, exclude={"min_sites"}) + spec.model_dump_json()
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 

@@ -50,20 +50,23 @@ def test_a_round_below_the_quorum_stops_the_run_and_a_resumed_run_pays_nothing_t
                 for s in (a, c)}
     assert all(_distill_charges(sites[s]) == [1] for s in (a, c))
 
-    # site b's scans are back; the same run resumes round 1: a and c reuse their charge and release the same set
-    scans_b.with_name("away").rename(scans_b)
+    # the consortium lowers its quorum to 2 (b stays down); the same run resumes round 1: a and c reuse their charge
+    # and release the same sets again, which are now merged
+    doc = yaml.safe_load(coord.read_text())
+    doc["min_sites"] = 2
+    coord.write_text(yaml.safe_dump(doc, sort_keys=False))
     assert main(["coordinator", "run", str(coord)]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "completed" and "stopped" not in run
     r = run["rounds"][0]
-    assert r["accepted"] == [a, b, c] and r["rejected"] == []
-    assert r["quorum"] == {"min_sites": 3, "n_accepted": 3, "n_sites": 3, "met": True}
-    assert {s: p["outcome"] for s, p in r["per_site"].items()} == {a: "accepted", b: "accepted", c: "accepted"}
-    for s in (a, b, c):
-        assert _distill_charges(sites[s]) == [1]  # one charge for round 1 at every site, b's included
+    assert r["accepted"] == [a, c] and [(x["site_id"], x["reason"]) for x in r["rejected"]] == [(b, "site_failed")]
+    assert r["quorum"] == {"min_sites": 2, "n_accepted": 2, "n_sites": 3, "met": True}
+    assert {s: p["outcome"] for s, p in r["per_site"].items()} == {a: "accepted", b: "site_failed", c: "accepted"}
     for s in (a, c):
+        assert _distill_charges(sites[s]) == [1]  # one charge for round 1, though it was asked twice
         again = np.load(out / "sites" / s / "synthetic.npz", allow_pickle=False)["images"]
         np.testing.assert_array_equal(again, released[s])
+    assert r["n_merged"] == sum(len(released[s]) for s in (a, c))
 
 
 def test_a_quorum_above_the_consortium_is_refused_before_any_site_pays(digits_consortium, capsys):
