@@ -119,9 +119,11 @@ def preview_png(images: np.ndarray, labels: np.ndarray, classes: list[str], titl
     return png_bytes(fig, dpi)
 
 
-def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "") -> Path:
-    """The per-class PNG preview grid of a synthetic set (see `preview_png`)."""
-    return atomic_write_bytes(Path(path), preview_png(images, labels, classes, title))
+def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: list[str], title: str = "", *,
+                 max_cols: int | None = None) -> Path:
+    """The per-class PNG preview grid of a synthetic set (see `preview_png`; `max_cols`: at most that many images
+    per class)."""
+    return atomic_write_bytes(Path(path), preview_png(images, labels, classes, title, max_cols=max_cols))
 
 
 AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}

@@ -49,6 +49,7 @@ from medfdd.rundir import RunDir
 from medfdd.training import TrainSettings, evaluate, pick_device, train_classifier
 from privacy.accounting import LEDGER_FILENAME
 
+MERGED_PREVIEW_COLS = 20  # images per class in a round's merged_preview.png (the merged set grows with the sites)
 _SILENT = frozenset({Reason.NO_ANSWER.value, Reason.SITE_UNAVAILABLE.value})  # a site that sent nothing at all
 
 
@@ -508,8 +509,10 @@ class CoordinatorRun:
             ledger = self._site_ledger(sid)
             if ledger is not None:
                 atomic_write_bytes(self.dir.site_ledger(sid), ledger.read_bytes())
+        # a bounded grid: all images of 20 sites drew a 14,000-pixel-wide figure (600 MiB, 30 MiB per site)
         save_preview(rdir / "merged_preview.png", merged.images, merged.labels, list(self.spec.classes),
-                     title=f"merged set, round {rd.round} ({self.cfg.merge})")
+                     title=f"merged set, round {rd.round} ({self.cfg.merge}): {len(merged.labels)} images, the first "
+                     f"{MERGED_PREVIEW_COLS} per class", max_cols=MERGED_PREVIEW_COLS)
         # the latest round's model and set at the top level (atomic copies)
         atomic_save_npz(self.dir.merged, images=merged.images, labels=merged.labels,
                         weights=merged.weights)

@@ -21,6 +21,7 @@ import pytest
 import yaml
 from conftest import small_digits_consortium
 from flower_loopback import HOST, Deployment, flower_coordinator_config
+from PIL import Image
 
 from medfdd.artifacts import load_synthetic
 from medfdd.cli import main
@@ -147,6 +148,8 @@ def test_twenty_sites_one_slow_one_dropped_the_round_meets_its_quorum(consortium
     steps = {s: o.meta["steps"] for s, o in offers.items()}
     assert steps[slow] >= 10 * max(v for s, v in steps.items() if s != slow)
     assert not (out / "sites" / dying).exists()
+    with Image.open(out / "rounds" / "round-1" / "merged_preview.png") as im:  # bounded: 20 images per class at most
+        assert im.size[0] < 2000 < 72 * r["n_merged"] / 10
 
     # the dead site: charged once for round 1 before it died, nothing released
     assert [e.round for e in paid_when_killed] == [1]
