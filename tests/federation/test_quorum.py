@@ -89,3 +89,22 @@ def test_silence_is_unavailable_when_the_superlink_lost_the_node_else_no_answer(
     code, why = silence(Error(code=ErrorCode.MESSAGE_UNAVAILABLE, reason="expired"), 30.0)
     assert code == Reason.NO_ANSWER and why == "no answer within 30 s (expired)"
     assert silence(None, 12.5) == (Reason.NO_ANSWER, "no answer within 12.5 s")
+
+
+def test_flower_run_prints_why_the_coordinator_stopped_the_run(tmp_path):
+    from rich.console import Console
+
+    from medfdd.federation.flower.cli import _print_stopped
+
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps({"status": "failed", "stopped": {
+        "round": 2, "reason": "quorum not met: 1 of 3 site(s) accepted, min_sites is 2", "accepted": ["hospital-a"],
+        "missing": {"hospital-b": "site_unavailable", "hospital-c": "no_answer"}}}))
+    console = Console(record=True, width=300)
+    _print_stopped(run_json, console)
+    assert console.export_text().strip() == (
+        "the coordinator stopped the run in round 2: quorum not met: 1 of 3 site(s) accepted, min_sites is 2; "
+        "accepted: hospital-a; missing: hospital-b (site_unavailable), hospital-c (no_answer)")
+    quiet = Console(record=True)
+    _print_stopped(tmp_path / "absent.json", quiet)  # the run folder is on another machine: nothing to add
+    assert quiet.export_text() == ""
