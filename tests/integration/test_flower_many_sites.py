@@ -49,7 +49,7 @@ def _set_distill(path, **distill) -> None:
 
 def _rss_mib(procs) -> float:
     """Resident memory of the deployment's processes and everything they spawned (SuperExecs, ClientApps,
-    the ServerApp), in MiB."""
+    the ServerApp), summed, in MiB (an upper bound: the libraries they share count once per process)."""
     total = 0
     for p in procs:
         try:
@@ -126,7 +126,7 @@ def test_twenty_sites_one_slow_one_dropped_the_round_meets_its_quorum(consortium
     with capsys.disabled():
         print(f"\n20 sites over Flower (TLS + auth), 1 round, one slow and one dropped site: "
               f"{time.perf_counter() - t0:.0f} s to here, {time.perf_counter() - started:.0f} s for the run; "
-              f"deployment peak RSS {peak:.0f} MiB")
+              f"peak sum of the deployment's RSS {peak:.0f} MiB (shared pages counted once per process)")
 
     run_json = json.loads((out / "run.json").read_text())
     assert run_json["status"] == "completed" and "stopped" not in run_json
