@@ -82,6 +82,13 @@ def _env(name: str) -> dict[str, str]:
 UNITS = sorted(p.name for p in DEPLOY.glob("*.service"))
 
 
+def _with_local_imports(test: Path) -> str:
+    """A test module's source and that of the helper modules beside it that it imports (e.g. flower_loopback)."""
+    source = test.read_text()
+    local = re.findall(r"^(?:from|import) (\w+)", source, re.M)
+    return source + "".join((test.parent / f"{m}.py").read_text() for m in local if (test.parent / f"{m}.py").is_file())
+
+
 def test_every_command_in_the_guide_has_a_check():
     known = {"medfdd", "pip", "sudo", "useradd", "install", "cp", "systemctl", "journalctl", "monai.bundle",
              "medfdd.federation.nvflare.job"}
@@ -96,7 +103,7 @@ def test_medfdd_commands_parse_and_the_ones_needing_a_consortium_are_run_by_inte
         words = tuple(_words(argv)[1:3])
         assert words in RUN_BY, f"no test runs `{shlex.join(argv)}`: add it to RUN_BY with the test that does"
         test = Path(RUN_BY[words])
-        source = (test if test.is_absolute() else ROOT / test).read_text()
+        source = _with_local_imports(test if test.is_absolute() else ROOT / test)
         assert all(f'"{w}"' in source for w in words), f"{test} does not run `medfdd {' '.join(words)}`"
         assert not getattr(args, "insecure", False), "the guide's commands keep TLS and SuperNode authentication on"
 
