@@ -108,25 +108,13 @@ def run_child(code: Path, config: Path) -> dict:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from plots import size_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    for code in sorted({r["code"] for r in rows}):
-        sub = sorted((r for r in rows if r["code"] == code and "peak_rss_mb" in r), key=lambda r: r["scans"])
-        a.plot([r["scans"] for r in sub], [r["peak_rss_mb"] for r in sub], "o-", label=code)
-        b.plot([r["scans"] for r in sub], [r["seconds_per_paid_step"] for r in sub], "o-", label=code)
-    a.set(xlabel="scans in the site", ylabel="peak RSS of site distill (MiB)", title="peak memory")
-    b.set(xlabel="scans in the site", ylabel="s / paid step", title="time per paid step")
-    for ax in (a, b):
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    measured = [r for r in rows if "peak_rss_mb" in r]
+    codes = sorted({r["code"] for r in measured})
+    size_figure(path, "scans in the site",
+                {c: [(r["scans"], r["peak_rss_mb"]) for r in measured if r["code"] == c] for c in codes},
+                {c: [(r["scans"], r["seconds_per_paid_step"]) for r in measured if r["code"] == c] for c in codes})
 
 
 def main() -> None:

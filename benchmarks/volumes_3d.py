@@ -119,25 +119,14 @@ def check_release(out: Path) -> dict:
 
 
 def figure(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from plots import size_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sub = sorted((r for r in rows if "peak_rss_mb" in r), key=lambda r: r["volumes"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
-    a.plot([r["volumes"] for r in sub], [r["peak_rss_mb"] for r in sub], "o-", label="peak RSS")
-    a.plot([r["volumes"] for r in sub], [r["rss_after_imports_mb"] for r in sub], "s--", label="after imports")
-    b.plot([r["volumes"] for r in sub], [r["seconds_per_paid_step"] for r in sub], "o-")
-    a.set(xlabel="64^3 volumes in the site", ylabel="MiB", title="peak memory of site distill")
-    b.set(xlabel="64^3 volumes in the site", ylabel="s / paid step", title="time per paid step (2 shared cores)")
-    for ax in (a, b):
-        ax.set_xscale("log")
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    measured = [r for r in rows if "peak_rss_mb" in r]
+    size_figure(path, "64^3 volumes in the site",
+                {"peak RSS": [(r["volumes"], r["peak_rss_mb"]) for r in measured],
+                 "after imports": [(r["volumes"], r["rss_after_imports_mb"]) for r in measured]},
+                {"site distill": [(r["volumes"], r["seconds_per_paid_step"]) for r in measured]},
+                "time per paid step (2 shared cores)")
 
 
 def main() -> None:
