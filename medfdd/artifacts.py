@@ -126,19 +126,17 @@ def save_preview(path: Path, images: np.ndarray, labels: np.ndarray, classes: li
     return atomic_write_bytes(Path(path), preview_png(images, labels, classes, title, max_cols=max_cols))
 
 
-AXIS_CODES = {"R": (0, 1.0), "L": (0, -1.0), "A": (1, 1.0), "P": (1, -1.0), "S": (2, 1.0), "I": (2, -1.0)}
-
-
 def volume_affine(shape: tuple[int, int, int], orientation: str = "RAS",
                   voxel_size: list[float] | None = None) -> np.ndarray:
     """The voxel-to-RAS+ affine (NIfTI-1 sform) of a preprocessed volume stored as (x, y, z) = its `orientation`
     axes (`data.orientation`, the axes MONAI `Orientation` gave it): each column the axis' direction in RAS+ times
     its voxel size (`voxel_size`, else a nominal 1 mm), the volume's centre at the origin (a synthetic volume belongs
     to no scanner position)."""
+    from nibabel.orientations import axcodes2ornt
+
     direction = np.zeros((3, 3))
-    for axis, code in enumerate(orientation.upper()):
-        row, sign = AXIS_CODES[code]
-        direction[row, axis] = sign
+    for axis, (row, sign) in enumerate(axcodes2ornt(tuple(orientation.upper()))):  # RAS+ axis and sign per axis
+        direction[int(row), axis] = sign
     affine = np.eye(4)
     affine[:3, :3] = direction @ np.diag(voxel_size or [1.0, 1.0, 1.0])
     affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape, dtype=np.float64) - 1) / 2)
