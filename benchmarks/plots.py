@@ -164,16 +164,17 @@ def write_figures(out_dir: Path, central_rows: dict, anchors: dict, federated: l
 
 
 def size_figure(path: Path, xlabel: str, memory: dict[str, list[tuple[float, float]]],
-                seconds: dict[str, list[tuple[float, float]]], seconds_title: str = "time per paid step") -> None:
+                seconds: dict[str, list[tuple[float, float]]], seconds_title: str = "time per paid step",
+                memory_title: str = "peak memory of site distill", seconds_label: str = "s / paid step") -> None:
     """Two panels against the site's size (log x): peak memory (MiB) and seconds per paid step, one line per series
-    of (size, value) points (site_scale.png, volumes_3d.png)."""
+    of (size, value) points (site_scale.png, volumes_3d.png, audit_scale.png)."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     for ax, series in ((a, memory), (b, seconds)):
         for (label, points), style in zip(series.items(), ("o-", "s--", "^-", "v--"), strict=False):
             points = sorted(points)
             ax.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
-    a.set(xlabel=xlabel, ylabel="MiB", title="peak memory of site distill")
-    b.set(xlabel=xlabel, ylabel="s / paid step", title=seconds_title)
+    a.set(xlabel=xlabel, ylabel="MiB", title=memory_title)
+    b.set(xlabel=xlabel, ylabel=seconds_label, title=seconds_title)
     for ax in (a, b):
         ax.set_xscale("log")
         ax.set_ylim(bottom=0)

@@ -33,7 +33,10 @@ class TrainSettings:
 
 def as_tensor(a, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
     """`torch.as_tensor`, except that a read-only array (a site's memory-mapped records) is copied: torch cannot
-    share read-only memory (it warns, and a write through the tensor would be undefined)."""
+    share read-only memory (it warns, and a write through the tensor would be undefined). A tensor (e.g. a batch
+    read from a `RecordView`) is converted, not copied through numpy."""
+    if isinstance(a, torch.Tensor):
+        return a.to(device=device, dtype=dtype)
     a = np.asarray(a)
     return torch.as_tensor(a if a.flags.writeable else np.array(a), dtype=dtype, device=device)
 
@@ -49,9 +52,11 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, num_classes: int, s
                      on_epoch: Callable[[int], None] | None = None, init: nn.Module | None = None) -> nn.Module:
     """`weights` (one per image, e.g. class-balanced merging) weight the cross-entropy of each example;
     `on_epoch(epochs_done)` is called after each epoch (a progress bar; it must not touch the model). `init`: start
-    from a copy of this model (fine-tuning; `settings.architecture` and `width` are then unused) instead of a fresh seeded one."""
+    from a copy of this model (fine-tuning; `settings.architecture` and `width` are then unused) instead of a fresh seeded one.
+    `images` may also be a tensor or a `medfdd.data.records.RecordView` (a site's records, out of core: each batch is
+    then read by index)."""
     device = device or pick_device()
-    x = as_tensor(images, device=device)
+    x = as_tensor(images, device=device) if isinstance(images, np.ndarray | torch.Tensor) else images.to(device)
     y = torch.as_tensor(labels, dtype=torch.long, device=device)
     w = None if weights is None else torch.as_tensor(weights, dtype=torch.float32, device=device)
     model = (model_for(tuple(x.shape[1:]), num_classes, architecture=settings.architecture, width=settings.width,

@@ -2,6 +2,7 @@
 
 `RecordView(images, index)` stands where a [n, C, *spatial] tensor stood: `len`, `shape`, `to(device)` and
 `view[idx]` (an index tensor, e.g. a Poisson sample, or a slice: a batch) -> the float32 rows `images[index[idx]]` on the view's device.
+`take` and `concat` select and join records without reading them when given views (plain arrays: as numpy does).
 Over a memory map (`cache.SiteStore`), the pages read are released after each read, so the process's resident memory
 does not grow with the site: only the sampled rows are ever in memory.
 """
@@ -61,8 +62,48 @@ class RecordView:
     def __getitem__(self, idx: torch.Tensor | slice) -> torch.Tensor:
         return torch.from_numpy(self.rows(idx)).to(self.device)
 
+    def subset(self, positions: np.ndarray) -> RecordView:
+        """The records at view positions `positions`, as a view: nothing is read."""
+        return RecordView(self.images, self.index[np.asarray(positions, dtype=np.int64)], self.device)
+
+    def followed_by(self, other: RecordView) -> RecordView:
+        """This view's records, then `other`'s (a view of the same records array): nothing is read."""
+        if other.images is not self.images:
+            raise ValueError("RecordView.followed_by: both views must read the same records array")
+        return RecordView(self.images, np.r_[self.index, other.index], self.device)
+
     def chunks(self) -> Iterator[np.ndarray]:
         """Every record in view order, a few MiB at a time (digests, batched evaluation)."""
         step = max(1, CHUNK_BYTES // max(1, 4 * math.prod(self.shape[1:])))
         for start in range(0, len(self), step):
             yield self.rows(np.arange(start, min(len(self), start + step)))
+
+
+def byte_chunks(records: np.ndarray | torch.Tensor | RecordView) -> Iterator[bytes | memoryview]:
+    """dtype and shape, then the raw values, for digests: a view is read a chunk at a time, an array is not copied
+    (an array and a view of the same values give the same bytes)."""
+    if isinstance(records, RecordView):
+        yield f"{np.dtype(np.float32).str}{tuple(records.shape)}".encode()
+        for a in records.chunks():
+            yield memoryview(a).cast("B")
+        return
+    a = records.detach().cpu().numpy() if isinstance(records, torch.Tensor) else records
+    a = np.ascontiguousarray(a)
+    yield f"{a.dtype.str}{a.shape}".encode()
+    yield memoryview(a).cast("B")
+
+
+def take(records: np.ndarray | RecordView, positions: np.ndarray) -> np.ndarray | RecordView:
+    """`records[positions]`; a view stays a view (nothing is read)."""
+    return records.subset(positions) if isinstance(records, RecordView) else records[positions]
+
+
+def concat(first: np.ndarray | RecordView, second: np.ndarray | RecordView) -> np.ndarray | RecordView:
+    """`first` then `second`; two views of the same records stay a view (nothing is read)."""
+    if isinstance(first, RecordView) and isinstance(second, RecordView):
+        return first.followed_by(second)
+    return np.concatenate([_read(first), _read(second)])
+
+
+def _read(records: np.ndarray | RecordView) -> np.ndarray:
+    return records.rows(slice(None)) if isinstance(records, RecordView) else np.asarray(records)

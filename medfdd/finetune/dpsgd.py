@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from medfdd.data.records import RecordView
 from medfdd.distill.base import seeded_generator
 from medfdd.distill.gradient_matching import per_example_gradients, trainable_copy
 from medfdd.distill.mechanism import standard_normal, uniforms
@@ -54,9 +55,10 @@ def gaussian_noise(size: int, std: float, g: torch.Generator) -> torch.Tensor:
     return std * standard_normal((size,), g)
 
 
-def dp_sgd(model: Classifier, x: torch.Tensor, y: torch.Tensor, plan: DPSGDPlan, *, lr: float, seed: int, round_: int,
+def dp_sgd(model: Classifier, x: torch.Tensor | RecordView, y: torch.Tensor, plan: DPSGDPlan, *, lr: float, seed: int, round_: int,
            device: torch.device, on_step: Callable[[int], None] | None = None) -> Classifier:
-    """`plan.steps` DP-SGD steps on a copy of `model` over the records (x, y); returns the trained copy (eval mode).
+    """`plan.steps` DP-SGD steps on a copy of `model` over the records (x, y; a `RecordView` is read by index, so only
+    each step's Poisson sample is in memory); returns the trained copy (eval mode).
     `noise_multiplier` 0 (the --no-dp baseline) adds no noise."""
     net = trainable_copy(model).to(device)
     params = list(net.parameters())

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save
 from medfdd.artifacts import SyntheticSet, load_agreed_model, save_preview, save_synthetic, save_volumes_nifti
 from medfdd.charts import loss_png
 from medfdd.config import SiteConfig
-from medfdd.data.records import RecordView
+from medfdd.data.records import RecordView, byte_chunks
 from medfdd.data.split import MEMBERS_FILE, split_digest
 from medfdd.distill import create_distiller
 from medfdd.distill.base import DistillState, PrivacyPlan, WarmStart, check_warm_start, fast_bf16
@@ -130,18 +130,6 @@ def _runtime(cfg: SiteConfig, device: torch.device) -> dict:
             "torch": torch.__version__}
 
 
-def _tensor_chunks(t: torch.Tensor | RecordView) -> Iterator[bytes | memoryview]:
-    """dtype and shape, then the raw values (not copied; a site's records are read a chunk at a time)."""
-    if isinstance(t, RecordView):
-        yield f"{np.dtype(np.float32).str}{tuple(t.shape)}".encode()
-        for a in t.chunks():
-            yield memoryview(a).cast("B")
-        return
-    a = np.ascontiguousarray(t.detach().cpu().numpy())
-    yield f"{a.dtype.str}{a.shape}".encode()
-    yield memoryview(a).cast("B")
-
-
 def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: RecordView, y: torch.Tensor,
                  runtime: dict, start: WarmStart | None, global_model: Path | None) -> str:
     """The release's identity (DESIGN invariant 9): digests of everything its noisy statistics and images depend on,
@@ -161,11 +149,11 @@ def _fingerprint(cfg: SiteConfig, plan: PrivacyPlan, round_: int, seed: int, x: 
     settings = [cfg.distill.model_dump(mode="json"), cfg.data.model_dump(mode="json"), round_, plan.__dict__]
     parts = {
         "k": digest(b"noise key"),
-        "l": digest(_tensor_chunks(y)),
-        "c": digest(_tensor_chunks(x)),
+        "l": digest(byte_chunks(y)),
+        "c": digest(byte_chunks(x)),
         "s": digest(json.dumps(settings, sort_keys=True, default=str).encode()),
         "r": digest(json.dumps(runtime, sort_keys=True).encode()),
-        "w": digest(_tensor_chunks(start.images), _tensor_chunks(start.labels)) if start else digest(b"none"),
+        "w": digest(byte_chunks(start.images), byte_chunks(start.labels)) if start else digest(b"none"),
         "g": digest(b"model", Path(global_model).read_bytes()) if global_model is not None else digest(b"none"),
     }
     return digest(*parts.values()).hex() + ":" + ",".join(f"{t}={d.hex()[:8]}" for t, d in parts.items())

@@ -90,7 +90,7 @@ def recipe_settings(ev: SiteEvaluateConfig, arch: dict) -> TrainSettings:
                          augment=ev.augment, architecture=architecture)
 
 
-def train_site_models(global_model: nn.Module, images: np.ndarray, labels: np.ndarray, num_classes: int,
+def train_site_models(global_model: nn.Module, images: np.ndarray | RecordView, labels: np.ndarray, num_classes: int,
                       ev: SiteEvaluateConfig, *, seed: int, device) -> dict[str, nn.Module]:
     """The fine-tuned global model and a local-only one (from scratch, the global model's architecture), both
     trained on `images` (the site's training patients only: the caller never passes holdout records) with one
@@ -120,7 +120,7 @@ def evaluate_at_site(cfg: SiteConfig, model_path: Path, *, console: Console | No
     if cfg.evaluate.finetune and len(train_idx):
         with console.status(f"{cfg.site_id}: fine-tuning the global model and training a local-only one on "
                             f"{len(train_idx)} training records (they stay here)"):
-            site_models = train_site_models(model, data.images[train_idx], data.labels[train_idx],
+            site_models = train_site_models(model, RecordView(data.images, train_idx), data.labels[train_idx],
                                             len(data.classes), cfg.evaluate, seed=cfg.seed, device=pick_device(cfg.device))
         for name, m in site_models.items():
             models[name] = {g: evaluate(m, RecordView(data.images, idx), data.labels[idx], len(data.classes))

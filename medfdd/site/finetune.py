@@ -26,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from medfdd.artifacts import load_agreed_model, save_model
 from medfdd.config import FinetuneConfig, SiteConfig
+from medfdd.data.records import RecordView, byte_chunks
 from medfdd.errors import ConfigError
 from medfdd.finetune.dpsgd import DPSGDPlan, dp_sgd
 from medfdd.io import atomic_write_bytes, json_safe
@@ -95,27 +96,23 @@ RELEASE_PARTS = {
 
 
 def release_fingerprint(*, seed: int, round_: int, recipe: FinetuneConfig, plan: DPSGDPlan, device: torch.device,
-                        x: np.ndarray, y: np.ndarray, model: bytes) -> str:
+                        x: np.ndarray | RecordView, y: np.ndarray, model: bytes) -> str:
     """What a fine-tuning charge pays for (DESIGN invariant 9), as the distillation's fingerprint: a digest of all
     parts, then an 8-hex tag per part (`RELEASE_PARTS`), every digest keyed by the secret keyed seed (the ledger may
     travel; a plain digest of the records would let anyone test candidate data sets)."""
     key = hashlib.blake2b(str(seed).encode(), digest_size=32).digest()
 
-    def digest(*chunks: bytes) -> bytes:
+    def digest(*chunks: bytes | memoryview) -> bytes:
         h = hashlib.blake2b(key=key, digest_size=16)
         for chunk in chunks:
             h.update(chunk)
         return h.digest()
 
-    def array(a: np.ndarray) -> tuple[bytes, bytes]:
-        a = np.ascontiguousarray(a)
-        return f"{a.dtype.str}{a.shape}".encode(), a.tobytes()
-
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
     parts = {
         "k": digest(b"noise key"),
-        "l": digest(*array(y)),
-        "c": digest(*array(x)),
+        "l": digest(*byte_chunks(y)),
+        "c": digest(*byte_chunks(x)),
         "s": digest(json.dumps([round_, recipe.model_dump(mode="json"), plan.__dict__], sort_keys=True).encode()),
         "r": digest(json.dumps([str(device), name, torch.__version__]).encode()),
         "g": digest(b"model", model),
@@ -160,7 +157,7 @@ def finetune_site(cfg: SiteConfig, task: FinetuneRound, *, console: Console | No
     if len(data.train) == 0:
         raise DistillError(f"{cfg.site_id}: data", "the training split is empty",
                            "run `medfdd site check` and fix the quarantined rows")
-    x, y = data.images[data.train], data.labels[data.train]
+    x, y = RecordView(data.images, data.train), data.labels[data.train]  # read by index (a Poisson sample)
     device = pick_device(cfg.device)
     ledger = open_ledger(cfg, dp)
     seed = keyed_seed(load_or_create(cfg.output_dir / KEY_FILENAME), cfg.seed)
@@ -174,7 +171,7 @@ def finetune_site(cfg: SiteConfig, task: FinetuneRound, *, console: Console | No
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         t = bar.add_task(f"{cfg.site_id}: DP fine-tuning round {task.round}", total=plan.steps)
-        local = dp_sgd(model, torch.as_tensor(x), torch.as_tensor(y), plan, lr=recipe.lr, seed=seed,
+        local = dp_sgd(model, x, torch.as_tensor(y), plan, lr=recipe.lr, seed=seed,
                        round_=task.round, device=device, on_step=lambda s: bar.update(t, completed=s))
     path = save_model(cfg.output_dir / "finetune" / f"local-round-{task.round}.safetensors", local.cpu())
     eps = ledger.epsilon_spent

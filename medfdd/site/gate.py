@@ -19,6 +19,7 @@ from rich.console import Console
 
 from medfdd.artifacts import SyntheticSet
 from medfdd.config import SiteConfig
+from medfdd.data.records import RecordView
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import split_units
 from medfdd.errors import MedfddError
@@ -36,7 +37,7 @@ def gate_synthetic_set(cfg: SiteConfig, syn: SyntheticSet, *, console: Console |
     from privacy.audit.metrics import attack_metrics, clopper_pearson_lower_bound
 
     data = load_site_data(cfg)
-    records = np.concatenate([data.images[data.train], data.images[data.holdout]])
+    records = RecordView(data.images, np.r_[data.train, data.holdout])  # read a chunk at a time
     member = np.concatenate([np.ones(len(data.train), bool), np.zeros(len(data.holdout), bool)])
     if member.all():
         raise AuditGateFailed(f"{cfg.site_id}: audit_gate", "the site has no audit holdout to compare against",

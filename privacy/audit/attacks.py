@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from medfdd.data.records import RecordView, take
 from privacy.audit.pipeline import PipelineOutput, PipelineSettings, run_pipeline
 from privacy.audit.scores import dcr_scores, logit_confidence, logits, loss_scores
 
@@ -55,16 +56,17 @@ class ShadowStats:
     mechanisms: list[tuple[float, float, int]]  # per shadow: the (noise multiplier, sample rate, steps) it ran
 
 
-def run_shadows(images: np.ndarray, labels: np.ndarray, settings: PipelineSettings, *, n_shadows: int, seed: int,
+def run_shadows(images: np.ndarray | RecordView, labels: np.ndarray, settings: PipelineSettings, *, n_shadows: int, seed: int,
                 targets: tuple[str, ...], context: tuple[np.ndarray, np.ndarray] | None = None,
                 on_shadow: Callable[[int], None] | None = None) -> ShadowStats:
-    """Rerun the pipeline on `n_shadows` random halves of the pool and record every record's statistic."""
+    """Rerun the pipeline on `n_shadows` random halves of the pool and record every record's statistic (a
+    `RecordView` pool is read by index, a batch at a time: nothing holds the whole pool)."""
     in_mask = balanced_halves(len(images), n_shadows, seed)
     out = {t: np.zeros((n_shadows, len(images))) for t in targets}
     mechanisms = []
     for k in range(n_shadows):
         idx = np.flatnonzero(in_mask[k])
-        res = run_pipeline(images[idx], labels[idx], settings, seed=seed * 1000 + 17 + k, context=context,
+        res = run_pipeline(take(images, idx), labels[idx], settings, seed=seed * 1000 + 17 + k, context=context,
                            train_model="global_model" in targets)
         mechanisms.append((res.noise_multiplier, res.sample_rate, res.steps))
         for t in targets:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from medfdd.data.records import RecordView, concat, take
 from privacy.audit.attacks import target_statistic
 from privacy.audit.metrics import EpsilonBound, clopper_pearson_lower_bound, one_run_lower_bound
 from privacy.audit.pipeline import PipelineSettings, run_pipeline
@@ -32,7 +33,7 @@ class CanaryOutcome:
     mechanism: tuple[float, float, int] = (0.0, 0.0, 0)  # (noise multiplier, sample rate, steps) the run used
 
 
-def canary_audit(train_images: np.ndarray, train_labels: np.ndarray, canary_images: np.ndarray,
+def canary_audit(train_images: np.ndarray | RecordView, train_labels: np.ndarray, canary_images: np.ndarray | RecordView,
                  canary_labels: np.ndarray, settings: PipelineSettings, *, target: str, kind: str, seed: int,
                  delta: float, confidence: float, context: tuple[np.ndarray, np.ndarray] | None = None
                  ) -> CanaryOutcome:
@@ -42,7 +43,7 @@ def canary_audit(train_images: np.ndarray, train_labels: np.ndarray, canary_imag
         shift = rng.integers(1, settings.num_classes, size=len(labels))
         labels = (labels + shift) % settings.num_classes
     included = rng.random(len(labels)) < 0.5
-    x = np.concatenate([train_images, canary_images[included]])
+    x = concat(train_images, take(canary_images, np.flatnonzero(included)))  # views stay views: read by index
     y = np.concatenate([train_labels, labels[included]])
     out = run_pipeline(x, y, settings, seed=seed * 1000 + 3, context=context, train_model=target == "global_model")
     scores = target_statistic(target, out, canary_images, labels)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from medfdd.config import DistillConfig
+from medfdd.data.records import RecordView
 from medfdd.distill import create_distiller
 from medfdd.distill.base import PrivacyPlan, WarmStart
 from medfdd.nets import Classifier
@@ -71,7 +72,7 @@ def privacy_plan(settings: PipelineSettings, n_records: int) -> PrivacyPlan:
     return PrivacyPlan(True, sigma, q, cfg.iterations, cfg.clip_norm)
 
 
-def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSettings, *, seed: int,
+def run_pipeline(images: np.ndarray | RecordView, labels: np.ndarray, settings: PipelineSettings, *, seed: int,
                  context: tuple[np.ndarray, np.ndarray] | None = None, train_model: bool = True,
                  device: torch.device | None = None) -> PipelineOutput:
     """Distill (`images`, `labels`) with the run's distiller, then train a ConvNet-3 on the synthetic set
@@ -81,7 +82,8 @@ def run_pipeline(images: np.ndarray, labels: np.ndarray, settings: PipelineSetti
     distiller = create_distiller(
         settings.distill, plan, num_classes=settings.num_classes, image_shape=tuple(images.shape[1:]), seed=seed,
         round_=settings.round_, device=device, matching_net=settings.matching_net, start=settings.start)
-    state = distiller.run(as_tensor(images), as_tensor(labels, dtype=torch.long))
+    records = images if isinstance(images, RecordView) else as_tensor(images)  # a view is read by index
+    state = distiller.run(records, as_tensor(labels, dtype=torch.long))
     syn_x = state.result().cpu().numpy().astype(np.float32)
     syn_y = state.labels.cpu().numpy().astype(np.int64)
     model = None

@@ -34,6 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from medfdd.artifacts import load_agreed_model, load_model, load_synthetic
 from medfdd.charts import run_progress
 from medfdd.config import DistillConfig, load_site_config
+from medfdd.data.records import RecordView
 from medfdd.data.site_data import load_site_data
 from medfdd.data.split import MEMBERS_FILE, split_digest, split_units
 from medfdd.distill.base import PrivacyPlan, WarmStart, check_warm_start
@@ -194,15 +195,25 @@ def _released_images(run_dir: Path, run: dict, site: str | None) -> tuple[np.nda
     return (np.concatenate(images) if images else None), used
 
 
-def _dcr_row(run_dir: Path, run: dict, site: str | None, latest: np.ndarray, x, member, **common) -> AttackRow:
-    """DCR of the records `x` against every image released over the rounds (the latest set when the run directory
-    kept no round files: older runs)."""
+def _dcr_target(run_dir: Path, run: dict, site: str | None, latest: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(every image released over the rounds, details): the DCR target, the latest set when the run directory kept
+    no round files (older runs)."""
     target, used = _released_images(run_dir, run, site)
     if target is None:
         target, used = latest, []
-    details = {"released_rounds": used or "latest only", "n_synthetic": int(len(target))}
-    return _row(CONSORTIUM if site is None else site, "dcr", "synthetic", dcr_attack(target, x), member,
-                details=details, **common)
+    return target, {"released_rounds": used or "latest only", "n_synthetic": int(len(target))}
+
+
+@dataclass
+class _PoolPart:
+    """One site's share of the consortium rows: its records' scores (the records themselves stay unread)."""
+
+    member: np.ndarray
+    groups: np.ndarray
+    delta: float
+    eps: float
+    loss: np.ndarray | None  # loss attack on the global model
+    dcr: np.ndarray | None  # DCR against the consortium's merged sets
 
 
 @dataclass(frozen=True)
@@ -331,7 +342,12 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
     notes: list[str] = []
     sites: dict[str, SiteAudit] = {}
     rows: list[AttackRow] = []
-    pools: list[tuple[np.ndarray, np.ndarray, np.ndarray, float, float, np.ndarray]] = []
+    pools: list[_PoolPart] = []
+    merged = RunDir(run_dir).merged
+    consortium_dcr = None  # the consortium's DCR target: every round's merged set
+    if spec.consortium and "dcr" in spec.attacks and "synthetic" in spec.targets and merged.is_file():
+        with np.load(merged, allow_pickle=False) as z:
+            consortium_dcr = _dcr_target(run_dir, run, None, z["images"])
     n_rounds = len(run.get("rounds") or [])
     if n_rounds > 1 and (spec.lira or "canary" in spec.attacks):
         notes.append(f"the run had {n_rounds} rounds; LiRA shadows and the canary run replay one round, the last "
@@ -365,17 +381,21 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
             eps_acc = (spent if spent is not None else _inf(meta.get("epsilon"))) if dp else math.inf
             pool = np.r_[data.train, data.holdout]
             member = np.r_[np.ones(len(data.train)), np.zeros(len(data.holdout))].astype(bool)
-            x, y = data.images[pool], data.labels[pool]
+            x, y = RecordView(data.images, pool), data.labels[pool]  # read by index, a batch at a time
             sites[sid] = SiteAudit(sid, dp, _inf(info.get("epsilon_budget")), eps_acc, delta,
                                    str(meta.get("accountant", "rdp")), ledger, syn.images, syn.labels,
                                    int(member.sum()), int((~member).sum()), str(meta.get("privacy_unit", "scan")))
             groups = split_units(data.patient_ids, pool, sid)
-            pools.append((x, y, member, delta, eps_acc, groups))
             common = {"groups": groups, "delta": delta, "eps": eps_acc, "spec": spec}
+            losses = None
             if "loss" in spec.attacks and "global_model" in spec.targets:
-                rows.append(_row(sid, "loss", "global_model", loss_attack(model, x, y), member, **common))
+                losses = loss_attack(model, x, y)
+                rows.append(_row(sid, "loss", "global_model", losses, member, **common))
             if "dcr" in spec.attacks and "synthetic" in spec.targets:
-                rows.append(_dcr_row(run_dir, run, sid, syn.images, x, member, **common))
+                target, details = _dcr_target(run_dir, run, sid, syn.images)
+                rows.append(_row(sid, "dcr", "synthetic", dcr_attack(target, x), member, details=details, **common))
+            pools.append(_PoolPart(member, groups, delta, eps_acc, losses,
+                                   None if consortium_dcr is None else dcr_attack(consortium_dcr[0], x)))
 
             replay = replayed_mechanism(run_dir, sid, meta, cfg.distill, num_classes=k,
                                         shape=tuple(data.images.shape[1:]))
@@ -407,7 +427,8 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
                 task = bar.add_task(f"{sid}: canary run ({m} canaries)", total=1)
                 pick = np.random.default_rng([spec.seed, 11]).permutation(data.holdout)[:m]
                 with torch.random.fork_rng(devices=[]):
-                    c = canary_audit(data.images[data.train], data.labels[data.train], data.images[pick],
+                    c = canary_audit(RecordView(data.images, data.train), data.labels[data.train],
+                                     RecordView(data.images, pick),
                                      data.labels[pick], settings, target=spec.canary_target, kind=spec.canary_kind,
                                      seed=spec.seed, delta=delta, confidence=canary_confidence, context=context)
                 bar.update(task, completed=1)
@@ -433,20 +454,18 @@ def audit_run(run_dir: Path, spec: AuditSpec, *, console: Console | None = None)
         raise AuditError("audit spec", f"attacks {spec.attacks} on targets {spec.targets} produced no result: "
                          "nothing was tested (" + "; ".join(notes) + ")",
                          "pick attacks that run on the chosen targets (loss needs global_model, dcr needs synthetic)")
-    if spec.consortium and len(pools) > 1:
-        x = np.concatenate([p[0] for p in pools])
-        y = np.concatenate([p[1] for p in pools])
-        member = np.concatenate([p[2] for p in pools])
-        delta = max(p[3] for p in pools)
-        eps = max(p[4] for p in pools)  # a record is protected by its own site's guarantee: the worst site bounds all
-        common = {"groups": np.concatenate([p[5] for p in pools]), "delta": delta, "eps": eps, "spec": spec}
-        if "loss" in spec.attacks and "global_model" in spec.targets:
-            rows.append(_row(CONSORTIUM, "loss", "global_model", loss_attack(model, x, y), member, **common))
-        merged = RunDir(run_dir).merged
-        if "dcr" in spec.attacks and "synthetic" in spec.targets and merged.is_file():
-            with np.load(merged, allow_pickle=False) as z:
-                latest = z["images"]
-            rows.append(_dcr_row(run_dir, run, None, latest, x, member, **common))
+    if spec.consortium and len(pools) > 1:  # every site's records scored above, pooled (each record's score does
+        # not depend on the other records)
+        member = np.concatenate([p.member for p in pools])
+        delta = max(p.delta for p in pools)
+        eps = max(p.eps for p in pools)  # a record is protected by its own site's guarantee: the worst site bounds all
+        common = {"groups": np.concatenate([p.groups for p in pools]), "delta": delta, "eps": eps, "spec": spec}
+        if all(p.loss is not None for p in pools):
+            rows.append(_row(CONSORTIUM, "loss", "global_model", np.concatenate([p.loss for p in pools]), member,
+                             **common))
+        if consortium_dcr is not None:
+            rows.append(_row(CONSORTIUM, "dcr", "synthetic", np.concatenate([p.dcr for p in pools]), member,
+                             details=consortium_dcr[1], **common))
     rounds = run.get("rounds") or []
     info = {"name": run_dir.name, "engine": run.get("engine"), "status": run.get("status"),
             "medfdd_version": run.get("medfdd_version"), "seed": run.get("seed"), "rounds": len(rounds),

@@ -50,9 +50,9 @@ def closest_distances(records: np.ndarray, synthetic: np.ndarray, chunk: int = 5
     """L2 distance (pixel space, flattened) from each record to its nearest synthetic image."""
     s = torch.as_tensor(synthetic.reshape(len(synthetic), -1), dtype=torch.float64)
     out = []
-    for i in range(0, len(records), chunk):
-        r = torch.as_tensor(records[i:i + chunk].reshape(len(records[i:i + chunk]), -1), dtype=torch.float64)
-        out.append(torch.cdist(r, s).min(dim=1).values)
+    for i in range(0, len(records), chunk):  # a `RecordView` of a site's records is read a chunk at a time
+        r = as_tensor(records[i:i + chunk], dtype=torch.float64)
+        out.append(torch.cdist(r.reshape(len(r), -1), s).min(dim=1).values)
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 

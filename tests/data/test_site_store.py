@@ -8,9 +8,8 @@ import torch
 
 from medfdd.config import load_site_config
 from medfdd.data.cache import SiteStore
-from medfdd.data.records import RecordView
+from medfdd.data.records import RecordView, byte_chunks
 from medfdd.data.site_data import load_site_data, site_store_path
-from medfdd.site.distill import _tensor_chunks
 
 
 def test_store_appends_keeps_and_publishes_a_read_only_map(tmp_path):
@@ -57,7 +56,7 @@ def test_a_record_view_reads_the_rows_asked_for_and_digests_like_the_tensor(tmp_
     assert isinstance(on_device, torch.Tensor) and tuple(on_device.shape) == view.shape
     # the release fingerprint reads the view a chunk at a time and digests the same bytes as the whole tensor did
     as_tensor = torch.as_tensor(records[train])
-    assert b"".join(bytes(c) for c in _tensor_chunks(view)) == b"".join(bytes(c) for c in _tensor_chunks(as_tensor))
+    assert b"".join(bytes(c) for c in byte_chunks(view)) == b"".join(bytes(c) for c in byte_chunks(as_tensor))
 
 
 def test_load_site_data_returns_the_site_file_memory_mapped(site_builder):
