@@ -28,21 +28,26 @@ import yaml
 HERE = Path(__file__).resolve().parent
 
 
-def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int, codes: int) -> dict[tuple, Path]:
-    """Scans (kept when `base` already holds them: --workdir) and one config per (size, code) with its own output."""
-    from medfdd.prepare.writers import write_dicom
+def write_site(base: Path, n: int, sizes: list[int], spatial: int, steps: int, codes: int,
+               fmt: str = "dcm") -> dict[tuple, Path]:
+    """Scans (kept when `base` already holds them: --workdir) and one config per (size, code) with its own output.
+    `fmt` png writes the same pixels as 8-bit PNGs (about 50x faster to write than DICOM here: for 50,000 scans)."""
+    from medfdd.prepare.writers import write_dicom, write_png
 
     rng = np.random.default_rng(0)
     root = base / "scans"
     rows = []
-    written = (root / f"{(n - 1) // 1000:03d}/{n - 1:06d}.dcm").exists()
+    written = (root / f"{(n - 1) // 1000:03d}/{n - 1:06d}.{fmt}").exists()
     for i in range(n):
-        rel = f"{i // 1000:03d}/{i:06d}.dcm"
+        rel = f"{i // 1000:03d}/{i:06d}.{fmt}"
         label = "ab"[i % 2]
         if not written:
             pixels = rng.integers(0, 255, (28, 28), dtype=np.uint8)
             pixels[: 14 if label == "a" else 28, :14] //= 2  # a class signal
-            write_dicom(root / rel, pixels, patient_id=f"P{i}", rng=rng)
+            if fmt == "png":
+                write_png(root / rel, pixels)
+            else:
+                write_dicom(root / rel, pixels, patient_id=f"P{i}", rng=rng)
         rows.append([rel, label, f"P{i}"])
     configs = {}
     for size, code in ((size, code) for size in sizes for code in range(codes)):
@@ -126,6 +131,7 @@ def main() -> None:
     ap.add_argument("--baseline", type=Path, help="another checkout to run the same children with")
     ap.add_argument("--name", default="site_scale")
     ap.add_argument("--workdir", type=Path, help="keep the scans and cache here (reused by a later run)")
+    ap.add_argument("--format", choices=["dcm", "png"], default="dcm", help="file format of the generated scans")
     ap.add_argument("--note", default="shared 2-core machine (a long benchmark and another helper ran beside it): "
                     "times are noisy; peak RSS is per child process")
     args = ap.parse_args()
@@ -148,7 +154,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         base = args.workdir or Path(tmp)
         t = time.perf_counter()
-        configs = write_site(base, max(args.sizes), sorted(args.sizes), args.spatial, args.steps, len(codes))
+        configs = write_site(base, max(args.sizes), sorted(args.sizes), args.spatial, args.steps, len(codes),
+                             args.format)
         cfg = load_site_config(configs[max(args.sizes), 0])
         load_site_data(cfg.model_copy(update={"workers": "auto"}))  # fill the shared cache once
         print(f"wrote and decoded {max(args.sizes)} scans in {time.perf_counter() - t:.0f} s", flush=True)
@@ -158,10 +165,10 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps,
-                                         "note": args.note, "complete": False})
+                                         "format": args.format, "note": args.note, "complete": False})
     figure(rows, RESULTS / f"{args.name}.png")
-    out = write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps, "note": args.note,
-                                   "complete": True})
+    out = write_result(args.name, {"rows": rows, "spatial": args.spatial, "steps": args.steps, "format": args.format,
+                                   "note": args.note, "complete": True})
     print(f"wrote {out}")
 
 
