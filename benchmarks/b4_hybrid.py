@@ -78,6 +78,7 @@ def main() -> None:
              "eval_epochs": args.start_epochs}
     rows = []
     name = args.name or f"b4_hybrid_cpu_alpha{args.alpha:g}_eps{args.eps:g}"
+    args.out_dir.mkdir(parents=True, exist_ok=True)  # the partial rows are appended there as they finish
     if args.from_run is not None:  # the earlier run's charges, recomputed as its sites planned them
         args.share = [None]
     elif args.save_merged is None:
