@@ -87,6 +87,14 @@ class FactorisedDM(DistributionMatching):
             return super().sgd_update(state.slots, loss / self.factor ** 2)
         return super().sgd_update(state, loss)
 
+    def sgd_step(self, state, grad: torch.Tensor) -> None:
+        """The chunked path (a decoded set too large to embed with one graph) hands over the gradient with respect
+        to the decoded images: carry it back through the decoding to the slots, weighted as in `sgd_update`."""
+        if isinstance(state, Decoded):
+            (slot_grad,) = torch.autograd.grad(state.images, state.slots.images, grad_outputs=grad)
+            return super().sgd_step(state.slots, slot_grad / self.factor ** 2)
+        return super().sgd_step(state, grad)
+
     def release(self, state: DistillState) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoded images, labels): the ipc * f^2 training images per class the slots yield."""
         return decode(state.result(), self.factor), self.decoded_labels(state.labels)
