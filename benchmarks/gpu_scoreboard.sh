@@ -4,7 +4,9 @@
 # Every run is the product's default configuration (`b1_federated.py` at its default CPU-scale settings, i.e. the
 # site and coordinator config defaults, 3 rounds), only on the GPU: the scoreboard cells at 5 sites, all 60,000
 # records, split seed 0 (alpha 0.1 and 0.5 x epsilon 1, 4, 10 per site), each over the noise draws DM_SEEDS, then the
-# second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds).
+# second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds), then hybrid
+# mode at epsilon 10 (HYBRID=1: b4_hybrid.py, 3 distillation rounds planned for epsilon 1 = share 0.9, 20 DP-FedAvg
+# rounds at width 32, the setting of docs/benchmarks.md#hybrid-mode) on both splits over the same noise draws.
 # JOBS processes share the GPU; each run is cut at BUDGET_S and finalized from its finished rounds (`--finalize`).
 # Everything ends in $OUT/gpu_scoreboard.tar.gz (the device returns a few files only).
 # CPU smoke test (tiny): OUT=/tmp/sb SB_ARGS="--max-per-class 60 --iterations 2 --eval-epochs 2" CELLS="0.5:1"
@@ -35,8 +37,25 @@ if [ "${FEDAVG:-1}" = 1 ]; then  # the tuned DP-FedAvg setting of benchmarks/res
   done
 fi
 
+if [ "${HYBRID:-1}" = 1 ]; then
+  for a in 0.5 0.1; do
+    for s in $seeds; do
+      queue+=("hybrid:sb_hybrid_alpha${a}_eps10_dm${s} --alpha $a --eps 10 --share 0.9 --distill-rounds 3
+               --finetune-rounds 20 --width 32 --dm-seed $s")
+    done
+  done
+fi
+
+hybrid() {  # name, then b4_hybrid.py arguments (its rows are kept in NAME.partial.jsonl as they finish)
+  local name=$1; shift
+  timeout "$budget" $py benchmarks/b4_hybrid.py --out-dir "$OUT" --name "$name" --save-merged "$OUT/merged_$name" \
+    "$@" >"$OUT/$name.log" 2>&1
+  rm -rf "$OUT/merged_$name"  # its offers and merged sets: not results
+}
+
 run() {  # name, then b1_federated.py arguments; a run cut off by the budget keeps its finished rounds
   local name=$1; shift
+  case $name in hybrid:*) hybrid "${name#hybrid:}" "$@"; return ;; esac
   local args=(--rounds 3 --evals 1 --out-dir "$OUT" --name "$name" $extra "$@")
   timeout "$budget" $py benchmarks/b1_federated.py "${args[@]}" >"$OUT/$name.log" 2>&1 \
     || { [ -s "$OUT/$name.partial.jsonl" ] && $py benchmarks/b1_federated.py "${args[@]}" \
