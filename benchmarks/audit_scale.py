@@ -6,7 +6,10 @@ its pool (the site's records): the loss attack on a model, DCR against a release
 distills half the pool and trains a model, then every record is scored) and the one-run canary audit (64 canaries),
 with the pool given either as a `RecordView` of the memory map (how the audit reads it now: by index, a batch at a
 time) or as one in-memory array (how it read it before: `data.images[pool]`). Same seeds, same scores; only the
-memory differs. Peak RSS per child (`ru_maxrss`).
+memory differs. Peak RSS per child (`ru_maxrss`). glibc's dynamic mmap threshold lets the peak of a run that reuses
+large activation buffers wander by tens of MiB from one run to the next (measured: the loss attack alone peaked at
+774-805 MiB for 3k-50k records, not in order of size); `--mmap-threshold` (default 64 KiB, both modes alike) fixes
+it so that the curve shows what the records cost (0: glibc's default).
 Run: `PYTHONPATH=. .venv/bin/python benchmarks/audit_scale.py [--sizes 1000 5000 20000 50000] [--spatial 64]`.
 """
 
@@ -85,8 +88,10 @@ def child(path: str, n: int, mode: str, shadows: int) -> None:
                       "rss_after_imports_mb": rss0}))
 
 
-def run_child(path: Path, n: int, mode: str, shadows: int) -> dict:
+def run_child(path: Path, n: int, mode: str, shadows: int, mmap_threshold: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1"}
+    if mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     out = subprocess.run([sys.executable, str(HERE / "audit_scale.py"), "--child", str(path), "--n", str(n),
                           "--mode", mode, "--shadows", str(shadows)], env=env, cwd=HERE.parent,
                          capture_output=True, text=True, check=False)
@@ -106,6 +111,8 @@ def main() -> None:
     ap.add_argument("--name", default="audit_scale")
     ap.add_argument("--workdir", type=Path, help="keep the records file here (reused by a later run)")
     ap.add_argument("--note", default="")
+    ap.add_argument("--mmap-threshold", type=int, default=65536, help="glibc MALLOC_MMAP_THRESHOLD_ of the children "
+                    "(bytes; 0 = glibc's dynamic default)")
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.n, args.mode, args.shadows)
@@ -122,17 +129,19 @@ def main() -> None:
             write_records(path, max(args.sizes), args.spatial)
         for n in sorted(args.sizes):
             for mode in MODES:
-                row = {"records": n, "mode": mode, **run_child(path, n, mode, args.shadows)}
+                row = {"records": n, "mode": mode, **run_child(path, n, mode, args.shadows, args.mmap_threshold)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-                write_result(args.name, {"rows": rows, "spatial": args.spatial, "note": args.note, "complete": False})
+                write_result(args.name, {"rows": rows, "spatial": args.spatial, "mmap_threshold": args.mmap_threshold,
+                                         "note": args.note, "complete": False})
     measured = [r for r in rows if "peak_rss_mb" in r]
     size_figure(RESULTS / f"{args.name}.png", "records at the site",
                 {m: [(r["records"], r["peak_rss_mb"]) for r in measured if r["mode"] == m] for m in MODES},
                 {m: [(r["records"], r["total_s"]) for r in measured if r["mode"] == m] for m in MODES},
                 seconds_title="seconds of the audit's attacks", memory_title="peak memory of the audit",
                 seconds_label="seconds")
-    out = write_result(args.name, {"rows": rows, "spatial": args.spatial, "note": args.note, "complete": True})
+    out = write_result(args.name, {"rows": rows, "spatial": args.spatial, "mmap_threshold": args.mmap_threshold,
+                                   "note": args.note, "complete": True})
     print(f"wrote {out}")
 
 

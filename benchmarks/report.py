@@ -461,6 +461,19 @@ def scale_sections() -> list[str]:
             else:
                 lines.append(f"| {r['scans']} | {r['code']} | failed | | |")
         lines += ["", "![site scale](site_scale.png)", ""]
+    audit = _load("audit_scale")
+    if audit:
+        lines += ["### Out-of-core audit: the audit's attacks against the records at a site", "", _prov(audit), "",
+                  f"{audit['spatial']}x{audit['spatial']} records in one memory-mapped .npy; per row one fresh "
+                  "process runs the loss attack, DCR, 2 LiRA shadow pipelines and the 64-canary run on the pool, "
+                  "given as a RecordView (read by index) or as one array (the earlier `data.images[pool]`); glibc "
+                  f"mmap threshold {audit.get('mmap_threshold', 0) or 'dynamic (default)'}. Note: {audit['note']}"
+                  + ("" if audit.get("complete") else " (partial: the run did not finish)") + ".", "",
+                  "| records | pool given as | peak RSS MiB | seconds |", "|---|---|---|---|"]
+        for r in audit["rows"]:
+            lines.append(f"| {r['records']} | {r['mode']} | "
+                         + (f"{r['peak_rss_mb']:.0f} | {r['total_s']:.0f} |" if "peak_rss_mb" in r else "failed | |"))
+        lines += ["", "![audit scale](audit_scale.png)", ""]
     vol = _load("volumes_3d")
     if vol:
         d = vol["distill"]
