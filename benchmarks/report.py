@@ -447,20 +447,8 @@ def scale_sections() -> list[str]:
             lines.append(f"| {r['case']} | {r['scans']} | {r['workers']} | {r['per_s']:.0f} | {r['startup_s']:.1f} | "
                          f"{r['steady_per_s']:.0f} | {'yes' if r['identical_to_first'] else 'NO'} |")
         lines += ["", "![decoding workers](decoding_workers.png)", ""]
-    scale = _load("site_scale")
-    if scale:
-        lines += ["### Out-of-core sites: `site distill` against site size", "", _prov(scale), "",
-                  f"28x28 DICOM scans preprocessed to {scale['spatial']}x{scale['spatial']}, DP-DM, "
-                  f"{scale['steps']} paid steps, one fresh process per row (warm shared cache). Note: {scale['note']}"
-                  + ("" if scale.get("complete") else " (partial: the run did not finish)") + ".", "",
-                  "| scans | code | peak RSS MiB | load s | s / paid step |", "|---|---|---|---|---|"]
-        for r in scale["rows"]:
-            if "peak_rss_mb" in r:
-                lines.append(f"| {r['scans']} | {r['code']} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | "
-                             f"{r['seconds_per_paid_step']:.2f} |")
-            else:
-                lines.append(f"| {r['scans']} | {r['code']} | failed | | |")
-        lines += ["", "![site scale](site_scale.png)", ""]
+    for name in ("site_scale", "site_scale_png_50k"):
+        lines += _site_scale_section(name)
     audit = _load("audit_scale")
     if audit:
         lines += ["### Out-of-core audit: the audit's attacks against the records at a site", "", _prov(audit), "",
@@ -496,6 +484,26 @@ def scale_sections() -> list[str]:
                 lines.append(f"| {r['volumes']} | failed | | | |")
         lines += ["", "![volumes 3d](volumes_3d.png)", ""]
     return lines
+
+
+def _site_scale_section(name: str) -> list[str]:
+    """`site distill`'s peak RSS and seconds per paid step against the site's size (benchmarks/site_scale.py)."""
+    scale = _load(name)
+    if not scale:
+        return []
+    fmt = {"png": "8-bit PNG"}.get(scale.get("format", "dcm"), "DICOM")
+    lines = [f"### Out-of-core sites: `site distill` against site size ({fmt} scans)", "", _prov(scale), "",
+             f"28x28 {fmt} scans preprocessed to {scale['spatial']}x{scale['spatial']}, DP-DM, {scale['steps']} paid "
+             f"steps, one fresh process per row (warm shared cache). Note: {scale['note']}"
+             + ("" if scale.get("complete") else " (partial: the run did not finish)") + ".", "",
+             "| scans | code | peak RSS MiB | load s | s / paid step |", "|---|---|---|---|---|"]
+    for r in scale["rows"]:
+        if "peak_rss_mb" in r:
+            lines.append(f"| {r['scans']} | {r['code']} | {r['peak_rss_mb']:.0f} | {r['load_s']:.1f} | "
+                         f"{r['seconds_per_paid_step']:.2f} |")
+        else:
+            lines.append(f"| {r['scans']} | {r['code']} | failed | | |")
+    return lines + ["", f"![site scale]({name}.png)", ""]
 
 
 def many_sites_section() -> list[str]:
