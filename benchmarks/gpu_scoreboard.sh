@@ -5,8 +5,9 @@
 # site and coordinator config defaults, 3 rounds), only on the GPU: the scoreboard cells at 5 sites, all 60,000
 # records, split seed 0 (alpha 0.1 and 0.5 x epsilon 1, 4, 10 per site), each over the noise draws DM_SEEDS, then the
 # second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds), then hybrid
-# mode at epsilon 10 (HYBRID=1: b4_hybrid.py, 3 distillation rounds planned for epsilon 1 = share 0.9, 20 DP-FedAvg
-# rounds at width 32, the setting of docs/benchmarks.md#hybrid-mode) on both splits over the same noise draws.
+# mode at epsilon 10 and 4 (HYBRID=1, HYBRID_EPS: b4_hybrid.py, 3 distillation rounds planned for epsilon 1, 20
+# DP-FedAvg rounds at width 32 with the rest: the setting of docs/benchmarks.md#hybrid-mode) on both splits over the
+# same noise draws.
 # JOBS processes share the GPU; each run is cut at BUDGET_S and finalized from its finished rounds (`--finalize`).
 # Everything ends in $OUT/gpu_scoreboard.tar.gz (the device returns a few files only).
 # CPU smoke test (tiny): OUT=/tmp/sb SB_ARGS="--max-per-class 60 --iterations 2 --eval-epochs 2" CELLS="0.5:1"
@@ -37,11 +38,14 @@ if [ "${FEDAVG:-1}" = 1 ]; then  # the tuned DP-FedAvg setting of benchmarks/res
   done
 fi
 
-if [ "${HYBRID:-1}" = 1 ]; then
-  for a in 0.5 0.1; do
-    for s in $seeds; do
-      queue+=("hybrid:sb_hybrid_alpha${a}_eps10_dm${s} --alpha $a --eps 10 --share 0.9 --distill-rounds 3
-               --finetune-rounds 20 --width 32 --dm-seed $s")
+if [ "${HYBRID:-1}" = 1 ]; then  # the distillation keeps epsilon 1 (share = 1 - 1 / eps), fine-tuning the rest
+  for e in ${HYBRID_EPS:-10 4}; do
+    share=$(awk -v e="$e" 'BEGIN { print 1 - 1 / e }')
+    for a in 0.5 0.1; do
+      for s in $seeds; do
+        queue+=("hybrid:sb_hybrid_alpha${a}_eps${e}_dm${s} --alpha $a --eps $e --share $share --distill-rounds 3
+                 --finetune-rounds 20 --width 32 --dm-seed $s")
+      done
     done
   done
 fi
