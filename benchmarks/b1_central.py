@@ -84,6 +84,7 @@ def make_distiller(*, n: int, image_shape: tuple, ipc: int, eps: float, scale: d
     spent = epsilon_for([*prior, (sigma, q, steps)], delta=DELTA) if dp else math.inf
     cfg = DistillConfig(method=method, ipc=ipc, iterations=steps, batch_size=batch,
                         inner_steps=scale.get("inner_steps", 1), schedule=scale.get("schedule", "decoupled"),
+                        networks_per_update=scale.get("networks_per_update", 1),
                         allocation="uniform")  # ipc per class, as the published methods it is compared with
     distiller = create_distiller(cfg, PrivacyPlan(dp, sigma, q, steps, cfg.clip_norm), num_classes=10,
                                  image_shape=image_shape, seed=seed, device=device)
@@ -189,6 +190,7 @@ def run_one(x, y, xt, yt, *, ipc: int, eps: float, scale: dict, evals: int, meth
            "accuracies": accs, "distill_seconds": distill_s, "seconds_per_iteration": distill_s / steps,
            "eval_seconds_each": (time.perf_counter() - t1) / evals, "lr": distiller.cfg.lr,
            "schedule": distiller.cfg.schedule, "inner_steps": distiller.cfg.updates_per_statistic,
+           "networks_per_update": distiller.cfg.networks_per_update,
            "ema": distiller.cfg.ema if distiller.cfg.schedule == "decoupled" else None,
            "center": distiller.cfg.center, **cost_fields(flops, distill_s / steps, device),
            "gpu_peak_memory_mb": gpu_peak_mb(device)}
@@ -208,7 +210,7 @@ def load_data(data_dir: str | None, max_per_class: int | None = None, seed: int 
 
 def scale_from(args) -> dict:
     scale = dict(SCALES[args.scale])
-    for key in ("iterations", "batch_per_class", "eval_epochs", "inner_steps", "schedule"):
+    for key in ("iterations", "batch_per_class", "eval_epochs", "inner_steps", "schedule", "networks_per_update"):
         if getattr(args, key) is not None:
             scale[key] = getattr(args, key)
     return scale
@@ -228,6 +230,8 @@ def main() -> None:
     ap.add_argument("--eval-epochs", type=int, default=None, help="override the scale's evaluation epochs")
     ap.add_argument("--inner-steps", type=int, default=None, help="override the synthetic updates per statistic")
     ap.add_argument("--schedule", choices=["decoupled", "interleaved"], default=None, help="override the schedule")
+    ap.add_argument("--networks-per-update", type=int, default=None, help="banked statistics matched per synthetic "
+                    "update (decoupled; stacked_networks.py times it)")
     ap.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST idx .gz files")
     ap.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON (and partial JSONL) go")
     ap.add_argument("--profile", type=int, default=0, metavar="N",

@@ -76,11 +76,11 @@ class FactorisedDM(DistributionMatching):
     def decoded_labels(self, labels: torch.Tensor) -> torch.Tensor:
         return labels.repeat_interleave(self.factor ** 2)
 
-    def match(self, state, net, target, usable, center, family, g) -> float:
+    def match(self, state, targets, g) -> float:
         if self.factor == 1:
-            return super().match(state, net, target, usable, center, family, g)
+            return super().match(state, targets, g)
         view = Decoded(decode(state.images, self.factor), self.decoded_labels(state.labels), state)
-        return super().match(view, net, target, usable, center, family, g)
+        return super().match(view, targets, g)
 
     def sgd_update(self, state, loss: torch.Tensor) -> None:
         if isinstance(state, Decoded):  # weight n_c / (ipc f^2), then DM's optimiser on the slots

@@ -213,6 +213,11 @@ class DistillConfig(_Strict):
         "inner_steps updates, each on a statistic drawn at random; `interleaved` updates right after each one")
     ema: float = Field(0.99, ge=0, lt=1, description="dm decoupled: release a moving average of the images over the "
                        "updates with this decay (0 = the last iterate)")
+    networks_per_update: int = Field(1, ge=1, le=64, description="dm decoupled: paid statistics matched together in "
+                                     "one synthetic update, their random networks evaluated as one grouped network; "
+                                     "the run makes iterations x inner_steps / this many updates, so it evaluates "
+                                     "as many networks as with 1 (fewer, larger GPU launches; the same arithmetic "
+                                     "on a CPU)")
     lr: float = Field(30.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
     center: bool = Field(True, description="centre features on the synthetic mean before normalising")
     augment: bool = Field(True, description="differentiable augmentation (DSA) on real and synthetic images")
@@ -244,6 +249,9 @@ class DistillConfig(_Strict):
         if self.allocation == "evidence" and (self.method != "dm" or self.schedule != "decoupled"):
             raise ValueError("distill.allocation: `evidence` needs the noisy class counts before the first update, "
                              "i.e. method dm with schedule decoupled; use allocation uniform otherwise")
+        if self.networks_per_update > 1 and (self.method != "dm" or self.schedule != "decoupled"):
+            raise ValueError("distill.networks_per_update > 1 matches several banked statistics per update, i.e. "
+                             "method dm with schedule decoupled; set it to 1 otherwise")
         return self
 
     @property

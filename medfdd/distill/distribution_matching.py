@@ -29,7 +29,8 @@ noisy means are precise (noise on a class mean scales like 1 / its records) inst
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,9 +42,22 @@ from medfdd.augment import apply_family, choose_family
 from medfdd.distill.base import Distiller, DistillState, evidence_allocation, synthetic_labels
 from medfdd.distill.mechanism import COUNT_SHARE, noisy_class_stats, secure_replay_refused, unit_rows
 from medfdd.io import atomic_write_bytes
-from medfdd.nets import model_chunk
+from medfdd.nets import Classifier, model_chunk
+from medfdd.nets.stacked import stack_networks
 
 POOLED_COUNT_SHARE = 0.1  # decoupled: the count coordinate's share of C^2 (counts are averaged over the bank)
+
+
+@dataclass(frozen=True)
+class MatchTarget:
+    """What one synthetic update matches under one network: the target class means (of one paid statistic), the
+    classes they are usable for, the centre and augmentation family of that statistic (None: DSA draws one)."""
+
+    net: Classifier
+    mean: torch.Tensor
+    usable: torch.Tensor
+    center: torch.Tensor | None
+    family: str | None
 
 
 @dataclass
@@ -95,7 +109,9 @@ class DistributionMatching(Distiller):
 
     @property
     def updates(self) -> int:
-        return self.plan.steps * self.cfg.updates_per_statistic
+        """Synthetic updates of a decoupled run: iterations x inner_steps network evaluations, `networks_per_update`
+        of them in each update."""
+        return math.ceil(self.plan.steps * self.cfg.updates_per_statistic / self.cfg.networks_per_update)
 
     @property
     def total_work(self) -> int:
@@ -132,43 +148,62 @@ class DistributionMatching(Distiller):
                                  noise_multiplier=self.plan.noise_multiplier, generator=self.mechanism_rng(t, "noise"),
                                  center=center, count_share=count_share)
 
-    def match(self, state: DistillState, net, target: torch.Tensor, usable: torch.Tensor, center,
-              family: str | None, g: torch.Generator) -> float:
-        """One synthetic update: squared distance between the class means of the augmented synthetic features and
-        the target means, over the usable classes, each weighted by its images / ipc (`family` None: one family
-        drawn from `g`, as DSA does)."""
+    def match(self, state: DistillState, targets: Sequence[MatchTarget], g: torch.Generator) -> float:
+        """One synthetic update: for each target, the squared distance between the class means of the augmented
+        synthetic features under its network and its target means, over its usable classes, each weighted by its
+        images / ipc (`family` None: one family drawn from `g`, as DSA does); the mean over the targets, whose
+        networks are evaluated together (`stack_networks`: one grouped network for G random ConvNet-3s)."""
         per_class = torch.bincount(state.labels, minlength=self.num_classes)
-        usable = usable & (per_class > 0)
-        if not usable.any():
+        usable = [t.usable & (per_class > 0) for t in targets]
+        if not any(u.any() for u in usable):
             return 0.0
-        xs = self.augment(state.images, g) if family is None else apply_family(state.images, g, family)
+        xs = [self.augment(state.images, g) if t.family is None else apply_family(state.images, g, t.family)
+              for t in targets]
 
-        def matching_loss(features: torch.Tensor) -> torch.Tensor:
-            f = unit_rows(features.float(), center)
-            syn_sums = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
-            gap = ((target - syn_sums / per_class.clamp(min=1).unsqueeze(1)) ** 2).sum(1)
-            return (gap * per_class / self.cfg.ipc)[usable].sum()  # weight n_c / ipc: every image moves as fast as
-            # with ipc images in its class (1 under uniform allocation), however many images its class was allocated
+        def matching_loss(features: list[torch.Tensor]) -> torch.Tensor:
+            total = 0.0
+            for t, use, f in zip(targets, usable, features, strict=True):
+                f = unit_rows(f.float(), t.center)
+                syn_sums = torch.zeros(self.num_classes, f.shape[1], device=f.device).index_add(0, state.labels, f)
+                gap = ((t.mean - syn_sums / per_class.clamp(min=1).unsqueeze(1)) ** 2).sum(1)
+                total = total + (gap * per_class / self.cfg.ipc)[use].sum()  # weight n_c / ipc: every image moves
+                # as fast as with ipc images in its class (1 under uniform allocation), however many it was allocated
+            return total / len(targets)
 
-        chunk = model_chunk(net, self.image_shape, backward=True)
-        if len(xs) <= chunk:
-            loss = matching_loss(net.embed(xs))
+        groups = [(net, idx, torch.stack([xs[i] for i in idx])) for net, idx in stack_networks([t.net for t in targets])]
+        chunks = [model_chunk(net, self.image_shape, backward=True) for net, _, _ in groups]
+        if all(len(state.images) <= c for c in chunks):
+            loss = matching_loss(self._ordered(groups, [net.embed(x) for net, _, x in groups], len(targets)))
             self.sgd_update(state, loss)
             return float(loss.detach())
         # too large to embed with a graph at once (volumes): features without one, the loss's gradient with respect
         # to them, then each chunk embedded again with its graph and back-propagated (the same gradient, twice the
         # forward work, the memory of one chunk)
         with torch.no_grad():
-            feats = torch.cat([net.embed(xs[s:s + chunk]) for s in range(0, len(xs), chunk)])
-        feats.requires_grad_(True)
-        loss = matching_loss(feats)
-        (g_feats,) = torch.autograd.grad(loss, feats)
-        leaf = xs.detach().requires_grad_(True)
-        for s in range(0, len(xs), chunk):
-            net.embed(leaf[s:s + chunk]).backward(g_feats[s:s + chunk].to(feats.dtype))
-        (grad,) = torch.autograd.grad(xs, state.images, grad_outputs=leaf.grad)
+            feats = [torch.cat([net.embed(x[:, s:s + c]) for s in range(0, x.shape[1], c)], dim=1)
+                     for (net, _, x), c in zip(groups, chunks, strict=True)]
+        for f in feats:
+            f.requires_grad_(True)
+        loss = matching_loss(self._ordered(groups, feats, len(targets)))
+        g_feats = torch.autograd.grad(loss, feats)
+        leaves = []
+        for (net, _, x), c, gf, f in zip(groups, chunks, g_feats, feats, strict=True):
+            leaf = x.detach().requires_grad_(True)
+            for s in range(0, x.shape[1], c):
+                net.embed(leaf[:, s:s + c]).backward(gf[:, s:s + c].to(f.dtype))
+            leaves.append(leaf.grad)
+        (grad,) = torch.autograd.grad([x for _, _, x in groups], state.images, grad_outputs=leaves)
         self.sgd_step(state, grad)
         return float(loss.detach())
+
+    @staticmethod
+    def _ordered(groups, features: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+        """Each target's [B, d] features, in target order, from the groups' [G_j, B, d] outputs."""
+        out: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        for (_, idx, _), f in zip(groups, features, strict=True):
+            for k, i in enumerate(idx):
+                out[i] = f[k]
+        return out
 
     # ------------------------------------------------------------------ interleaved
 
@@ -181,7 +216,7 @@ class DistributionMatching(Distiller):
         g_syn = self.g(t, "augment_syn")
         loss = 0.0
         for _ in range(self.cfg.updates_per_statistic):
-            loss = self.match(state, net, target, usable, center, None, g_syn)
+            loss = self.match(state, [MatchTarget(net, target, usable, center, None)], g_syn)
         return loss
 
     # ------------------------------------------------------------------ decoupled
@@ -261,11 +296,11 @@ class DistributionMatching(Distiller):
         state.counts_sum = bank.pooled_counts * steps
         if self.cfg.allocation == "evidence" and state.iteration <= steps:  # no update made yet (resume-safe)
             self.allocate(state)
+        g_net = self.cfg.networks_per_update
         for u in range(max(0, state.iteration - steps), self.updates):
-            s = int(torch.randint(0, steps, (1,), generator=self.g(u, "pick")))
-            net = self.network(s)
-            target, usable = bank.target(s)
-            loss = self.match(state, net, target, usable, bank.centers[s], bank.families[s], self.g(u, "augment_syn"))
+            picks = torch.randint(0, steps, (g_net,), generator=self.g(u, "pick")).tolist()
+            loss = self.match(state, [MatchTarget(self.network(s), *bank.target(s), bank.centers[s], bank.families[s])
+                                      for s in picks], self.g(u, "augment_syn"))
             self.update_average(state, u)
             state.iteration = steps + u + 1
             state.losses.append((u + 1, loss))

@@ -10,7 +10,7 @@ import torch
 import medfdd.nets as nets
 from medfdd.config import DistillConfig
 from medfdd.distill.base import PrivacyPlan
-from medfdd.distill.distribution_matching import DistributionMatching
+from medfdd.distill.distribution_matching import DistributionMatching, MatchTarget
 from medfdd.nets import convnet_for, records_per_chunk
 from medfdd.training import TrainSettings, predict_proba, train_classifier
 
@@ -75,7 +75,7 @@ def test_a_synthetic_update_is_the_same_in_chunks(monkeypatch, family):
 
     def update(calls: list[int]) -> tuple[torch.Tensor, float]:
         state = d.init_state()
-        loss = d.match(state, _counting(net, calls), target, usable, center, family,
+        loss = d.match(state, [MatchTarget(_counting(net, calls), target, usable, center, family)],
                        torch.Generator().manual_seed(2))
         del net.embed  # the class method again
         return state.images.detach(), loss
