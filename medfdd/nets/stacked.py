@@ -30,7 +30,7 @@ class Stacked(nn.Module):
         if any(n.arch != ref.arch for n in nets):
             raise ValueError("only ConvNet-3s of one architecture can be stacked")
         layers: list[nn.Module] = []
-        for same in zip(*(n.features for n in nets)):
+        for same in zip(*(n.features for n in nets), strict=True):
             layer = same[0]
             if isinstance(layer, _CONV):
                 conv = type(layer)(layer.in_channels * self.groups, layer.out_channels * self.groups,
