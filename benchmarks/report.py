@@ -332,8 +332,9 @@ def _headline_cells(central: list[dict], keep, describe) -> dict[tuple[int, floa
 
 
 def central_headline_rows(central: list[dict]) -> dict[tuple[int, float, str], dict]:
-    """(ipc, epsilon, scale) -> our default DP-DM (decoupled) row."""
-    return _headline_cells(central, lambda row: row.get("schedule") == "decoupled", _settings)
+    """(ipc, epsilon, scale) -> our default DP-DM (decoupled, one statistic per update) row."""
+    return _headline_cells(central, lambda row: row.get("schedule") == "decoupled"
+                           and row.get("networks_per_update", 1) == 1, _settings)
 
 
 def earlier_default_rows(central: list[dict], have: set) -> dict[tuple[int, float, str], dict]:
@@ -486,6 +487,30 @@ def scale_sections() -> list[str]:
     return lines
 
 
+def stacked_networks_section() -> list[str]:
+    """Seconds per paid step and per network evaluation against the statistics matched per synthetic update
+    (benchmarks/stacked_networks.py), with the accuracy rows of b1_central's `--networks-per-update` files."""
+    lines = []
+    for name in sorted(p.stem for p in RESULTS.glob("stacked_networks_*.json")):
+        r = _load(name)
+        lines += [f"### Stacked matching networks: `{name}`", "", _prov(r), "",
+                  f"A decoupled DP-DM run on a {r['site_records']:,}-record Fashion-MNIST site, IPC {r['ipc']}, "
+                  f"width {r['width']}, {r['batch_per_class']} real records per class per paid step, {r['inner']} "
+                  f"network evaluations per paid statistic, G of them stacked into one grouped network per "
+                  f"synthetic update (the same networks and the same paid bank at every G); {r['threads']} "
+                  f"thread(s). Note: {r['note']}.", "",
+                  "| G | paid steps | updates | s / paid step | bank s | update s | s / network evaluation | "
+                  "TFLOP/s | of bf16 peak |", "|---|---|---|---|---|---|---|---|---|"]
+        for row in r["rows"]:
+            frac = row.get("fraction_of_bf16_peak")
+            lines.append(f"| {row['networks_per_update']} | {row['paid_steps']} | {row['updates']} | "
+                         f"{row['seconds_per_paid_step']:.3f} | {row['bank_seconds']:.1f} | "
+                         f"{row['update_seconds']:.1f} | {row['seconds_per_network_evaluation']:.4f} | "
+                         f"{row['tflops_achieved']:.3f} | {f'{100 * frac:.2f} %' if frac else 'n/a'} |")
+        lines.append("")
+    return lines
+
+
 def _site_scale_section(name: str) -> list[str]:
     """`site distill`'s peak RSS and seconds per paid step against the site's size (benchmarks/site_scale.py)."""
     scale = _load(name)
@@ -590,6 +615,7 @@ def main() -> None:
         lines += ["", "dicom28 / nifti28: 28x28 images; ct512: 512x512 int16 CT with RescaleSlope/Intercept, CT window, "
                   "resized to 128x128 (anti-aliased).", ""]
     lines += scale_sections()
+    lines += stacked_networks_section()
     lines += many_sites_section()
     (RESULTS / "README.md").write_text("\n".join(lines))
     print(f"wrote {RESULTS / 'README.md'}")

@@ -125,28 +125,54 @@ class DistributionMatching(Distiller):
         with torch.no_grad():
             return torch.cat([net.embed(images[s:s + chunk]).float() for s in range(0, len(images), chunk)]).mean(0)
 
-    @torch.no_grad()
     def real_statistic(self, net, x: torch.Tensor, y: torch.Tensor, t: int, center: torch.Tensor | None = None,
                        family: str | None = None, count_share: float = COUNT_SHARE):
-        """The Gaussian mechanism on the per-class sums of step t: a Poisson sample under one augmentation
-        `family` (drawn for the step when None, as DSA draws one per batch) with independent per-record parameters.
-        One family for the whole sample, never one per chunk: a record's chunk depends on how many records precede
-        it, so per-chunk families would let one added record change the augmentation of others, and the sum could
-        move by more than the clip norm the noise is calibrated to."""
-        idx = self.poisson_sample(len(x), t).to(x.device)
-        g_aug = self.g(t, "augment_real")
-        if family is None:
-            family = choose_family(g_aug, self.families)
-        feats = []
-        chunk = model_chunk(net, self.image_shape)  # peak memory follows the record size, not the sample's
-        for start in range(0, len(idx), chunk):
-            xb = apply_family(x[idx[start:start + chunk]], g_aug, family)
-            with self.autocast:
-                feats.append(net.embed(xb).float())
-        f = torch.cat(feats) if feats else torch.zeros(0, net.embed_dim, device=x.device)
-        return noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
-                                 noise_multiplier=self.plan.noise_multiplier, generator=self.mechanism_rng(t, "noise"),
-                                 center=center, count_share=count_share)
+        """The Gaussian mechanism on the per-class sums of step t (`real_statistics` for one step)."""
+        return self.real_statistics([net], x, y, [t], [center], [family], count_share)[0]
+
+    @torch.no_grad()
+    def real_statistics(self, nets: Sequence[Classifier], x: torch.Tensor, y: torch.Tensor, steps: Sequence[int],
+                        centers: Sequence[torch.Tensor | None], families: Sequence[str | None],
+                        count_share: float = COUNT_SHARE) -> list:
+        """The Gaussian mechanism on the per-class sums of each step t of `steps`: a Poisson sample under one
+        augmentation family (drawn for the step when None, as DSA draws one per batch) with independent per-record
+        parameters, embedded by the step's network. One family for the whole sample, never one per chunk: a record's
+        chunk depends on how many records precede it, so per-chunk families would let one added record change the
+        augmentation of others, and the sum could move by more than the clip norm the noise is calibrated to.
+        The steps' networks are evaluated together (`stack_networks`), each on its own sample padded with zero rows
+        to the longest; a record's features depend on that record alone (per-record instance norm, per-group
+        convolutions), and padded rows are dropped before anything is summed. Each step keeps its own streams, so a
+        step's release does not depend on which steps it was evaluated with (up to float rounding)."""
+        samples, augs, fams = [], [], []
+        for t, family in zip(steps, families, strict=True):
+            samples.append(self.poisson_sample(len(x), t).to(x.device))
+            augs.append(self.g(t, "augment_real"))
+            fams.append(choose_family(augs[-1], self.families) if family is None else family)
+        chunk = model_chunk(nets[0], self.image_shape)  # augmentation chunks as for one network: the same draws
+        groups = stack_networks(nets)
+        feats: list[list[torch.Tensor]] = [[] for _ in steps]
+        for start in range(0, max(len(idx) for idx in samples), chunk):
+            xb = [apply_family(x[idx[start:start + chunk]], g, fam) if len(idx) > start else x[:0]
+                  for idx, g, fam in zip(samples, augs, fams, strict=True)]
+            for net, members in groups:
+                rows = max(len(xb[i]) for i in members)
+                if rows == 0:
+                    continue
+                padded = torch.stack([torch.cat([xb[i], xb[i].new_zeros((rows - len(xb[i]), *xb[i].shape[1:]))])
+                                      for i in members])
+                sub = min(chunk, model_chunk(net, self.image_shape))  # peak memory follows the record size
+                with self.autocast:
+                    out = torch.cat([net.embed(padded[:, s:s + sub]) for s in range(0, rows, sub)], dim=1).float()
+                for k, i in enumerate(members):
+                    feats[i].append(out[k, :len(xb[i])])
+        results = []
+        for i, (t, idx) in enumerate(zip(steps, samples, strict=True)):
+            f = torch.cat(feats[i]) if feats[i] else torch.zeros(0, nets[i].embed_dim, device=x.device)
+            results.append(noisy_class_stats(f, y[idx], self.num_classes, clip_norm=self.plan.clip_norm,
+                                             noise_multiplier=self.plan.noise_multiplier,
+                                             generator=self.mechanism_rng(t, "noise"), center=centers[i],
+                                             count_share=count_share))
+        return results
 
     def match(self, state: DistillState, targets: Sequence[MatchTarget], g: torch.Generator) -> float:
         """One synthetic update: for each target, the squared distance between the class means of the augmented
@@ -228,18 +254,22 @@ class DistributionMatching(Distiller):
         old one, see `run`). Centres come from the initial synthetic images, which hold no real data."""
         sums, counts, centers, families = [], [], [], []
         feature_scale = 0.0
-        for t in range(self.plan.steps):
-            net = self.network(t)
-            center = self.center(net, init_images)
-            family = choose_family(self.g(t, "augment_syn"), self.families)
-            stats = self.real_statistic(net, x, y, t, center, family, count_share=POOLED_COUNT_SHARE)
-            sums.append(stats.sums)
-            counts.append(stats.counts)
-            centers.append(center)
-            families.append(family)
-            feature_scale = stats.feature_scale
-            if on_paid:
-                on_paid(t)
+        together = self.cfg.networks_per_update
+        for first in range(0, self.plan.steps, together):  # that many networks evaluated at once
+            steps = range(first, min(first + together, self.plan.steps))
+            nets = [self.network(t) for t in steps]
+            group_centers = [self.center(net, init_images) for net in nets]
+            group_families = [choose_family(self.g(t, "augment_syn"), self.families) for t in steps]
+            paid = self.real_statistics(nets, x, y, steps, group_centers, group_families,
+                                        count_share=POOLED_COUNT_SHARE)
+            for t, stats, center, family in zip(steps, paid, group_centers, group_families, strict=True):
+                sums.append(stats.sums)
+                counts.append(stats.counts)
+                centers.append(center)
+                families.append(family)
+                feature_scale = stats.feature_scale
+                if on_paid:
+                    on_paid(t)
         return SignalBank(sums, torch.stack(counts).mean(0), centers, families, feature_scale)
 
     def allocate(self, state: DistillState) -> None:

@@ -238,11 +238,11 @@ def test_decoupled_pays_each_planned_statistic_once_whatever_the_updates():
         d = DistributionMatching(cfg, plan, num_classes=10, image_shape=(1, 8, 8), seed=0)
         paid = []
 
-        def counting(net, xx, yy, t, *args, _real=d.real_statistic, _paid=paid, **kwargs):
-            _paid.append(t)
-            return _real(net, xx, yy, t, *args, **kwargs)
+        def counting(nets, xx, yy, steps, *args, _real=d.real_statistics, _paid=paid, **kwargs):
+            _paid.extend(steps)
+            return _real(nets, xx, yy, steps, *args, **kwargs)
 
-        d.real_statistic = counting
+        d.real_statistics = counting
         state = d.run(x, y)
         assert paid == [0, 1, 2, 3] and state.iteration == 4 + 4 * inner
         assert state.average is not None and not torch.equal(state.result(), state.images.detach())
