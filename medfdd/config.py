@@ -213,11 +213,12 @@ class DistillConfig(_Strict):
         "inner_steps updates, each on a statistic drawn at random; `interleaved` updates right after each one")
     ema: float = Field(0.99, ge=0, lt=1, description="dm decoupled: release a moving average of the images over the "
                        "updates with this decay (0 = the last iterate)")
-    networks_per_update: int = Field(1, ge=1, le=64, description="dm decoupled: paid statistics matched together in "
-                                     "one synthetic update, their random networks evaluated as one grouped network; "
-                                     "the run makes iterations x inner_steps / this many updates, so it evaluates "
-                                     "as many networks as with 1 (fewer, larger GPU launches; the same arithmetic "
-                                     "on a CPU)")
+    networks_per_update: int = Field(1, ge=1, le=64, description="dm decoupled: random matching networks evaluated "
+                                     "together as one grouped network: this many paid steps at a time in the bank "
+                                     "(the same releases), and this many banked statistics matched in each synthetic "
+                                     "update, so the run makes iterations x inner_steps / this many updates and "
+                                     "evaluates as many networks as with 1 (fewer, larger launches on a GPU; the same "
+                                     "arithmetic on a CPU)")
     lr: float = Field(30.0, gt=0, description="learning rate of the synthetic images (SGD, momentum 0.5)")
     center: bool = Field(True, description="centre features on the synthetic mean before normalising")
     augment: bool = Field(True, description="differentiable augmentation (DSA) on real and synthetic images")
