@@ -21,6 +21,20 @@ AttackName = Literal["loss", "lira_online", "lira_offline", "dcr", "canary"]  # 
 # The recommended plan (docs/benchmarks.md): about 100 paid DP steps per site, over 3 federated rounds.
 DEFAULT_ROUNDS = 3
 DEFAULT_PAID_STEPS = 100
+# hybrid mode's recommended plan (docs/benchmarks.md#hybrid-mode): the distillation keeps epsilon 1 of a site's budget,
+# 20 DP-FedAvg rounds fine-tune a width-32 global model with the rest
+HYBRID_DISTILL_EPSILON = 1.0
+HYBRID_FINETUNE_ROUNDS = 20
+HYBRID_GLOBAL_WIDTH = 32
+
+
+def hybrid_finetune_share(epsilon: float) -> float:
+    """The recommended `privacy.finetune_share` of a hybrid site with budget `epsilon`: all but
+    `HYBRID_DISTILL_EPSILON` for the fine-tuning; half at epsilon <= 2, where hybrid mode is not recommended (the
+    distillation alone did better there)."""
+    if epsilon <= 2 * HYBRID_DISTILL_EPSILON:
+        return 0.5
+    return round(1 - HYBRID_DISTILL_EPSILON / epsilon, 6)
 
 
 class _Strict(BaseModel):

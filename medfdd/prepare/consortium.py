@@ -44,9 +44,12 @@ from rich.table import Table
 from medfdd.config import (
     DEFAULT_PAID_STEPS,
     DEFAULT_ROUNDS,
+    HYBRID_FINETUNE_ROUNDS,
+    HYBRID_GLOBAL_WIDTH,
     CoordinatorConfig,
     SiteConfig,
     dump_config,
+    hybrid_finetune_share,
     load_coordinator_config,
     load_site_config,
     load_yaml,
@@ -64,6 +67,22 @@ MANIFEST = "labels.csv"
 HOLDOUT_FRACTION = 0.2
 DEFAULT_MIN_PER_SITE = 10
 FORMATS = ("dicom", "nifti", "mixed")
+MODES = ("auto", "one-shot", "hybrid")
+# where hybrid mode led the one-shot mode and tuned DP-FedAvg (docs/benchmarks.md#hybrid-mode): epsilon 4 and 10 per
+# site, mildly non-IID sites (Dirichlet alpha 0.5) of 6,000 to 19,000 training records each; below or outside it,
+# the one-shot mode
+HYBRID_MIN_EPSILON = 4.0
+HYBRID_MIN_ALPHA = 0.5
+HYBRID_MIN_SITE_RECORDS = 5000
+
+
+def recommended_mode(*, epsilon: float, alpha: float, dp: bool, site_records: list[int]) -> str:
+    """`hybrid` in the regime where it was measured ahead (epsilon >= 4 per site, alpha >= 0.5, every site with
+    >= 5,000 training records), else `one-shot`."""
+    if dp and epsilon >= HYBRID_MIN_EPSILON and alpha >= HYBRID_MIN_ALPHA and min(site_records) >= \
+            HYBRID_MIN_SITE_RECORDS:
+        return "hybrid"
+    return "one-shot"
 
 
 def site_format(fmt: str, i: int) -> str:
@@ -234,7 +253,7 @@ def _remove_entries(out: Path, entries: list[str]) -> None:
 
 
 def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, npz: Path | None, epsilon: float,
-                 delta: float, ipc: int, iterations: int, rounds: int, method: str,
+                 delta: float, ipc: int, iterations: int, rounds: int, method: str, mode: str, dp: bool,
                  max_per_class: int | None) -> None:
     def bad(flag: str, value: object, constraint: str, fix: str) -> PrepareError:
         return PrepareError(f"{flag} {value}", constraint, fix)
@@ -257,6 +276,10 @@ def _check_flags(*, source: str, sites: int, alpha: float, fmt: str, seed: int, 
         raise bad("--ipc", ipc, "must be in 1..1000", "use e.g. --ipc 10")
     if rounds < 1:
         raise bad("--rounds", rounds, "must be >= 1", "use e.g. --rounds 3")
+    if mode not in MODES:
+        raise bad("--mode", mode, f"expected one of {', '.join(MODES)}", "use --mode auto")
+    if mode == "hybrid" and not dp:
+        raise bad("--mode", mode, "hybrid mode fine-tunes under DP", "drop --no-dp, or use --mode one-shot")
     if iterations < rounds:
         raise bad("--iterations", iterations, f"must be at least one paid step per round (--rounds {rounds})",
                   f"use e.g. --iterations {DEFAULT_PAID_STEPS}")
@@ -334,6 +357,7 @@ def prepare_consortium(
     rounds: int = DEFAULT_ROUNDS,
     method: str,
     dp: bool,
+    mode: str = "auto",
     max_per_class: int | None = None,
     console: Console | None = None,
     search_dirs: list[Path | str] | None = None,
@@ -342,7 +366,9 @@ def prepare_consortium(
     """Write a consortium (site folders, test split, site and coordinator configs, partition.json) under `out`.
 
     `iterations` paid DP steps per site over `rounds` rounds are split evenly (rounded up) into each site's
-    `distill.iterations`; every other setting is the configs' default. `search_dirs` overrides where the fashion-mnist
+    `distill.iterations`; every other setting is the configs' default, except in hybrid mode (`mode`, or `auto`:
+    `recommended_mode`), which adds the recommended hybrid plan (`privacy.finetune_share` and `finetune_rounds`, the
+    coordinator's `finetune.rounds` and `train.width`). `search_dirs` overrides where the fashion-mnist
     idx files are looked for; `min_per_site` is the fewest training records any site may receive (the Dirichlet
     draw is repeated until it holds).
     """
@@ -350,7 +376,8 @@ def prepare_consortium(
     out = Path(out)
     npz = Path(npz) if npz is not None else None
     _check_flags(source=source, sites=sites, alpha=alpha, fmt=fmt, seed=seed, npz=npz, epsilon=epsilon, delta=delta,
-                 ipc=ipc, iterations=iterations, rounds=rounds, method=method, max_per_class=max_per_class)
+                 ipc=ipc, iterations=iterations, rounds=rounds, method=method, mode=mode, dp=dp,
+                 max_per_class=max_per_class)
 
     # Everything that can fail on the inputs happens before `out` is touched.
     earlier = _earlier_entries(out)
@@ -362,6 +389,10 @@ def prepare_consortium(
     site_ids = [site_id(i) for i in range(sites)]
     test_counts = np.bincount(src.test_labels, minlength=k).astype(np.int64)
 
+    n_fit = [int(total) - math.ceil(HOLDOUT_FRACTION * int(total)) for total in partition.site_totals]
+    if mode == "auto":
+        mode = recommended_mode(epsilon=epsilon, alpha=alpha, dp=dp, site_records=n_fit)
+    hybrid = mode == "hybrid"
     cfg_dir = out / "site_configs"
     model_size = model_spatial_size(src.spatial_size)
     site_cfgs: list[SiteConfig] = []
@@ -371,7 +402,9 @@ def prepare_consortium(
             "data": {"root": f"../{sid}", "manifest": MANIFEST, "format": site_format(fmt, i), "classes": classes,
                      "spatial_size": model_size, "channels": src.channels, "intensity": {"mode": "minmax"},
                      "holdout_fraction": HOLDOUT_FRACTION},
-            "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp", "rounds": rounds},
+            "privacy": {"dp": dp, "epsilon": epsilon, "delta": delta, "accountant": "rdp", "rounds": rounds,
+                        **({"finetune_share": hybrid_finetune_share(epsilon),
+                            "finetune_rounds": HYBRID_FINETUNE_ROUNDS} if hybrid else {})},
             "distill": {"method": method, "ipc": ipc, "iterations": math.ceil(iterations / rounds)},
             "output": f"../runs/{sid}",
             "device": "auto",
@@ -383,19 +416,20 @@ def prepare_consortium(
         "consortium": {"classes": classes, "spatial_size": model_size, "channels": src.channels, "ipc": ipc,
                        "sites": {sid: {"dp": dp, "epsilon": epsilon, "delta": delta} for sid in site_ids}},
         "rounds": rounds,
+        **({"finetune": {"rounds": HYBRID_FINETUNE_ROUNDS}, "train": {"width": HYBRID_GLOBAL_WIDTH}} if hybrid else {}),
         "test": {"root": "../test", "manifest": MANIFEST, "format": site_format(fmt, 0)},
         "output": "../runs/coordinator",
         "seed": seed,
     }, CoordinatorConfig, "generated coordinator config", cfg_dir)
 
     title = (f"{src.name}: {len(src.train_labels)} training records over {sites} sites, Dirichlet alpha={alpha:g}, "
-             f"seed {seed}")
+             f"seed {seed}; {mode} mode" + (f" ({HYBRID_FINETUNE_ROUNDS} DP fine-tuning rounds after the distillation)"
+                                            if hybrid else ""))
     console.print(_table(partition, site_ids, classes, test_counts, title, console.width))
-    for sid, total in zip(site_ids, partition.site_totals, strict=True):
-        n_fit = int(total) - math.ceil(HOLDOUT_FRACTION * int(total))
-        if dp and n_fit > 0 and delta >= 1.0 / n_fit:
-            console.print(f"[yellow]warning[/]: {sid} trains on about {n_fit} records; --delta {delta:g} is not "
-                          f"below 1/n = {1.0 / n_fit:.2g} (use a smaller --delta)")
+    for sid, n in zip(site_ids, n_fit, strict=True):
+        if dp and n > 0 and delta >= 1.0 / n:
+            console.print(f"[yellow]warning[/]: {sid} trains on about {n} records; --delta {delta:g} is not "
+                          f"below 1/n = {1.0 / n:.2g} (use a smaller --delta)")
 
     _remove_entries(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
@@ -445,6 +479,7 @@ def prepare_consortium(
         "format": fmt,
         "seed": seed,
         "alpha": alpha,
+        "mode": mode,
         "max_per_class": max_per_class,
         "classes": classes,
         "spatial_size": src.spatial_size,
@@ -472,4 +507,5 @@ def prepare_from_args(args: Any, console: Console | None = None) -> PrepareResul
     return prepare_consortium(
         source=args.source, out=args.out, sites=args.sites, alpha=args.alpha, fmt=args.fmt, seed=args.seed,
         npz=args.npz, epsilon=args.epsilon, delta=args.delta, ipc=args.ipc, iterations=args.iterations,
-        rounds=args.rounds, method=args.method, dp=not args.no_dp, max_per_class=getattr(args, "max_per_class", None), console=console)
+        rounds=args.rounds, method=args.method, dp=not args.no_dp, mode=getattr(args, "mode", "auto"),
+        max_per_class=getattr(args, "max_per_class", None), console=console)

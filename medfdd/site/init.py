@@ -35,6 +35,7 @@ from medfdd.config import (
     Agreement,
     SiteConfig,
     dump_config,
+    hybrid_finetune_share,
     load_site_config,
     parse_config,
     schema_text,
@@ -47,7 +48,6 @@ from medfdd.io import atomic_write_text
 MANIFEST = "labels.csv"
 FORMATS = ("auto", "dicom", "nifti", "png")
 PATIENT_ID_RULES = ("auto", "folder", "none")
-DEFAULT_FINETUNE_SHARE = 0.5  # hybrid consortia only: the site's choice, written as a visible default
 SKIPPED_NAMES = {"DICOMDIR"}  # DICOM media index: no image
 AGREED_KEYS = ("data.classes", "data.spatial_size", "data.channels", "data.intensity", "data.orientation",
                "data.spacing", "privacy.dp", "privacy.epsilon", "privacy.delta", "privacy.unit", "privacy.rounds",
@@ -232,7 +232,7 @@ def site_config_data(agreement: Agreement, site_id: str, *, data_root: str, outp
                  "spacing": agreement.spacing},
         "privacy": {"dp": budget.dp, "epsilon": budget.epsilon, "delta": budget.delta, "unit": budget.unit,
                     "rounds": agreement.rounds, "finetune_rounds": agreement.finetune_rounds,
-                    "finetune_share": DEFAULT_FINETUNE_SHARE if agreement.finetune_rounds else 0.0},
+                    "finetune_share": hybrid_finetune_share(budget.epsilon) if agreement.finetune_rounds else 0.0},
         "distill": {"ipc": agreement.ipc, "iterations": math.ceil(DEFAULT_PAID_STEPS / agreement.rounds)},
         "output": output,
     }

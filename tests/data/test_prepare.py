@@ -17,13 +17,14 @@ import pydicom
 import pytest
 from rich.console import Console
 
-from medfdd.config import DistillConfig, load_coordinator_config, load_site_config
+from medfdd.config import DistillConfig, hybrid_finetune_share, load_coordinator_config, load_site_config
 from medfdd.errors import ConfigError, SourceUnavailableError
 from medfdd.prepare.consortium import (
     OutputNotEmptyError,
     PrepareResult,
     cap_per_class,
     prepare_consortium,
+    recommended_mode,
     site_id,
 )
 from medfdd.prepare.partition import PartitionError, dirichlet_partition, mean_class_entropy
@@ -399,6 +400,40 @@ def test_prepare_writes_the_recommended_defaults(tmp_path):
         ("evidence", 20, 1280)
     coord = load_coordinator_config(res.coordinator_config)
     assert (coord.rounds, coord.merge, coord.train_rounds) == (3, "evidence", 0)
+
+
+def test_recommended_mode_is_hybrid_only_where_it_was_measured_ahead():
+    big = [6000, 18000, 9000]
+    assert recommended_mode(epsilon=10, alpha=0.5, dp=True, site_records=big) == "hybrid"
+    assert recommended_mode(epsilon=4, alpha=1.0, dp=True, site_records=big) == "hybrid"
+    assert recommended_mode(epsilon=1, alpha=0.5, dp=True, site_records=big) == "one-shot"  # small budget
+    assert recommended_mode(epsilon=10, alpha=0.1, dp=True, site_records=big) == "one-shot"  # strongly non-IID
+    assert recommended_mode(epsilon=10, alpha=0.5, dp=True, site_records=[*big, 800]) == "one-shot"  # a small site
+    assert recommended_mode(epsilon=10, alpha=0.5, dp=False, site_records=big) == "one-shot"
+    assert (hybrid_finetune_share(10), hybrid_finetune_share(4), hybrid_finetune_share(1)) == (0.9, 0.75, 0.5)
+
+
+def test_prepare_writes_the_hybrid_plan(tmp_path, capsys):
+    """--mode hybrid (auto would pick one-shot for these small digits sites): every site keeps epsilon 1 for the
+    distillation and plans the fine-tuning rounds the coordinator runs, on a width-32 global model."""
+    from medfdd import exit_codes
+    from medfdd.cli import main
+
+    res = prepare(tmp_path / "c", epsilon=10.0, mode="hybrid", max_per_class=10)
+    for path in res.site_configs:
+        cfg = load_site_config(path)
+        assert (cfg.privacy.finetune_share, cfg.privacy.finetune_rounds) == (0.9, 20)
+        assert cfg.distill == DistillConfig(ipc=3, iterations=7)  # the distillation keeps its defaults
+    coord = load_coordinator_config(res.coordinator_config)
+    assert (coord.finetune.rounds, coord.train.width) == (20, 32)
+    assert json.loads(res.partition_json.read_text())["mode"] == "hybrid"
+    auto = prepare(tmp_path / "auto", epsilon=10.0, max_per_class=10)
+    assert load_site_config(auto.site_configs[0]).privacy.finetune_rounds == 0
+    assert load_coordinator_config(auto.coordinator_config).finetune.rounds == 0
+    assert json.loads(auto.partition_json.read_text())["mode"] == "one-shot"
+    assert main(["prepare", "--source", "digits", "--sites", "2", "--alpha", "1", "--format", "dicom", "--no-dp",
+                 "--mode", "hybrid", "--out", str(tmp_path / "bad")]) == exit_codes.RUNTIME_ERROR
+    assert "--mode" in capsys.readouterr().err
 
 
 def test_check_site_sees_exactly_the_partition(tmp_path):
