@@ -16,8 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-EPS_AXIS = (1.0, 10.0, math.inf)  # categorical positions: the epsilons every benchmark runs
-EPS_LABELS = ("1", "10", "∞ (no DP)")
+EPS_AXIS = (1.0, 4.0, 10.0, math.inf)  # categorical positions: the epsilons the benchmarks run
+EPS_LABELS = ("1", "4", "10", "∞ (no DP)")
 # The federated configuration the README reports: CPU scale, 128 real records per class per paid step, 10 updates
 # per paid statistic, evidence allocation and merge, 100 paid steps in all (3 rounds of 34 = 102).
 FEDERATED_DEFAULT = {"scale": "cpu", "batch_per_class": 128, "inner_steps": 10}
