@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="paid steps per distillation")
     ap.add_argument("--name", default="volumes_3d")
     ap.add_argument("--workdir", type=Path, help="keep the volumes and cache here (reused by a later run)")
+    ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON and PNG go (default benchmarks/results)")
     ap.add_argument("--note", default="shared 2-core machine (a long benchmark and another helper ran beside it), "
                     "one thread per process: times are contended and noisy; peak RSS is per child process")
     args = ap.parse_args()
@@ -145,6 +146,7 @@ def main() -> None:
     from medfdd.config import load_site_config
     from medfdd.data.site_data import load_site_data
 
+    out_dir = args.out_dir or RESULTS
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = args.workdir or Path(tmp)
@@ -162,13 +164,13 @@ def main() -> None:
                 row["release"] = check_release(base / f"out-{size}")
             rows.append(row)
             print(json.dumps(row), flush=True)
-            write_result(args.name, {**payload, "rows": rows, "complete": False})
+            write_result(args.name, {**payload, "rows": rows, "complete": False}, out_dir=out_dir)
         ok = [r for r in rows if "peak_rss_mb" in r]
         if ok:
             rss = [r["peak_rss_mb"] for r in ok]
             payload["rss_spread"] = max(rss) / min(rss) - 1  # acceptance: within 0.2 across the sizes
-    figure(rows, RESULTS / f"{args.name}.png")
-    print(f"wrote {write_result(args.name, {**payload, 'rows': rows, 'complete': True})}")
+    figure(rows, out_dir / f"{args.name}.png")
+    print(f"wrote {write_result(args.name, {**payload, 'rows': rows, 'complete': True}, out_dir=out_dir)}")
 
 
 if __name__ == "__main__":
