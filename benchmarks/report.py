@@ -498,12 +498,14 @@ def stacked_networks_section() -> list[str]:
                   f"width {r['width']}, {r['batch_per_class']} real records per class per paid step, {r['inner']} "
                   f"network evaluations per paid statistic, G of them stacked into one grouped network per "
                   f"synthetic update (the same networks and the same paid bank at every G); {r['threads']} "
-                  f"thread(s). Note: {r['note']}.", "",
+                  f"thread(s). (chunked): the G networks' activations exceed the activation budget "
+                  f"(`nets.ACTIVATION_BUDGET`), so each update embeds twice (DM's chunked path). Note: {r['note']}.", "",
                   "| G | paid steps | updates | s / paid step | bank s | update s | s / network evaluation | "
                   "TFLOP/s | of bf16 peak |", "|---|---|---|---|---|---|---|---|---|"]
         for row in r["rows"]:
             frac = row.get("fraction_of_bf16_peak")
-            lines.append(f"| {row['networks_per_update']} | {row['paid_steps']} | {row['updates']} | "
+            chunked = " (chunked)" if row.get("chunked_updates") else ""
+            lines.append(f"| {row['networks_per_update']}{chunked} | {row['paid_steps']} | {row['updates']} | "
                          f"{row['seconds_per_paid_step']:.3f} | {row['bank_seconds']:.1f} | "
                          f"{row['update_seconds']:.1f} | {row['seconds_per_network_evaluation']:.4f} | "
                          f"{row['tflops_achieved']:.3f} | {f'{100 * frac:.2f} %' if frac else 'n/a'} |")

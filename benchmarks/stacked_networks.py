@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from b1_central import _FlopCount, bf16_peak_tflops, load_data, make_distiller, sync  # noqa: E402
 from common import RESULTS, peak_memory_mb, write_result  # noqa: E402
 
+from medfdd.nets import records_per_chunk  # noqa: E402
 from medfdd.training import pick_device  # noqa: E402
 
 
@@ -53,7 +54,11 @@ def timed_run(x, y, *, g: int, steps: int, batch_per_class: int, inner: int, dev
     evaluations = steps * inner
     peak = bf16_peak_tflops(device)
     achieved = flops_per_step * steps / total / 1e12
+    images = 10 * distiller.cfg.ipc
+    chunked = records_per_chunk(tuple(x.shape[1:]), distiller.cfg.width * g, backward=True) < images
     return {"networks_per_update": g, "paid_steps": steps, "updates": distiller.updates,
+            "chunked_updates": chunked,  # G networks' activations over the activation budget: DM's chunked path,
+            # which embeds twice (features without a graph, then each chunk with one)
             "network_evaluations": evaluations, "seconds": total, "seconds_per_paid_step": total / steps,
             "bank_seconds": bank_s, "update_seconds": total - bank_s,
             "seconds_per_network_evaluation": (total - bank_s) / evaluations, "flops_per_paid_step": flops_per_step,
