@@ -463,10 +463,12 @@ def scale_sections() -> list[str]:
             lines.append(f"| {r['records']} | {r['mode']} | "
                          + (f"{r['peak_rss_mb']:.0f} | {r['total_s']:.0f} |" if "peak_rss_mb" in r else "failed | |"))
         lines += ["", "![audit scale](audit_scale.png)", ""]
-    vol = _load("volumes_3d")
-    if vol:
+    for vol_name in ("volumes_3d", "volumes_3d_budget256mib"):
+        vol = _load(vol_name)
+        if not vol:
+            continue
         d = vol["distill"]
-        lines += ["### 3D sites at 64^3: `site distill` against the number of volumes", "", _prov(vol), "",
+        lines += [f"### 3D sites at 64^3: `site distill` against the number of volumes (`{vol_name}`)", "", _prov(vol), "",
                   f"{vol['source']}; NIfTI loaded with orientation RAS, {vol['spacing_mm']:g} mm spacing, crop or pad "
                   f"to 64^3; DP-DM (epsilon 1), width {d['width']}, ipc {d['ipc']}, expected batch {d['batch_size']}, "
                   f"{d['inner_steps']} update(s) per statistic, {vol['steps']} paid steps, one fresh process per row "
@@ -483,7 +485,7 @@ def scale_sections() -> list[str]:
                              f"{r['seconds_per_paid_step']:.1f} | {nifti} |")
             else:
                 lines.append(f"| {r['volumes']} | failed | | | |")
-        lines += ["", "![volumes 3d](volumes_3d.png)", ""]
+        lines += ["", f"![volumes 3d]({vol_name}.png)", ""]
     return lines
 
 
