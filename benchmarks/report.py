@@ -463,14 +463,16 @@ def scale_sections() -> list[str]:
             lines.append(f"| {r['records']} | {r['mode']} | "
                          + (f"{r['peak_rss_mb']:.0f} | {r['total_s']:.0f} |" if "peak_rss_mb" in r else "failed | |"))
         lines += ["", "![audit scale](audit_scale.png)", ""]
-    for vol_name in ("volumes_3d", "volumes_3d_budget256mib"):
+    for vol_name in ("volumes_3d", "volumes_3d_budget256mib", "volumes_3d_128"):
         vol = _load(vol_name)
         if not vol:
             continue
         d = vol["distill"]
-        lines += [f"### 3D sites at 64^3: `site distill` against the number of volumes (`{vol_name}`)", "", _prov(vol), "",
+        side = vol["spatial_size"][0]
+        lines += [f"### 3D sites at {side}^3: `site distill` against the number of volumes (`{vol_name}`)", "",
+                  _prov(vol), "",
                   f"{vol['source']}; NIfTI loaded with orientation RAS, {vol['spacing_mm']:g} mm spacing, crop or pad "
-                  f"to 64^3; DP-DM (epsilon 1), width {d['width']}, ipc {d['ipc']}, expected batch {d['batch_size']}, "
+                  f"to {side}^3; DP-DM (epsilon 1), width {d['width']}, ipc {d['ipc']}, expected batch {d['batch_size']}, "
                   f"{d['inner_steps']} update(s) per statistic, {vol['steps']} paid steps, one fresh process per row "
                   f"(warm shared cache). Peak RSS spread across the sizes: "
                   + (f"{100 * vol['rss_spread']:.0f} %" if "rss_spread" in vol else "n/a")

@@ -1,5 +1,5 @@
-"""3D sites at 64^3 on real anatomy: peak memory and seconds per paid step of `site distill` against the number of
-volumes (issue 40, item 3).
+"""3D sites at 64^3 (or `--spatial 128 --spacing 1.5`) on real anatomy: peak memory and seconds per paid step of
+`site distill` against the number of volumes (issue 40, item 3).
 
 The volumes are built from a real MRI that ships offline, nilearn's MNI152 T1 template (2 mm; the `dev` extra
 installs nilearn). Each volume is the template under a random head pose (rotation up to 8 degrees about a random axis,
@@ -73,7 +73,8 @@ def make_volume(template: np.ndarray, brain: np.ndarray, t_affine: np.ndarray, l
     return data, grid
 
 
-def write_site(base: Path, n: int, sizes: list[int], steps: int) -> tuple[dict[int, Path], float]:
+def write_site(base: Path, n: int, sizes: list[int], steps: int, spatial: int = 64, spacing: float = 3.0
+               ) -> tuple[dict[int, Path], float]:
     """n volumes (kept when `base` already holds them) and one config per size; returns (configs, seconds)."""
     import nibabel as nib
     from nilearn import datasets
@@ -96,12 +97,12 @@ def write_site(base: Path, n: int, sizes: list[int], steps: int) -> tuple[dict[i
         with open(root / f"labels_{size}.csv", "w", newline="") as f:
             csv.writer(f).writerows([["path", "label", "patient_id"], *rows[:size]])
         cfg = {"site_id": f"mri-{size}", "data": {"root": str(root), "manifest": f"labels_{size}.csv",
-               "classes": CLASSES, "spatial_size": [64, 64, 64], "orientation": "RAS", "spacing": [3.0, 3.0, 3.0],
-               "fit": "crop_or_pad", "cache_dir": str(base / "cache")},
+               "classes": CLASSES, "spatial_size": [spatial] * 3, "orientation": "RAS", "spacing": [spacing] * 3,
+               "fit": "crop_or_pad", "cache_dir": str(base / f"cache{spatial}")},
                "privacy": {"dp": True, "epsilon": 1.0, "delta": 1e-5, "rounds": 1},
                "distill": {**DISTILL, "iterations": steps},
-               "output": str(base / f"out-{size}"), "device": "cpu", "workers": 1}
-        configs[size] = base / f"site-{size}.yaml"
+               "output": str(base / f"out{spatial}-{size}"), "device": "cpu", "workers": 1}
+        configs[size] = base / f"site{spatial}-{size}.yaml"
         configs[size].write_text(yaml.safe_dump(cfg))
     return configs, seconds
 
@@ -118,11 +119,11 @@ def check_release(out: Path) -> dict:
             "orthonormal": bool(np.allclose(d.T @ d, np.eye(3), atol=1e-6)), "sform_code": int(img.header["sform_code"])}
 
 
-def figure(rows: list[dict], path: Path) -> None:
+def figure(rows: list[dict], path: Path, spatial: int = 64) -> None:
     from plots import size_figure
 
     measured = [r for r in rows if "peak_rss_mb" in r]
-    size_figure(path, "64^3 volumes in the site",
+    size_figure(path, f"{spatial}^3 volumes in the site",
                 {"peak RSS": [(r["volumes"], r["peak_rss_mb"]) for r in measured],
                  "after imports": [(r["volumes"], r["rss_after_imports_mb"]) for r in measured]},
                 {"site distill": [(r["volumes"], r["seconds_per_paid_step"]) for r in measured]},
@@ -133,6 +134,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000])
     ap.add_argument("--steps", type=int, default=4, help="paid steps per distillation")
+    ap.add_argument("--spatial", type=int, default=64, help="the site's cube side in voxels (64: the curve; 128: real 3D)")
+    ap.add_argument("--spacing", type=float, default=3.0, help="its voxel size in mm (64 x 3 mm = 128 x 1.5 mm)")
     ap.add_argument("--name", default="volumes_3d")
     ap.add_argument("--workdir", type=Path, help="keep the volumes and cache here (reused by a later run)")
     ap.add_argument("--out-dir", type=Path, default=None, help="where the JSON and PNG go (default benchmarks/results)")
@@ -150,18 +153,20 @@ def main() -> None:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = args.workdir or Path(tmp)
-        configs, write_s = write_site(base, max(args.sizes), sorted(args.sizes), args.steps)
+        configs, write_s = write_site(base, max(args.sizes), sorted(args.sizes), args.steps, args.spatial,
+                                      args.spacing)
         t = time.perf_counter()
         load_site_data(load_site_config(configs[max(args.sizes)]).model_copy(update={"workers": "auto"}))
         decode_s = time.perf_counter() - t
         print(f"wrote {max(args.sizes)} volumes in {write_s:.0f} s, decoded in {decode_s:.0f} s", flush=True)
-        payload = {"distill": DISTILL, "steps": args.steps, "spatial_size": [64, 64, 64], "spacing_mm": 3.0,
+        payload = {"distill": DISTILL, "steps": args.steps, "spatial_size": [args.spatial] * 3,
+                   "spacing_mm": args.spacing,
                    "source": "nilearn MNI152 T1 2 mm template, random pose/intensity/noise, lesion vs healthy",
                    "write_seconds": write_s, "decode_seconds_all_workers_auto": decode_s, "note": args.note}
         for size in sorted(args.sizes):
             row = {"volumes": size, **run_child(HERE.parent, configs[size])}
             if "error" not in row:
-                row["release"] = check_release(base / f"out-{size}")
+                row["release"] = check_release(base / f"out{args.spatial}-{size}")
             rows.append(row)
             print(json.dumps(row), flush=True)
             write_result(args.name, {**payload, "rows": rows, "complete": False}, out_dir=out_dir)
@@ -169,7 +174,7 @@ def main() -> None:
         if ok:
             rss = [r["peak_rss_mb"] for r in ok]
             payload["rss_spread"] = max(rss) / min(rss) - 1  # acceptance: within 0.2 across the sizes
-    figure(rows, out_dir / f"{args.name}.png")
+    figure(rows, out_dir / f"{args.name}.png", args.spatial)
     print(f"wrote {write_result(args.name, {**payload, 'rows': rows, 'complete': True}, out_dir=out_dir)}")
 
 
