@@ -493,7 +493,7 @@ def scale_sections() -> list[str]:
 
 def stacked_networks_section() -> list[str]:
     """Seconds per paid step and per network evaluation against the statistics matched per synthetic update
-    (benchmarks/stacked_networks.py), with the accuracy rows of b1_central's `--networks-per-update` files."""
+    (benchmarks/stacked_networks.py); accuracy at a given G is in the B1 central sections (`--networks-per-update`)."""
     lines = []
     for name in sorted(p.stem for p in RESULTS.glob("stacked_networks_*.json")):
         r = _load(name)

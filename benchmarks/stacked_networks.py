@@ -35,9 +35,11 @@ def timed_run(x, y, *, g: int, steps: int, batch_per_class: int, inner: int, dev
     """One decoupled run at G statistics per update: bank and update seconds, FLOPs per paid step."""
     scale = {"iterations": steps, "batch_per_class": batch_per_class, "inner_steps": inner, "schedule": "decoupled",
              "networks_per_update": g}
-    make = lambda n_steps: make_distiller(n=len(x), image_shape=tuple(x.shape[1:]), ipc=10, eps=1.0,  # noqa: E731
-                                          scale={**scale, "iterations": n_steps}, method="dm", device=device,
-                                          seed=seed)[0]
+
+    def make(n_steps: int):
+        return make_distiller(n=len(x), image_shape=tuple(x.shape[1:]), ipc=10, eps=1.0,
+                              scale={**scale, "iterations": n_steps}, method="dm", device=device, seed=seed)[0]
+
     counted_steps = g // math.gcd(g, inner)  # a whole number of updates: no update evaluates extra networks
     with _FlopCount() as counter:
         make(counted_steps).run(x, y)

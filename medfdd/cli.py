@@ -21,7 +21,14 @@ from rich.console import Console
 from rich.control import Control
 
 from medfdd import __version__, exit_codes
-from medfdd.config import DEFAULT_PAID_STEPS, DEFAULT_ROUNDS
+from medfdd.config import (
+    DEFAULT_PAID_STEPS,
+    DEFAULT_ROUNDS,
+    HYBRID_MIN_ALPHA,
+    HYBRID_MIN_EPSILON,
+    HYBRID_MIN_SITE_RECORDS,
+    MODES,
+)
 from medfdd.errors import MedfddError
 
 EXAMPLES = {
@@ -89,10 +96,11 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--iterations", type=int, default=DEFAULT_PAID_STEPS,
                     help="paid DP steps per site over all rounds (split evenly between them)")
     pr.add_argument("--method", choices=["dm", "gm"], default="dm")
-    pr.add_argument("--mode", choices=["auto", "one-shot", "hybrid"], default="auto",
-                    help="one-shot (merged synthetic sets) or hybrid (then DP fine-tuning rounds); auto: hybrid at "
-                         "epsilon >= 4 per site on mildly non-IID (alpha >= 0.5) sites of >= 5,000 training records, "
-                         "where it was measured ahead, else one-shot (docs/benchmarks.md#hybrid-mode)")
+    pr.add_argument("--mode", choices=MODES, default="auto",
+                    help=f"one-shot (merged synthetic sets) or hybrid (then DP fine-tuning rounds); auto: hybrid at "
+                         f"epsilon >= {HYBRID_MIN_EPSILON:g} per site on mildly non-IID (alpha >= {HYBRID_MIN_ALPHA:g}) "
+                         f"sites of >= {HYBRID_MIN_SITE_RECORDS:,} training records, where it was measured ahead, "
+                         "else one-shot (docs/benchmarks.md#hybrid-mode)")
     pr.add_argument("--no-dp", action="store_true", help="non-private configs (baselines and positive controls only)")
     pr.add_argument("--max-per-class", type=int, default=None, help="cap the training images taken per class")
     pr.set_defaults(handler=_prepare, output_of=lambda args: args.out, fresh_output=True)

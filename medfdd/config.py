@@ -28,6 +28,23 @@ HYBRID_FINETUNE_ROUNDS = 20
 HYBRID_GLOBAL_WIDTH = 32
 
 
+MODES = ("auto", "one-shot", "hybrid")  # `medfdd prepare --mode`
+# where hybrid mode led the one-shot mode and tuned DP-FedAvg (docs/benchmarks.md#hybrid-mode): epsilon 4 and 10 per
+# site on mildly non-IID sites (Dirichlet alpha 0.5) of several thousand training records each
+HYBRID_MIN_EPSILON = 4.0
+HYBRID_MIN_ALPHA = 0.5
+HYBRID_MIN_SITE_RECORDS = 5000
+
+
+def recommended_mode(*, epsilon: float, alpha: float, dp: bool, site_records: list[int]) -> str:
+    """`hybrid` in the regime where it was measured ahead (epsilon, Dirichlet alpha and every site's training
+    records at least the HYBRID_MIN_* above), else `one-shot`."""
+    if dp and epsilon >= HYBRID_MIN_EPSILON and alpha >= HYBRID_MIN_ALPHA and min(site_records) >= \
+            HYBRID_MIN_SITE_RECORDS:
+        return "hybrid"
+    return "one-shot"
+
+
 def hybrid_finetune_share(epsilon: float) -> float:
     """The recommended `privacy.finetune_share` of a hybrid site with budget `epsilon`: all but
     `HYBRID_DISTILL_EPSILON` for the fine-tuning; half at epsilon <= 2, where hybrid mode is not recommended (the

@@ -46,6 +46,7 @@ from medfdd.config import (
     DEFAULT_ROUNDS,
     HYBRID_FINETUNE_ROUNDS,
     HYBRID_GLOBAL_WIDTH,
+    MODES,
     CoordinatorConfig,
     SiteConfig,
     dump_config,
@@ -54,6 +55,7 @@ from medfdd.config import (
     load_site_config,
     load_yaml,
     parse_config,
+    recommended_mode,
 )
 from medfdd.errors import MedfddError
 from medfdd.io import atomic_write_text
@@ -67,24 +69,6 @@ MANIFEST = "labels.csv"
 HOLDOUT_FRACTION = 0.2
 DEFAULT_MIN_PER_SITE = 10
 FORMATS = ("dicom", "nifti", "mixed")
-MODES = ("auto", "one-shot", "hybrid")
-# where hybrid mode led the one-shot mode and tuned DP-FedAvg (docs/benchmarks.md#hybrid-mode): epsilon 4 and 10 per
-# site, mildly non-IID sites (Dirichlet alpha 0.5) of 6,000 to 19,000 training records each; below or outside it,
-# the one-shot mode
-HYBRID_MIN_EPSILON = 4.0
-HYBRID_MIN_ALPHA = 0.5
-HYBRID_MIN_SITE_RECORDS = 5000
-
-
-def recommended_mode(*, epsilon: float, alpha: float, dp: bool, site_records: list[int]) -> str:
-    """`hybrid` in the regime where it was measured ahead (epsilon >= 4 per site, alpha >= 0.5, every site with
-    >= 5,000 training records), else `one-shot`."""
-    if dp and epsilon >= HYBRID_MIN_EPSILON and alpha >= HYBRID_MIN_ALPHA and min(site_records) >= \
-            HYBRID_MIN_SITE_RECORDS:
-        return "hybrid"
-    return "one-shot"
-
-
 def site_format(fmt: str, i: int) -> str:
     """The file format of site i: `mixed` alternates DICOM and NIfTI (hospitals export differently); the test split
     of a mixed consortium is DICOM."""

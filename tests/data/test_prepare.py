@@ -17,14 +17,19 @@ import pydicom
 import pytest
 from rich.console import Console
 
-from medfdd.config import DistillConfig, hybrid_finetune_share, load_coordinator_config, load_site_config
+from medfdd.config import (
+    DistillConfig,
+    hybrid_finetune_share,
+    load_coordinator_config,
+    load_site_config,
+    recommended_mode,
+)
 from medfdd.errors import ConfigError, SourceUnavailableError
 from medfdd.prepare.consortium import (
     OutputNotEmptyError,
     PrepareResult,
     cap_per_class,
     prepare_consortium,
-    recommended_mode,
     site_id,
 )
 from medfdd.prepare.partition import PartitionError, dirichlet_partition, mean_class_entropy
