@@ -211,7 +211,7 @@ def load_data(data_dir: str | None, max_per_class: int | None = None, seed: int 
 def scale_from(args) -> dict:
     scale = dict(SCALES[args.scale])
     for key in ("iterations", "batch_per_class", "eval_epochs", "inner_steps", "schedule", "networks_per_update"):
-        if getattr(args, key) is not None:
+        if getattr(args, key, None) is not None:  # scripts that reuse this parser's scales may lack some options
             scale[key] = getattr(args, key)
     return scale
 
