@@ -6,7 +6,8 @@
 # records, split seed 0 (alpha 0.1 and 0.5 x epsilon 1, 4, 10 per site), each over the noise draws DM_SEEDS, then the
 # second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds), then the
 # ceiling of the one-shot mode (CEILING=1: non-private at the default, with 1,000 paid steps per round of 256 per class,
-# and at 50 images per class; epsilon 1 at 50 images per class, free in privacy: the same paid statistics), then hybrid
+# and at 50 images per class; epsilon 1 at 50 images per class, free in privacy: the same paid statistics), then
+# factorised slots at alpha 0.5 (FACTOR=1: `--factor 2` at epsilon 1 and non-private, post-processing), then hybrid
 # mode at epsilon 10 and 4 (HYBRID=1, HYBRID_EPS: b4_hybrid.py, 3 distillation rounds planned for epsilon 1, 20
 # DP-FedAvg rounds at width 32 with the rest: the setting of docs/benchmarks.md#hybrid-mode) on both splits over the
 # same noise draws.
@@ -47,6 +48,11 @@ if [ "${CEILING:-1}" = 1 ]; then  # the non-private one-shot target (>= 87 %): t
   queue+=("sb_ceiling_alpha0.5_nodp_i1000_b256 --alpha 0.5 --eps inf --iterations 1000 --batch-per-class 256")
   queue+=("sb_ceiling_alpha0.5_nodp_ipc50_i1000_b256 --alpha 0.5 --eps inf --ipc 50 --iterations 1000 --batch-per-class 256")
   queue+=("sb_ceiling_alpha0.5_eps1_ipc50 --alpha 0.5 --eps 1 --ipc 50")
+fi
+
+if [ "${FACTOR:-1}" = 1 ]; then  # factorised slots (b6_factorised, 2 x 2 tiles: 4 decoded images per stored image)
+  queue+=("sb_factor2_alpha0.5_eps1_dm0 --alpha 0.5 --eps 1 --factor 2 --dm-seed 0")
+  queue+=("sb_factor2_alpha0.5_nodp --alpha 0.5 --eps inf --factor 2")
 fi
 
 if [ "${HYBRID:-1}" = 1 ]; then  # the distillation keeps epsilon 1 (share = 1 - 1 / eps), fine-tuning the rest
