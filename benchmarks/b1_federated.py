@@ -49,7 +49,8 @@ from privacy.accounting import epsilon_for  # noqa: E402
 
 SCALES = {
     "cpu": {"max_per_class": None, "iterations": DistillConfig().iterations,
-            "batch_per_class": DistillConfig().batch_per_class, "inner_steps": None, "eval_epochs": 300,
+            "batch_per_class": DistillConfig().batch_per_class,
+            "inner_steps": DistillConfig().updates_per_statistic, "eval_epochs": 300,
             "full_epochs": 5},
     "gpu": {"max_per_class": None, "iterations": 1000, "batch_per_class": 256, "eval_epochs": 1000, "full_epochs": 30},
 }
