@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from b1_federated import DELTA, K, fashion_sites, federated_dm  # noqa: E402
@@ -39,6 +40,11 @@ def merged_rounds(folder: Path, eps: float, rounds: int, use: int | None = None)
         with np.load(folder / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", allow_pickle=False) as f:
             sets.append(MergedSet(f["images"], f["labels"], f["weights"], sources=[]))
     return union_of_rounds(sets)
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of the tensors in a safetensors file (a model as broadcast, without the file's header)."""
+    return sum(t.nbytes for t in load_file(path).values())
 
 
 def main() -> None:
@@ -97,7 +103,10 @@ def main() -> None:
             dm = {"method": f"b1_federated run {args.from_run.name}: rounds 1-{args.use_rounds} of {args.from_rounds}",
                   "rounds": args.use_rounds, "n_trained_on": int(len(merged.labels)), "dm_seed": dm_seed,
                   "accuracy_per_round": None, "charges_per_site": charges,
-                  "bytes_up_total": int(merged.images.nbytes + merged.labels.nbytes)}
+                  "bytes_up_total": int(merged.images.nbytes + merged.labels.nbytes),
+                  "bytes_down_total": len(sites) * sum(  # the global models broadcast before rounds 2..use
+                      tensor_bytes(args.from_run / f"global_eps{eps_distill:g}_rounds{args.from_rounds}_r{r}.safetensors")
+                      for r in range(1, args.use_rounds))}
         else:
             eps_distill = args.eps * (1 - share)
             folder = args.save_merged / f"share{share:g}"
@@ -123,7 +132,8 @@ def main() -> None:
                    "accuracy_mean": ft["accuracy"], "accuracy_per_round": ft["accuracy_per_round"],
                    "epsilon_per_site": ft["epsilon_per_site"], "noise_multiplier": ft["noise_multiplier"],
                    "bytes_up_total": dm["bytes_up_total"] + ft["bytes_up_total"],
-                   "bytes_down_total": ft["bytes_down_total"], "seconds": time.perf_counter() - t0}
+                   "bytes_down_total": dm["bytes_down_total"] + ft["bytes_down_total"],
+                   "bytes_down_distill": dm["bytes_down_total"], "seconds": time.perf_counter() - t0}
             rows.append(row)
             print(json.dumps(row), flush=True)
             with open(args.out_dir / f"{name}.partial.jsonl", "a") as f:
