@@ -102,6 +102,12 @@ def merged_accuracy(merged: MergedSet, test, *, epochs: int, seed: int, device) 
     return evaluate(model, *test, K)["accuracy"]
 
 
+def saved_tag(eps: float, rounds: int, factor: int = 1) -> str:
+    """The name part of what `--save-merged` writes for one plan: `{site}_{tag}_r{r}.npz`, `merged_{tag}_r{r}.npz`,
+    `global_{tag}_r{r}.safetensors` (factor 1 keeps the names of runs before `--factor`)."""
+    return f"eps{eps:g}_rounds{rounds}" + (f"_f{factor}" if factor > 1 else "")
+
+
 def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds: int, scale: dict, evals: int,
                  device, seed: int, merge_strategy: str = "concat", evidence_power: float = 2.0,
                  allocation: str = "evidence", save_merged: Path | None = None, resume: bool = False,
@@ -120,7 +126,7 @@ def federated_dm(sites: list[SiteRecords], test, *, ipc: int, eps: float, rounds
     loaded = {"offers": 0, "models": 0}
     if save_merged is not None:
         save_merged.mkdir(parents=True, exist_ok=True)
-    tag = f"eps{eps:g}_rounds{rounds}" + (f"_f{factor}" if factor > 1 else "")  # saved files; f = 1 keeps old names
+    tag = saved_tag(eps, rounds, factor)
     t0 = time.perf_counter()
     for r in range(1, rounds + 1):
         offers = []

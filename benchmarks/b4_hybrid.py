@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from b1_federated import DELTA, K, fashion_sites, federated_dm  # noqa: E402
+from b1_federated import DELTA, K, fashion_sites, federated_dm, saved_tag  # noqa: E402
 from common import RESULTS, honest_plan, peak_memory_mb, write_result  # noqa: E402
 
 from medfdd.baselines import fedavg  # noqa: E402
@@ -37,7 +37,7 @@ def merged_rounds(folder: Path, eps: float, rounds: int, use: int | None = None)
     for a plan of `rounds` rounds (np.load, no pickle)."""
     sets = []
     for r in range(1, (use or rounds) + 1):
-        with np.load(folder / f"merged_eps{eps:g}_rounds{rounds}_r{r}.npz", allow_pickle=False) as f:
+        with np.load(folder / f"merged_{saved_tag(eps, rounds)}_r{r}.npz", allow_pickle=False) as f:
             sets.append(MergedSet(f["images"], f["labels"], f["weights"], sources=[]))
     return union_of_rounds(sets)
 
@@ -105,7 +105,7 @@ def main() -> None:
                   "accuracy_per_round": None, "charges_per_site": charges,
                   "bytes_up_total": int(merged.images.nbytes + merged.labels.nbytes),
                   "bytes_down_total": len(sites) * sum(  # the global models broadcast before rounds 2..use
-                      tensor_bytes(args.from_run / f"global_eps{eps_distill:g}_rounds{args.from_rounds}_r{r}.safetensors")
+                      tensor_bytes(args.from_run / f"global_{saved_tag(eps_distill, args.from_rounds)}_r{r}.safetensors")
                       for r in range(1, args.use_rounds))}
         else:
             eps_distill = args.eps * (1 - share)
