@@ -7,7 +7,8 @@
 # second split (seed 1) at alpha 0.5 epsilon 1, then DP-FedAvg at epsilon 4 (its tuned setting, 3 seeds), then the
 # ceiling of the one-shot mode (CEILING=1: non-private at the default, with 1,000 paid steps per round of 256 per class,
 # and at 50 images per class; epsilon 1 at 50 images per class, free in privacy: the same paid statistics), then
-# factorised slots at alpha 0.5 (FACTOR=1: `--factor 2` at epsilon 1 and non-private, post-processing), then hybrid
+# factorised slots at alpha 0.5 (FACTOR=1: `--factor 2` at epsilon 1 and non-private, post-processing), then 5 rounds
+# of 20 paid steps at alpha 0.5 epsilon 1 (ROUNDS5=1: 100 paid steps, the default 3 x 34 = 102), then hybrid
 # mode at epsilon 10 and 4 (HYBRID=1, HYBRID_EPS: b4_hybrid.py, 3 distillation rounds planned for epsilon 1, 20
 # DP-FedAvg rounds at width 32 with the rest: the setting of docs/benchmarks.md#hybrid-mode) on both splits over the
 # same noise draws.
@@ -53,6 +54,11 @@ fi
 if [ "${FACTOR:-1}" = 1 ]; then  # factorised slots (b6_factorised, 2 x 2 tiles: 4 decoded images per stored image)
   queue+=("sb_factor2_alpha0.5_eps1_dm0 --alpha 0.5 --eps 1 --factor 2 --dm-seed 0")
   queue+=("sb_factor2_alpha0.5_nodp --alpha 0.5 --eps inf --factor 2")
+fi
+
+if [ "${ROUNDS5:-1}" = 1 ]; then  # 100 paid steps as 5 rounds of 20 (default 3 x 34): the global model trains on a larger
+  # union of released sets (post-processing), each round's sites match through a better model
+  for s in $seeds; do queue+=("sb_rounds5_alpha0.5_eps1_dm${s} --alpha 0.5 --eps 1 --rounds 5 --iterations 20 --dm-seed $s"); done
 fi
 
 if [ "${HYBRID:-1}" = 1 ]; then  # the distillation keeps epsilon 1 (share = 1 - 1 / eps), fine-tuning the rest
