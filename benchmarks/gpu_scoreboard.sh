@@ -14,7 +14,7 @@
 # same noise draws.
 # JOBS processes share the GPU; each run is cut at BUDGET_S and finalized from its finished rounds (`--finalize`).
 # Everything ends in $OUT/gpu_scoreboard.tar.gz (the device returns a few files only).
-# Everything is ~35 runs: one device call (at most 600 s) holds about JOBS x 600 / BUDGET_S of them, so pick a
+# Everything is ~44 runs: one device call (at most 600 s) holds about JOBS x 600 / BUDGET_S of them, so pick a
 # subset per call, e.g. CELLS="0.5:1" SPLIT2=0 FEDAVG=0 HYBRID_EPS=10 (3 + 6 runs).
 # CPU smoke test (tiny): OUT=/tmp/sb SB_ARGS="--max-per-class 60 --iterations 2 --eval-epochs 2" CELLS="0.5:1"
 #   DM_SEEDS=0 FEDAVG=0 SPLIT2=0 bash benchmarks/gpu_scoreboard.sh
